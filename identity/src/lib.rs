@@ -1,1 +1,65 @@
-//! placeholder
+//! Identity primitives shared by `ca-node` and `agent`.
+//!
+//! - [`spiffe_id`]: the one strict SPIFFE ID parser ([`SpiffeId`], [`TrustDomain`]).
+//! - [`selector`]: workload selectors and entry matching.
+//! - [`pubkey`]: what kind of public key a SubjectPublicKeyInfo holds, signature verification.
+//! - [`x509`]: reading SPIFFE IDs out of certificates and checking X509-SVID rules.
+//! - [`jwt`]: building and validating JWT-SVIDs.
+//! - [`bundle`]: trust bundles as PEM, DER and SPIFFE bundle (JWKS) documents.
+//! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a live bundle.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bundle;
+pub mod jwt;
+pub mod pubkey;
+pub mod selector;
+pub mod spiffe_id;
+pub mod tls;
+pub mod x509;
+
+pub use bundle::{JwtAuthority, TrustBundle};
+pub use selector::Selector;
+pub use spiffe_id::{SpiffeId, TrustDomain};
+
+/// Everything that can go wrong in this crate; messages say what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A SPIFFE ID or trust domain that breaks the SPIFFE-ID standard.
+    #[error("invalid SPIFFE ID {input:?}: {reason}")]
+    InvalidSpiffeId {
+        /// What was given (truncated).
+        input: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// A selector that is malformed or of a type no agent produces.
+    #[error("invalid selector {input:?}: {reason}")]
+    InvalidSelector {
+        /// What was given (truncated).
+        input: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A certificate that cannot be parsed or breaks the X509-SVID standard.
+    #[error("invalid X.509-SVID: {0}")]
+    InvalidX509Svid(String),
+    /// A JWT-SVID that is malformed, badly signed, expired or for another audience.
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidJwtSvid(String),
+    /// A public key of a kind this crate does not handle.
+    #[error("unsupported public key: {0}")]
+    UnsupportedKey(String),
+    /// A bundle document that cannot be used.
+    #[error("invalid bundle: {0}")]
+    InvalidBundle(String),
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
