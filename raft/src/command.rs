@@ -1,0 +1,111 @@
+//! The commands of the replicated log and the state machine's answers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::records::*;
+
+/// A change to the replicated state. Deterministic: everything that varies is inside.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Command {
+    /// Create an entry (rejected if one with the same SPIFFE ID, parent and selectors exists).
+    CreateEntry {
+        /// The entry.
+        entry: EntryRecord,
+    },
+    /// Replace an entry's fields (its revision is bumped).
+    UpdateEntry {
+        /// The entry, by ID.
+        entry: EntryRecord,
+    },
+    /// Delete an entry.
+    DeleteEntry {
+        /// Its ID.
+        id: String,
+    },
+    /// Create a join token.
+    CreateJoinToken {
+        /// The token.
+        token: JoinTokenRecord,
+    },
+    /// Consume a join token and register the agent it attests, atomically: the token must
+    /// exist, be unused and unexpired at `now`.
+    AttestWithJoinToken {
+        /// The token.
+        token: String,
+        /// Attestation time.
+        now: i64,
+        /// The agent to register.
+        agent: AgentRecord,
+    },
+    /// Register (or re-register) an agent attested by other means (x509pop).
+    RegisterAgent {
+        /// The agent.
+        agent: AgentRecord,
+    },
+    /// Record an agent's renewed SVID.
+    RenewAgent {
+        /// Which agent.
+        spiffe_id: String,
+        /// New SVID serial (hex).
+        serial: String,
+        /// New SVID expiry.
+        expires_at: i64,
+    },
+    /// Forget an agent; it must attest again.
+    EvictAgent {
+        /// Which agent.
+        spiffe_id: String,
+    },
+    /// Ban an agent: refused on every call and on re-attestation.
+    BanAgent {
+        /// Which agent.
+        spiffe_id: String,
+    },
+    /// Add or replace an authority in the CA journal.
+    PutAuthority {
+        /// The authority.
+        authority: AuthorityRecord,
+    },
+    /// Change an authority's state.
+    SetAuthorityState {
+        /// Which authority.
+        id: String,
+        /// New state.
+        state: AuthorityState,
+    },
+}
+
+/// Why a command was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// The thing does not exist.
+    NotFound,
+    /// It exists already.
+    AlreadyExists,
+    /// The state does not allow it (used token, expired token).
+    FailedPrecondition,
+    /// The subject is banned.
+    PermissionDenied,
+}
+
+/// The state machine's answer to a command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// Done, nothing to return.
+    Ok,
+    /// The entry as stored.
+    Entry(EntryRecord),
+    /// The agent as stored.
+    Agent(AgentRecord),
+    /// Refused; nothing changed.
+    Rejected {
+        /// Why, as a code.
+        code: RejectCode,
+        /// Why, for a person.
+        message: String,
+    },
+}

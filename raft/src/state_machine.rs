@@ -1,0 +1,490 @@
+//! The state machine: applies commands to SQLite, one transaction per command, together
+//! with the index of the last applied log entry (so a replay after a crash is idempotent).
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use tokio::sync::watch;
+
+use crate::command::{Command, RejectCode, Response};
+use crate::records::*;
+use crate::{Error, Result};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+  id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
+  selectors TEXT NOT NULL, x509_svid_ttl INTEGER NOT NULL, jwt_svid_ttl INTEGER NOT NULL,
+  dns_names TEXT NOT NULL, admin INTEGER NOT NULL, hint TEXT NOT NULL,
+  created_at INTEGER NOT NULL, revision INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
+CREATE INDEX IF NOT EXISTS entries_spiffe ON entries(spiffe_id);
+CREATE TABLE IF NOT EXISTS join_tokens (
+  token TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER);
+CREATE TABLE IF NOT EXISTS agents (
+  spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
+  expires_at INTEGER NOT NULL, banned INTEGER NOT NULL, attested_at INTEGER NOT NULL,
+  selectors TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS authorities (
+  id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, node_id TEXT NOT NULL,
+  key_backend TEXT NOT NULL, key_id TEXT NOT NULL, cert_der BLOB NOT NULL,
+  public_key BLOB NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
+  seq INTEGER NOT NULL);
+"#;
+
+/// The durable state of one replica, and the only code that changes it.
+#[derive(Clone, Debug)]
+pub struct StateMachine {
+    pool: SqlitePool,
+    applied: watch::Sender<u64>,
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+fn rejected(code: RejectCode, message: impl Into<String>) -> Response {
+    Response::Rejected {
+        code,
+        message: message.into(),
+    }
+}
+
+impl StateMachine {
+    /// Opens (creating if needed) the store at `path`. Writes are durable on return:
+    /// WAL with `synchronous=FULL`.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        let applied: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
+            .fetch_optional(&pool)
+            .await?
+            .unwrap_or(0);
+        let (tx, _) = watch::channel(applied as u64);
+        Ok(Self { pool, applied: tx })
+    }
+
+    /// Index of the last applied command.
+    pub fn last_applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Notifies on every applied command (the value is the log index).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Applies `cmd` at log `index`. An index at or below the last applied one is skipped
+    /// (replay), returning `Response::Ok`.
+    pub async fn apply(&self, index: u64, cmd: &Command) -> Result<Response> {
+        let mut tx = self.pool.begin().await?;
+        let last: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(0);
+        if index as i64 <= last {
+            return Ok(Response::Ok);
+        }
+        let resp = apply_in(&mut tx, cmd, index).await?;
+        sqlx::query("INSERT INTO meta(key, value) VALUES('last_applied', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+            .bind(index as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.applied.send_replace(index);
+        Ok(resp)
+    }
+
+    // ---- reads ----
+
+    /// One entry.
+    pub async fn entry(&self, id: &str) -> Result<Option<EntryRecord>> {
+        let row = sqlx::query("SELECT * FROM entries WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| entry_from_row(&r)).transpose()
+    }
+
+    /// All entries, ordered by SPIFFE ID.
+    pub async fn entries(&self) -> Result<Vec<EntryRecord>> {
+        let rows = sqlx::query("SELECT * FROM entries ORDER BY spiffe_id, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Entries directly under `parent_id`.
+    pub async fn entries_by_parent(&self, parent_id: &str) -> Result<Vec<EntryRecord>> {
+        let rows = sqlx::query("SELECT * FROM entries WHERE parent_id = ? ORDER BY id")
+            .bind(parent_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Entries an agent is authorized for: those whose parent is the agent, and, transitively,
+    /// those whose parent is the SPIFFE ID of an authorized entry.
+    pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
+        let mut out: Vec<EntryRecord> = Vec::new();
+        let mut seen_parents = std::collections::HashSet::new();
+        let mut frontier = vec![agent_id.to_owned()];
+        while let Some(parent) = frontier.pop() {
+            if !seen_parents.insert(parent.clone()) || seen_parents.len() > 10_000 {
+                continue;
+            }
+            for e in self.entries_by_parent(&parent).await? {
+                frontier.push(e.spiffe_id.clone());
+                if !out.iter().any(|x| x.id == e.id) {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One join token.
+    pub async fn join_token(&self, token: &str) -> Result<Option<JoinTokenRecord>> {
+        let row = sqlx::query("SELECT * FROM join_tokens WHERE token = ?")
+            .bind(token)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| JoinTokenRecord {
+            token: r.get("token"),
+            spiffe_id: r.get("spiffe_id"),
+            expires_at: r.get("expires_at"),
+            used_at: r.get("used_at"),
+        }))
+    }
+
+    /// One agent.
+    pub async fn agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| agent_from_row(&r)).transpose()
+    }
+
+    /// All agents.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>> {
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY spiffe_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    /// The CA journal, oldest first.
+    pub async fn authorities(&self) -> Result<Vec<AuthorityRecord>> {
+        let rows = sqlx::query("SELECT * FROM authorities ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(authority_from_row).collect()
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records serialize")
+}
+
+fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<EntryRecord> {
+    Ok(EntryRecord {
+        id: r.get("id"),
+        spiffe_id: r.get("spiffe_id"),
+        parent_id: r.get("parent_id"),
+        selectors: serde_json::from_str(r.get("selectors")).map_err(corrupt)?,
+        x509_svid_ttl: r.get("x509_svid_ttl"),
+        jwt_svid_ttl: r.get("jwt_svid_ttl"),
+        dns_names: serde_json::from_str(r.get("dns_names")).map_err(corrupt)?,
+        admin: r.get::<i64, _>("admin") != 0,
+        hint: r.get("hint"),
+        created_at: r.get("created_at"),
+        revision: r.get("revision"),
+    })
+}
+
+fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord> {
+    Ok(AgentRecord {
+        spiffe_id: r.get("spiffe_id"),
+        attestation_type: r.get("attestation_type"),
+        x509_svid_serial: r.get("serial"),
+        x509_svid_expires_at: r.get("expires_at"),
+        banned: r.get::<i64, _>("banned") != 0,
+        attested_at: r.get("attested_at"),
+        selectors: serde_json::from_str(r.get("selectors")).map_err(corrupt)?,
+    })
+}
+
+fn authority_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuthorityRecord> {
+    let kind: String = r.get("kind");
+    let state: String = r.get("state");
+    Ok(AuthorityRecord {
+        id: r.get("id"),
+        kind: AuthorityKind::parse(&kind)
+            .ok_or_else(|| corrupt(format!("authority kind {kind}")))?,
+        state: AuthorityState::parse(&state)
+            .ok_or_else(|| corrupt(format!("authority state {state}")))?,
+        node_id: r.get("node_id"),
+        key_backend: r.get("key_backend"),
+        key_id: r.get("key_id"),
+        cert_der: r.get("cert_der"),
+        public_key: r.get("public_key"),
+        not_before: r.get("not_before"),
+        not_after: r.get("not_after"),
+    })
+}
+
+async fn upsert_entry(tx: &mut Transaction<'_, Sqlite>, e: &EntryRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO entries(id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, admin, hint, created_at, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    )
+    .bind(&e.id)
+    .bind(&e.spiffe_id)
+    .bind(&e.parent_id)
+    .bind(json(&e.selectors))
+    .bind(e.x509_svid_ttl)
+    .bind(e.jwt_svid_ttl)
+    .bind(json(&e.dns_names))
+    .bind(e.admin as i64)
+    .bind(&e.hint)
+    .bind(e.created_at)
+    .bind(e.revision)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn get_agent(tx: &mut Transaction<'_, Sqlite>, id: &str) -> Result<Option<AgentRecord>> {
+    let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| agent_from_row(&r)).transpose()
+}
+
+async fn upsert_agent(tx: &mut Transaction<'_, Sqlite>, a: &AgentRecord) -> Result<()> {
+    sqlx::query("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors) VALUES (?,?,?,?,?,?,?)")
+        .bind(&a.spiffe_id)
+        .bind(&a.attestation_type)
+        .bind(&a.x509_svid_serial)
+        .bind(a.x509_svid_expires_at)
+        .bind(a.banned as i64)
+        .bind(a.attested_at)
+        .bind(json(&a.selectors))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -> Result<Response> {
+    Ok(match cmd {
+        Command::CreateEntry { entry } => {
+            if sqlx::query("SELECT 1 FROM entries WHERE id = ?")
+                .bind(&entry.id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some()
+            {
+                return Ok(rejected(
+                    RejectCode::AlreadyExists,
+                    format!("entry {} exists", entry.id),
+                ));
+            }
+            let same = sqlx::query(
+                "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ?",
+            )
+            .bind(&entry.spiffe_id)
+            .bind(&entry.parent_id)
+            .bind(json(&entry.selectors))
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(row) = same {
+                let id: String = row.get("id");
+                return Ok(rejected(
+                    RejectCode::AlreadyExists,
+                    format!(
+                        "an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"
+                    ),
+                ));
+            }
+            upsert_entry(tx, entry).await?;
+            Response::Entry(entry.clone())
+        }
+        Command::UpdateEntry { entry } => {
+            let row = sqlx::query("SELECT revision, created_at FROM entries WHERE id = ?")
+                .bind(&entry.id)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let Some(row) = row else {
+                return Ok(rejected(
+                    RejectCode::NotFound,
+                    format!("no entry with ID {}", entry.id),
+                ));
+            };
+            let mut e = entry.clone();
+            e.revision = row.get::<i64, _>("revision") + 1;
+            e.created_at = row.get("created_at");
+            upsert_entry(tx, &e).await?;
+            Response::Entry(e)
+        }
+        Command::DeleteEntry { id } => {
+            let n = sqlx::query("DELETE FROM entries WHERE id = ?")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                rejected(RejectCode::NotFound, format!("no entry with ID {id}"))
+            } else {
+                Response::Ok
+            }
+        }
+        Command::CreateJoinToken { token } => {
+            let res = sqlx::query("INSERT OR IGNORE INTO join_tokens(token, spiffe_id, expires_at, used_at) VALUES (?,?,?,NULL)")
+                .bind(&token.token)
+                .bind(&token.spiffe_id)
+                .bind(token.expires_at)
+                .execute(&mut **tx)
+                .await?;
+            if res.rows_affected() == 0 {
+                rejected(RejectCode::AlreadyExists, "that join token exists")
+            } else {
+                Response::Ok
+            }
+        }
+        Command::AttestWithJoinToken { token, now, agent } => {
+            let row = sqlx::query("SELECT expires_at, used_at FROM join_tokens WHERE token = ?")
+                .bind(token)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let Some(row) = row else {
+                return Ok(rejected(RejectCode::NotFound, "unknown join token"));
+            };
+            if row.get::<Option<i64>, _>("used_at").is_some() {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    "join token already used; generate a new one with `ca-node token generate`",
+                ));
+            }
+            if row.get::<i64, _>("expires_at") <= *now {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    "join token expired; generate a new one with `ca-node token generate`",
+                ));
+            }
+            if let Some(existing) = get_agent(tx, &agent.spiffe_id).await? {
+                if existing.banned {
+                    return Ok(rejected(
+                        RejectCode::PermissionDenied,
+                        format!("agent {} is banned", agent.spiffe_id),
+                    ));
+                }
+            }
+            sqlx::query("UPDATE join_tokens SET used_at = ? WHERE token = ?")
+                .bind(now)
+                .bind(token)
+                .execute(&mut **tx)
+                .await?;
+            upsert_agent(tx, agent).await?;
+            Response::Agent(agent.clone())
+        }
+        Command::RegisterAgent { agent } => {
+            if let Some(existing) = get_agent(tx, &agent.spiffe_id).await? {
+                if existing.banned {
+                    return Ok(rejected(
+                        RejectCode::PermissionDenied,
+                        format!("agent {} is banned", agent.spiffe_id),
+                    ));
+                }
+            }
+            upsert_agent(tx, agent).await?;
+            Response::Agent(agent.clone())
+        }
+        Command::RenewAgent {
+            spiffe_id,
+            serial,
+            expires_at,
+        } => {
+            let Some(mut a) = get_agent(tx, spiffe_id).await? else {
+                return Ok(rejected(
+                    RejectCode::NotFound,
+                    format!("agent {spiffe_id} is not attested (evicted?)"),
+                ));
+            };
+            if a.banned {
+                return Ok(rejected(
+                    RejectCode::PermissionDenied,
+                    format!("agent {spiffe_id} is banned"),
+                ));
+            }
+            a.x509_svid_serial = serial.clone();
+            a.x509_svid_expires_at = *expires_at;
+            upsert_agent(tx, &a).await?;
+            Response::Agent(a)
+        }
+        Command::EvictAgent { spiffe_id } => {
+            let n = sqlx::query("DELETE FROM agents WHERE spiffe_id = ?")
+                .bind(spiffe_id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                rejected(RejectCode::NotFound, format!("no agent {spiffe_id}"))
+            } else {
+                Response::Ok
+            }
+        }
+        Command::BanAgent { spiffe_id } => {
+            let Some(mut a) = get_agent(tx, spiffe_id).await? else {
+                return Ok(rejected(
+                    RejectCode::NotFound,
+                    format!("no agent {spiffe_id}"),
+                ));
+            };
+            a.banned = true;
+            upsert_agent(tx, &a).await?;
+            Response::Agent(a)
+        }
+        Command::PutAuthority { authority: a } => {
+            sqlx::query("INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after")
+                .bind(&a.id)
+                .bind(a.kind.as_str())
+                .bind(a.state.as_str())
+                .bind(&a.node_id)
+                .bind(&a.key_backend)
+                .bind(&a.key_id)
+                .bind(&a.cert_der)
+                .bind(&a.public_key)
+                .bind(a.not_before)
+                .bind(a.not_after)
+                .bind(index as i64)
+                .execute(&mut **tx)
+                .await?;
+            Response::Ok
+        }
+        Command::SetAuthorityState { id, state } => {
+            let n = sqlx::query("UPDATE authorities SET state = ? WHERE id = ?")
+                .bind(state.as_str())
+                .bind(id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                rejected(RejectCode::NotFound, format!("no authority {id}"))
+            } else {
+                Response::Ok
+            }
+        }
+    })
+}

@@ -1,0 +1,276 @@
+//! State machine behaviour: rules, durability across reopen, idempotent replay.
+
+use ca_raft::*;
+
+fn entry(id: &str, spiffe: &str, parent: &str) -> EntryRecord {
+    EntryRecord {
+        id: id.into(),
+        spiffe_id: spiffe.into(),
+        parent_id: parent.into(),
+        selectors: vec![SelectorRecord {
+            kind: "unix".into(),
+            value: "uid:1001".into(),
+        }],
+        x509_svid_ttl: 0,
+        jwt_svid_ttl: 0,
+        dns_names: vec![],
+        admin: false,
+        hint: String::new(),
+        created_at: 1,
+        revision: 0,
+    }
+}
+
+fn agent(id: &str) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id.into(),
+        attestation_type: "join_token".into(),
+        x509_svid_serial: "01".into(),
+        x509_svid_expires_at: 100,
+        banned: false,
+        attested_at: 1,
+        selectors: vec![],
+    }
+}
+
+const AGENT: &str = "spiffe://td/agent/join_token/t1";
+
+#[tokio::test]
+async fn entries_tokens_agents_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let sm = StateMachine::open(&path).await.unwrap();
+        let p = LocalProposer::new(sm.clone());
+        let e = entry("e1", "spiffe://td/service/metald", AGENT);
+        assert!(matches!(
+            p.propose(Command::CreateEntry { entry: e.clone() })
+                .await
+                .unwrap(),
+            Response::Entry(_)
+        ));
+        // Same SPIFFE ID, parent and selectors under another ID: refused, nothing stored.
+        let dup = entry("e2", "spiffe://td/service/metald", AGENT);
+        match p
+            .propose(Command::CreateEntry { entry: dup })
+            .await
+            .unwrap()
+        {
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                message,
+            } => assert!(message.contains("e1")),
+            other => panic!("{other:?}"),
+        }
+        // Nested entry: authorized transitively.
+        p.propose(Command::CreateEntry {
+            entry: entry(
+                "e3",
+                "spiffe://td/service/child",
+                "spiffe://td/service/metald",
+            ),
+        })
+        .await
+        .unwrap();
+        p.propose(Command::CreateEntry {
+            entry: entry("e4", "spiffe://td/service/other", "spiffe://td/agent/x"),
+        })
+        .await
+        .unwrap();
+        let mut ids: Vec<_> = sm
+            .authorized_entries(AGENT)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["e1", "e3"]);
+
+        // Update bumps the revision; update of a missing entry is refused.
+        let mut upd = e.clone();
+        upd.dns_names = vec!["metald.local".into()];
+        match p
+            .propose(Command::UpdateEntry { entry: upd })
+            .await
+            .unwrap()
+        {
+            Response::Entry(x) => assert_eq!(x.revision, 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p.propose(Command::UpdateEntry {
+                entry: entry("nope", "spiffe://td/x", AGENT)
+            })
+            .await
+            .unwrap(),
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+
+        // Join token: used once, then refused; an expired one refused.
+        p.propose(Command::CreateJoinToken {
+            token: JoinTokenRecord {
+                token: "t1".into(),
+                spiffe_id: AGENT.into(),
+                expires_at: 50,
+                used_at: None,
+            },
+        })
+        .await
+        .unwrap();
+        p.propose(Command::CreateJoinToken {
+            token: JoinTokenRecord {
+                token: "t2".into(),
+                spiffe_id: "spiffe://td/agent/b".into(),
+                expires_at: 5,
+                used_at: None,
+            },
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            p.propose(Command::AttestWithJoinToken {
+                token: "t1".into(),
+                now: 10,
+                agent: agent(AGENT)
+            })
+            .await
+            .unwrap(),
+            Response::Agent(_)
+        ));
+        match p
+            .propose(Command::AttestWithJoinToken {
+                token: "t1".into(),
+                now: 11,
+                agent: agent(AGENT),
+            })
+            .await
+            .unwrap()
+        {
+            Response::Rejected {
+                code: RejectCode::FailedPrecondition,
+                message,
+            } => assert!(message.contains("already used")),
+            other => panic!("{other:?}"),
+        }
+        match p
+            .propose(Command::AttestWithJoinToken {
+                token: "t2".into(),
+                now: 10,
+                agent: agent("spiffe://td/agent/b"),
+            })
+            .await
+            .unwrap()
+        {
+            Response::Rejected { message, .. } => assert!(message.contains("expired")),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            sm.agent("spiffe://td/agent/b").await.unwrap().is_none(),
+            "a refused attestation stores nothing"
+        );
+        // Ban: re-registration refused.
+        p.propose(Command::BanAgent {
+            spiffe_id: AGENT.into(),
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            p.propose(Command::RegisterAgent {
+                agent: agent(AGENT)
+            })
+            .await
+            .unwrap(),
+            Response::Rejected {
+                code: RejectCode::PermissionDenied,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p.propose(Command::RenewAgent {
+                spiffe_id: AGENT.into(),
+                serial: "02".into(),
+                expires_at: 9
+            })
+            .await
+            .unwrap(),
+            Response::Rejected {
+                code: RejectCode::PermissionDenied,
+                ..
+            }
+        ));
+    }
+    // Everything survives a reopen.
+    let sm = StateMachine::open(&path).await.unwrap();
+    assert_eq!(sm.entries().await.unwrap().len(), 3);
+    assert_eq!(
+        sm.entry("e1").await.unwrap().unwrap().dns_names,
+        vec!["metald.local"]
+    );
+    assert!(sm.agent(AGENT).await.unwrap().unwrap().banned);
+    assert!(sm
+        .join_token("t1")
+        .await
+        .unwrap()
+        .unwrap()
+        .used_at
+        .is_some());
+    let last = sm.last_applied();
+    assert!(last >= 10);
+    // Replaying an already-applied index is a no-op.
+    let r = sm
+        .apply(1, &Command::DeleteEntry { id: "e1".into() })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    assert!(sm.entry("e1").await.unwrap().is_some());
+    assert_eq!(sm.last_applied(), last);
+}
+
+#[tokio::test]
+async fn authority_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(&dir.path().join("s.db")).await.unwrap();
+    let p = LocalProposer::new(sm.clone());
+    let a = AuthorityRecord {
+        id: "root-1".into(),
+        kind: AuthorityKind::Root,
+        state: AuthorityState::Active,
+        node_id: String::new(),
+        key_backend: "soft".into(),
+        key_id: "root-1".into(),
+        cert_der: vec![1, 2, 3],
+        public_key: vec![4],
+        not_before: 1,
+        not_after: 2,
+    };
+    p.propose(Command::PutAuthority {
+        authority: a.clone(),
+    })
+    .await
+    .unwrap();
+    p.propose(Command::SetAuthorityState {
+        id: "root-1".into(),
+        state: AuthorityState::Retired,
+    })
+    .await
+    .unwrap();
+    let got = sm.authorities().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].state, AuthorityState::Retired);
+    assert!(matches!(
+        p.propose(Command::SetAuthorityState {
+            id: "x".into(),
+            state: AuthorityState::Active
+        })
+        .await
+        .unwrap(),
+        Response::Rejected {
+            code: RejectCode::NotFound,
+            ..
+        }
+    ));
+}
