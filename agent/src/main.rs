@@ -1,1 +1,5 @@
-fn main() {}
+//! The `agent` binary; everything lives in the library (`ca_agent::cli`).
+
+fn main() -> std::process::ExitCode {
+    ca_agent::cli::main()
+}

@@ -1,0 +1,93 @@
+//! HTTP health endpoints on a loopback address: `/healthz` (the process runs) and
+//! `/readyz` (the agent has a valid SVID, a trust bundle and has synced its entries).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::cache::CacheState;
+use crate::persist::AgentSvid;
+use crate::Error;
+
+#[derive(Clone)]
+struct Health {
+    cache: watch::Receiver<Arc<CacheState>>,
+    svid: watch::Receiver<AgentSvid>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
+    let now = ca_identity::unix_now();
+    let svid = h.svid.borrow().clone();
+    let st = h.cache.borrow().clone();
+    let mut problems = Vec::new();
+    if svid.not_after <= now {
+        problems.push(format!("the agent SVID expired at {}", svid.not_after));
+    }
+    if st.bundle.is_none() {
+        problems.push("no trust bundle yet".to_owned());
+    }
+    if !st.synced {
+        problems.push("entries not synced with a CA node yet".to_owned());
+    }
+    if problems.is_empty() {
+        (
+            StatusCode::OK,
+            format!(
+                "ready: {} ({} entries, {} SVIDs)\n",
+                svid.spiffe_id,
+                st.entries.len(),
+                st.svids.len()
+            ),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+    }
+}
+
+/// Binds `addr` and serves the health endpoints until `shutdown` turns true; returns the
+/// bound address (useful with port 0).
+pub async fn spawn(
+    addr: SocketAddr,
+    cache: watch::Receiver<Arc<CacheState>>,
+    svid: watch::Receiver<AgentSvid>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io {
+            context: format!("cannot listen on health_addr {addr}"),
+            source: e,
+        })?;
+    let bound = listener.local_addr().map_err(|e| Error::Io {
+        context: "cannot read the health listener address".into(),
+        source: e,
+    })?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Health { cache, svid });
+    let task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!("health endpoint failed: {e}");
+        }
+    });
+    Ok((bound, task))
+}
