@@ -1,1 +1,32 @@
-//! placeholder
+//! The CA server node.
+//!
+//! A node is the certificate authority of one SPIFFE trust domain (together with its peers,
+//! once replication lands): it keeps the root and its own intermediate in a key manager,
+//! attests agents (join token, x509pop), serves them the entries they are authorized for,
+//! signs their workloads' CSRs into X.509-SVIDs and mints JWT-SVIDs.
+//!
+//! - [`config`]: the TOML configuration, validated in full at start.
+//! - [`ca`]: root, intermediate and JWT key lifecycle through the CA journal; minting.
+//! - [`core`]: what the APIs share; rules for entries and join tokens.
+//! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID.
+//! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
+//! - [`server`]: starting and stopping all of it; [`dev`]: the one-command local setup.
+//! - [`cli`]: the `ca-node` command line (the binary is a thin wrapper around it).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin_api;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod core;
+pub mod dev;
+pub mod error;
+pub mod metrics;
+pub mod node_api;
+pub mod server;
+
+pub use config::NodeConfig;
+pub use error::Error;
+pub use server::{start, NodeHandle};

@@ -336,6 +336,10 @@ pub fn server_config(
         )))
         .with_cert_resolver(Arc::new(svid));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session would carry the identity (or lack of one) of an
+    // earlier connection, e.g. one made before the agent attested or after it was renewed.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg
 }
 
@@ -353,6 +357,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(roots, authorize)))
         .with_client_cert_resolver(Arc::new(svid));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     cfg
 }
 

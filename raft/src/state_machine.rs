@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS authorities (
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, node_id TEXT NOT NULL,
   key_backend TEXT NOT NULL, key_id TEXT NOT NULL, cert_der BLOB NOT NULL,
   public_key BLOB NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
-  seq INTEGER NOT NULL);
+  seq INTEGER NOT NULL, updated INTEGER NOT NULL DEFAULT 0);
 "#;
 
 /// The durable state of one replica, and the only code that changes it.
@@ -182,6 +182,15 @@ impl StateMachine {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(agent_from_row).collect()
+    }
+
+    /// The log index of the last change to the CA journal: the trust bundle's sequence number.
+    pub async fn authorities_version(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(updated), 0) FROM authorities")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// The CA journal, oldest first.
@@ -456,8 +465,8 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
             Response::Agent(a)
         }
         Command::PutAuthority { authority: a } => {
-            sqlx::query("INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)
-                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after")
+            sqlx::query("INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after, updated=excluded.updated")
                 .bind(&a.id)
                 .bind(a.kind.as_str())
                 .bind(a.state.as_str())
@@ -469,13 +478,15 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                 .bind(a.not_before)
                 .bind(a.not_after)
                 .bind(index as i64)
+                .bind(index as i64)
                 .execute(&mut **tx)
                 .await?;
             Response::Ok
         }
         Command::SetAuthorityState { id, state } => {
-            let n = sqlx::query("UPDATE authorities SET state = ? WHERE id = ?")
+            let n = sqlx::query("UPDATE authorities SET state = ?, updated = ? WHERE id = ?")
                 .bind(state.as_str())
+                .bind(index as i64)
                 .bind(id)
                 .execute(&mut **tx)
                 .await?

@@ -1,0 +1,283 @@
+//! The admin API on the node's Unix socket. Only the socket's owner (the node's user) or
+//! root may call it: the socket is mode 0600 and every call checks the peer's uid.
+
+use std::sync::Arc;
+
+use ca_proto::admin::admin_server::Admin;
+use ca_proto::admin::*;
+use ca_raft::{Command, Response as SmResponse};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{agent_to_proto, bundle_to_proto, entry_to_proto};
+use crate::core::{propose, NodeCore};
+use crate::Error;
+
+/// The admin API service.
+#[derive(Clone)]
+pub struct AdminApi {
+    core: Arc<NodeCore>,
+    ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminApi")
+    }
+}
+
+fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
+    let uid = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid())
+        .ok_or_else(|| Status::unauthenticated("cannot read the caller's credentials"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if uid != me && uid != 0 {
+        return Err(Status::permission_denied(format!(
+            "uid {uid} may not use the admin API; run the command as the node's user (uid {me}) or root"
+        )));
+    }
+    Ok(())
+}
+
+fn entry_of(r: SmResponse) -> Result<ca_proto::types::Entry, Error> {
+    match r {
+        SmResponse::Entry(e) => Ok(entry_to_proto(&e)),
+        other => Err(Error::Internal(format!(
+            "unexpected state machine response {other:?}"
+        ))),
+    }
+}
+
+impl AdminApi {
+    /// A service over the node core; `ready` reports readiness for Health.
+    pub fn new(core: Arc<NodeCore>, ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>) -> Self {
+        Self { core, ready }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entry(
+        &self,
+        req: Request<CreateEntryRequest>,
+    ) -> Result<Response<EntryResponse>, Status> {
+        authorize(&req)?;
+        let e = req
+            .get_ref()
+            .entry
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let rec = self.core.validate_entry(
+            e,
+            uuid::Uuid::new_v4().to_string(),
+            ca_identity::unix_now(),
+        )?;
+        let r = propose(
+            self.core.proposer.as_ref(),
+            Command::CreateEntry { entry: rec },
+        )
+        .await?;
+        Ok(Response::new(EntryResponse {
+            entry: Some(entry_of(r)?),
+        }))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<UpdateEntryRequest>,
+    ) -> Result<Response<EntryResponse>, Status> {
+        authorize(&req)?;
+        let e = req
+            .get_ref()
+            .entry
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        if e.id.is_empty() {
+            return Err(Status::invalid_argument(
+                "the entry ID is required to update an entry",
+            ));
+        }
+        let rec = self.core.validate_entry(e, e.id.clone(), 0)?;
+        let r = propose(
+            self.core.proposer.as_ref(),
+            Command::UpdateEntry { entry: rec },
+        )
+        .await?;
+        Ok(Response::new(EntryResponse {
+            entry: Some(entry_of(r)?),
+        }))
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<DeleteEntryRequest>,
+    ) -> Result<Response<DeleteEntryResponse>, Status> {
+        authorize(&req)?;
+        propose(
+            self.core.proposer.as_ref(),
+            Command::DeleteEntry {
+                id: req.get_ref().id.clone(),
+            },
+        )
+        .await?;
+        Ok(Response::new(DeleteEntryResponse {}))
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<GetEntryRequest>,
+    ) -> Result<Response<EntryResponse>, Status> {
+        authorize(&req)?;
+        let id = &req.get_ref().id;
+        let e = self.core.sm.entry(id).await.map_err(Error::from)?;
+        let e = e.ok_or_else(|| Status::not_found(format!("no entry with ID {id}")))?;
+        Ok(Response::new(EntryResponse {
+            entry: Some(entry_to_proto(&e)),
+        }))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        authorize(&req)?;
+        let f = req.get_ref();
+        let entries = self.core.sm.entries().await.map_err(Error::from)?;
+        let entries = entries
+            .iter()
+            .filter(|e| f.spiffe_id.is_empty() || e.spiffe_id == f.spiffe_id)
+            .filter(|e| f.parent_id.is_empty() || e.parent_id == f.parent_id)
+            .map(entry_to_proto)
+            .collect();
+        Ok(Response::new(ListEntriesResponse { entries }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        authorize(&req)?;
+        let r = req.get_ref();
+        if r.ttl_seconds < 0 {
+            return Err(Status::invalid_argument("ttl must be positive"));
+        }
+        let t = self
+            .core
+            .create_join_token(&r.spiffe_id, r.ttl_seconds)
+            .await?;
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: t.token,
+            expires_at: t.expires_at,
+            spiffe_id: t.spiffe_id,
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        authorize(&req)?;
+        let agents = self.core.sm.agents().await.map_err(Error::from)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        req: Request<GetAgentRequest>,
+    ) -> Result<Response<AgentResponse>, Status> {
+        authorize(&req)?;
+        let id = &req.get_ref().spiffe_id;
+        let a = self.core.sm.agent(id).await.map_err(Error::from)?;
+        let a = a.ok_or_else(|| Status::not_found(format!("no attested agent {id}")))?;
+        Ok(Response::new(AgentResponse {
+            agent: Some(agent_to_proto(&a)),
+        }))
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<EvictAgentRequest>,
+    ) -> Result<Response<EvictAgentResponse>, Status> {
+        authorize(&req)?;
+        propose(
+            self.core.proposer.as_ref(),
+            Command::EvictAgent {
+                spiffe_id: req.get_ref().spiffe_id.clone(),
+            },
+        )
+        .await?;
+        Ok(Response::new(EvictAgentResponse {}))
+    }
+
+    async fn ban_agent(
+        &self,
+        req: Request<BanAgentRequest>,
+    ) -> Result<Response<AgentResponse>, Status> {
+        authorize(&req)?;
+        let r = propose(
+            self.core.proposer.as_ref(),
+            Command::BanAgent {
+                spiffe_id: req.get_ref().spiffe_id.clone(),
+            },
+        )
+        .await?;
+        match r {
+            SmResponse::Agent(a) => Ok(Response::new(AgentResponse {
+                agent: Some(agent_to_proto(&a)),
+            })),
+            other => Err(Error::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn get_bundle(
+        &self,
+        req: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        authorize(&req)?;
+        let b = self.core.ca.bundle()?;
+        Ok(Response::new(GetBundleResponse {
+            spiffe_bundle_json: b.to_spiffe_json().map_err(Error::from)?,
+            pem: b.x509_pem(),
+            bundle: Some(bundle_to_proto(&b)),
+        }))
+    }
+
+    async fn get_ca_status(
+        &self,
+        req: Request<GetCaStatusRequest>,
+    ) -> Result<Response<GetCaStatusResponse>, Status> {
+        authorize(&req)?;
+        let auths = self.core.sm.authorities().await.map_err(Error::from)?;
+        Ok(Response::new(GetCaStatusResponse {
+            trust_domain: self.core.config.trust_domain.clone(),
+            node_id: self.core.config.node_id.clone(),
+            authorities: auths
+                .iter()
+                .map(|a| Authority {
+                    id: a.id.clone(),
+                    kind: a.kind.as_str().into(),
+                    state: a.state.as_str().into(),
+                    node_id: a.node_id.clone(),
+                    key_id: a.key_id.clone(),
+                    not_before: a.not_before,
+                    not_after: a.not_after,
+                    key_backend: a.key_backend.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        authorize(&req)?;
+        let (ready, detail) = (self.ready)();
+        Ok(Response::new(HealthResponse { ready, detail }))
+    }
+}

@@ -1,0 +1,508 @@
+//! The certificate authority of one node: the cluster root, this node's intermediate and
+//! JWT key (all recorded in the CA journal), and minting of X.509-SVIDs and JWT-SVIDs.
+//!
+//! Keys go through the [`KeyManager`]; the root always lives there. The intermediate lives
+//! there too, or (memory mode) only in RAM, in which case a new one is made at every start.
+//! An SVID's lifetime never exceeds its issuer's remaining lifetime.
+
+pub mod x509;
+
+use std::sync::{Arc, RwLock};
+
+use ca_identity::{JwtAuthority, SpiffeId, TrustBundle, TrustDomain};
+use ca_kms::memory::MemoryKey;
+use ca_kms::{KeyAlgorithm, KeyManager, SigningKey};
+use ca_raft::{
+    AuthorityKind, AuthorityRecord, AuthorityState, Command, Proposer, Response, StateMachine,
+};
+use rcgen::PublicKeyData;
+
+use crate::config::IntermediateMode;
+use crate::metrics::Metrics;
+use crate::Error;
+use x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
+
+/// Settings of the CA taken from the node config.
+#[derive(Clone, Debug)]
+pub struct CaSettings {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// This node.
+    pub node_id: String,
+    /// Root lifetime (s).
+    pub root_ttl: i64,
+    /// Intermediate lifetime (s).
+    pub intermediate_ttl: i64,
+    /// JWT key lifetime (s).
+    pub jwt_key_ttl: i64,
+    /// Where intermediate keys live.
+    pub intermediate_mode: IntermediateMode,
+    /// Algorithm of CA keys.
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// A usable authority: its journal record and key handle.
+#[derive(Clone, Debug)]
+pub struct Signer {
+    /// The journal record.
+    pub record: AuthorityRecord,
+    /// The key.
+    pub key: Arc<dyn SigningKey>,
+}
+
+#[derive(Default)]
+struct Current {
+    root: Option<Signer>,
+    intermediate: Option<Signer>,
+    jwt: Option<Signer>,
+    bundle: Option<Arc<TrustBundle>>,
+}
+
+/// The CA of this node.
+pub struct Ca {
+    settings: CaSettings,
+    km: Arc<dyn KeyManager>,
+    sm: StateMachine,
+    proposer: Arc<dyn Proposer>,
+    metrics: Metrics,
+    current: RwLock<Current>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Ca({}, node {})",
+            self.settings.trust_domain, self.settings.node_id
+        )
+    }
+}
+
+fn now() -> i64 {
+    ca_identity::unix_now()
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+async fn propose_ok(p: &dyn Proposer, cmd: Command) -> Result<(), Error> {
+    match p.propose(cmd).await? {
+        Response::Rejected { code, message } => Err(crate::error::from_rejection(code, message)),
+        _ => Ok(()),
+    }
+}
+
+impl Ca {
+    /// A CA over the given key manager and state.
+    pub fn new(
+        settings: CaSettings,
+        km: Arc<dyn KeyManager>,
+        sm: StateMachine,
+        proposer: Arc<dyn Proposer>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            settings,
+            km,
+            sm,
+            proposer,
+            metrics,
+            current: RwLock::new(Current::default()),
+        }
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.settings.trust_domain
+    }
+
+    async fn sign_timed(&self, key: &Arc<dyn SigningKey>, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let backend = self.km.backend();
+        let start = std::time::Instant::now();
+        let r = key.sign(msg).await;
+        self.metrics
+            .observe_sign(backend, start.elapsed(), r.as_ref().err());
+        Ok(r?)
+    }
+
+    async fn load_key(&self, rec: &AuthorityRecord) -> Result<Arc<dyn SigningKey>, Error> {
+        Ok(self.km.get(&rec.key_id).await?)
+    }
+
+    /// Makes sure there is an active root, an active intermediate for this node with at
+    /// least half its life left, and an active JWT key; creates (through the journal)
+    /// whatever is missing; loads the keys. Called at start and periodically.
+    pub async fn ensure_authorities(&self) -> Result<(), Error> {
+        let authorities = self.sm.authorities().await?;
+        let t = now();
+        // Root.
+        let root = match authorities.iter().rev().find(|a| {
+            a.kind == AuthorityKind::Root && a.state == AuthorityState::Active && a.not_after > t
+        }) {
+            Some(r) => Signer {
+                key: self.load_key(r).await?,
+                record: r.clone(),
+            },
+            None => self.create_root().await?,
+        };
+        // Intermediate of this node.
+        let mine = authorities.iter().rev().find(|a| {
+            a.kind == AuthorityKind::Intermediate
+                && a.state == AuthorityState::Active
+                && a.node_id == self.settings.node_id
+        });
+        let have = self.current.read().expect("ca lock").intermediate.clone();
+        let intermediate = match mine {
+            Some(rec)
+                if rec.not_after - t > (rec.not_after - rec.not_before) / 2
+                    && rec.cert_der_issued_by(&root.record) =>
+            {
+                match (&have, rec.key_backend.as_str()) {
+                    (Some(h), _) if h.record.id == rec.id => Some(h.clone()),
+                    (_, "memory") => None, // key lost with the previous process
+                    _ => Some(Signer {
+                        key: self.load_key(rec).await?,
+                        record: rec.clone(),
+                    }),
+                }
+            }
+            _ => None,
+        };
+        let intermediate = match intermediate {
+            Some(i) => i,
+            None => {
+                let new = self.create_intermediate(&root).await?;
+                for old in authorities.iter().filter(|a| {
+                    a.kind == AuthorityKind::Intermediate
+                        && a.state == AuthorityState::Active
+                        && a.node_id == self.settings.node_id
+                }) {
+                    propose_ok(
+                        self.proposer.as_ref(),
+                        Command::SetAuthorityState {
+                            id: old.id.clone(),
+                            state: AuthorityState::Retired,
+                        },
+                    )
+                    .await?;
+                }
+                new
+            }
+        };
+        // JWT key of this node.
+        let jwt = match authorities.iter().rev().find(|a| {
+            a.kind == AuthorityKind::Jwt
+                && a.state == AuthorityState::Active
+                && a.node_id == self.settings.node_id
+                && a.not_after - t > (a.not_after - a.not_before) / 2
+        }) {
+            Some(rec) => Signer {
+                key: self.load_key(rec).await?,
+                record: rec.clone(),
+            },
+            None => {
+                let new = self.create_jwt_key().await?;
+                for old in authorities.iter().filter(|a| {
+                    a.kind == AuthorityKind::Jwt
+                        && a.state == AuthorityState::Active
+                        && a.node_id == self.settings.node_id
+                }) {
+                    propose_ok(
+                        self.proposer.as_ref(),
+                        Command::SetAuthorityState {
+                            id: old.id.clone(),
+                            state: AuthorityState::Retired,
+                        },
+                    )
+                    .await?;
+                }
+                new
+            }
+        };
+        {
+            let mut cur = self.current.write().expect("ca lock");
+            cur.root = Some(root);
+            cur.intermediate = Some(intermediate);
+            cur.jwt = Some(jwt);
+        }
+        self.refresh_bundle().await?;
+        Ok(())
+    }
+
+    /// Rebuilds the trust bundle from the journal: roots and JWT keys that are prepared,
+    /// active or retired and not yet expired.
+    pub async fn refresh_bundle(&self) -> Result<Arc<TrustBundle>, Error> {
+        let t = now();
+        let auths = self.sm.authorities().await?;
+        let published =
+            |a: &&AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
+        let bundle = Arc::new(TrustBundle {
+            trust_domain: self.settings.trust_domain.clone(),
+            x509_authorities: auths
+                .iter()
+                .filter(|a| a.kind == AuthorityKind::Root)
+                .filter(published)
+                .map(|a| a.cert_der.clone())
+                .collect(),
+            jwt_authorities: auths
+                .iter()
+                .filter(|a| a.kind == AuthorityKind::Jwt)
+                .filter(published)
+                .map(|a| JwtAuthority {
+                    key_id: a.id.clone(),
+                    public_key: a.public_key.clone(),
+                    expires_at: a.not_after,
+                })
+                .collect(),
+            sequence_number: self.sm.authorities_version().await?,
+            refresh_hint: 60,
+        });
+        self.current.write().expect("ca lock").bundle = Some(bundle.clone());
+        Ok(bundle)
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Result<Arc<TrustBundle>, Error> {
+        self.current
+            .read()
+            .expect("ca lock")
+            .bundle
+            .clone()
+            .ok_or_else(|| Error::Unavailable("the CA is not initialized yet".into()))
+    }
+
+    /// The signing intermediate, if ready.
+    pub fn intermediate(&self) -> Option<Signer> {
+        self.current.read().expect("ca lock").intermediate.clone()
+    }
+
+    async fn create_root(&self) -> Result<Signer, Error> {
+        let id = format!("root-{}", short_id());
+        let key = self.km.generate(&id, self.settings.key_algorithm).await?;
+        let t = now();
+        let params = ca_params(
+            self.settings.trust_domain.id().as_str(),
+            &format!("{} root {id}", self.settings.trust_domain),
+            1,
+            t - 60,
+            t + self.settings.root_ttl,
+        )?;
+        let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
+        let cert = make_cert(
+            &params,
+            &public,
+            &IssuerKey {
+                cert_der: None,
+                key: key.clone(),
+            },
+        )
+        .await?;
+        let record = AuthorityRecord {
+            id: id.clone(),
+            kind: AuthorityKind::Root,
+            state: AuthorityState::Active,
+            node_id: String::new(),
+            key_backend: self.km.backend().into(),
+            key_id: id.clone(),
+            cert_der: cert,
+            public_key: key.public_key_spki().to_vec(),
+            not_before: t - 60,
+            not_after: t + self.settings.root_ttl,
+        };
+        if let Err(e) = propose_ok(
+            self.proposer.as_ref(),
+            Command::PutAuthority {
+                authority: record.clone(),
+            },
+        )
+        .await
+        {
+            let _ = self.km.delete(&id).await; // no leaked keys
+            return Err(e);
+        }
+        tracing::info!(authority = %id, backend = self.km.backend(), "created root CA");
+        Ok(Signer { record, key })
+    }
+
+    async fn create_intermediate(&self, root: &Signer) -> Result<Signer, Error> {
+        let id = format!("int-{}-{}", self.settings.node_id, short_id());
+        let (key, backend): (Arc<dyn SigningKey>, String) = match self.settings.intermediate_mode {
+            IntermediateMode::KeyManager => (
+                self.km.generate(&id, self.settings.key_algorithm).await?,
+                self.km.backend().into(),
+            ),
+            IntermediateMode::Memory => (
+                Arc::new(MemoryKey::generate(&id, KeyAlgorithm::EcP256, "memory")?.0),
+                "memory".into(),
+            ),
+        };
+        let t = now();
+        let not_after = (t + self.settings.intermediate_ttl).min(root.record.not_after);
+        let params = ca_params(
+            self.settings.trust_domain.id().as_str(),
+            &format!("{} intermediate {id}", self.settings.trust_domain),
+            0,
+            t - 60,
+            not_after,
+        )?;
+        let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
+        let issuer = IssuerKey {
+            cert_der: Some(root.record.cert_der.clone()),
+            key: root.key.clone(),
+        };
+        let cert = make_cert(&params, &public, &issuer).await?;
+        let record = AuthorityRecord {
+            id: id.clone(),
+            kind: AuthorityKind::Intermediate,
+            state: AuthorityState::Active,
+            node_id: self.settings.node_id.clone(),
+            key_backend: backend.clone(),
+            key_id: id.clone(),
+            cert_der: cert,
+            public_key: key.public_key_spki().to_vec(),
+            not_before: t - 60,
+            not_after,
+        };
+        if let Err(e) = propose_ok(
+            self.proposer.as_ref(),
+            Command::PutAuthority {
+                authority: record.clone(),
+            },
+        )
+        .await
+        {
+            if backend != "memory" {
+                let _ = self.km.delete(&id).await;
+            }
+            return Err(e);
+        }
+        tracing::info!(authority = %id, backend = %backend, not_after, "activated intermediate CA");
+        Ok(Signer { record, key })
+    }
+
+    async fn create_jwt_key(&self) -> Result<Signer, Error> {
+        let id = format!("jwt-{}-{}", self.settings.node_id, short_id());
+        let key = self.km.generate(&id, KeyAlgorithm::EcP256).await?;
+        let t = now();
+        let record = AuthorityRecord {
+            id: id.clone(),
+            kind: AuthorityKind::Jwt,
+            state: AuthorityState::Active,
+            node_id: self.settings.node_id.clone(),
+            key_backend: self.km.backend().into(),
+            key_id: id.clone(),
+            cert_der: Vec::new(),
+            public_key: key.public_key_spki().to_vec(),
+            not_before: t,
+            not_after: t + self.settings.jwt_key_ttl,
+        };
+        if let Err(e) = propose_ok(
+            self.proposer.as_ref(),
+            Command::PutAuthority {
+                authority: record.clone(),
+            },
+        )
+        .await
+        {
+            let _ = self.km.delete(&id).await;
+            return Err(e);
+        }
+        tracing::info!(authority = %id, "activated JWT signing key");
+        Ok(Signer { record, key })
+    }
+
+    /// Mints an X.509-SVID for `spiffe_id` over `public_key`, valid for `ttl` seconds but
+    /// never past the intermediate's expiry. Returns the chain: SVID, intermediate.
+    pub async fn mint_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: i64,
+        dns_names: &[String],
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let int = self.intermediate().ok_or_else(|| {
+            Error::Unavailable("no active intermediate CA on this node yet".into())
+        })?;
+        let t = now();
+        let not_after = (t + ttl).min(int.record.not_after);
+        if not_after <= t {
+            return Err(Error::Unavailable(
+                "the intermediate CA has expired; the node is rotating it".into(),
+            ));
+        }
+        let params = svid_params(spiffe_id.as_str(), dns_names, t - 10, not_after)?;
+        let issuer = IssuerKey {
+            cert_der: Some(int.record.cert_der.clone()),
+            key: int.key.clone(),
+        };
+        let start = std::time::Instant::now();
+        let r = make_cert(&params, public_key, &issuer).await;
+        self.metrics.observe_sign(
+            self.backend_of(&int),
+            start.elapsed(),
+            r.as_ref().err().and_then(|e| match e {
+                Error::KeyManager(k) => Some(k),
+                _ => None,
+            }),
+        );
+        Ok(vec![r?, int.record.cert_der.clone()])
+    }
+
+    fn backend_of(&self, s: &Signer) -> &'static str {
+        if s.record.key_backend == "memory" {
+            "memory"
+        } else {
+            self.km.backend()
+        }
+    }
+
+    /// Mints a JWT-SVID. Returns the token and its expiry.
+    pub async fn mint_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: i64,
+    ) -> Result<(String, i64), Error> {
+        let jwt = self
+            .current
+            .read()
+            .expect("ca lock")
+            .jwt
+            .clone()
+            .ok_or_else(|| Error::Unavailable("no active JWT key on this node yet".into()))?;
+        let t = now();
+        let exp = (t + ttl).min(jwt.record.not_after);
+        let info = ca_identity::pubkey::parse_spki(jwt.key.public_key_spki())?;
+        let input =
+            ca_identity::jwt::signing_input(info.kind, &jwt.record.id, spiffe_id, audience, t, exp);
+        let der = self.sign_timed(&jwt.key, input.as_bytes()).await?;
+        let sig = match info.kind {
+            ca_identity::pubkey::KeyKind::EcP256 => {
+                ca_identity::pubkey::ecdsa_der_to_fixed(&der, 32)?
+            }
+            ca_identity::pubkey::KeyKind::EcP384 => {
+                ca_identity::pubkey::ecdsa_der_to_fixed(&der, 48)?
+            }
+            ca_identity::pubkey::KeyKind::Rsa { .. } => der,
+        };
+        Ok((ca_identity::jwt::assemble(&input, &sig), exp))
+    }
+}
+
+trait IssuedBy {
+    fn cert_der_issued_by(&self, root: &AuthorityRecord) -> bool;
+}
+
+impl IssuedBy for AuthorityRecord {
+    /// Whether this intermediate was signed by `root` (by authority key identifier).
+    fn cert_der_issued_by(&self, root: &AuthorityRecord) -> bool {
+        let (Ok(me), Ok(r)) = (
+            ca_identity::x509::cert_info(&self.cert_der),
+            ca_identity::x509::cert_info(&root.cert_der),
+        ) else {
+            return false;
+        };
+        me.authority_key_id.is_some() && me.authority_key_id == r.subject_key_id
+    }
+}

@@ -1,0 +1,598 @@
+//! The `ca-node` command line. Server commands (`run`, `dev`) start a node; every other
+//! command talks to the local node's admin Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ca_proto::admin::admin_client::AdminClient;
+use ca_proto::admin::*;
+use ca_proto::types;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the admin socket is unless configured otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/spiffe-ca/admin.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "ca-node", version, about = "SPIFFE certificate authority node")]
+struct Cli {
+    /// The local node's admin socket.
+    #[arg(long, global = true, env = "CA_NODE_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    socket_path: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node from a configuration file.
+    Run {
+        /// The TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local development environment (node + agent, software keys) and print
+    /// SPIFFE_ENDPOINT_SOCKET=unix:///... ; runs until interrupted.
+    Dev {
+        /// Where sockets and data go.
+        #[arg(long, default_value = ".spiffe-ca-dev")]
+        dir: PathBuf,
+    },
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCmd),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// The CA journal.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Exit 0 if the local node is ready.
+    Healthcheck,
+}
+
+#[derive(Args, Debug, Default)]
+struct EntryFields {
+    /// The SPIFFE ID workloads get, e.g. spiffe://prod.example.org/service/metald.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// The agent (or entry) it is nested under.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// TYPE:KEY:VALUE, repeatable, e.g. unix:uid:1001.
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X.509-SVID TTL in seconds (0: the node default).
+    #[arg(long)]
+    x509_svid_ttl: Option<i64>,
+    /// JWT-SVID TTL in seconds (0: the node default).
+    #[arg(long)]
+    jwt_svid_ttl: Option<i64>,
+    /// DNS SAN, repeatable.
+    #[arg(long = "dns")]
+    dns: Vec<String>,
+    /// Mark as admin.
+    #[arg(long)]
+    admin: bool,
+    /// Hint passed to workloads.
+    #[arg(long)]
+    hint: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, Default)]
+enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum EntryCmd {
+    /// Create an entry.
+    Create {
+        #[command(flatten)]
+        f: EntryFields,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show entries (all, or filtered).
+    Show {
+        /// One entry by ID.
+        #[arg(long)]
+        entry_id: Option<String>,
+        /// Filter by SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Filter by parent ID.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Update an entry: given fields replace the stored ones.
+    Update {
+        /// Which entry.
+        #[arg(long)]
+        entry_id: String,
+        #[command(flatten)]
+        f: EntryFields,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete an entry.
+    Delete {
+        /// Which entry.
+        #[arg(long)]
+        entry_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Generate a single-use join token.
+    Generate {
+        /// SPIFFE ID the agent gets (default spiffe://TD/agent/join_token/<token>).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 600)]
+        ttl: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// List attested agents.
+    List,
+    /// Show one agent.
+    Show {
+        /// Its SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Forget an agent: it must attest again.
+    Evict {
+        /// Its SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Ban an agent: refused until evicted.
+    Ban {
+        /// Its SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, Default)]
+enum BundleFormat {
+    #[default]
+    Pem,
+    Spiffe,
+}
+
+#[derive(Subcommand, Debug)]
+enum BundleCmd {
+    /// Print the trust bundle.
+    Show {
+        /// pem (X.509 roots) or spiffe (SPIFFE bundle JWKS).
+        #[arg(long, value_enum, default_value_t)]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Every authority in the CA journal.
+    Show,
+}
+
+/// A tonic channel over a Unix socket.
+pub async fn uds_channel(path: &Path) -> Result<Channel, String> {
+    let p = path.to_path_buf();
+    if !p.exists() {
+        return Err(format!(
+            "cannot connect to {}: no such socket; is the node running? Set --socket-path or CA_NODE_ADMIN_SOCKET",
+            p.display()
+        ));
+    }
+    Endpoint::try_from("http://[::]:50051")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
+}
+
+fn status_msg(s: tonic::Status) -> String {
+    let hint = match s.code() {
+        tonic::Code::PermissionDenied => "",
+        tonic::Code::Unavailable => " (is the node running?)",
+        _ => "",
+    };
+    format!("{}{hint}", s.message())
+}
+
+fn fields_to_entry(f: &EntryFields, base: types::Entry) -> Result<types::Entry, String> {
+    let mut e = base;
+    if let Some(s) = &f.spiffe_id {
+        e.spiffe_id = s.clone();
+    }
+    if let Some(s) = &f.parent_id {
+        e.parent_id = s.clone();
+    }
+    if !f.selectors.is_empty() {
+        e.selectors = f
+            .selectors
+            .iter()
+            .map(|s| {
+                ca_identity::Selector::parse(s)
+                    .map(|sel| types::Selector {
+                        r#type: sel.kind,
+                        value: sel.value,
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(t) = f.x509_svid_ttl {
+        e.x509_svid_ttl = t;
+    }
+    if let Some(t) = f.jwt_svid_ttl {
+        e.jwt_svid_ttl = t;
+    }
+    if !f.dns.is_empty() {
+        e.dns_names = f.dns.clone();
+    }
+    if f.admin {
+        e.admin = true;
+    }
+    if let Some(h) = &f.hint {
+        e.hint = h.clone();
+    }
+    Ok(e)
+}
+
+fn print_entries(entries: &[types::Entry], output: Output) {
+    match output {
+        Output::Json => {
+            let v: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "id": e.id, "spiffe_id": e.spiffe_id, "parent_id": e.parent_id,
+                        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+                        "x509_svid_ttl": e.x509_svid_ttl, "jwt_svid_ttl": e.jwt_svid_ttl,
+                        "dns_names": e.dns_names, "admin": e.admin, "hint": e.hint,
+                        "created_at": e.created_at, "revision": e.revision,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
+        Output::Text => {
+            println!(
+                "Found {} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
+            for e in entries {
+                println!("Entry ID         : {}", e.id);
+                println!("SPIFFE ID        : {}", e.spiffe_id);
+                println!("Parent ID        : {}", e.parent_id);
+                println!("Revision         : {}", e.revision);
+                println!(
+                    "X509-SVID TTL    : {}",
+                    if e.x509_svid_ttl == 0 {
+                        "default".into()
+                    } else {
+                        e.x509_svid_ttl.to_string()
+                    }
+                );
+                println!(
+                    "JWT-SVID TTL     : {}",
+                    if e.jwt_svid_ttl == 0 {
+                        "default".into()
+                    } else {
+                        e.jwt_svid_ttl.to_string()
+                    }
+                );
+                for s in &e.selectors {
+                    println!("Selector         : {}:{}", s.r#type, s.value);
+                }
+                for d in &e.dns_names {
+                    println!("DNS name         : {d}");
+                }
+                if e.admin {
+                    println!("Admin            : true");
+                }
+                if !e.hint.is_empty() {
+                    println!("Hint             : {}", e.hint);
+                }
+                println!();
+            }
+        }
+    }
+}
+
+fn print_agent(a: &types::Agent) {
+    println!("SPIFFE ID         : {}", a.spiffe_id);
+    println!("Attestation type  : {}", a.attestation_type);
+    println!("Expiration time   : {}", fmt_time(a.x509_svid_expires_at));
+    println!("Serial number     : {}", a.x509_svid_serial);
+    println!("Banned            : {}", a.banned);
+    println!();
+}
+
+fn fmt_time(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
+    Ok(AdminClient::new(uds_channel(&cli.socket_path).await?))
+}
+
+async fn run_cli(cli: Cli) -> Result<(), String> {
+    match &cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            init_logging(&cfg.log_level);
+            let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        Cmd::Dev { dir } => {
+            init_logging("info");
+            crate::dev::run(dir).await.map_err(|e| e.to_string())
+        }
+        Cmd::Entry(cmd) => {
+            let mut c = admin(&cli).await?;
+            match cmd {
+                EntryCmd::Create { f, output } => {
+                    if f.spiffe_id.is_none() || f.parent_id.is_none() || f.selectors.is_empty() {
+                        return Err("entry create needs --spiffe-id, --parent-id and at least one --selector".into());
+                    }
+                    let e = fields_to_entry(f, types::Entry::default())?;
+                    let r = c
+                        .create_entry(CreateEntryRequest { entry: Some(e) })
+                        .await
+                        .map_err(status_msg)?;
+                    print_entries(
+                        &r.into_inner().entry.into_iter().collect::<Vec<_>>(),
+                        *output,
+                    );
+                }
+                EntryCmd::Show {
+                    entry_id,
+                    spiffe_id,
+                    parent_id,
+                    output,
+                } => {
+                    let entries = if let Some(id) = entry_id {
+                        vec![c
+                            .get_entry(GetEntryRequest { id: id.clone() })
+                            .await
+                            .map_err(status_msg)?
+                            .into_inner()
+                            .entry
+                            .unwrap_or_default()]
+                    } else {
+                        c.list_entries(ListEntriesRequest {
+                            spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                            parent_id: parent_id.clone().unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner()
+                        .entries
+                    };
+                    print_entries(&entries, *output);
+                }
+                EntryCmd::Update {
+                    entry_id,
+                    f,
+                    output,
+                } => {
+                    let cur = c
+                        .get_entry(GetEntryRequest {
+                            id: entry_id.clone(),
+                        })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner()
+                        .entry
+                        .unwrap_or_default();
+                    let e = fields_to_entry(f, cur)?;
+                    let r = c
+                        .update_entry(UpdateEntryRequest { entry: Some(e) })
+                        .await
+                        .map_err(status_msg)?;
+                    print_entries(
+                        &r.into_inner().entry.into_iter().collect::<Vec<_>>(),
+                        *output,
+                    );
+                }
+                EntryCmd::Delete { entry_id } => {
+                    c.delete_entry(DeleteEntryRequest {
+                        id: entry_id.clone(),
+                    })
+                    .await
+                    .map_err(status_msg)?;
+                    println!("Deleted entry {entry_id}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Generate { spiffe_id, ttl }) => {
+            let mut c = admin(&cli).await?;
+            let r = c
+                .create_join_token(CreateJoinTokenRequest {
+                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                    ttl_seconds: *ttl,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            println!("Token: {}", r.token);
+            println!("SPIFFE ID: {}", r.spiffe_id);
+            println!("Expires: {}", fmt_time(r.expires_at));
+            Ok(())
+        }
+        Cmd::Agent(cmd) => {
+            let mut c = admin(&cli).await?;
+            match cmd {
+                AgentCmd::List => {
+                    let agents = c
+                        .list_agents(ListAgentsRequest {})
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner()
+                        .agents;
+                    println!(
+                        "Found {} attested agent{}:\n",
+                        agents.len(),
+                        if agents.len() == 1 { "" } else { "s" }
+                    );
+                    agents.iter().for_each(print_agent);
+                }
+                AgentCmd::Show { spiffe_id } => {
+                    let a = c
+                        .get_agent(GetAgentRequest {
+                            spiffe_id: spiffe_id.clone(),
+                        })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    print_agent(&a.agent.unwrap_or_default());
+                }
+                AgentCmd::Evict { spiffe_id } => {
+                    c.evict_agent(EvictAgentRequest {
+                        spiffe_id: spiffe_id.clone(),
+                    })
+                    .await
+                    .map_err(status_msg)?;
+                    println!("Agent evicted successfully");
+                }
+                AgentCmd::Ban { spiffe_id } => {
+                    c.ban_agent(BanAgentRequest {
+                        spiffe_id: spiffe_id.clone(),
+                    })
+                    .await
+                    .map_err(status_msg)?;
+                    println!("Agent banned successfully");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Bundle(BundleCmd::Show { format }) => {
+            let mut c = admin(&cli).await?;
+            let r = c
+                .get_bundle(GetBundleRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            match format {
+                BundleFormat::Pem => print!("{}", r.pem),
+                BundleFormat::Spiffe => println!("{}", r.spiffe_bundle_json),
+            }
+            Ok(())
+        }
+        Cmd::Ca(CaCmd::Show) => {
+            let mut c = admin(&cli).await?;
+            let r = c
+                .get_ca_status(GetCaStatusRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            println!(
+                "Trust domain: {}   (this node: {})",
+                r.trust_domain, r.node_id
+            );
+            println!(
+                "{:<32} {:<13} {:<9} {:<10} {:<8} {}",
+                "ID", "KIND", "STATE", "NODE", "BACKEND", "NOT AFTER"
+            );
+            for a in r.authorities {
+                println!(
+                    "{:<32} {:<13} {:<9} {:<10} {:<8} {}",
+                    a.id,
+                    a.kind,
+                    a.state,
+                    a.node_id,
+                    a.key_backend,
+                    fmt_time(a.not_after)
+                );
+            }
+            Ok(())
+        }
+        Cmd::Healthcheck => {
+            let mut c = admin(&cli).await?;
+            let r = c
+                .health(HealthRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if r.ready {
+                println!("Server is healthy: {}", r.detail);
+                Ok(())
+            } else {
+                Err(format!("Server is unhealthy: {}", r.detail))
+            }
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run_cli(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The node's TOML configuration, validated in full at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ca_identity::TrustDomain;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Where intermediate keys live.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IntermediateMode {
+    /// Generated and used inside the key manager: every SVID is a key-manager signature.
+    #[default]
+    KeyManager,
+    /// Generated in RAM, never stored, signed by the key-manager root; short-lived.
+    Memory,
+}
+
+/// Which key manager holds the CA keys.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeyManagerConfig {
+    /// Software keys in files. Development only.
+    Soft {
+        /// Key directory; default `<data_dir>/keys`.
+        #[serde(default)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The node's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's ID, `[a-z0-9-]`, unique in the cluster.
+    pub node_id: String,
+    /// The trust domain, e.g. `prod.example.org`.
+    pub trust_domain: String,
+    /// Where state and (soft) keys live.
+    pub data_dir: PathBuf,
+    /// TCP address of the node API (agents), e.g. `0.0.0.0:8081`.
+    #[serde(default = "default_node_listen")]
+    pub node_listen: SocketAddr,
+    /// Unix socket of the admin API (owner-only).
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// HTTP address for `/metrics`, `/healthz`, `/readyz`; none to disable.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
+    /// Key manager.
+    #[serde(default = "default_km")]
+    pub key_manager: KeyManagerConfig,
+    /// Where intermediate keys live.
+    #[serde(default)]
+    pub intermediate_mode: IntermediateMode,
+    /// Lifetimes, in seconds.
+    #[serde(default)]
+    pub ttl: TtlConfig,
+    /// PEM file of provisioning CA certificates for x509pop node attestation (optional).
+    #[serde(default)]
+    pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Log filter (`info`, `debug`, `ca_node=debug`).
+    #[serde(default = "default_log")]
+    pub log_level: String,
+}
+
+/// Lifetimes, in seconds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtlConfig {
+    /// Root CA lifetime.
+    pub root: i64,
+    /// Intermediate CA lifetime; rotated at half of it.
+    pub intermediate: i64,
+    /// JWT signing key lifetime; rotated at half of it.
+    pub jwt_key: i64,
+    /// Default X.509-SVID lifetime (entries may set their own).
+    pub x509_svid: i64,
+    /// Default JWT-SVID lifetime (entries may set their own).
+    pub jwt_svid: i64,
+    /// Agent SVID lifetime.
+    pub agent_svid: i64,
+    /// Default join token lifetime.
+    pub join_token: i64,
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        Self {
+            root: 365 * 24 * 3600,
+            intermediate: 24 * 3600,
+            jwt_key: 24 * 3600,
+            x509_svid: 3600,
+            jwt_svid: 300,
+            agent_svid: 3600,
+            join_token: 600,
+        }
+    }
+}
+
+fn default_node_listen() -> SocketAddr {
+    "127.0.0.1:8081".parse().expect("literal")
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(crate::cli::DEFAULT_ADMIN_SOCKET)
+}
+fn default_km() -> KeyManagerConfig {
+    KeyManagerConfig::Soft { dir: None }
+}
+fn default_log() -> String {
+    "info".into()
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The trust domain, parsed.
+    pub fn trust_domain(&self) -> TrustDomain {
+        TrustDomain::new(&self.trust_domain).expect("validated")
+    }
+
+    /// The longest X.509-SVID TTL the intermediates can carry in full: half the intermediate
+    /// lifetime (an intermediate is replaced when half of it is left).
+    pub fn max_x509_svid_ttl(&self) -> i64 {
+        self.ttl.intermediate / 2
+    }
+
+    /// The longest JWT-SVID TTL: half the JWT key lifetime.
+    pub fn max_jwt_svid_ttl(&self) -> i64 {
+        self.ttl.jwt_key / 2
+    }
+
+    /// Checks every value; the message names the key and what to do.
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = |m: String| Err(Error::Config(m));
+        if self.node_id.is_empty()
+            || self.node_id.len() > 63
+            || !self
+                .node_id
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+        {
+            return c(format!(
+                "node_id {:?}: use 1 to 63 characters of a-z 0-9 -",
+                self.node_id
+            ));
+        }
+        TrustDomain::new(&self.trust_domain)
+            .map_err(|e| Error::Config(format!("trust_domain: {e}")))?;
+        if self.data_dir.as_os_str().is_empty() {
+            return c("data_dir is empty".into());
+        }
+        let t = &self.ttl;
+        for (name, v) in [
+            ("ttl.root", t.root),
+            ("ttl.intermediate", t.intermediate),
+            ("ttl.jwt_key", t.jwt_key),
+            ("ttl.x509_svid", t.x509_svid),
+            ("ttl.jwt_svid", t.jwt_svid),
+            ("ttl.agent_svid", t.agent_svid),
+            ("ttl.join_token", t.join_token),
+        ] {
+            if v <= 0 {
+                return c(format!(
+                    "{name} must be a positive number of seconds, got {v}"
+                ));
+            }
+        }
+        if t.intermediate > t.root / 2 {
+            return c(format!(
+                "ttl.intermediate ({}s) must be at most half of ttl.root ({}s), so intermediates never outlive the root",
+                t.intermediate, t.root
+            ));
+        }
+        for (name, v) in [
+            ("ttl.x509_svid", t.x509_svid),
+            ("ttl.agent_svid", t.agent_svid),
+        ] {
+            if v > self.max_x509_svid_ttl() {
+                return c(format!(
+                    "{name} ({v}s) is longer than half of ttl.intermediate ({}s); an SVID never outlives its issuer and intermediates rotate at half-life, so lower {name} to at most {}s or raise ttl.intermediate",
+                    t.intermediate,
+                    self.max_x509_svid_ttl()
+                ));
+            }
+        }
+        if t.jwt_svid > self.max_jwt_svid_ttl() {
+            return c(format!(
+                "ttl.jwt_svid ({}s) is longer than half of ttl.jwt_key ({}s); lower it to at most {}s or raise ttl.jwt_key",
+                t.jwt_svid,
+                t.jwt_key,
+                self.max_jwt_svid_ttl()
+            ));
+        }
+        if let Some(p) = &self.x509pop_ca_bundle {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::Config(format!("x509pop_ca_bundle {}: {e}", p.display())))?;
+            ca_identity::bundle::certs_from_pem(&text)
+                .map_err(|e| Error::Config(format!("x509pop_ca_bundle {}: {e}", p.display())))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "node_id = \"n1\"\ntrust_domain = \"dev.example.org\"\ndata_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = NodeConfig::parse(BASE).unwrap();
+        assert_eq!(c.ttl.x509_svid, 3600);
+        assert_eq!(c.intermediate_mode, IntermediateMode::KeyManager);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        for (extra, expect) in [
+            (
+                "[ttl]\nx509_svid = 86400\n",
+                "longer than half of ttl.intermediate",
+            ),
+            ("[ttl]\njwt_svid = 0\n", "positive"),
+            ("[ttl]\nintermediate = 400000000\n", "half of ttl.root"),
+            ("bogus = 1\n", "unknown field"),
+            ("intermediate_mode = \"disk\"\n", "unknown variant"),
+            ("node_listen = \"nope\"\n", "node_listen"),
+            (
+                "x509pop_ca_bundle = \"/nonexistent/ca.pem\"\n",
+                "x509pop_ca_bundle",
+            ),
+        ] {
+            let err = NodeConfig::parse(&format!("{BASE}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{extra:?}: {err}");
+        }
+        let err = NodeConfig::parse(&BASE.replace("dev.example.org", "Dev.Example.org"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("trust_domain") && err.contains("upper-case"),
+            "{err}"
+        );
+        let err = NodeConfig::parse(&BASE.replace("\"n1\"", "\"Node 1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node_id"), "{err}");
+    }
+}

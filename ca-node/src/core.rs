@@ -1,0 +1,192 @@
+//! The node core shared by its APIs: config, state, proposer, CA, metrics; and the rules
+//! for registration entries and join tokens.
+
+use std::sync::Arc;
+
+use ca_identity::{Selector, SpiffeId};
+use ca_proto::types;
+use ca_raft::{
+    Command, EntryRecord, JoinTokenRecord, Proposer, Response, SelectorRecord, StateMachine,
+};
+
+use crate::ca::Ca;
+use crate::config::NodeConfig;
+use crate::error::from_rejection;
+use crate::metrics::Metrics;
+use crate::Error;
+
+/// Everything a node's APIs need.
+#[derive(Debug)]
+pub struct NodeCore {
+    /// Configuration.
+    pub config: NodeConfig,
+    /// Replicated state (reads).
+    pub sm: StateMachine,
+    /// Replicated log (writes).
+    pub proposer: Arc<dyn Proposer>,
+    /// The CA.
+    pub ca: Ca,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Proposes a command, turning a refusal into an error.
+pub async fn propose(p: &dyn Proposer, cmd: Command) -> Result<Response, Error> {
+    match p.propose(cmd).await? {
+        Response::Rejected { code, message } => Err(from_rejection(code, message)),
+        other => Ok(other),
+    }
+}
+
+fn valid_dns_name(d: &str) -> bool {
+    let d = d.strip_prefix("*.").unwrap_or(d);
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+impl NodeCore {
+    /// Parses a SPIFFE ID that must be in this trust domain; `what` names the field.
+    pub fn parse_local_id(&self, what: &str, s: &str) -> Result<SpiffeId, Error> {
+        let id = SpiffeId::parse(s).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+        if !id.is_member_of(&self.config.trust_domain()) {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {id} is not in this CA's trust domain {}",
+                self.config.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Validates an entry from the admin API and turns it into a record.
+    pub fn validate_entry(
+        &self,
+        e: &types::Entry,
+        id: String,
+        created_at: i64,
+    ) -> Result<EntryRecord, Error> {
+        let spiffe_id = self.parse_local_id("spiffe_id", &e.spiffe_id)?;
+        if spiffe_id.path().is_empty() {
+            return Err(Error::InvalidArgument(
+                "spiffe_id: a workload SPIFFE ID needs a path, e.g. spiffe://TD/service/name"
+                    .into(),
+            ));
+        }
+        if spiffe_id.path().starts_with("/ca-node/") {
+            return Err(Error::InvalidArgument(
+                "spiffe_id: the /ca-node/ path is reserved for CA nodes".into(),
+            ));
+        }
+        let parent = self.parse_local_id("parent_id", &e.parent_id)?;
+        if parent == spiffe_id {
+            return Err(Error::InvalidArgument(
+                "parent_id must differ from spiffe_id".into(),
+            ));
+        }
+        if e.selectors.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an entry needs at least one selector, e.g. unix:uid:1001".into(),
+            ));
+        }
+        let mut selectors = Vec::new();
+        for s in &e.selectors {
+            let sel = Selector::new(s.r#type.clone(), s.value.clone());
+            sel.validate()?;
+            selectors.push(SelectorRecord {
+                kind: sel.kind,
+                value: sel.value,
+            });
+        }
+        selectors.sort();
+        selectors.dedup();
+        let max_x509 = self.config.max_x509_svid_ttl();
+        if e.x509_svid_ttl < 0 || e.x509_svid_ttl > max_x509 {
+            return Err(Error::InvalidArgument(format!(
+                "x509_svid_ttl {}s: must be between 0 (default, {}s) and {max_x509}s (half the intermediate CA lifetime; an SVID never outlives its issuer)",
+                e.x509_svid_ttl, self.config.ttl.x509_svid
+            )));
+        }
+        let max_jwt = self.config.max_jwt_svid_ttl();
+        if e.jwt_svid_ttl < 0 || e.jwt_svid_ttl > max_jwt {
+            return Err(Error::InvalidArgument(format!(
+                "jwt_svid_ttl {}s: must be between 0 (default, {}s) and {max_jwt}s (half the JWT key lifetime)",
+                e.jwt_svid_ttl, self.config.ttl.jwt_svid
+            )));
+        }
+        for d in &e.dns_names {
+            if !valid_dns_name(d) {
+                return Err(Error::InvalidArgument(format!(
+                    "dns name {d:?} is not a valid DNS name"
+                )));
+            }
+        }
+        if e.hint.len() > 1024 {
+            return Err(Error::InvalidArgument(
+                "hint is longer than 1024 bytes".into(),
+            ));
+        }
+        Ok(EntryRecord {
+            id,
+            spiffe_id: spiffe_id.to_string(),
+            parent_id: parent.to_string(),
+            selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            dns_names: e.dns_names.clone(),
+            admin: e.admin,
+            hint: e.hint.clone(),
+            created_at,
+            revision: 0,
+        })
+    }
+
+    /// Creates a join token (random UUID), optionally for a given agent SPIFFE ID.
+    pub async fn create_join_token(
+        &self,
+        spiffe_id: &str,
+        ttl: i64,
+    ) -> Result<JoinTokenRecord, Error> {
+        let ttl = if ttl == 0 {
+            self.config.ttl.join_token
+        } else {
+            ttl
+        };
+        if !(1..=365 * 24 * 3600).contains(&ttl) {
+            return Err(Error::InvalidArgument(format!(
+                "ttl {ttl}s: use 1 second to 1 year"
+            )));
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let spiffe_id = if spiffe_id.is_empty() {
+            self.config
+                .trust_domain()
+                .id_with_path(&format!("/agent/join_token/{token}"))?
+        } else {
+            let id = self.parse_local_id("spiffe_id", spiffe_id)?;
+            if id.path().is_empty() || id.path().starts_with("/ca-node/") {
+                return Err(Error::InvalidArgument(
+                    "spiffe_id: an agent ID needs a path outside /ca-node/".into(),
+                ));
+            }
+            id
+        };
+        let rec = JoinTokenRecord {
+            token,
+            spiffe_id: spiffe_id.to_string(),
+            expires_at: ca_identity::unix_now() + ttl,
+            used_at: None,
+        };
+        propose(
+            self.proposer.as_ref(),
+            Command::CreateJoinToken { token: rec.clone() },
+        )
+        .await?;
+        Ok(rec)
+    }
+}

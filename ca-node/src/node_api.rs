@@ -1,0 +1,438 @@
+//! The node API served to agents over TLS: attestation (join token, x509pop), agent SVID
+//! renewal, authorized entry sync, batch X.509-SVID signing, JWT-SVID minting, bundle.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ca_identity::SpiffeId;
+use ca_proto::node::node_server::Node;
+use ca_proto::node::*;
+use ca_raft::{AgentRecord, Command, EntryRecord, SelectorRecord};
+use futures::Stream;
+use rcgen::CertificateSigningRequestParams;
+use tokio_stream::StreamExt;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{bundle_to_proto, entry_to_proto};
+use crate::core::{propose, NodeCore};
+use crate::Error;
+
+/// The node API service.
+#[derive(Clone, Debug)]
+pub struct NodeApi {
+    core: Arc<NodeCore>,
+}
+
+impl NodeApi {
+    /// A service over the node core.
+    pub fn new(core: Arc<NodeCore>) -> Self {
+        Self { core }
+    }
+
+    /// The attested, unbanned agent calling with its SVID as client certificate.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<AgentRecord, Error> {
+        let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        tracing::debug!(
+            has_tls_info = info.is_some(),
+            has_certs = info.map(|i| i.peer_certs().is_some()),
+            "node API caller"
+        );
+        let certs = info.and_then(|i| i.peer_certs()).ok_or_else(|| {
+            Error::Unauthenticated(
+                "this call needs the agent's X.509-SVID as TLS client certificate; attest first"
+                    .into(),
+            )
+        })?;
+        let id = ca_identity::tls::peer_id(&certs).ok_or_else(|| {
+            Error::Unauthenticated("the client certificate has no SPIFFE ID".into())
+        })?;
+        let agent = self.core.sm.agent(id.as_str()).await?.ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "agent {id} is not attested (it was evicted or never attested); attest again"
+            ))
+        })?;
+        if agent.banned {
+            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+        }
+        Ok(agent)
+    }
+
+    fn parse_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, Error> {
+        if csr.is_empty() {
+            return Err(Error::InvalidArgument("the CSR is empty".into()));
+        }
+        let parsed =
+            CertificateSigningRequestParams::from_der(&csr.to_vec().into()).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "the CSR is not a valid, correctly signed PKCS#10 request: {e}"
+                ))
+            })?;
+        // Only key types the CA can vouch for.
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&parsed.public_key);
+        match ca_identity::pubkey::parse_spki(&spki) {
+            Ok(info) => match info.kind {
+                ca_identity::pubkey::KeyKind::Rsa { bits } if bits < 2048 => Err(
+                    Error::InvalidArgument(format!("RSA key of {bits} bits; use at least 2048")),
+                ),
+                _ => Ok(parsed),
+            },
+            Err(e) => Err(Error::InvalidArgument(format!("CSR key: {e}"))),
+        }
+    }
+
+    async fn mint_agent_svid(
+        &self,
+        id: &SpiffeId,
+        csr: &CertificateSigningRequestParams,
+    ) -> Result<(Vec<Vec<u8>>, String, i64), Error> {
+        let chain = self
+            .core
+            .ca
+            .mint_x509_svid(id, &csr.public_key, self.core.config.ttl.agent_svid, &[])
+            .await?;
+        let info = ca_identity::x509::cert_info(&chain[0])?;
+        Ok((chain, info.serial_hex, info.not_after))
+    }
+
+    async fn attest_join_token(
+        &self,
+        params: &AttestParams,
+        token: &str,
+    ) -> Result<AttestResult, Error> {
+        let csr = Self::parse_csr(&params.csr)?;
+        let rec = self.core.sm.join_token(token).await?.ok_or_else(|| {
+            Error::PermissionDenied(
+                "unknown join token; generate one with `ca-node token generate`".into(),
+            )
+        })?;
+        let id = SpiffeId::parse(&rec.spiffe_id)?;
+        let (chain, serial, expires) = self.mint_agent_svid(&id, &csr).await?;
+        let now = ca_identity::unix_now();
+        let agent = AgentRecord {
+            spiffe_id: id.to_string(),
+            attestation_type: "join_token".into(),
+            x509_svid_serial: serial,
+            x509_svid_expires_at: expires,
+            banned: false,
+            attested_at: now,
+            selectors: vec![],
+        };
+        // Consumption is decided by the state machine, atomically, in log order.
+        propose(
+            self.core.proposer.as_ref(),
+            Command::AttestWithJoinToken {
+                token: token.to_owned(),
+                now,
+                agent,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            Error::FailedPrecondition(m) | Error::NotFound(m) => Error::PermissionDenied(m),
+            other => other,
+        })?;
+        Ok(AttestResult {
+            spiffe_id: id.to_string(),
+            svid_chain: chain,
+            bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
+        })
+    }
+
+    fn verify_x509pop_chain(&self, chain: &[Vec<u8>]) -> Result<(), Error> {
+        let path = self.core.config.x509pop_ca_bundle.as_ref().ok_or_else(|| {
+            Error::PermissionDenied(
+                "x509pop attestation is not enabled on this node (no x509pop_ca_bundle configured)"
+                    .into(),
+            )
+        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Internal(format!("x509pop_ca_bundle: {e}")))?;
+        let roots = ca_identity::bundle::certs_from_pem(&text)?;
+        let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
+            roots.into_iter().map(Into::into).collect();
+        let anchors: Vec<_> = roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let leaf: rustls_pki_types::CertificateDer<'_> = chain[0].clone().into();
+        let inter: Vec<rustls_pki_types::CertificateDer<'_>> =
+            chain[1..].iter().cloned().map(Into::into).collect();
+        let ee = webpki::EndEntityCert::try_from(&leaf)
+            .map_err(|e| Error::InvalidArgument(format!("x509pop certificate: {e}")))?;
+        ee.verify_for_usage(
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchors,
+            &inter,
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            Error::PermissionDenied(format!(
+                "x509pop certificate does not chain to a provisioning CA: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestAgentResponse, Status>> + Send>>;
+
+fn count<T>(core: &NodeCore, method: &str, r: &Result<T, Error>) {
+    let code = match r {
+        Ok(_) => "ok",
+        Err(e) => e.code_name(),
+    };
+    core.metrics
+        .node_api_requests
+        .with_label_values(&[method, code])
+        .inc();
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    type AttestAgentStream = AttestStream;
+
+    async fn attest_agent(
+        &self,
+        req: Request<Streaming<AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.next().await.ok_or_else(|| {
+            Status::invalid_argument("the stream closed before the attestation parameters")
+        })??;
+        let Some(attest_agent_request::Step::Params(params)) = first.step else {
+            return Err(Status::invalid_argument(
+                "the first message must carry the attestation parameters",
+            ));
+        };
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let result: Result<AttestResult, Error> = async {
+                match &params.data {
+                    Some(attest_params::Data::JoinToken(token)) => {
+                        let r = this.attest_join_token(&params, token).await;
+                        this.core.metrics.attestations.with_label_values(&["join_token", if r.is_ok() { "ok" } else { "error" }]).inc();
+                        r
+                    }
+                    Some(attest_params::Data::X509pop(chain)) => {
+                        let r = async {
+                            if chain.certificates.is_empty() {
+                                return Err(Error::InvalidArgument("x509pop: no certificates".into()));
+                            }
+                            let csr = Self::parse_csr(&params.csr)?;
+                            this.verify_x509pop_chain(&chain.certificates)?;
+                            let challenge: [u8; 32] = rand::random();
+                            tx.send(Ok(AttestAgentResponse { step: Some(attest_agent_response::Step::Challenge(challenge.to_vec())) }))
+                                .await
+                                .map_err(|_| Error::InvalidArgument("the agent went away".into()))?;
+                            let resp = inbound
+                                .next()
+                                .await
+                                .ok_or_else(|| Error::InvalidArgument("x509pop: no challenge response".into()))?
+                                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                            let Some(attest_agent_request::Step::ChallengeResponse(sig)) = resp.step else {
+                                return Err(Error::InvalidArgument("x509pop: expected the challenge response".into()));
+                            };
+                            let leaf = ca_identity::x509::cert_info(&chain.certificates[0])?;
+                            ca_identity::pubkey::verify_x509_signature(&leaf.spki_der, &challenge, &sig)
+                                .map_err(|_| Error::PermissionDenied("x509pop: the challenge signature does not verify with the certificate's key".into()))?;
+                            let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, &chain.certificates[0]));
+                            let id = this.core.config.trust_domain().id_with_path(&format!("/agent/x509pop/{fp}"))?;
+                            let (svid, serial, expires) = this.mint_agent_svid(&id, &csr).await?;
+                            let agent = AgentRecord {
+                                spiffe_id: id.to_string(),
+                                attestation_type: "x509pop".into(),
+                                x509_svid_serial: serial,
+                                x509_svid_expires_at: expires,
+                                banned: false,
+                                attested_at: ca_identity::unix_now(),
+                                selectors: vec![SelectorRecord { kind: "x509pop".into(), value: format!("fingerprint:{fp}") }],
+                            };
+                            propose(this.core.proposer.as_ref(), Command::RegisterAgent { agent }).await?;
+                            Ok(AttestResult { spiffe_id: id.to_string(), svid_chain: svid, bundle: Some(bundle_to_proto(this.core.ca.bundle()?.as_ref())) })
+                        }
+                        .await;
+                        this.core.metrics.attestations.with_label_values(&["x509pop", if r.is_ok() { "ok" } else { "error" }]).inc();
+                        r
+                    }
+                    None => Err(Error::InvalidArgument("no attestation data: send a join_token or an x509pop certificate chain".into())),
+                }
+            }
+            .await;
+            match result {
+                Ok(r) => {
+                    tracing::info!(agent = %r.spiffe_id, "agent attested");
+                    let _ = tx
+                        .send(Ok(AttestAgentResponse {
+                            step: Some(attest_agent_response::Step::Result(r)),
+                        }))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent attestation refused");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        let r = async {
+            let agent = self.caller(&req).await?;
+            let csr = Self::parse_csr(&req.get_ref().csr)?;
+            let id = SpiffeId::parse(&agent.spiffe_id)?;
+            let (chain, serial, expires_at) = self.mint_agent_svid(&id, &csr).await?;
+            propose(
+                self.core.proposer.as_ref(),
+                Command::RenewAgent {
+                    spiffe_id: agent.spiffe_id,
+                    serial,
+                    expires_at,
+                },
+            )
+            .await?;
+            Ok(RenewAgentResponse { svid_chain: chain })
+        }
+        .await;
+        count(&self.core, "RenewAgent", &r);
+        Ok(Response::new(r?))
+    }
+
+    async fn sync_entries(
+        &self,
+        req: Request<SyncEntriesRequest>,
+    ) -> Result<Response<SyncEntriesResponse>, Status> {
+        let r = async {
+            let agent = self.caller(&req).await?;
+            let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
+            Ok(SyncEntriesResponse {
+                entries: entries.iter().map(entry_to_proto).collect(),
+                bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
+            })
+        }
+        .await;
+        count(&self.core, "SyncEntries", &r);
+        Ok(Response::new(r?))
+    }
+
+    async fn batch_new_x509_svid(
+        &self,
+        req: Request<BatchNewX509SvidRequest>,
+    ) -> Result<Response<BatchNewX509SvidResponse>, Status> {
+        let agent = self.caller(&req).await.map_err(Status::from)?;
+        let entries: Vec<EntryRecord> = self
+            .core
+            .sm
+            .authorized_entries(&agent.spiffe_id)
+            .await
+            .map_err(|e| Status::from(Error::from(e)))?;
+        let mut results = Vec::with_capacity(req.get_ref().params.len());
+        for p in &req.get_ref().params {
+            let start = std::time::Instant::now();
+            let r: Result<Vec<Vec<u8>>, Error> = async {
+                let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
+                    Error::PermissionDenied(format!(
+                        "entry {:?} does not exist or is not authorized for agent {}",
+                        p.entry_id, agent.spiffe_id
+                    ))
+                })?;
+                let csr = Self::parse_csr(&p.csr)?;
+                let id = SpiffeId::parse(&entry.spiffe_id)?;
+                let ttl = if entry.x509_svid_ttl > 0 {
+                    entry.x509_svid_ttl
+                } else {
+                    self.core.config.ttl.x509_svid
+                };
+                self.core
+                    .ca
+                    .mint_x509_svid(&id, &csr.public_key, ttl, &entry.dns_names)
+                    .await
+            }
+            .await;
+            self.core
+                .metrics
+                .x509_svid_seconds
+                .with_label_values(&["workload"])
+                .observe(start.elapsed().as_secs_f64());
+            self.core
+                .metrics
+                .x509_svids
+                .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
+                .inc();
+            results.push(match r {
+                Ok(chain) => NewX509SvidResult {
+                    entry_id: p.entry_id.clone(),
+                    svid_chain: chain,
+                    error: String::new(),
+                },
+                Err(e) => NewX509SvidResult {
+                    entry_id: p.entry_id.clone(),
+                    svid_chain: vec![],
+                    error: e.to_string(),
+                },
+            });
+        }
+        Ok(Response::new(BatchNewX509SvidResponse { results }))
+    }
+
+    async fn new_jwt_svid(
+        &self,
+        req: Request<NewJwtSvidRequest>,
+    ) -> Result<Response<NewJwtSvidResponse>, Status> {
+        let r = async {
+            let agent = self.caller(&req).await?;
+            let p = req.get_ref();
+            if p.audience.is_empty() || p.audience.iter().any(|a| a.is_empty()) {
+                return Err(Error::InvalidArgument(
+                    "a JWT-SVID needs at least one non-empty audience".into(),
+                ));
+            }
+            let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
+            let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "entry {:?} does not exist or is not authorized for agent {}",
+                    p.entry_id, agent.spiffe_id
+                ))
+            })?;
+            let ttl = if entry.jwt_svid_ttl > 0 {
+                entry.jwt_svid_ttl
+            } else {
+                self.core.config.ttl.jwt_svid
+            };
+            let (token, expires_at) = self
+                .core
+                .ca
+                .mint_jwt_svid(&SpiffeId::parse(&entry.spiffe_id)?, &p.audience, ttl)
+                .await?;
+            Ok(NewJwtSvidResponse { token, expires_at })
+        }
+        .await;
+        self.core
+            .metrics
+            .jwt_svids
+            .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
+            .inc();
+        Ok(Response::new(r?))
+    }
+
+    async fn get_bundle(
+        &self,
+        _req: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        Ok(Response::new(GetBundleResponse {
+            bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
+        }))
+    }
+}
