@@ -352,6 +352,14 @@ pub fn install(
     Ok(())
 }
 
+/// How long to wait before renewing `svid`: until half its lifetime, but never less than
+/// a short floor (half the remaining time, 1 to 5 seconds), so a CA that backdates
+/// short-lived SVIDs cannot make the agent renew in a tight loop.
+pub fn renewal_delay(svid: &AgentSvid, now: i64) -> Duration {
+    let floor = ((svid.not_after - now) / 2).clamp(1, 5);
+    Duration::from_secs((svid.renew_at() - now).max(floor) as u64)
+}
+
 /// Renews the agent SVID at half its lifetime until `shutdown`; retries with backoff.
 pub async fn run_renewal(
     node: Arc<NodeClient>,
@@ -363,10 +371,7 @@ pub async fn run_renewal(
     let mut retry_in: Option<Duration> = None;
     loop {
         let current = published.borrow().clone();
-        let delay = retry_in.unwrap_or_else(|| {
-            let secs = (current.renew_at() - ca_identity::unix_now()).max(0);
-            Duration::from_secs(secs as u64)
-        });
+        let delay = retry_in.unwrap_or_else(|| renewal_delay(&current, ca_identity::unix_now()));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
@@ -404,6 +409,20 @@ pub async fn run_renewal(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_is_at_half_life_with_a_floor() {
+        let ca = crate::testing::TestCa::new("example.org");
+        let (chain, key) = ca.issue("spiffe://example.org/agent/x", 3600);
+        let svid = AgentSvid::new(chain, key).unwrap();
+        let now = ca_identity::unix_now();
+        let d = renewal_delay(&svid, now).as_secs() as i64;
+        assert!((1790..=1800).contains(&d), "{d}");
+        // Past half-life: soon, but not immediately.
+        assert_eq!(renewal_delay(&svid, now + 3000), Duration::from_secs(5));
+        assert_eq!(renewal_delay(&svid, now + 3598), Duration::from_secs(1));
+        assert_eq!(renewal_delay(&svid, now + 9999), Duration::from_secs(1));
+    }
 
     #[test]
     fn der_lengths() {

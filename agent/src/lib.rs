@@ -237,6 +237,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
 
     let (svid, bundle) = obtain_identity(&config, &store, &node).await?;
     node.svid().set(&svid.chain, &svid.key_pkcs8)?;
+    // The attestation connection was made without a client certificate: drop it so the
+    // next call handshakes with the agent SVID.
+    node.reset_connections();
     node.roots().set(bundle.x509_authorities.clone());
     let (svid_tx, svid_rx) = watch::channel(svid.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -84,8 +84,14 @@ impl TestCa {
         (chain, key.serialize_der())
     }
 
-    /// Issues a leaf SVID for an existing key.
-    pub fn issue_for(&self, spiffe_id: &str, ttl_secs: i64, key: &KeyPair) -> Vec<Vec<u8>> {
+    /// Issues a leaf SVID for a public key (a key pair, or the key of a parsed CSR). A
+    /// negative `ttl_secs` gives an already expired certificate.
+    pub fn issue_for(
+        &self,
+        spiffe_id: &str,
+        ttl_secs: i64,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Vec<Vec<u8>> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
@@ -100,13 +106,27 @@ impl TestCa {
         ];
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
         let now = ca_identity::unix_now();
-        params.not_before = at(now - 10);
+        params.not_before = at((now - 10).min(now + ttl_secs - 60));
         params.not_after = at(now + ttl_secs);
         params.serial_number = Some(rcgen::SerialNumber::from_slice(
             uuid::Uuid::new_v4().as_bytes(),
         ));
         let cert = params.signed_by(key, &self.issuer).expect("leaf");
         vec![cert.der().to_vec()]
+    }
+
+    /// Signs a DER PKCS#10 CSR: a leaf SVID for `spiffe_id` with the CSR's key (the CSR's
+    /// own subject and SANs are ignored, as a CA node does).
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        spiffe_id: &str,
+        ttl_secs: i64,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| e.to_string())?;
+        Ok(self.issue_for(spiffe_id, ttl_secs, &csr.public_key))
     }
 
     /// Mints a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl_secs`.
