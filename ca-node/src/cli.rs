@@ -221,7 +221,6 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, String> {
 
 fn status_msg(s: tonic::Status) -> String {
     let hint = match s.code() {
-        tonic::Code::PermissionDenied => "",
         tonic::Code::Unavailable => " (is the node running?)",
         _ => "",
     };
@@ -532,8 +531,8 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 r.trust_domain, r.node_id
             );
             println!(
-                "{:<32} {:<13} {:<9} {:<10} {:<8} {}",
-                "ID", "KIND", "STATE", "NODE", "BACKEND", "NOT AFTER"
+                "{:<32} {:<13} {:<9} {:<10} {:<8} NOT AFTER",
+                "ID", "KIND", "STATE", "NODE", "BACKEND"
             );
             for a in r.authorities {
                 println!(

@@ -50,6 +50,9 @@ pub struct ValidatedJwt {
     pub expires_at: i64,
 }
 
+/// A JSON object (JWT header or claims).
+pub type JsonObject = Map<String, Value>;
+
 /// The JWT signing keys of a trust domain: key ID -> SPKI DER.
 pub type JwtKeys = BTreeMap<String, Vec<u8>>;
 
@@ -58,7 +61,7 @@ fn bad(why: impl Into<String>) -> Error {
 }
 
 /// Reads header and claims without verifying anything (to find `kid` and `sub`).
-pub fn decode_unverified(token: &str) -> Result<(Map<String, Value>, Map<String, Value>), Error> {
+pub fn decode_unverified(token: &str) -> Result<(JsonObject, JsonObject), Error> {
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
         return Err(bad(

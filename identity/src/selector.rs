@@ -107,23 +107,22 @@ impl Selector {
         if val.is_empty() {
             return Err(bad(&input, "the value is empty"));
         }
-        match (self.kind.as_str(), key) {
-            ("unix", "uid" | "gid") => {
-                if val.parse::<u32>().is_err() {
-                    return Err(bad(&input, format!("{key} must be a number, got {val:?}")));
-                }
+        let problem = match (self.kind.as_str(), key) {
+            ("unix", "uid" | "gid") if val.parse::<u32>().is_err() => {
+                Some(format!("{key} must be a number, got {val:?}"))
             }
-            ("unix", "path") => {
-                if !val.starts_with('/') {
-                    return Err(bad(&input, "path must be absolute (start with '/')"));
-                }
+            ("unix", "path") if !val.starts_with('/') => {
+                Some("path must be absolute (start with '/')".to_string())
             }
-            ("unix", "sha256") => {
-                if val.len() != 64 || !val.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(bad(&input, "sha256 must be 64 hex characters"));
-                }
+            ("unix", "sha256")
+                if val.len() != 64 || !val.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                Some("sha256 must be 64 hex characters".to_string())
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(p) = problem {
+            return Err(bad(&input, p));
         }
         Ok(())
     }
