@@ -210,10 +210,17 @@ fn fmt_time(unix: i64) -> String {
         })
         .unwrap_or_else(|| unix.to_string());
     let left = unix - ca_identity::unix_now();
+    let span = |s: i64| {
+        if s >= 3600 {
+            format!("{}h{}m", s / 3600, (s % 3600) / 60)
+        } else {
+            format!("{}m{}s", s / 60, s % 60)
+        }
+    };
     if left >= 0 {
-        format!("{t} (in {}m{}s)", left / 60, left % 60)
+        format!("{t} (in {})", span(left))
     } else {
-        format!("{t} (expired {}s ago)", -left)
+        format!("{t} ({} ago)", span(-left))
     }
 }
 

@@ -257,11 +257,11 @@ impl NodeClient {
         let authorizer: Authorizer = Arc::new(move |id: &ca_identity::SpiffeId| {
             id.is_member_of(&trust_domain) && id.path().starts_with("/ca-node/")
         });
-        let tls = Arc::new(ca_identity::tls::client_config(
-            svid.clone(),
-            roots.clone(),
-            authorizer,
-        ));
+        let mut tls = ca_identity::tls::client_config(svid.clone(), roots.clone(), authorizer);
+        // A resumed session would carry the identity of the handshake it resumes; after a
+        // renewal the node must see the new SVID.
+        tls.resumption = rustls::client::Resumption::disabled();
+        let tls = Arc::new(tls);
         Self {
             addrs,
             roots,

@@ -66,6 +66,19 @@ impl AgentSvid {
     }
 }
 
+/// Whether the PKCS#8 key is the private key of the leaf certificate.
+fn key_matches_leaf(svid: &AgentSvid) -> bool {
+    let Ok(key) = rcgen::KeyPair::try_from(svid.key_pkcs8.as_slice()) else {
+        return false;
+    };
+    let Ok(info) = ca_identity::x509::cert_info(&svid.chain[0]) else {
+        return false;
+    };
+    ca_identity::pubkey::parse_spki(&info.spki_der)
+        .map(|p| p.raw == key.public_key_raw())
+        .unwrap_or(false)
+}
+
 /// What was found in the data directory.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -171,6 +184,13 @@ impl Store {
             bundle_from_proto(proto).map_err(|e| corrupt("bundle", &bundle_path, e.to_string()))?;
         let svid = AgentSvid::new(chain, key.into_contents())
             .map_err(|e| corrupt("SVID", &svid_path, e.to_string()))?;
+        if !key_matches_leaf(&svid) {
+            return Err(corrupt(
+                "key",
+                &key_path,
+                format!("it is not the key of {}", svid_path.display()),
+            ));
+        }
         Ok(Some(Stored { svid, bundle }))
     }
 
@@ -214,6 +234,21 @@ mod tests {
         store.save_svid(&svid).unwrap();
         store.forget_svid();
         assert!(store.load().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_svids_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let ca = testing::TestCa::new("example.org");
+        let (chain, _) = ca.issue("spiffe://example.org/agent/a", 3600);
+        let (_, other_key) = ca.issue("spiffe://example.org/agent/b", 3600);
+        store
+            .save_svid(&AgentSvid::new(chain, other_key).unwrap())
+            .unwrap();
+        store.save_bundle(&ca.bundle()).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("is not the key of"), "{err}");
     }
 
     #[test]
