@@ -59,6 +59,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod h2_authority;
 pub mod health;
 pub mod node_client;
 pub mod persist;

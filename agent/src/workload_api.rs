@@ -26,10 +26,12 @@ use futures::Stream;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::StreamExt as _;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{CacheState, JwtCache};
+use crate::h2_authority::AuthorityFix;
 use crate::workload_attestor::WorkloadAttestor;
 use crate::Error;
 
@@ -454,7 +456,8 @@ pub async fn bind(socket_path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-/// Serves the Workload API on `listener` until `shutdown` completes.
+/// Serves the Workload API on `listener` until `shutdown` completes. Connections go
+/// through [`AuthorityFix`] so clients that send the socket path as `:authority` work.
 pub async fn serve(
     listener: UnixListener,
     api: WorkloadApi,
@@ -462,7 +465,10 @@ pub async fn serve(
 ) -> Result<(), Error> {
     tonic::transport::Server::builder()
         .add_service(api.into_service())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::WorkloadApi(format!("the Workload API server failed: {e}")))
 }
