@@ -32,18 +32,16 @@ impl NodeApi {
 
     /// The attested, unbanned agent calling with its SVID as client certificate.
     async fn caller<T>(&self, req: &Request<T>) -> Result<AgentRecord, Error> {
-        let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-        tracing::debug!(
-            has_tls_info = info.is_some(),
-            has_certs = info.map(|i| i.peer_certs().is_some()),
-            "node API caller"
-        );
-        let certs = info.and_then(|i| i.peer_certs()).ok_or_else(|| {
-            Error::Unauthenticated(
+        let certs = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs())
+            .ok_or_else(|| {
+                Error::Unauthenticated(
                 "this call needs the agent's X.509-SVID as TLS client certificate; attest first"
                     .into(),
             )
-        })?;
+            })?;
         let id = ca_identity::tls::peer_id(&certs).ok_or_else(|| {
             Error::Unauthenticated("the client certificate has no SPIFFE ID".into())
         })?;

@@ -126,6 +126,31 @@ impl Ca {
         Ok(r?)
     }
 
+    /// Whether `a` is an active authority of `kind` belonging to this node.
+    fn is_active_mine(&self, a: &AuthorityRecord, kind: AuthorityKind) -> bool {
+        a.kind == kind && a.state == AuthorityState::Active && a.node_id == self.settings.node_id
+    }
+
+    /// Retires this node's active authorities of `kind` in `previous` (the journal as read
+    /// before a replacement was created; the replacement itself is not in it).
+    async fn retire_active(
+        &self,
+        previous: &[AuthorityRecord],
+        kind: AuthorityKind,
+    ) -> Result<(), Error> {
+        for old in previous.iter().filter(|a| self.is_active_mine(a, kind)) {
+            propose_ok(
+                self.proposer.as_ref(),
+                Command::SetAuthorityState {
+                    id: old.id.clone(),
+                    state: AuthorityState::Retired,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn load_key(&self, rec: &AuthorityRecord) -> Result<Arc<dyn SigningKey>, Error> {
         Ok(self.km.get(&rec.key_id).await?)
     }
@@ -147,11 +172,10 @@ impl Ca {
             None => self.create_root().await?,
         };
         // Intermediate of this node.
-        let mine = authorities.iter().rev().find(|a| {
-            a.kind == AuthorityKind::Intermediate
-                && a.state == AuthorityState::Active
-                && a.node_id == self.settings.node_id
-        });
+        let mine = authorities
+            .iter()
+            .rev()
+            .find(|a| self.is_active_mine(a, AuthorityKind::Intermediate));
         let have = self.current.read().expect("ca lock").intermediate.clone();
         let intermediate = match mine {
             Some(rec)
@@ -173,28 +197,14 @@ impl Ca {
             Some(i) => i,
             None => {
                 let new = self.create_intermediate(&root).await?;
-                for old in authorities.iter().filter(|a| {
-                    a.kind == AuthorityKind::Intermediate
-                        && a.state == AuthorityState::Active
-                        && a.node_id == self.settings.node_id
-                }) {
-                    propose_ok(
-                        self.proposer.as_ref(),
-                        Command::SetAuthorityState {
-                            id: old.id.clone(),
-                            state: AuthorityState::Retired,
-                        },
-                    )
+                self.retire_active(&authorities, AuthorityKind::Intermediate)
                     .await?;
-                }
                 new
             }
         };
         // JWT key of this node.
         let jwt = match authorities.iter().rev().find(|a| {
-            a.kind == AuthorityKind::Jwt
-                && a.state == AuthorityState::Active
-                && a.node_id == self.settings.node_id
+            self.is_active_mine(a, AuthorityKind::Jwt)
                 && a.not_after - t > (a.not_after - a.not_before) / 2
         }) {
             Some(rec) => Signer {
@@ -203,20 +213,7 @@ impl Ca {
             },
             None => {
                 let new = self.create_jwt_key().await?;
-                for old in authorities.iter().filter(|a| {
-                    a.kind == AuthorityKind::Jwt
-                        && a.state == AuthorityState::Active
-                        && a.node_id == self.settings.node_id
-                }) {
-                    propose_ok(
-                        self.proposer.as_ref(),
-                        Command::SetAuthorityState {
-                            id: old.id.clone(),
-                            state: AuthorityState::Retired,
-                        },
-                    )
-                    .await?;
-                }
+                self.retire_active(&authorities, AuthorityKind::Jwt).await?;
                 new
             }
         };
