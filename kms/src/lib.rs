@@ -125,6 +125,18 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     async fn delete(&self, name: &str) -> Result<()>;
     /// Names of the keys this manager holds.
     async fn list(&self) -> Result<Vec<String>>;
+    /// How the key called `name` is protected, as the backend itself reports it (token
+    /// attributes, the service's key metadata), not as this code assumes.
+    async fn protection(&self, name: &str) -> Result<KeyProtection>;
+}
+
+/// How a key is protected, as read back from its backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyProtection {
+    /// Whether the private key can be read out of the backend.
+    pub extractable: bool,
+    /// What the backend reported (attribute values, key state), for logs and errors.
+    pub detail: String,
 }
 
 /// Checks a key name: 1..=128 characters of `[A-Za-z0-9._-]`, so every backend can store it.

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::memory::MemoryKey;
-use crate::{validate_key_name, Error, KeyAlgorithm, KeyManager, Result, SigningKey};
+use crate::{
+    validate_key_name, Error, KeyAlgorithm, KeyManager, KeyProtection, Result, SigningKey,
+};
 
 const BACKEND: &str = "soft";
 
@@ -123,6 +125,18 @@ impl KeyManager for SoftKeyManager {
             }
             Err(e) => Err(Error::Backend(format!("cannot delete key {name:?}: {e}"))),
         }
+    }
+
+    async fn protection(&self, name: &str) -> Result<KeyProtection> {
+        validate_key_name(name)?;
+        let path = self.path(name);
+        if !path.exists() {
+            return Err(Error::NotFound(name.into()));
+        }
+        Ok(KeyProtection {
+            extractable: true,
+            detail: format!("PKCS#8 file {}", path.display()),
+        })
     }
 
     async fn list(&self) -> Result<Vec<String>> {
