@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ca_identity::TrustDomain;
+use ca_kms::KeyAlgorithm;
 use serde::Deserialize;
 
 use crate::Error;
@@ -50,9 +51,24 @@ pub struct NodeConfig {
     /// HTTP address for `/metrics`, `/healthz`, `/readyz`; none to disable.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
-    /// Key manager.
+    /// The key manager of every CA key, unless a role below has its own.
     #[serde(default = "default_km")]
     pub key_manager: KeyManagerConfig,
+    /// Key manager of the root CA key (default: `key_manager`).
+    #[serde(default)]
+    pub root_key_manager: Option<KeyManagerConfig>,
+    /// Key manager of intermediate CA keys in `key_manager` mode (default: `key_manager`).
+    #[serde(default)]
+    pub intermediate_key_manager: Option<KeyManagerConfig>,
+    /// Key manager of JWT signing keys (default: `key_manager`).
+    #[serde(default)]
+    pub jwt_key_manager: Option<KeyManagerConfig>,
+    /// Algorithm of root and intermediate keys: `ec-p256`, `ec-p384`, `rsa2048`, `rsa3072`.
+    #[serde(default = "default_ca_alg")]
+    pub ca_key_algorithm: KeyAlgorithm,
+    /// Algorithm of JWT signing keys (`ec-p256` gives ES256, `ec-p384` ES384, RSA RS256).
+    #[serde(default = "default_ca_alg")]
+    pub jwt_key_algorithm: KeyAlgorithm,
     /// Where intermediate keys live.
     #[serde(default)]
     pub intermediate_mode: IntermediateMode,
@@ -110,11 +126,36 @@ fn default_admin_socket() -> PathBuf {
 fn default_km() -> KeyManagerConfig {
     KeyManagerConfig::Soft { dir: None }
 }
+fn default_ca_alg() -> KeyAlgorithm {
+    KeyAlgorithm::EcP256
+}
 fn default_log() -> String {
     "info".into()
 }
 
 impl NodeConfig {
+    /// A configuration with every optional value at its default (not yet validated).
+    pub fn with_defaults(node_id: &str, trust_domain: &str, data_dir: PathBuf) -> Self {
+        Self {
+            node_id: node_id.into(),
+            trust_domain: trust_domain.into(),
+            data_dir,
+            node_listen: default_node_listen(),
+            admin_socket: default_admin_socket(),
+            http_listen: None,
+            key_manager: default_km(),
+            root_key_manager: None,
+            intermediate_key_manager: None,
+            jwt_key_manager: None,
+            ca_key_algorithm: default_ca_alg(),
+            jwt_key_algorithm: default_ca_alg(),
+            intermediate_mode: IntermediateMode::default(),
+            ttl: TtlConfig::default(),
+            x509pop_ca_bundle: None,
+            log_level: default_log(),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
@@ -127,6 +168,17 @@ impl NodeConfig {
         let cfg: NodeConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The key manager configured for each role: root, intermediate, JWT.
+    pub fn role_key_managers(&self) -> [&KeyManagerConfig; 3] {
+        [
+            self.root_key_manager.as_ref().unwrap_or(&self.key_manager),
+            self.intermediate_key_manager
+                .as_ref()
+                .unwrap_or(&self.key_manager),
+            self.jwt_key_manager.as_ref().unwrap_or(&self.key_manager),
+        ]
     }
 
     /// The trust domain, parsed.
@@ -206,6 +258,11 @@ impl NodeConfig {
                 t.jwt_key,
                 self.max_jwt_svid_ttl()
             ));
+        }
+        if self.intermediate_mode == IntermediateMode::Memory
+            && self.intermediate_key_manager.is_some()
+        {
+            return c("intermediate_key_manager is set but intermediate_mode = \"memory\" keeps intermediate keys in RAM; remove one of the two".into());
         }
         if let Some(p) = &self.x509pop_ca_bundle {
             let text = std::fs::read_to_string(p)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ca_proto::types;
 
-use crate::config::{KeyManagerConfig, NodeConfig, TtlConfig};
+use crate::config::NodeConfig;
 use crate::{Error, NodeHandle};
 
 /// The dev trust domain.
@@ -29,22 +29,12 @@ fn abs(p: &Path) -> Result<PathBuf, Error> {
 /// The node configuration `ca-node dev` uses under `dir` (software keys, loopback ports
 /// chosen by the OS, 5-minute X.509-SVIDs).
 pub fn node_config(dir: &Path) -> NodeConfig {
-    NodeConfig {
-        node_id: "dev-1".into(),
-        trust_domain: DEV_TRUST_DOMAIN.into(),
-        data_dir: dir.join("node-1"),
-        node_listen: "127.0.0.1:0".parse().expect("literal"),
-        admin_socket: dir.join("admin.sock"),
-        http_listen: Some("127.0.0.1:0".parse().expect("literal")),
-        key_manager: KeyManagerConfig::Soft { dir: None },
-        intermediate_mode: Default::default(),
-        ttl: TtlConfig {
-            x509_svid: 300,
-            ..TtlConfig::default()
-        },
-        x509pop_ca_bundle: None,
-        log_level: "info".into(),
-    }
+    let mut cfg = NodeConfig::with_defaults("dev-1", DEV_TRUST_DOMAIN, dir.join("node-1"));
+    cfg.node_listen = "127.0.0.1:0".parse().expect("literal");
+    cfg.admin_socket = dir.join("admin.sock");
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("literal"));
+    cfg.ttl.x509_svid = 300;
+    cfg
 }
 
 /// A running dev environment: one node and one agent attested with a join token.

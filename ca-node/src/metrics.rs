@@ -1,7 +1,5 @@
 //! Prometheus metrics of a node. Names are the contract with `ops/` dashboards and alerts.
 
-use std::time::Duration;
-
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -19,8 +17,10 @@ pub struct Metrics {
     pub jwt_svids: IntCounterVec,
     /// Agent attestations, by method and result.
     pub attestations: IntCounterVec,
-    /// Key-manager sign latency, by backend.
+    /// Key-manager sign latency (the key-manager call only), by backend and role.
     pub km_sign_seconds: HistogramVec,
+    /// 1 when the last operation on a role's key manager worked, else 0; by role.
+    pub keymanager_up: IntGaugeVec,
     /// Key-manager errors, by backend and kind.
     pub km_errors: IntCounterVec,
     /// Key-manager operations in flight.
@@ -88,8 +88,8 @@ impl Metrics {
         );
         let km_sign_seconds = hist(
             "ca_keymanager_sign_seconds",
-            "Key-manager sign latency",
-            &["backend"],
+            "Key-manager sign latency, by backend and role (root, intermediate, jwt)",
+            &["backend", "role"],
         );
         let km_errors = counter(
             "ca_keymanager_errors_total",
@@ -109,6 +109,17 @@ impl Metrics {
         registry
             .register(Box::new(km_in_flight.clone()))
             .expect("register");
+        let keymanager_up = IntGaugeVec::new(
+            Opts::new(
+                "ca_keymanager_up",
+                "1 when the last operation on a role's key manager worked, else 0",
+            ),
+            &["role"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(keymanager_up.clone()))
+            .expect("register");
         let authority_expiry = IntGaugeVec::new(
             Opts::new(
                 "ca_authority_expiry_timestamp_seconds",
@@ -127,20 +138,11 @@ impl Metrics {
             jwt_svids,
             attestations,
             km_sign_seconds,
+            keymanager_up,
             km_errors,
             km_in_flight,
             authority_expiry,
             node_api_requests,
-        }
-    }
-
-    /// Records one key-manager signature.
-    pub fn observe_sign(&self, backend: &str, took: Duration, err: Option<&ca_kms::Error>) {
-        self.km_sign_seconds
-            .with_label_values(&[backend])
-            .observe(took.as_secs_f64());
-        if let Some(e) = err {
-            self.km_errors.with_label_values(&[backend, e.kind()]).inc();
         }
     }
 

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin_api::AdminApi;
+use crate::ca::keys::KeyManagers;
 use crate::ca::{Ca, CaSettings};
 use crate::config::{KeyManagerConfig, NodeConfig};
 use crate::core::NodeCore;
@@ -68,8 +69,8 @@ fn mkdir_private(p: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Config(format!("cannot set permissions on {}: {e}", p.display())))
 }
 
-fn open_key_manager(cfg: &NodeConfig) -> Result<Arc<dyn KeyManager>, Error> {
-    match &cfg.key_manager {
+fn open_key_manager(cfg: &NodeConfig, km: &KeyManagerConfig) -> Result<Arc<dyn KeyManager>, Error> {
+    match km {
         KeyManagerConfig::Soft { dir } => {
             let dir = dir.clone().unwrap_or_else(|| cfg.data_dir.join("keys"));
             tracing::warn!(
@@ -79,6 +80,26 @@ fn open_key_manager(cfg: &NodeConfig) -> Result<Arc<dyn KeyManager>, Error> {
             Ok(Arc::new(ca_kms::soft::SoftKeyManager::open(dir)?))
         }
     }
+}
+
+/// Opens the key manager of each role; roles with the same configuration share one.
+fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
+    let mut opened: Vec<(&KeyManagerConfig, Arc<dyn KeyManager>)> = Vec::new();
+    let mut per_role = Vec::new();
+    for km_cfg in cfg.role_key_managers() {
+        let km = match opened.iter().find(|(c, _)| *c == km_cfg) {
+            Some((_, km)) => km.clone(),
+            None => {
+                let km = open_key_manager(cfg, km_cfg)?;
+                opened.push((km_cfg, km.clone()));
+                km
+            }
+        };
+        per_role.push(km);
+    }
+    let [root, intermediate, jwt] = <[Arc<dyn KeyManager>; 3]>::try_from(per_role)
+        .map_err(|_| Error::Internal("three roles".into()))?;
+    Ok(KeyManagers::new(root, intermediate, jwt, metrics.clone()))
 }
 
 /// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`.
@@ -104,7 +125,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let metrics = Metrics::new();
     let sm = StateMachine::open(&config.data_dir.join("state.db")).await?;
     let proposer = Arc::new(LocalProposer::new(sm.clone()));
-    let km = open_key_manager(&config)?;
+    let keys = open_key_managers(&config, &metrics)?;
     let ca = Ca::new(
         CaSettings {
             trust_domain: config.trust_domain(),
@@ -113,14 +134,23 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             intermediate_ttl: config.ttl.intermediate,
             jwt_key_ttl: config.ttl.jwt_key,
             intermediate_mode: config.intermediate_mode,
-            key_algorithm: ca_kms::KeyAlgorithm::EcP256,
+            key_algorithm: config.ca_key_algorithm,
+            jwt_key_algorithm: config.jwt_key_algorithm,
         },
-        km,
+        keys,
         sm.clone(),
         proposer.clone(),
-        metrics.clone(),
     );
-    ca.ensure_authorities().await?;
+    match ca.ensure_authorities().await {
+        Ok(()) => {}
+        // An HSM or KMS that is down at start is waited for: the node starts not ready and
+        // the maintenance loop retries. Anything else (a wrong PIN, a bad config) is fatal.
+        Err(Error::KeyManager(e @ ca_kms::Error::Unavailable(_))) => tracing::error!(
+            error = %e,
+            "the key manager is unavailable at start; the node is NOT READY and retries every 5s"
+        ),
+        Err(e) => return Err(e),
+    }
     let core = Arc::new(NodeCore {
         config: config.clone(),
         sm,
@@ -133,8 +163,16 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
 
     // Node API over TLS.
     let svid = SvidResolver::default();
-    let mut svid_not_after = renew_node_svid(&core, &svid).await?;
-    let roots = LiveRoots::new(core.ca.bundle()?.x509_authorities.clone());
+    let mut svid_not_after = match core.ca.intermediate() {
+        Some(_) => renew_node_svid(&core, &svid).await?,
+        None => 0, // no serving certificate until the CA is ready
+    };
+    let roots = LiveRoots::new(
+        core.ca
+            .bundle()
+            .map(|b| b.x509_authorities.clone())
+            .unwrap_or_default(),
+    );
     let tls = Arc::new(ca_identity::tls::server_config(
         svid.clone(),
         roots.clone(),
@@ -279,14 +317,15 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
                 _ = tick.tick() => {}
             }
             if let Err(e) = mcore.ca.ensure_authorities().await {
-                tracing::error!(error = %e, "CA maintenance failed; will retry");
+                tracing::error!(error = %e, "CA maintenance failed; will retry in 5s");
             }
+            mcore.ca.probe_key_managers().await;
             if let Ok(b) = mcore.ca.bundle() {
                 roots.set(b.x509_authorities.clone());
             }
             let now = ca_identity::unix_now();
             let lifetime = mcore.config.ttl.agent_svid;
-            if svid_not_after - now < lifetime / 2 {
+            if svid_not_after - now < lifetime / 2 && mcore.ca.intermediate().is_some() {
                 match renew_node_svid(&mcore, &svid).await {
                     Ok(na) => svid_not_after = na,
                     Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
@@ -313,14 +352,15 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
 }
 
 fn readiness(core: &NodeCore) -> (bool, String) {
-    match core.ca.intermediate() {
-        Some(i) if i.record.not_after > ca_identity::unix_now() => {
-            (true, format!("ready: intermediate {} active", i.record.id))
-        }
-        Some(i) => (
-            false,
-            format!("not ready: intermediate {} expired", i.record.id),
-        ),
-        None => (false, "not ready: no active intermediate CA".into()),
+    let problems = core.ca.minting_problems();
+    if problems.is_empty() {
+        let id = core
+            .ca
+            .intermediate()
+            .map(|i| i.record.id)
+            .unwrap_or_default();
+        (true, format!("ready: intermediate {id} active"))
+    } else {
+        (false, format!("not ready: {}", problems.join("; ")))
     }
 }

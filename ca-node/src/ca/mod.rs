@@ -5,21 +5,22 @@
 //! there too, or (memory mode) only in RAM, in which case a new one is made at every start.
 //! An SVID's lifetime never exceeds its issuer's remaining lifetime.
 
+pub mod keys;
 pub mod x509;
 
 use std::sync::{Arc, RwLock};
 
 use ca_identity::{JwtAuthority, SpiffeId, TrustBundle, TrustDomain};
 use ca_kms::memory::MemoryKey;
-use ca_kms::{KeyAlgorithm, KeyManager, SigningKey};
+use ca_kms::{KeyAlgorithm, SigningKey};
 use ca_raft::{
     AuthorityKind, AuthorityRecord, AuthorityState, Command, Proposer, Response, StateMachine,
 };
 use rcgen::PublicKeyData;
 
 use crate::config::IntermediateMode;
-use crate::metrics::Metrics;
 use crate::Error;
+use keys::{KeyManagers, RoleKeys};
 use x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
 
 /// Settings of the CA taken from the node config.
@@ -37,8 +38,10 @@ pub struct CaSettings {
     pub jwt_key_ttl: i64,
     /// Where intermediate keys live.
     pub intermediate_mode: IntermediateMode,
-    /// Algorithm of CA keys.
+    /// Algorithm of the root and intermediate keys.
     pub key_algorithm: KeyAlgorithm,
+    /// Algorithm of JWT signing keys.
+    pub jwt_key_algorithm: KeyAlgorithm,
 }
 
 /// A usable authority: its journal record and key handle.
@@ -61,10 +64,9 @@ struct Current {
 /// The CA of this node.
 pub struct Ca {
     settings: CaSettings,
-    km: Arc<dyn KeyManager>,
+    keys: KeyManagers,
     sm: StateMachine,
     proposer: Arc<dyn Proposer>,
-    metrics: Metrics,
     current: RwLock<Current>,
 }
 
@@ -97,17 +99,15 @@ impl Ca {
     /// A CA over the given key manager and state.
     pub fn new(
         settings: CaSettings,
-        km: Arc<dyn KeyManager>,
+        keys: KeyManagers,
         sm: StateMachine,
         proposer: Arc<dyn Proposer>,
-        metrics: Metrics,
     ) -> Self {
         Self {
             settings,
-            km,
+            keys,
             sm,
             proposer,
-            metrics,
             current: RwLock::new(Current::default()),
         }
     }
@@ -117,13 +117,68 @@ impl Ca {
         &self.settings.trust_domain
     }
 
-    async fn sign_timed(&self, key: &Arc<dyn SigningKey>, msg: &[u8]) -> Result<Vec<u8>, Error> {
-        let backend = self.km.backend();
-        let start = std::time::Instant::now();
-        let r = key.sign(msg).await;
-        self.metrics
-            .observe_sign(backend, start.elapsed(), r.as_ref().err());
-        Ok(r?)
+    /// The key managers of the three roles.
+    pub fn keys(&self) -> &KeyManagers {
+        &self.keys
+    }
+
+    fn role_keys(&self, kind: AuthorityKind) -> &RoleKeys {
+        match kind {
+            AuthorityKind::Root => &self.keys.root,
+            AuthorityKind::Intermediate => &self.keys.intermediate,
+            AuthorityKind::Jwt => &self.keys.jwt,
+        }
+    }
+
+    /// Why this node cannot mint X.509-SVIDs or JWT-SVIDs right now, if it cannot. The
+    /// root's key manager is not needed to mint, only to rotate, so it is not a reason.
+    pub fn minting_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let cur = self.current.read().expect("ca lock");
+        let t = now();
+        match &cur.intermediate {
+            None => out.push("no active intermediate CA".to_string()),
+            Some(i) if i.record.not_after <= t => {
+                out.push(format!("intermediate {} has expired", i.record.id))
+            }
+            Some(i) if i.record.key_backend != "memory" => {
+                if let Some(p) = self.keys.intermediate.health.problem() {
+                    out.push(format!(
+                        "intermediate key manager ({}): {p}",
+                        self.keys.intermediate.km.backend()
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        match &cur.jwt {
+            None => out.push("no active JWT signing key".to_string()),
+            Some(_) => {
+                if let Some(p) = self.keys.jwt.health.problem() {
+                    out.push(format!(
+                        "JWT key manager ({}): {p}",
+                        self.keys.jwt.km.backend()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Tries one signature with each role key this node mints with whose key manager
+    /// failed last, so a recovered HSM or KMS is noticed without waiting for traffic.
+    pub async fn probe_key_managers(&self) {
+        let (int, jwt) = {
+            let cur = self.current.read().expect("ca lock");
+            (cur.intermediate.clone(), cur.jwt.clone())
+        };
+        for (signer, keys) in [(int, &self.keys.intermediate), (jwt, &self.keys.jwt)] {
+            if let Some(s) = signer {
+                if s.record.key_backend != "memory" && keys.health.problem().is_some() {
+                    let _ = s.key.sign(b"key manager health probe").await;
+                }
+            }
+        }
     }
 
     /// Whether `a` is an active authority of `kind` belonging to this node.
@@ -152,7 +207,19 @@ impl Ca {
     }
 
     async fn load_key(&self, rec: &AuthorityRecord) -> Result<Arc<dyn SigningKey>, Error> {
-        Ok(self.km.get(&rec.key_id).await?)
+        let keys = self.role_keys(rec.kind);
+        if rec.key_backend != keys.km.backend() {
+            return Err(Error::Config(format!(
+                "{} {} has its key in the {:?} key manager, but this node's {} key manager is {:?}; configure the {} key manager it was created with",
+                rec.kind.as_str(),
+                rec.id,
+                rec.key_backend,
+                keys.role.as_str(),
+                keys.km.backend(),
+                keys.role.as_str(),
+            )));
+        }
+        Ok(keys.get(&rec.key_id).await?)
     }
 
     /// Makes sure there is an active root, an active intermediate for this node with at
@@ -161,34 +228,32 @@ impl Ca {
     pub async fn ensure_authorities(&self) -> Result<(), Error> {
         let authorities = self.sm.authorities().await?;
         let t = now();
+        let (have_root, have_int, have_jwt) = {
+            let cur = self.current.read().expect("ca lock");
+            (cur.root.clone(), cur.intermediate.clone(), cur.jwt.clone())
+        };
         // Root.
         let root = match authorities.iter().rev().find(|a| {
             a.kind == AuthorityKind::Root && a.state == AuthorityState::Active && a.not_after > t
         }) {
-            Some(r) => Signer {
-                key: self.load_key(r).await?,
-                record: r.clone(),
-            },
+            Some(r) => self.signer_for(r, have_root.as_ref()).await?,
             None => self.create_root().await?,
         };
+        self.current.write().expect("ca lock").root = Some(root.clone());
         // Intermediate of this node.
         let mine = authorities
             .iter()
             .rev()
             .find(|a| self.is_active_mine(a, AuthorityKind::Intermediate));
-        let have = self.current.read().expect("ca lock").intermediate.clone();
         let intermediate = match mine {
             Some(rec)
                 if rec.not_after - t > (rec.not_after - rec.not_before) / 2
                     && rec.cert_der_issued_by(&root.record) =>
             {
-                match (&have, rec.key_backend.as_str()) {
+                match (&have_int, rec.key_backend.as_str()) {
                     (Some(h), _) if h.record.id == rec.id => Some(h.clone()),
                     (_, "memory") => None, // key lost with the previous process
-                    _ => Some(Signer {
-                        key: self.load_key(rec).await?,
-                        record: rec.clone(),
-                    }),
+                    _ => Some(self.signer_for(rec, None).await?),
                 }
             }
             _ => None,
@@ -202,29 +267,38 @@ impl Ca {
                 new
             }
         };
+        self.current.write().expect("ca lock").intermediate = Some(intermediate);
         // JWT key of this node.
         let jwt = match authorities.iter().rev().find(|a| {
             self.is_active_mine(a, AuthorityKind::Jwt)
                 && a.not_after - t > (a.not_after - a.not_before) / 2
         }) {
-            Some(rec) => Signer {
-                key: self.load_key(rec).await?,
-                record: rec.clone(),
-            },
+            Some(rec) => self.signer_for(rec, have_jwt.as_ref()).await?,
             None => {
                 let new = self.create_jwt_key().await?;
                 self.retire_active(&authorities, AuthorityKind::Jwt).await?;
                 new
             }
         };
-        {
-            let mut cur = self.current.write().expect("ca lock");
-            cur.root = Some(root);
-            cur.intermediate = Some(intermediate);
-            cur.jwt = Some(jwt);
-        }
+        self.current.write().expect("ca lock").jwt = Some(jwt);
         self.refresh_bundle().await?;
         Ok(())
+    }
+
+    /// The signer of `rec`: the one already loaded if it is the same authority, else its
+    /// key loaded from the role's key manager.
+    async fn signer_for(
+        &self,
+        rec: &AuthorityRecord,
+        have: Option<&Signer>,
+    ) -> Result<Signer, Error> {
+        match have {
+            Some(h) if h.record.id == rec.id && h.record.state == rec.state => Ok(h.clone()),
+            _ => Ok(Signer {
+                key: self.load_key(rec).await?,
+                record: rec.clone(),
+            }),
+        }
     }
 
     /// Rebuilds the trust bundle from the journal: roots and JWT keys that are prepared,
@@ -276,7 +350,11 @@ impl Ca {
 
     async fn create_root(&self) -> Result<Signer, Error> {
         let id = format!("root-{}", short_id());
-        let key = self.km.generate(&id, self.settings.key_algorithm).await?;
+        let key = self
+            .keys
+            .root
+            .generate(&id, self.settings.key_algorithm)
+            .await?;
         let t = now();
         let params = ca_params(
             self.settings.trust_domain.id().as_str(),
@@ -300,7 +378,7 @@ impl Ca {
             kind: AuthorityKind::Root,
             state: AuthorityState::Active,
             node_id: String::new(),
-            key_backend: self.km.backend().into(),
+            key_backend: self.keys.root.km.backend().into(),
             key_id: id.clone(),
             cert_der: cert,
             public_key: key.public_key_spki().to_vec(),
@@ -315,10 +393,10 @@ impl Ca {
         )
         .await
         {
-            let _ = self.km.delete(&id).await; // no leaked keys
+            self.keys.root.delete_quietly(&id).await; // no leaked keys
             return Err(e);
         }
-        tracing::info!(authority = %id, backend = self.km.backend(), "created root CA");
+        tracing::info!(authority = %id, backend = self.keys.root.km.backend(), "created root CA");
         Ok(Signer { record, key })
     }
 
@@ -326,11 +404,16 @@ impl Ca {
         let id = format!("int-{}-{}", self.settings.node_id, short_id());
         let (key, backend): (Arc<dyn SigningKey>, String) = match self.settings.intermediate_mode {
             IntermediateMode::KeyManager => (
-                self.km.generate(&id, self.settings.key_algorithm).await?,
-                self.km.backend().into(),
+                self.keys
+                    .intermediate
+                    .generate(&id, self.settings.key_algorithm)
+                    .await?,
+                self.keys.intermediate.km.backend().into(),
             ),
             IntermediateMode::Memory => (
-                Arc::new(MemoryKey::generate(&id, KeyAlgorithm::EcP256, "memory")?.0),
+                self.keys.intermediate.wrap_memory(Arc::new(
+                    MemoryKey::generate(&id, KeyAlgorithm::EcP256, "memory")?.0,
+                )),
                 "memory".into(),
             ),
         };
@@ -370,7 +453,7 @@ impl Ca {
         .await
         {
             if backend != "memory" {
-                let _ = self.km.delete(&id).await;
+                self.keys.intermediate.delete_quietly(&id).await;
             }
             return Err(e);
         }
@@ -380,14 +463,18 @@ impl Ca {
 
     async fn create_jwt_key(&self) -> Result<Signer, Error> {
         let id = format!("jwt-{}-{}", self.settings.node_id, short_id());
-        let key = self.km.generate(&id, KeyAlgorithm::EcP256).await?;
+        let key = self
+            .keys
+            .jwt
+            .generate(&id, self.settings.jwt_key_algorithm)
+            .await?;
         let t = now();
         let record = AuthorityRecord {
             id: id.clone(),
             kind: AuthorityKind::Jwt,
             state: AuthorityState::Active,
             node_id: self.settings.node_id.clone(),
-            key_backend: self.km.backend().into(),
+            key_backend: self.keys.jwt.km.backend().into(),
             key_id: id.clone(),
             cert_der: Vec::new(),
             public_key: key.public_key_spki().to_vec(),
@@ -402,10 +489,10 @@ impl Ca {
         )
         .await
         {
-            let _ = self.km.delete(&id).await;
+            self.keys.jwt.delete_quietly(&id).await;
             return Err(e);
         }
-        tracing::info!(authority = %id, "activated JWT signing key");
+        tracing::info!(authority = %id, backend = self.keys.jwt.km.backend(), "activated JWT signing key");
         Ok(Signer { record, key })
     }
 
@@ -433,25 +520,8 @@ impl Ca {
             cert_der: Some(int.record.cert_der.clone()),
             key: int.key.clone(),
         };
-        let start = std::time::Instant::now();
-        let r = make_cert(&params, public_key, &issuer).await;
-        self.metrics.observe_sign(
-            self.backend_of(&int),
-            start.elapsed(),
-            r.as_ref().err().and_then(|e| match e {
-                Error::KeyManager(k) => Some(k),
-                _ => None,
-            }),
-        );
-        Ok(vec![r?, int.record.cert_der.clone()])
-    }
-
-    fn backend_of(&self, s: &Signer) -> &'static str {
-        if s.record.key_backend == "memory" {
-            "memory"
-        } else {
-            self.km.backend()
-        }
+        let leaf = make_cert(&params, public_key, &issuer).await?;
+        Ok(vec![leaf, int.record.cert_der.clone()])
     }
 
     /// Mints a JWT-SVID. Returns the token and its expiry.
@@ -473,7 +543,7 @@ impl Ca {
         let info = ca_identity::pubkey::parse_spki(jwt.key.public_key_spki())?;
         let input =
             ca_identity::jwt::signing_input(info.kind, &jwt.record.id, spiffe_id, audience, t, exp);
-        let der = self.sign_timed(&jwt.key, input.as_bytes()).await?;
+        let der = jwt.key.sign(input.as_bytes()).await?;
         let sig = match info.kind {
             ca_identity::pubkey::KeyKind::EcP256 => {
                 ca_identity::pubkey::ecdsa_der_to_fixed(&der, 32)?
