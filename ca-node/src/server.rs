@@ -320,6 +320,9 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
                 tracing::error!(error = %e, "CA maintenance failed; will retry in 5s");
             }
             mcore.ca.probe_key_managers().await;
+            if let Err(e) = mcore.ca.destroy_expired_keys().await {
+                tracing::warn!(error = %e, "destroying expired authority keys failed; will retry");
+            }
             if let Ok(b) = mcore.ca.bundle() {
                 roots.set(b.x509_authorities.clone());
             }

@@ -75,6 +75,11 @@ pub enum Command {
         /// New state.
         state: AuthorityState,
     },
+    /// Record that an authority's private key was destroyed in its key manager.
+    KeyDestroyed {
+        /// Which authority.
+        id: String,
+    },
 }
 
 /// Why a command was refused.

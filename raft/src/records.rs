@@ -132,4 +132,8 @@ pub struct AuthorityRecord {
     pub not_before: i64,
     /// Validity end, Unix seconds.
     pub not_after: i64,
+    /// Whether its private key has been destroyed (or scheduled for deletion) in the key
+    /// manager, once nothing it signed could still be valid.
+    #[serde(default)]
+    pub key_destroyed: bool,
 }

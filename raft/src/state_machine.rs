@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS authorities (
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, node_id TEXT NOT NULL,
   key_backend TEXT NOT NULL, key_id TEXT NOT NULL, cert_der BLOB NOT NULL,
   public_key BLOB NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
-  seq INTEGER NOT NULL, updated INTEGER NOT NULL DEFAULT 0);
+  seq INTEGER NOT NULL, updated INTEGER NOT NULL DEFAULT 0,
+  key_destroyed INTEGER NOT NULL DEFAULT 0);
 "#;
 
 /// The durable state of one replica, and the only code that changes it.
@@ -250,6 +251,7 @@ fn authority_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuthorityRecord> {
         public_key: r.get("public_key"),
         not_before: r.get("not_before"),
         not_after: r.get("not_after"),
+        key_destroyed: r.get::<i64, _>("key_destroyed") != 0,
     })
 }
 
@@ -482,6 +484,18 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                 .execute(&mut **tx)
                 .await?;
             Response::Ok
+        }
+        Command::KeyDestroyed { id } => {
+            let n = sqlx::query("UPDATE authorities SET key_destroyed = 1 WHERE id = ?")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                rejected(RejectCode::NotFound, format!("no authority {id}"))
+            } else {
+                Response::Ok
+            }
         }
         Command::SetAuthorityState { id, state } => {
             let n = sqlx::query("UPDATE authorities SET state = ?, updated = ? WHERE id = ?")

@@ -246,6 +246,7 @@ async fn authority_journal() {
         public_key: vec![4],
         not_before: 1,
         not_after: 2,
+        key_destroyed: false,
     };
     p.propose(Command::PutAuthority {
         authority: a.clone(),

@@ -84,6 +84,20 @@ fn now() -> i64 {
     ca_identity::unix_now()
 }
 
+/// CA certificates start this many seconds in the past, for clocks slightly behind.
+const BACKDATE: i64 = 60;
+
+/// Whether more than half of `a`'s configured lifetime is left (the backdating of CA
+/// certificates is not counted as lifetime).
+fn before_half_life(a: &AuthorityRecord, t: i64) -> bool {
+    let start = if a.cert_der.is_empty() {
+        a.not_before
+    } else {
+        a.not_before + BACKDATE
+    };
+    a.not_after - t > (a.not_after - start) / 2
+}
+
 fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
@@ -246,10 +260,7 @@ impl Ca {
             .rev()
             .find(|a| self.is_active_mine(a, AuthorityKind::Intermediate));
         let intermediate = match mine {
-            Some(rec)
-                if rec.not_after - t > (rec.not_after - rec.not_before) / 2
-                    && rec.cert_der_issued_by(&root.record) =>
-            {
+            Some(rec) if before_half_life(rec, t) && rec.cert_der_issued_by(&root.record) => {
                 match (&have_int, rec.key_backend.as_str()) {
                     (Some(h), _) if h.record.id == rec.id => Some(h.clone()),
                     (_, "memory") => None, // key lost with the previous process
@@ -269,10 +280,11 @@ impl Ca {
         };
         self.current.write().expect("ca lock").intermediate = Some(intermediate);
         // JWT key of this node.
-        let jwt = match authorities.iter().rev().find(|a| {
-            self.is_active_mine(a, AuthorityKind::Jwt)
-                && a.not_after - t > (a.not_after - a.not_before) / 2
-        }) {
+        let jwt = match authorities
+            .iter()
+            .rev()
+            .find(|a| self.is_active_mine(a, AuthorityKind::Jwt) && before_half_life(a, t))
+        {
             Some(rec) => self.signer_for(rec, have_jwt.as_ref()).await?,
             None => {
                 let new = self.create_jwt_key().await?;
@@ -299,6 +311,48 @@ impl Ca {
                 record: rec.clone(),
             }),
         }
+    }
+
+    /// Destroys (or, where the backend only does that, schedules the deletion of) the keys
+    /// of retired authorities once nothing they signed can still be valid (an SVID never
+    /// outlives its issuer, so that is the authority's own expiry), and of revoked
+    /// authorities at once; records it in the journal. Roots are handled by every node
+    /// (a key already gone counts as destroyed); intermediates and JWT keys by their node.
+    pub async fn destroy_expired_keys(&self) -> Result<usize, Error> {
+        let t = now();
+        let mut destroyed = 0;
+        for a in self.sm.authorities().await? {
+            let due = match a.state {
+                AuthorityState::Retired => a.not_after < t,
+                AuthorityState::Revoked => true,
+                AuthorityState::Prepared | AuthorityState::Active => false,
+            };
+            let mine = a.kind == AuthorityKind::Root || a.node_id == self.settings.node_id;
+            if !due || !mine || a.key_destroyed {
+                continue;
+            }
+            if a.key_backend != "memory" {
+                let keys = self.role_keys(a.kind);
+                if a.key_backend != keys.km.backend() {
+                    continue; // held by a key manager this node does not have
+                }
+                match keys.km.delete(&a.key_id).await {
+                    Ok(()) | Err(ca_kms::Error::NotFound(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(authority = %a.id, error = %e, "could not destroy the key of an expired authority; will retry");
+                        continue;
+                    }
+                }
+            }
+            propose_ok(
+                self.proposer.as_ref(),
+                Command::KeyDestroyed { id: a.id.clone() },
+            )
+            .await?;
+            tracing::info!(authority = %a.id, kind = a.kind.as_str(), backend = %a.key_backend, "destroyed the key of an authority that nothing valid depends on");
+            destroyed += 1;
+        }
+        Ok(destroyed)
     }
 
     /// Rebuilds the trust bundle from the journal: roots and JWT keys that are prepared,
@@ -360,7 +414,7 @@ impl Ca {
             self.settings.trust_domain.id().as_str(),
             &format!("{} root {id}", self.settings.trust_domain),
             1,
-            t - 60,
+            t - BACKDATE,
             t + self.settings.root_ttl,
         )?;
         let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
@@ -382,8 +436,9 @@ impl Ca {
             key_id: id.clone(),
             cert_der: cert,
             public_key: key.public_key_spki().to_vec(),
-            not_before: t - 60,
+            not_before: t - BACKDATE,
             not_after: t + self.settings.root_ttl,
+            key_destroyed: false,
         };
         if let Err(e) = propose_ok(
             self.proposer.as_ref(),
@@ -423,7 +478,7 @@ impl Ca {
             self.settings.trust_domain.id().as_str(),
             &format!("{} intermediate {id}", self.settings.trust_domain),
             0,
-            t - 60,
+            t - BACKDATE,
             not_after,
         )?;
         let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
@@ -441,8 +496,9 @@ impl Ca {
             key_id: id.clone(),
             cert_der: cert,
             public_key: key.public_key_spki().to_vec(),
-            not_before: t - 60,
+            not_before: t - BACKDATE,
             not_after,
+            key_destroyed: false,
         };
         if let Err(e) = propose_ok(
             self.proposer.as_ref(),
@@ -480,6 +536,7 @@ impl Ca {
             public_key: key.public_key_spki().to_vec(),
             not_before: t,
             not_after: t + self.settings.jwt_key_ttl,
+            key_destroyed: false,
         };
         if let Err(e) = propose_ok(
             self.proposer.as_ref(),
