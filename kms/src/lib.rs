@@ -10,7 +10,8 @@
 //! - [`soft`]: PKCS#8 files on disk. **Development and tests only**: the key material is in
 //!   a file, readable by whoever can read the directory.
 //! - [`memory`]: keys that exist only in RAM, for short-lived intermediates ("memory mode").
-//! - PKCS#11 and AWS KMS: not implemented yet (see the README).
+//! - PKCS#11: not implemented yet (see the README).
+//! - [`aws_kms`]: AWS KMS (`SIGN_VERIFY` keys found by alias; production grade).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub mod aws_kms;
 pub mod memory;
 pub mod soft;
 
