@@ -102,7 +102,8 @@ fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers,
     Ok(KeyManagers::new(root, intermediate, jwt, metrics.clone()))
 }
 
-/// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`.
+/// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`, with the
+/// longest X.509-SVID lifetime the configuration allows (half the intermediate's).
 async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64, Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Error::Internal(format!("node key: {e}")))?;
@@ -112,7 +113,7 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
         .id_with_path(&format!("/ca-node/{}", core.config.node_id))?;
     let chain = core
         .ca
-        .mint_x509_svid(&id, &key, core.config.ttl.agent_svid, &[])
+        .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
         .await?;
     resolver.set(&chain, &key.serialize_der())?;
     Ok(ca_identity::x509::cert_info(&chain[0])?.not_after)
@@ -163,7 +164,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
 
     // Node API over TLS.
     let svid = SvidResolver::default();
-    let mut svid_not_after = match core.ca.intermediate() {
+    let svid_not_after = match core.ca.intermediate() {
         Some(_) => renew_node_svid(&core, &svid).await?,
         None => 0, // no serving certificate until the CA is ready
     };
@@ -306,7 +307,37 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         }));
     }
 
-    // Maintenance: rotation at half-life, node SVID renewal, bundle refresh.
+    // The node's serving SVID, renewed when half of its remaining life is gone (on its own
+    // timer: short lifetimes must not wait for the maintenance tick).
+    let rcore = core.clone();
+    let mut stop = shutdown.subscribe();
+    tasks.push(tokio::spawn(async move {
+        let mut not_after = svid_not_after;
+        loop {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            let wait_ms = if not_after == 0 {
+                1000
+            } else {
+                ((not_after * 1000 - now_ms) / 2).max(200)
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
+            }
+            if rcore.ca.intermediate().is_none() {
+                continue;
+            }
+            match renew_node_svid(&rcore, &svid).await {
+                Ok(na) => not_after = na,
+                Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
+            }
+        }
+    }));
+
+    // Maintenance: rotation at half-life, expired key destruction, bundle refresh.
     let mcore = core.clone();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
@@ -326,18 +357,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             if let Ok(b) = mcore.ca.bundle() {
                 roots.set(b.x509_authorities.clone());
             }
-            let now = ca_identity::unix_now();
-            let lifetime = mcore.config.ttl.agent_svid;
-            if svid_not_after - now < lifetime / 2 && mcore.ca.intermediate().is_some() {
-                match renew_node_svid(&mcore, &svid).await {
-                    Ok(na) => svid_not_after = na,
-                    Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
-                }
-            }
             if let Ok(auths) = mcore.sm.authorities().await {
                 mcore.metrics.authority_expiry.reset();
-                for a in auths.iter().filter(|a| a.state == ca_raft::AuthorityState::Active) {
-                    mcore.metrics.authority_expiry.with_label_values(&[a.kind.as_str(), &a.id]).set(a.not_after);
+                for a in auths
+                    .iter()
+                    .filter(|a| a.state == ca_raft::AuthorityState::Active)
+                {
+                    mcore
+                        .metrics
+                        .authority_expiry
+                        .with_label_values(&[a.kind.as_str(), &a.id])
+                        .set(a.not_after);
                 }
             }
         }

@@ -394,7 +394,6 @@ async fn update_delete_and_get_of_a_missing_entry_are_not_found() {
 
 /// Updating an entry into a copy of another must be refused like creating the copy is.
 #[tokio::test]
-#[ignore = "product bug: UpdateEntry does not check for an entry with the same SPIFFE ID, parent and selectors (CreateEntry does), so an update can create a duplicate"]
 async fn an_update_cannot_turn_an_entry_into_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;

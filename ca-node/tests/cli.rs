@@ -332,7 +332,6 @@ fn healthcheck_without_a_node_fails_clearly() {
 /// `ca-node token generate` without `--ttl` should use the node's configured
 /// `ttl.join_token`, the documented default join token lifetime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: the CLI's --ttl defaults to 600 and always sends it, so the node's ttl.join_token is never used by `ca-node token generate`"]
 async fn token_generate_uses_the_configured_default_ttl() {
     let tmp = tempfile::tempdir().unwrap();
     let (cfg, sock) = write_config(tmp.path(), "127.0.0.1:0", "[ttl]\njoin_token = 120\n");
@@ -356,7 +355,6 @@ async fn token_generate_uses_the_configured_default_ttl() {
 /// A socket file nobody listens on (a node that died or was killed) should get the same
 /// hint as a missing one.
 #[test]
-#[ignore = "product bug: cli::uds_channel adds 'is the node running?' only when the socket file is missing; a stale socket gives just 'cannot connect to PATH: transport error'"]
 fn healthcheck_against_a_stale_socket_says_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
     let stale = tmp.path().join("stale.sock");

@@ -27,6 +27,7 @@ fn agent(id: &str) -> AgentRecord {
         attestation_type: "join_token".into(),
         x509_svid_serial: "01".into(),
         x509_svid_expires_at: 100,
+        previous_x509_svid_serial: String::new(),
         banned: false,
         attested_at: 1,
         selectors: vec![],
@@ -193,7 +194,8 @@ async fn entries_tokens_agents_and_reopen() {
             p.propose(Command::RenewAgent {
                 spiffe_id: AGENT.into(),
                 serial: "02".into(),
-                expires_at: 9
+                expires_at: 9,
+                caller_serial: String::new(),
             })
             .await
             .unwrap(),
