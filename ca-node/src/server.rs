@@ -69,28 +69,51 @@ fn mkdir_private(p: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Config(format!("cannot set permissions on {}: {e}", p.display())))
 }
 
-fn open_key_manager(cfg: &NodeConfig, km: &KeyManagerConfig) -> Result<Arc<dyn KeyManager>, Error> {
-    match km {
+async fn open_key_manager(
+    cfg: &NodeConfig,
+    km: &KeyManagerConfig,
+) -> Result<Arc<dyn KeyManager>, Error> {
+    let km: Arc<dyn KeyManager> = match km {
         KeyManagerConfig::Soft { dir } => {
             let dir = dir.clone().unwrap_or_else(|| cfg.data_dir.join("keys"));
             tracing::warn!(
                 dir = %dir.display(),
                 "USING SOFTWARE KEYS: the CA's private keys are plain files. For development and tests only; use a PKCS#11 HSM or a KMS in production."
             );
-            Ok(Arc::new(ca_kms::soft::SoftKeyManager::open(dir)?))
+            Arc::new(ca_kms::soft::SoftKeyManager::open(dir)?)
         }
-    }
+        KeyManagerConfig::Pkcs11(c) => {
+            let c = c.clone();
+            // Loading the module and logging in talk to the token: off the async threads.
+            let km =
+                tokio::task::spawn_blocking(move || ca_kms::pkcs11::Pkcs11KeyManager::open(&c))
+                    .await
+                    .map_err(|e| Error::Internal(format!("opening the PKCS#11 token: {e}")))??;
+            tracing::info!(token = km.token_label(), "PKCS#11 key manager ready");
+            Arc::new(km)
+        }
+        KeyManagerConfig::AwsKms(c) => {
+            let c = c
+                .clone()
+                .with_node_defaults(&cfg.trust_domain, &cfg.node_id);
+            let prefix = c.alias_prefix.clone();
+            let km = ca_kms::aws_kms::AwsKmsManager::connect(c).await?;
+            tracing::info!(alias_prefix = %prefix, "AWS KMS key manager ready");
+            Arc::new(km)
+        }
+    };
+    Ok(km)
 }
 
 /// Opens the key manager of each role; roles with the same configuration share one.
-fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
+async fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
     let mut opened: Vec<(&KeyManagerConfig, Arc<dyn KeyManager>)> = Vec::new();
     let mut per_role = Vec::new();
     for km_cfg in cfg.role_key_managers() {
         let km = match opened.iter().find(|(c, _)| *c == km_cfg) {
             Some((_, km)) => km.clone(),
             None => {
-                let km = open_key_manager(cfg, km_cfg)?;
+                let km = open_key_manager(cfg, km_cfg).await?;
                 opened.push((km_cfg, km.clone()));
                 km
             }
@@ -126,7 +149,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let metrics = Metrics::new();
     let sm = StateMachine::open(&config.data_dir.join("state.db")).await?;
     let proposer = Arc::new(LocalProposer::new(sm.clone()));
-    let keys = open_key_managers(&config, &metrics)?;
+    let keys = open_key_managers(&config, &metrics).await?;
     let ca = Ca::new(
         CaSettings {
             trust_domain: config.trust_domain(),

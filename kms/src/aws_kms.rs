@@ -94,9 +94,13 @@ pub struct AwsKmsConfig {
     #[serde(default)]
     pub endpoint_url: Option<String>,
     /// Put before every key name to form its alias, e.g. `spiffe-ca/prod_example_org/node-1/`
-    /// (see [`AwsKmsConfig::for_node`]). `A-Z a-z 0-9 / _ -`, ending in `/`.
+    /// (see [`AwsKmsConfig::for_node`]). `A-Z a-z 0-9 / _ -`, ending in `/`. May be left
+    /// out of a config file and filled by [`AwsKmsConfig::with_node_defaults`].
+    #[serde(default)]
     pub alias_prefix: String,
-    /// Tags for every key created; must contain [`TAG_TRUST_DOMAIN`] and [`TAG_NODE_ID`].
+    /// Tags for every key created; must contain [`TAG_TRUST_DOMAIN`] and [`TAG_NODE_ID`]
+    /// (filled by [`AwsKmsConfig::with_node_defaults`] when left out).
+    #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// Time to establish a connection, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
@@ -168,6 +172,19 @@ impl AwsKmsConfig {
             (TAG_NODE_ID.to_owned(), node_id.to_owned()),
         ]);
         Self::new(prefix, tags)
+    }
+
+    /// Fills what a node's config file may leave out: the alias prefix
+    /// (`spiffe-ca/<trust domain>/<node id>/`) and the trust-domain and node-id tags.
+    pub fn with_node_defaults(mut self, trust_domain: &str, node_id: &str) -> Self {
+        let d = Self::for_node(trust_domain, node_id);
+        if self.alias_prefix.is_empty() {
+            self.alias_prefix = d.alias_prefix;
+        }
+        for (k, v) in d.tags {
+            self.tags.entry(k).or_insert(v);
+        }
+        self
     }
 
     /// Checks every field; the error says which one is wrong and why.
