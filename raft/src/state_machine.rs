@@ -64,6 +64,9 @@ impl StateMachine {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // Local file connections do not go stale; a ping per acquire costs a round
+            // trip to the connection's thread on every query.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
@@ -137,21 +140,20 @@ impl StateMachine {
     /// Entries an agent is authorized for: those whose parent is the agent, and, transitively,
     /// those whose parent is the SPIFFE ID of an authorized entry.
     pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
-        let mut out: Vec<EntryRecord> = Vec::new();
-        let mut seen_parents = std::collections::HashSet::new();
-        let mut frontier = vec![agent_id.to_owned()];
-        while let Some(parent) = frontier.pop() {
-            if !seen_parents.insert(parent.clone()) || seen_parents.len() > 10_000 {
-                continue;
-            }
-            for e in self.entries_by_parent(&parent).await? {
-                frontier.push(e.spiffe_id.clone());
-                if !out.iter().any(|x| x.id == e.id) {
-                    out.push(e);
-                }
-            }
-        }
-        Ok(out)
+        // One recursive query (not one per parent): this runs on every SVID request. UNION
+        // (not UNION ALL) drops repeats, so cycles of entries end the recursion.
+        let rows = sqlx::query(
+            "WITH RECURSIVE parents(id) AS (
+                 SELECT ?1
+                 UNION
+                 SELECT e.spiffe_id FROM entries e JOIN parents p ON e.parent_id = p.id
+             )
+             SELECT * FROM entries WHERE parent_id IN (SELECT id FROM parents) ORDER BY id",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
     }
 
     /// One join token.

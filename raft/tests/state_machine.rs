@@ -87,6 +87,28 @@ async fn entries_tokens_agents_and_reopen() {
             .collect();
         ids.sort();
         assert_eq!(ids, vec!["e1", "e3"]);
+        // A cycle (child -> metald -> child) ends the walk instead of looping.
+        p.propose(Command::CreateEntry {
+            entry: entry(
+                "e5",
+                "spiffe://td/service/metald",
+                "spiffe://td/service/child",
+            ),
+        })
+        .await
+        .unwrap();
+        let mut ids: Vec<_> = sm
+            .authorized_entries(AGENT)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["e1", "e3", "e5"]);
+        p.propose(Command::DeleteEntry { id: "e5".into() })
+            .await
+            .unwrap();
 
         // Update bumps the revision; update of a missing entry is refused.
         let mut upd = e.clone();
