@@ -1,161 +1,29 @@
 //! The AWS KMS backend against a KMS emulator (moto, `pip install 'moto[server]'`) started on
-//! 127.0.0.1 by this test binary. A missing python3 or moto fails the tests, it never skips
-//! them.
+//! 127.0.0.1 by this test binary ([`ca_test_support::moto`]). A missing python3 or moto fails
+//! the tests, it never skips them.
 //!
 //! Faults the emulator cannot produce (throttling, refused credentials, an outage, a slow
-//! answer) come from a small HTTP proxy in front of it that answers chosen KMS actions itself.
+//! answer) come from a small HTTP proxy in front of it that answers chosen KMS actions itself
+//! ([`ca_test_support::kms_proxy`]).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{future, ProvideCredentials};
 use base64::Engine as _;
-use bytes::Bytes;
 use ca_kms::aws_kms::{AwsKmsConfig, AwsKmsManager, TAG_KEY_NAME, TAG_NODE_ID};
 use ca_kms::{Error, KeyAlgorithm, KeyManager, SigningKey};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use ca_test_support::kms_proxy::{Proxy, Rule};
+use ca_test_support::moto::{self, Moto};
 
 mod common;
 
-// ---------------------------------------------------------------------------------------------
-// The emulator.
-
-/// Runs moto's server in a thread of a Python process that exits when its stdin closes, so it
-/// also goes away when this test binary ends without dropping the guard (a static).
-const MOTO_LAUNCHER: &str = r#"
-import os, sys
-try:
-    from moto.server import ThreadedMotoServer
-except Exception as e:
-    sys.stderr.write("cannot import moto: %s\n" % e)
-    sys.exit(3)
-srv = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-srv.start()
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-sys.stdin.read()
-os._exit(0)
-"#;
-
-const INSTALL_HINT: &str = "the AWS KMS tests need python3 with moto's server: \
-     `python3 -m pip install 'moto[server]==5.2.1'` (ops/scripts/test-all.sh installs it)";
-
-/// A moto server process; killed on drop.
-struct Moto {
-    child: Child,
-    _stdin: ChildStdin,
-    port: u16,
-    _log: tempfile::NamedTempFile,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    fn start(env: &[(&str, &str)]) -> Moto {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = Command::new("python3");
-        cmd.arg("-c")
-            .arg(MOTO_LAUNCHER)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log.reopen().unwrap()));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => panic!("cannot run python3 ({e}): {INSTALL_HINT}"),
-        };
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        if line.trim() != "ready" {
-            let _ = child.kill();
-            let status = child.wait().ok();
-            let mut err = String::new();
-            let _ = log.reopen().unwrap().read_to_string(&mut err);
-            panic!(
-                "the KMS emulator did not start (exit {status:?}): {}\n{INSTALL_HINT}",
-                err.trim()
-            );
-        }
-        // It answers once it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto does not answer on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            child,
-            _stdin: stdin,
-            port,
-            _log: log,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The emulator shared by the tests of this binary (each test uses its own alias prefix).
-fn moto() -> &'static Moto {
-    static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(|| {
-        // Dummy credentials through the standard chain, and nothing from this machine's own
-        // AWS configuration. Set before any test builds a client (they all wait here first).
-        let none = std::env::temp_dir().join("ca-kms-aws-test-no-such-file");
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::remove_var("AWS_SESSION_TOKEN");
-        std::env::remove_var("AWS_PROFILE");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-        std::env::set_var("AWS_CONFIG_FILE", &none);
-        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &none);
-        Moto::start(&[])
-    })
-}
-
 fn config(test: &str, endpoint: &str) -> AwsKmsConfig {
-    let mut c = AwsKmsConfig::for_node("test.example.org", test);
-    c.region = Some("us-east-1".into());
-    c.endpoint_url = Some(endpoint.to_owned());
-    c.attempt_timeout_ms = 3_000;
-    c.operation_timeout_ms = 10_000;
-    c.initial_backoff_ms = 20;
-    c.max_backoff_ms = 200;
-    c
+    moto::fast_config("test.example.org", test, endpoint)
 }
 
 async fn manager(test: &str, endpoint: &str) -> AwsKmsManager {
@@ -170,241 +38,13 @@ fn debug_of(key: &Arc<dyn SigningKey>) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A fault-injecting proxy in front of the emulator.
-
-#[derive(Clone)]
-struct Rule {
-    /// The KMS action (`Sign`, `CreateAlias`, ...), from `X-Amz-Target`.
-    action: &'static str,
-    /// How many requests it applies to; `None`: all.
-    times: Option<u32>,
-    /// Wait this long first.
-    delay: Duration,
-    /// Then answer with this status and JSON body; `None`: forward to the emulator.
-    answer: Option<(u16, String)>,
-}
-
-impl Rule {
-    fn error(action: &'static str, times: Option<u32>, status: u16, code: &str, msg: &str) -> Rule {
-        Rule {
-            action,
-            times,
-            delay: Duration::ZERO,
-            answer: Some((
-                status,
-                serde_json::json!({"__type": code, "message": msg}).to_string(),
-            )),
-        }
-    }
-}
-
-#[derive(Default)]
-struct ProxyState {
-    rules: Mutex<Vec<Rule>>,
-    /// Every request seen: action and body.
-    seen: Mutex<Vec<(String, Bytes)>>,
-}
-
-impl ProxyState {
-    fn count(&self, action: &str) -> usize {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(a, _)| a == action)
-            .count()
-    }
-}
-
-struct Proxy {
-    addr: SocketAddr,
-    upstream: u16,
-    state: Arc<ProxyState>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let p = Proxy {
-            addr: listener.local_addr().unwrap(),
-            upstream,
-            state: Arc::default(),
-            task: Mutex::new(None),
-        };
-        p.serve(listener);
-        p
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn rule(&self, r: Rule) {
-        self.state.rules.lock().unwrap().push(r);
-    }
-
-    fn clear_rules(&self) {
-        self.state.rules.lock().unwrap().clear();
-    }
-
-    /// Stops listening and drops every open connection: the endpoint is gone.
-    fn stop(&self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-    }
-
-    /// Listens again on the same address.
-    async fn restart(&self) {
-        self.stop();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
-            }
-        };
-        self.serve(listener);
-    }
-
-    fn serve(&self, listener: tokio::net::TcpListener) {
-        let state = self.state.clone();
-        let upstream = self.upstream;
-        let task = tokio::spawn(async move {
-            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build_http::<Full<Bytes>>();
-            // Dropped with this task when it is aborted: every connection ends with it.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = state.clone();
-                let client = client.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    handle(req, state.clone(), client.clone(), upstream)
-                });
-                conns.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        *self.task.lock().unwrap() = Some(task);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<ProxyState>,
-    client: HttpClient,
-    upstream: u16,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let action = parts
-        .headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|t| t.rsplit('.').next())
-        .unwrap_or("")
-        .to_owned();
-    state
-        .seen
-        .lock()
-        .unwrap()
-        .push((action.clone(), body.clone()));
-    let rule = {
-        let mut rules = state.rules.lock().unwrap();
-        rules
-            .iter_mut()
-            .find(|r| r.action == action && r.times != Some(0))
-            .map(|r| {
-                if let Some(n) = r.times.as_mut() {
-                    *n -= 1;
-                }
-                r.clone()
-            })
-    };
-    if let Some(r) = &rule {
-        tokio::time::sleep(r.delay).await;
-        if let Some((status, body)) = &r.answer {
-            return Ok(Response::builder()
-                .status(*status)
-                .header("content-type", "application/x-amz-json-1.1")
-                .header("x-amzn-requestid", "fault-injected")
-                .body(Full::new(Bytes::from(body.clone())))
-                .unwrap());
-        }
-    }
-    let uri = format!(
-        "http://127.0.0.1:{upstream}{}",
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-    );
-    let mut fwd = Request::builder().method(parts.method).uri(uri);
-    for (k, v) in &parts.headers {
-        fwd = fwd.header(k, v);
-    }
-    let answer = match client.request(fwd.body(Full::new(body)).unwrap()).await {
-        Ok(a) => a,
-        Err(e) => {
-            return Ok(Response::builder()
-                .status(502)
-                .body(Full::new(Bytes::from(format!("upstream: {e}"))))
-                .unwrap())
-        }
-    };
-    let (aparts, abody) = answer.into_parts();
-    let abody = abody
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let mut out = Response::builder().status(aparts.status);
-    for (k, v) in &aparts.headers {
-        if !matches!(
-            k.as_str(),
-            "transfer-encoding" | "connection" | "content-length"
-        ) {
-            out = out.header(k, v);
-        }
-    }
-    Ok(out.body(Full::new(abody)).unwrap())
-}
-
-// ---------------------------------------------------------------------------------------------
 // Tests.
 
 /// The shared suite, with every algorithm: moto 5.2 creates and signs (RAW) with P-256, P-384,
 /// RSA 2048 and RSA 3072 keys.
 #[tokio::test]
 async fn conforms_against_the_emulator() {
-    let m = moto();
+    let m = moto::shared();
     let cfg = config("conformance", &m.url());
     let sdk = cfg.sdk_config_loader().load().await;
     conformance_with(cfg, sdk).await;
@@ -432,7 +72,7 @@ async fn conformance_with(cfg: AwsKmsConfig, sdk: SdkConfig) {
 /// `openssl` (an independent implementation) verifies what KMS signed.
 #[tokio::test]
 async fn openssl_verifies_kms_signatures() {
-    let m = moto();
+    let m = moto::shared();
     let km = manager("openssl", &m.url()).await;
     let dir = tempfile::tempdir().unwrap();
     let msg = b"a TBSCertificate, or a JWT signing input";
@@ -481,7 +121,7 @@ async fn openssl_verifies_kms_signatures() {
 /// the deletion (7 days) and removes the alias.
 #[tokio::test]
 async fn tags_protection_and_scheduled_deletion() {
-    let m = moto();
+    let m = moto::shared();
     let km = manager("lifecycle", &m.url()).await;
     let key = km.generate("root-1.a", KeyAlgorithm::EcP256).await.unwrap();
     let alias = km.alias_for("root-1.a").unwrap();
@@ -566,8 +206,8 @@ async fn tags_protection_and_scheduled_deletion() {
 /// real KMS sends (DisabledException, KMSInvalidStateException) come from the proxy.
 #[tokio::test]
 async fn disabled_and_deleted_keys_are_reported() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let km = manager("disabled", &proxy.url()).await;
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
     let alias = km.alias_for("k").unwrap();
@@ -623,8 +263,8 @@ async fn disabled_and_deleted_keys_are_reported() {
 /// DIGEST wrongly (it hashes it again), so only the request is checked, not the signature.
 #[tokio::test]
 async fn long_messages_are_sent_as_digest() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let km = manager("digest", &proxy.url()).await;
     for (alg, d) in [
         (KeyAlgorithm::EcP256, &ring::digest::SHA256),
@@ -634,9 +274,8 @@ async fn long_messages_are_sent_as_digest() {
         let key = km.generate(&format!("d-{alg}"), alg).await.unwrap();
         let msg = vec![1u8; ca_kms::aws_kms::MAX_RAW_MESSAGE + 1];
         key.sign(&msg).await.unwrap();
-        let seen = proxy.state.seen.lock().unwrap();
-        let body = &seen.iter().rev().find(|(a, _)| a == "Sign").unwrap().1;
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let body = proxy.last_body("Sign").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["MessageType"], "DIGEST");
         let sent = base64::engine::general_purpose::STANDARD
             .decode(v["Message"].as_str().unwrap())
@@ -655,8 +294,8 @@ async fn long_messages_are_sent_as_digest() {
 /// Unavailable after exactly `max_attempts` tries. 5xx answers are retried too.
 #[tokio::test]
 async fn throttling_is_retried() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let mut cfg = config("throttle", &proxy.url());
     cfg.max_attempts = 4;
     let km = AwsKmsManager::connect(cfg).await.unwrap();
@@ -669,10 +308,10 @@ async fn throttling_is_retried() {
         "ThrottlingException",
         "Rate exceeded",
     ));
-    let before = proxy.state.count("Sign");
+    let before = proxy.count("Sign");
     let sig = key.sign(b"busy").await.unwrap();
     ca_identity::pubkey::verify_x509_signature(key.public_key_spki(), b"busy", &sig).unwrap();
-    assert_eq!(proxy.state.count("Sign") - before, 4, "3 throttled + 1 ok");
+    assert_eq!(proxy.count("Sign") - before, 4, "3 throttled + 1 ok");
 
     proxy.rule(Rule::error(
         "Sign",
@@ -681,9 +320,9 @@ async fn throttling_is_retried() {
         "LimitExceededException",
         "too many",
     ));
-    let before = proxy.state.count("Sign");
+    let before = proxy.count("Sign");
     key.sign(b"busy").await.unwrap();
-    assert_eq!(proxy.state.count("Sign") - before, 3);
+    assert_eq!(proxy.count("Sign") - before, 3);
 
     proxy.rule(Rule::error(
         "Sign",
@@ -692,9 +331,9 @@ async fn throttling_is_retried() {
         "KMSInternalException",
         "oops",
     ));
-    let before = proxy.state.count("Sign");
+    let before = proxy.count("Sign");
     key.sign(b"busy").await.unwrap();
-    assert_eq!(proxy.state.count("Sign") - before, 3);
+    assert_eq!(proxy.count("Sign") - before, 3);
 
     proxy.clear_rules();
     proxy.rule(Rule::error(
@@ -704,12 +343,12 @@ async fn throttling_is_retried() {
         "ThrottlingException",
         "Rate exceeded",
     ));
-    let before = proxy.state.count("Sign");
+    let before = proxy.count("Sign");
     let err = key.sign(b"busy").await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
     assert!(err.to_string().contains("ThrottlingException"), "{err}");
     assert!(err.to_string().contains("Sign"), "{err}");
-    assert_eq!(proxy.state.count("Sign") - before, 4, "max_attempts tries");
+    assert_eq!(proxy.count("Sign") - before, 4, "max_attempts tries");
     proxy.clear_rules();
     key.sign(b"calm").await.unwrap();
 }
@@ -718,8 +357,8 @@ async fn throttling_is_retried() {
 /// manager and key handle work again.
 #[tokio::test]
 async fn outage_is_unavailable_and_recovers() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let km = manager("outage", &proxy.url()).await;
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
     key.sign(b"before").await.unwrap();
@@ -743,20 +382,15 @@ async fn outage_is_unavailable_and_recovers() {
 /// A KMS that does not answer in time is Unavailable within the operation timeout.
 #[tokio::test]
 async fn slow_kms_times_out() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let mut cfg = config("slow", &proxy.url());
     cfg.attempt_timeout_ms = 300;
     cfg.operation_timeout_ms = 1_000;
     cfg.max_attempts = 2;
     let km = AwsKmsManager::connect(cfg).await.unwrap();
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
-    proxy.rule(Rule {
-        action: "Sign",
-        times: None,
-        delay: Duration::from_secs(3),
-        answer: None,
-    });
+    proxy.rule(Rule::slow("Sign", None, Duration::from_secs(3)));
     let t = Instant::now();
     let err = key.sign(b"m").await.unwrap_err();
     eprintln!("slow endpoint: {err}");
@@ -777,8 +411,8 @@ async fn slow_kms_times_out() {
 /// (`INITIAL_NO_AUTH_ACTION_COUNT=0`: unknown access keys get HTTP 403 InvalidClientTokenId).
 #[tokio::test]
 async fn refused_credentials_are_permission_denied() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let km = manager("denied", &proxy.url()).await;
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
     let alias = km.alias_for("k").unwrap();
@@ -840,7 +474,7 @@ impl ProvideCredentials for NoCredentials {
 /// No credentials at all: PermissionDenied before anything is sent.
 #[tokio::test]
 async fn missing_credentials_are_permission_denied() {
-    let m = moto();
+    let m = moto::shared();
     let cfg = config("nocreds", &m.url());
     let sdk = cfg
         .sdk_config_loader()
@@ -858,8 +492,8 @@ async fn missing_credentials_are_permission_denied() {
 /// A name taken between the check and CreateAlias is AlreadyExists, also without a leak.
 #[tokio::test]
 async fn failed_alias_creation_does_not_leak_keys() {
-    let m = moto();
-    let proxy = Proxy::start(m.port).await;
+    let m = moto::shared();
+    let proxy = Proxy::start(m.port()).await;
     let km = manager("leak", &proxy.url()).await;
 
     proxy.rule(Rule::error(
@@ -932,7 +566,7 @@ async fn keys_named(km: &AwsKmsManager, name: &str) -> Vec<String> {
 /// Many concurrent signatures through one client, checked; the requests overlap in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_signing() {
-    let m = moto();
+    let m = moto::shared();
     let km = manager("parallel", &m.url()).await;
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
     let mut set = tokio::task::JoinSet::new();

@@ -4,163 +4,25 @@
 //! `SOFTHSM2_MODULE` or the standard Debian locations, and the tests FAIL, never skip, when
 //! it is not there.
 //!
-//! How the tests share one process: a PKCS#11 module's state is global to the process, and
-//! SoftHSM2 reads `SOFTHSM2_CONF` from the environment at `C_Initialize`. So every test holds
-//! one process-wide lock for its whole run ([`SERIAL`]), and makes its own configuration and
-//! token directory in a temporary directory, pointing `SOFTHSM2_CONF` at it while it holds
-//! the lock (no other test touches the module or the environment meanwhile). The module
-//! still has the previous test's tokens loaded; the key manager does not find the new
-//! token's label, initializes the module again (which rereads `SOFTHSM2_CONF`) and finds it:
-//! the same path that finds a token plugged in after start.
+//! How the tests share one process: see [`ca_test_support::softhsm`]. Every test holds a
+//! [`SoftHsm`] (its own configuration and token directory, and the process-wide lock) for
+//! its whole run; a key manager opened on a new token initializes the module again to find
+//! it: the same path that finds a token plugged in after start.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ca_kms::pkcs11::{Pkcs11Config, Pkcs11KeyManager};
 use ca_kms::{Error, KeyAlgorithm, KeyManager};
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use ca_test_support::softhsm::{raw_init, raw_slot, SoftHsm, PIN};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
-use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 mod common;
-
-const SO_PIN: &str = "87654321";
-const PIN: &str = "1234";
-
-/// Held by every test for its whole run (see the file's doc).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn softhsm_module() -> PathBuf {
-    if let Some(p) = std::env::var_os("SOFTHSM2_MODULE") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "SOFTHSM2_MODULE={} is not a file: point it at libsofthsm2.so",
-            p.display()
-        );
-        return p;
-    }
-    for c in [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ] {
-        if Path::new(c).is_file() {
-            return PathBuf::from(c);
-        }
-    }
-    panic!(
-        "SoftHSM2 PKCS#11 module not found: install the Debian package softhsm2 \
-         (apt-get install softhsm2) or set SOFTHSM2_MODULE to the path of libsofthsm2.so. \
-         These tests do not skip."
-    );
-}
-
-/// A private SoftHSM2 configuration and token directory.
-struct Hsm {
-    dir: tempfile::TempDir,
-    conf: PathBuf,
-    tokens: PathBuf,
-    module: PathBuf,
-}
-
-impl Hsm {
-    /// Makes one and points `SOFTHSM2_CONF` at it (the caller holds [`SERIAL`]).
-    fn new() -> Hsm {
-        let module = softhsm_module();
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        Hsm {
-            dir,
-            conf,
-            tokens,
-            module,
-        }
-    }
-
-    fn init_token(&self, label: &str) {
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args(["--init-token", "--free", "--label", label])
-            .args(["--so-pin", SO_PIN, "--pin", PIN])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run softhsm2-util (Debian package softhsm2): {e}"));
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn pin_file(&self, pin: &str) -> PathBuf {
-        let p = self.dir.path().join(format!("pin-{pin}"));
-        std::fs::write(&p, format!("{pin}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
-    }
-
-    fn config(&self, label: &str, prefix: &str) -> Pkcs11Config {
-        Pkcs11Config {
-            module: self.module.clone(),
-            token_label: label.into(),
-            pin_file: Some(self.pin_file(PIN)),
-            pin_env: None,
-            key_label_prefix: prefix.into(),
-        }
-    }
-
-    fn open(&self, label: &str, prefix: &str) -> Pkcs11KeyManager {
-        Pkcs11KeyManager::open(&self.config(label, prefix)).unwrap()
-    }
-
-    /// Another user of the same module in this process, going behind the manager's back.
-    fn raw(&self) -> Pkcs11 {
-        let ctx = Pkcs11::new(&self.module).unwrap();
-        raw_init(&ctx);
-        ctx
-    }
-}
-
-fn raw_init(ctx: &Pkcs11) {
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => {}
-        Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::CryptokiAlreadyInitialized,
-            _,
-        )) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-}
-
-fn raw_slot(ctx: &Pkcs11, label: &str) -> Slot {
-    ctx.get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|t| t.label() == label)
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("no token {label}"))
-}
 
 async fn sign_verifies(key: &Arc<dyn ca_kms::SigningKey>, msg: &[u8]) {
     let sig = key.sign(msg).await.unwrap();
@@ -169,8 +31,7 @@ async fn sign_verifies(key: &Arc<dyn ca_kms::SigningKey>, msg: &[u8]) {
 
 #[tokio::test]
 async fn softhsm_backend_conforms() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("conformance");
     let cfg = hsm.config("conformance", "ca-");
     common::conformance(
@@ -191,8 +52,7 @@ async fn softhsm_backend_conforms() {
 
 #[tokio::test]
 async fn keys_are_generated_in_the_token_and_never_extractable() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("attrs");
     let km = hsm.open("attrs", "node1-");
     let other = hsm.open("attrs", "node2-");
@@ -280,8 +140,7 @@ async fn keys_are_generated_in_the_token_and_never_extractable() {
 
 #[tokio::test]
 async fn wrong_pin_is_permission_denied() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("pinned");
     let mut cfg = hsm.config("pinned", "ca-");
     cfg.pin_file = Some(hsm.pin_file("999999"));
@@ -303,8 +162,7 @@ async fn wrong_pin_is_permission_denied() {
 
 #[tokio::test]
 async fn missing_token_is_a_clear_error_listing_the_labels() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("alpha");
     hsm.init_token("beta");
     let err = Pkcs11KeyManager::open(&hsm.config("gamma", "ca-")).unwrap_err();
@@ -316,8 +174,7 @@ async fn missing_token_is_a_clear_error_listing_the_labels() {
 
 #[tokio::test]
 async fn config_is_checked() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     let good = hsm.config("t", "ca-");
     good.validate().unwrap();
     let config_err = |cfg: &Pkcs11Config| match Pkcs11KeyManager::open(cfg) {
@@ -343,7 +200,7 @@ async fn config_is_checked() {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(config_err(&open_file).contains("is empty"));
     let mut missing_file = good.clone();
-    missing_file.pin_file = Some(hsm.dir.path().join("nope"));
+    missing_file.pin_file = Some(hsm.dir().join("nope"));
     assert!(config_err(&missing_file).contains("cannot read PIN file"));
 
     let mut env = good.clone();
@@ -352,7 +209,7 @@ async fn config_is_checked() {
     assert!(config_err(&env).contains("is not set"));
 
     let mut module = good.clone();
-    module.module = hsm.dir.path().join("libnothing.so");
+    module.module = hsm.dir().join("libnothing.so");
     assert!(config_err(&module).contains("not found"));
 
     // From TOML: unknown fields are refused, the PIN is never a field.
@@ -380,8 +237,7 @@ async fn config_is_checked() {
 
 #[tokio::test]
 async fn recovers_when_logged_out_behind_its_back() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("logout");
     let km = hsm.open("logout", "ca-");
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
@@ -403,7 +259,7 @@ async fn recovers_when_logged_out_behind_its_back() {
     assert!(!km.protection("k").await.unwrap().extractable);
 }
 
-fn session_logout(hsm: &Hsm, label: &str) {
+fn session_logout(hsm: &SoftHsm, label: &str) {
     let ctx = hsm.raw();
     let session = ctx.open_ro_session(raw_slot(&ctx, label)).unwrap();
     session.logout().unwrap();
@@ -411,8 +267,7 @@ fn session_logout(hsm: &Hsm, label: &str) {
 
 #[tokio::test]
 async fn recovers_when_its_sessions_are_closed() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("closed");
     let km = hsm.open("closed", "ca-");
     let key = km.generate("k", KeyAlgorithm::EcP384).await.unwrap();
@@ -440,8 +295,7 @@ async fn recovers_when_its_sessions_are_closed() {
 
 #[tokio::test]
 async fn recovers_when_the_module_is_finalized() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("restart");
     let km = hsm.open("restart", "ca-");
     let key = km.generate("k", KeyAlgorithm::Rsa2048).await.unwrap();
@@ -472,22 +326,14 @@ async fn recovers_when_the_module_is_finalized() {
 
 #[tokio::test]
 async fn removed_token_is_unavailable_then_recovers() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("removable");
     let km = hsm.open("removable", "ca-");
     let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
     sign_verifies(&key, b"before").await;
 
     // "Unplug" it: its directory goes away.
-    let entries: Vec<PathBuf> = std::fs::read_dir(&hsm.tokens)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    let token_dir = entries[0].clone();
-    let away = hsm.dir.path().join("unplugged");
-    std::fs::rename(&token_dir, &away).unwrap();
+    hsm.remove_token("removable");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
@@ -504,7 +350,7 @@ async fn removed_token_is_unavailable_then_recovers() {
     eprintln!("while removed: {err}");
 
     // "Plug it back in": signing works again, without a new manager.
-    std::fs::rename(&away, &token_dir).unwrap();
+    hsm.restore_token("removable");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match key.sign(b"after").await {
@@ -524,8 +370,7 @@ async fn removed_token_is_unavailable_then_recovers() {
 
 #[tokio::test]
 async fn openssl_verifies_the_signatures() {
-    let _serial = SERIAL.lock().await;
-    let hsm = Hsm::new();
+    let hsm = SoftHsm::new().await;
     hsm.init_token("openssl");
     let km = hsm.open("openssl", "ca-");
     for (alg, digest) in [
@@ -536,7 +381,7 @@ async fn openssl_verifies_the_signatures() {
         let key = km.generate(&format!("k-{alg}"), alg).await.unwrap();
         let msg = format!("message signed by {alg}");
         let sig = key.sign(msg.as_bytes()).await.unwrap();
-        let d = hsm.dir.path();
+        let d = hsm.dir();
         std::fs::write(d.join("spki.der"), key.public_key_spki()).unwrap();
         std::fs::write(d.join("msg"), &msg).unwrap();
         std::fs::write(d.join("sig"), &sig).unwrap();
