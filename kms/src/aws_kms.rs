@@ -491,8 +491,10 @@ impl AwsKmsManager {
         })
     }
 
-    /// Schedules deletion of a key this manager just created and could not name.
-    async fn discard_new_key(&self, key_id: &str, alias: &str) {
+    /// Schedules deletion of a key this manager just created and could not finish (name it,
+    /// or read its public key back), and removes its alias if it got one: `generate` failed,
+    /// so nothing may find or use the key.
+    async fn discard_new_key(&self, key_id: &str, alias: &str, has_alias: bool, why: &str) {
         match self
             .client
             .schedule_key_deletion()
@@ -504,15 +506,25 @@ impl AwsKmsManager {
             Ok(_) => tracing::warn!(
                 key_id,
                 alias,
-                "creating the alias failed: the new KMS key is scheduled for deletion"
+                "{why} failed: the new KMS key is scheduled for deletion"
             ),
             Err(e) => tracing::error!(
                 key_id,
                 alias,
                 error = %chain(&e),
-                "creating the alias failed and the new KMS key could not be scheduled for \
-                 deletion: delete it by hand"
+                "{why} failed and the new KMS key could not be scheduled for deletion: delete \
+                 it by hand"
             ),
+        }
+        if has_alias {
+            if let Err(e) = self.client.delete_alias().alias_name(alias).send().await {
+                tracing::error!(
+                    key_id,
+                    alias,
+                    error = %chain(&e),
+                    "{why} failed and the new key's alias could not be deleted: delete it by hand"
+                );
+            }
         }
     }
 }
@@ -602,11 +614,19 @@ impl KeyManager for AwsKmsManager {
             .await
         {
             let err = map_sdk_error(e, "CreateAlias", name, &alias);
-            self.discard_new_key(&key_id, &alias).await;
+            self.discard_new_key(&key_id, &alias, false, "creating the alias")
+                .await;
             return Err(err);
         }
+        let key = match self.handle(name, &alias, &md).await {
+            Ok(k) => k,
+            Err(e) => {
+                self.discard_new_key(&key_id, &alias, true, "reading the public key")
+                    .await;
+                return Err(e);
+            }
+        };
         tracing::info!(name, alias, key_id, %alg, "created KMS key");
-        let key = self.handle(name, &alias, &md).await?;
         Ok(Arc::new(key))
     }
 

@@ -490,6 +490,7 @@ async fn missing_credentials_are_permission_denied() {
 
 /// A failed CreateAlias leaves no usable key behind: the new key is scheduled for deletion.
 /// A name taken between the check and CreateAlias is AlreadyExists, also without a leak.
+/// A public key that cannot be read back after the alias exists: key and alias go too.
 #[tokio::test]
 async fn failed_alias_creation_does_not_leak_keys() {
     let m = moto::shared();
@@ -527,6 +528,26 @@ async fn failed_alias_creation_does_not_leak_keys() {
     let mut states = keys_named(&km, "k").await;
     states.sort();
     assert_eq!(states, ["Enabled", "PendingDeletion", "PendingDeletion"]);
+
+    // The public key cannot be read back after CreateKey and CreateAlias: the new key is
+    // scheduled for deletion and its alias removed, so the name is free again.
+    proxy.rule(Rule::error(
+        "GetPublicKey",
+        Some(1),
+        400,
+        "KMSInvalidStateException",
+        "injected: not ready",
+    ));
+    let err = km.generate("k2", KeyAlgorithm::EcP256).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("GetPublicKey"), "{err}");
+    assert_eq!(
+        keys_named(&km, "k2").await,
+        vec!["PendingDeletion".to_string()]
+    );
+    assert!(matches!(km.get("k2").await, Err(Error::NotFound(_))));
+    assert!(!km.list().await.unwrap().contains(&"k2".to_string()));
+    km.generate("k2", KeyAlgorithm::EcP256).await.unwrap();
 }
 
 /// The states of the KMS keys tagged with this manager's node and `name`.
