@@ -409,6 +409,18 @@ impl Ca {
             .root
             .generate(&id, self.settings.key_algorithm)
             .await?;
+        match self.prepare_root(&id, key).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                self.keys.root.delete_quietly(&id).await; // no leaked keys
+                Err(e)
+            }
+        }
+    }
+
+    /// Certifies a new root key and records the root in the journal.
+    async fn prepare_root(&self, id: &str, key: Arc<dyn SigningKey>) -> Result<Signer, Error> {
+        let id = id.to_owned();
         let t = now();
         let params = ca_params(
             self.settings.trust_domain.id().as_str(),
@@ -440,17 +452,13 @@ impl Ca {
             not_after: t + self.settings.root_ttl,
             key_destroyed: false,
         };
-        if let Err(e) = propose_ok(
+        propose_ok(
             self.proposer.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },
         )
-        .await
-        {
-            self.keys.root.delete_quietly(&id).await; // no leaked keys
-            return Err(e);
-        }
+        .await?;
         tracing::info!(authority = %id, backend = self.keys.root.km.backend(), "created root CA");
         Ok(Signer { record, key })
     }
@@ -472,6 +480,26 @@ impl Ca {
                 "memory".into(),
             ),
         };
+        match self.prepare_intermediate(root, &id, key, &backend).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                if backend != "memory" {
+                    self.keys.intermediate.delete_quietly(&id).await; // no leaked keys
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Certifies a new intermediate key with the root and records it in the journal.
+    async fn prepare_intermediate(
+        &self,
+        root: &Signer,
+        id: &str,
+        key: Arc<dyn SigningKey>,
+        backend: &str,
+    ) -> Result<Signer, Error> {
+        let id = id.to_owned();
         let t = now();
         let not_after = (t + self.settings.intermediate_ttl).min(root.record.not_after);
         let params = ca_params(
@@ -492,7 +520,7 @@ impl Ca {
             kind: AuthorityKind::Intermediate,
             state: AuthorityState::Active,
             node_id: self.settings.node_id.clone(),
-            key_backend: backend.clone(),
+            key_backend: backend.to_owned(),
             key_id: id.clone(),
             cert_der: cert,
             public_key: key.public_key_spki().to_vec(),
@@ -500,19 +528,13 @@ impl Ca {
             not_after,
             key_destroyed: false,
         };
-        if let Err(e) = propose_ok(
+        propose_ok(
             self.proposer.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },
         )
-        .await
-        {
-            if backend != "memory" {
-                self.keys.intermediate.delete_quietly(&id).await;
-            }
-            return Err(e);
-        }
+        .await?;
         tracing::info!(authority = %id, backend = %backend, not_after, "activated intermediate CA");
         Ok(Signer { record, key })
     }
