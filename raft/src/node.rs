@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::command::{Command, Response};
 use crate::log_store::LogStore;
 use crate::network::{Connector, Network, Peers};
-use crate::pb::{forward_from_pb, from_json, to_json, FromPb};
+use crate::pb::{forward_from_pb, from_json, to_json, FromPb, IntoPb};
 use crate::service::RaftGrpc;
 use crate::state_machine::StateMachine;
 use crate::types::{LogId, NodeId, NodeInfo, Raft, RaftMetrics};
@@ -173,6 +173,77 @@ impl std::fmt::Debug for RaftNode {
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
     Error::Unavailable(e.to_string())
+}
+
+/// Why a forwarded call failed.
+enum ForwardError {
+    /// It may not have reached the leader: worth retrying.
+    Transport(String),
+    /// The leader refused it.
+    Refused(String),
+}
+
+/// A membership change, as a node asks it of the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum MembershipChange {
+    /// Add a learner.
+    AddLearner {
+        /// Its ID.
+        id: NodeId,
+        /// Its address and ca-node ID.
+        node: NodeInfo,
+        /// Answer once it has caught up.
+        wait: bool,
+    },
+    /// Make a learner a voter.
+    Promote(NodeId),
+    /// Remove a member, voter or learner.
+    Remove(NodeId),
+}
+
+type WriteResult = std::result::Result<
+    openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+    RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>,
+>;
+
+/// Runs `change` on this node's Raft if it is the leader; else answers who the leader is.
+/// (openraft checks a change against the local membership before it checks leadership, and
+/// a follower's membership may be behind the leader's.)
+pub(crate) async fn change_membership_local(raft: &Raft, change: &MembershipChange) -> WriteResult {
+    let (state, leader, leader_node) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        let leader_node = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        (m.state, m.current_leader, leader_node)
+    };
+    if state != ServerState::Leader {
+        return Err(RaftError::APIError(ClientWriteError::ForwardToLeader(
+            ForwardToLeader {
+                leader_id: leader,
+                leader_node,
+            },
+        )));
+    }
+    match change {
+        MembershipChange::AddLearner { id, node, wait } => {
+            raft.add_learner(*id, node.clone(), *wait).await
+        }
+        MembershipChange::Promote(id) => {
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                .await
+        }
+        MembershipChange::Remove(id) => {
+            let m = raft.metrics().borrow().membership_config.clone();
+            let change = if m.membership().voter_ids().any(|v| v == *id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+            };
+            raft.change_membership(change, false).await
+        }
+    }
 }
 
 /// What the leader (or a node that knows it) answered to a forwarded call.
@@ -437,34 +508,82 @@ impl RaftNode {
     }
 
     /// Adds node `id` at `node` as a learner (it receives the log but does not vote). With
-    /// `wait`, returns once it has caught up with the leader. Leader only.
+    /// `wait`, returns once it has caught up with the leader. Forwarded to the leader.
     pub async fn add_learner(&self, id: NodeId, node: NodeInfo, wait: bool) -> Result<LogId> {
-        let r = self.inner.raft.add_learner(id, node, wait).await;
-        membership_result(r)
+        self.change(MembershipChange::AddLearner { id, node, wait })
+            .await
     }
 
-    /// Makes learner `id` a voter (`ca-node cluster promote`). Leader only.
+    /// Makes learner `id` a voter (`ca-node cluster promote`). Forwarded to the leader.
     pub async fn promote(&self, id: NodeId) -> Result<LogId> {
-        let r = self
-            .inner
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await;
-        membership_result(r)
+        self.change(MembershipChange::Promote(id)).await
     }
 
     /// Removes node `id` from the cluster, voter or learner (`ca-node cluster remove`).
-    /// Leader only.
+    /// Forwarded to the leader.
     pub async fn remove(&self, id: NodeId) -> Result<LogId> {
-        let m = self.inner.raft.metrics().borrow().membership_config.clone();
-        let is_voter = m.membership().voter_ids().any(|v| v == id);
-        let change = if is_voter {
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        };
-        let r = self.inner.raft.change_membership(change, false).await;
-        membership_result(r)
+        self.change(MembershipChange::Remove(id)).await
+    }
+
+    /// Runs a membership change here if this node leads, else on the leader.
+    async fn change(&self, change: MembershipChange) -> Result<LogId> {
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut last_err = String::from("no leader");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Unavailable(format!(
+                    "no leader to change the membership within {:?}: {last_err}",
+                    self.inner.timeout
+                )));
+            }
+            let leader = match change_membership_local(&self.inner.raft, &change).await {
+                Ok(resp) => return Ok(resp.log_id),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => leader_of(f),
+                Err(RaftError::APIError(e)) => return Err(Error::Cluster(e.to_string())),
+                Err(RaftError::Fatal(f)) => return Err(unavailable(f)),
+            };
+            if let Some((id, node)) = leader.filter(|(id, _)| *id != self.inner.id) {
+                match self.forward_change(id, &node, &change, deadline).await {
+                    Ok(Forwarded::Done(log_id)) => return Ok(log_id),
+                    Ok(Forwarded::NotLeader(hint)) => last_err = not_leader(id, hint),
+                    Err(ForwardError::Refused(e)) => return Err(Error::Cluster(e)),
+                    Err(ForwardError::Transport(e)) => last_err = e,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+        }
+    }
+
+    async fn forward_change(
+        &self,
+        id: NodeId,
+        node: &NodeInfo,
+        change: &MembershipChange,
+        deadline: Instant,
+    ) -> std::result::Result<Forwarded<LogId>, ForwardError> {
+        use pb::change_membership_reply::Result as R;
+        let mut client = self.inner.peers.client(id, node).await.map_err(|e| {
+            ForwardError::Transport(format!("connecting to leader {id} at {}: {e}", node.addr))
+        })?;
+        let mut req = tonic::Request::new(change.clone().into_pb());
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let reply = client
+            .change_membership(req)
+            .await
+            .map_err(|s| {
+                ForwardError::Transport(format!("forwarding to leader {id} at {}: {s}", node.addr))
+            })?
+            .into_inner();
+        match reply.result {
+            Some(R::LogId(l)) => Option::<LogId>::from_pb(Some(l))
+                .map_err(|s| ForwardError::Transport(s.message().to_owned()))?
+                .map(Forwarded::Done)
+                .ok_or_else(|| ForwardError::Transport("empty log id".into())),
+            Some(R::ForwardToLeader(f)) => Ok(Forwarded::NotLeader(forward_from_pb(f))),
+            Some(R::Error(e)) => Err(ForwardError::Refused(format!("leader {id}: {e}"))),
+            None => Err(ForwardError::Transport(format!("leader {id}: empty reply"))),
+        }
     }
 
     /// Replaces the voter set with `voters` (each must be a member already); with `retain`,

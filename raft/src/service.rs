@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::command::Command;
 use crate::network::MAX_MESSAGE_SIZE;
+use crate::node::{change_membership_local, MembershipChange};
 use crate::pb::{from_json, to_json, FromPb, IntoPb};
 use crate::types::{NodeId, Raft, TypeConfig};
 
@@ -106,6 +107,24 @@ impl RaftService for RaftGrpc {
             Err(e) => R::Error(e.to_string()),
         };
         Ok(Response::new(pb::ProposeReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<pb::ChangeMembershipRequest>,
+    ) -> Result<Response<pb::ChangeMembershipReply>, Status> {
+        use pb::change_membership_reply::Result as R;
+        let change = MembershipChange::from_pb(request.into_inner())?;
+        let result = match change_membership_local(&self.raft, &change).await {
+            Ok(resp) => R::LogId(resp.log_id.into_pb()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                R::ForwardToLeader(f.into_pb())
+            }
+            Err(e) => R::Error(e.to_string()),
+        };
+        Ok(Response::new(pb::ChangeMembershipReply {
             result: Some(result),
         }))
     }

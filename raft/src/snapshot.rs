@@ -164,13 +164,21 @@ impl SnapshotDir {
     }
 
     /// Makes the (synced) file at `path` the current snapshot with `meta`, durably, and
-    /// removes the previous one. Returns the file's new path.
+    /// removes the previous one. A snapshot older than the current one (a build that raced
+    /// with an install) is dropped instead. Returns the current snapshot, opened.
     pub(crate) async fn set_current(
         &self,
         meta: &SnapshotMeta,
         path: &Path,
-    ) -> io::Result<PathBuf> {
+    ) -> io::Result<(SnapshotMeta, SnapshotFile)> {
         let mut cur = self.current.lock().await;
+        if let Some(c) = cur.as_ref() {
+            if meta.last_log_id < c.meta.last_log_id {
+                let _ = tokio::fs::remove_file(path).await;
+                let f = SnapshotFile::open(&self.dir.join(&c.file)).await?;
+                return Ok((c.meta.clone(), f));
+            }
+        }
         let name = format!("snap-{}.db", sanitize(&meta.snapshot_id));
         let dest = self.dir.join(&name);
         tokio::fs::rename(path, &dest).await?;
@@ -193,7 +201,7 @@ impl SnapshotDir {
                 let _ = tokio::fs::remove_file(self.dir.join(old.file)).await;
             }
         }
-        Ok(dest)
+        Ok((meta.clone(), SnapshotFile::open(&dest).await?))
     }
 }
 

@@ -269,13 +269,10 @@ impl StateMachine {
         let mut f = SnapshotFile::open(tmp).await.map_err(snap_err)?;
         f.sync().await.map_err(snap_err)?;
         drop(f);
-        let path = self
-            .snapshots
+        self.snapshots
             .set_current(&meta, tmp)
             .await
-            .map_err(snap_err)?;
-        let f = SnapshotFile::open(&path).await.map_err(snap_err)?;
-        Ok((meta, f))
+            .map_err(snap_err)
     }
 
     /// The current snapshot, if one was built or installed.

@@ -137,12 +137,15 @@ async fn cluster(root: &Path, config: openraft::Config) -> Vec<TestNode> {
         matches!(n1.initialize().await, Err(Error::Cluster(_))),
         "a second init is refused"
     );
-    for n in &nodes[1..] {
-        n1.add_learner(n.id, n.info(), true).await.unwrap();
-    }
-    for n in &nodes[1..] {
-        n1.promote(n.id).await.unwrap();
-    }
+    // Membership changes run on the leader, or are forwarded to it (here from learners).
+    n1.add_learner(2, nodes[1].info(), true).await.unwrap();
+    nodes[1]
+        .node
+        .add_learner(3, nodes[2].info(), true)
+        .await
+        .unwrap();
+    nodes[2].node.promote(2).await.unwrap();
+    n1.promote(3).await.unwrap();
     let st = n1.status();
     assert_eq!(st.role, Role::Leader);
     assert_eq!(
@@ -472,10 +475,28 @@ async fn node_behind_the_purged_log_catches_up_by_snapshot() {
         applied(n, last).await;
         assert!(n.sm().entry("after-snapshot").await.unwrap().is_some());
     }
-    // The snapshot survives a restart as the current one (and is readable).
+
+    // Node 3 leaves (asked through node 2, forwarded to the leader).
+    nodes[1].node.remove(3).await.unwrap();
+    let st = nodes[0].node.status();
+    assert_eq!(st.members.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(st.members.values().all(|m| m.voter));
+
+    // Node 3's state survives a restart, and its snapshot folder holds just the current one.
     for n in &mut nodes {
         n.stop().await;
     }
     let sm = StateMachine::open(&dir.join(STATE_DB_FILE)).await.unwrap();
     assert_eq!(entry_ids(&sm).await.len(), 45);
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("state.snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files[0], "current.json");
+    assert!(
+        files[1].starts_with("snap-") && files[1].ends_with(".db"),
+        "{files:?}"
+    );
 }

@@ -6,6 +6,7 @@ mod append_entries;
 mod forward_to_leader;
 mod install_snapshot;
 mod log_id;
+mod membership_change;
 mod node;
 mod vote;
 mod vote_request;
