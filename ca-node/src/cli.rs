@@ -143,9 +143,9 @@ enum TokenCmd {
         /// SPIFFE ID the agent gets (default spiffe://TD/agent/join_token/<token>).
         #[arg(long)]
         spiffe_id: Option<String>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 600)]
-        ttl: i64,
+        /// Lifetime in seconds (default: the node's `ttl.join_token`).
+        #[arg(long)]
+        ttl: Option<i64>,
     },
 }
 
@@ -216,7 +216,12 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, String> {
             }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
+        .map_err(|e| {
+            format!(
+                "cannot connect to {}: {e}; is the node running? (the socket exists but nothing answers on it)",
+                path.display()
+            )
+        })
 }
 
 fn status_msg(s: tonic::Status) -> String {
@@ -450,7 +455,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let r = c
                 .create_join_token(CreateJoinTokenRequest {
                     spiffe_id: spiffe_id.clone().unwrap_or_default(),
-                    ttl_seconds: *ttl,
+                    ttl_seconds: ttl.unwrap_or(0), // 0: the node's configured default
                 })
                 .await
                 .map_err(status_msg)?

@@ -30,6 +30,26 @@ pub enum KeyManagerConfig {
         #[serde(default)]
         dir: Option<PathBuf>,
     },
+    /// A PKCS#11 token (HSM): module, token label, PIN file or variable, key label prefix.
+    Pkcs11(ca_kms::pkcs11::Pkcs11Config),
+    /// AWS KMS: region and credentials from the standard chain; aliases under a per-node
+    /// prefix (default `spiffe-ca/<trust domain>/<node id>/`), tagged with both.
+    AwsKms(ca_kms::aws_kms::AwsKmsConfig),
+}
+
+impl KeyManagerConfig {
+    /// Checks the backend's own settings (without contacting it).
+    pub fn validate(&self, trust_domain: &str, node_id: &str) -> Result<(), Error> {
+        match self {
+            KeyManagerConfig::Soft { .. } => Ok(()),
+            KeyManagerConfig::Pkcs11(c) => c.validate().map_err(|e| Error::Config(e.to_string())),
+            KeyManagerConfig::AwsKms(c) => c
+                .clone()
+                .with_node_defaults(trust_domain, node_id)
+                .validate()
+                .map_err(|e| Error::Config(e.to_string())),
+        }
+    }
 }
 
 /// The node's configuration file.
@@ -160,7 +180,10 @@ impl NodeConfig {
     pub fn load(path: &std::path::Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Parses and validates config text.
@@ -259,6 +282,23 @@ impl NodeConfig {
                 self.max_jwt_svid_ttl()
             ));
         }
+        for (role, km) in [
+            ("key_manager", Some(&self.key_manager)),
+            ("root_key_manager", self.root_key_manager.as_ref()),
+            (
+                "intermediate_key_manager",
+                self.intermediate_key_manager.as_ref(),
+            ),
+            ("jwt_key_manager", self.jwt_key_manager.as_ref()),
+        ] {
+            if let Some(km) = km {
+                km.validate(&self.trust_domain, &self.node_id)
+                    .map_err(|e| match e {
+                        Error::Config(m) => Error::Config(format!("{role}: {m}")),
+                        other => other,
+                    })?;
+            }
+        }
         if self.intermediate_mode == IntermediateMode::Memory
             && self.intermediate_key_manager.is_some()
         {
@@ -286,6 +326,40 @@ mod tests {
         let c = NodeConfig::parse(BASE).unwrap();
         assert_eq!(c.ttl.x509_svid, 3600);
         assert_eq!(c.intermediate_mode, IntermediateMode::KeyManager);
+    }
+
+    #[test]
+    fn key_managers_per_role_are_parsed_and_checked() {
+        let c = NodeConfig::parse(&format!(
+            "{BASE}jwt_key_algorithm = \"ec-p384\"\n[root_key_manager]\ntype = \"aws_kms\"\nregion = \"eu-west-1\"\n"
+        ))
+        .unwrap();
+        let [root, int, jwt] = c.role_key_managers();
+        assert!(matches!(root, KeyManagerConfig::AwsKms(_)));
+        assert_eq!(int, &KeyManagerConfig::Soft { dir: None });
+        assert_eq!(jwt, int);
+        assert_eq!(c.jwt_key_algorithm, KeyAlgorithm::EcP384);
+        for (extra, expect) in [
+            (
+                "[key_manager]\ntype = \"pkcs11\"\nmodule = \"/nonexistent.so\"\ntoken_label = \"ca\"\npin_env = \"PIN\"\nkey_label_prefix = \"x-\"\n",
+                "key_manager: key manager misconfigured: PKCS#11 module /nonexistent.so not found",
+            ),
+            (
+                "[key_manager]\ntype = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"ca\"\npin = \"1234\"\nkey_label_prefix = \"x-\"\n",
+                "unknown field `pin`",
+            ),
+            (
+                "[jwt_key_manager]\ntype = \"aws_kms\"\nalias_prefix = \"no-slash\"\n",
+                "jwt_key_manager: key manager misconfigured: aws_kms: alias_prefix",
+            ),
+            ("[key_manager]\ntype = \"vault\"\n", "unknown variant `vault`"),
+            ("ca_key_algorithm = \"ed25519\"\n", "unknown variant `ed25519`"),
+        ] {
+            let err = NodeConfig::parse(&format!("{BASE}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{extra:?}: {err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,14 @@ use futures::Stream;
 use rcgen::CertificateSigningRequestParams;
 use tokio_stream::StreamExt;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+/// An authenticated agent calling the node API.
+struct Caller {
+    /// Its record.
+    agent: AgentRecord,
+    /// Serial (hex) of the SVID it presented.
+    serial: String,
+}
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{bundle_to_proto, entry_to_proto};
@@ -31,7 +39,7 @@ impl NodeApi {
     }
 
     /// The attested, unbanned agent calling with its SVID as client certificate.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<AgentRecord, Error> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Error> {
         let certs = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -53,30 +61,51 @@ impl NodeApi {
         if agent.banned {
             return Err(Error::PermissionDenied(format!("agent {id} is banned")));
         }
-        Ok(agent)
+        // The certificate must be the agent's current SVID (or the one it just renewed):
+        // after an eviction and a new attestation under the same ID, the old host's
+        // certificate is refused even though it is otherwise valid.
+        let serial = certs
+            .first()
+            .and_then(|c| ca_identity::x509::cert_info(c.as_ref()).ok())
+            .map(|i| i.serial_hex)
+            .unwrap_or_default();
+        if serial != agent.x509_svid_serial && serial != agent.previous_x509_svid_serial {
+            return Err(Error::PermissionDenied(format!(
+                "agent {id}: this SVID (serial {serial}) is no longer the agent's own; the agent was evicted and attested again elsewhere. Attest this host again with a new join token"
+            )));
+        }
+        Ok(Caller { agent, serial })
     }
 
     fn parse_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, Error> {
         if csr.is_empty() {
             return Err(Error::InvalidArgument("the CSR is empty".into()));
         }
-        let parsed =
-            CertificateSigningRequestParams::from_der(&csr.to_vec().into()).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "the CSR is not a valid, correctly signed PKCS#10 request: {e}"
-                ))
-            })?;
-        // Only key types the CA can vouch for.
-        let spki = rcgen::PublicKeyData::subject_public_key_info(&parsed.public_key);
-        match ca_identity::pubkey::parse_spki(&spki) {
-            Ok(info) => match info.kind {
-                ca_identity::pubkey::KeyKind::Rsa { bits } if bits < 2048 => Err(
-                    Error::InvalidArgument(format!("RSA key of {bits} bits; use at least 2048")),
-                ),
-                _ => Ok(parsed),
-            },
-            Err(e) => Err(Error::InvalidArgument(format!("CSR key: {e}"))),
+        // The key is checked first, so a weak or unsupported key is named as such rather
+        // than reported as a bad signature (ring refuses to verify with small RSA keys).
+        use x509_parser::prelude::FromDer;
+        if let Ok((_, req)) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+        {
+            let spki = req.certification_request_info.subject_pki.raw;
+            match ca_identity::pubkey::parse_spki(spki) {
+                Ok(info) => {
+                    if let ca_identity::pubkey::KeyKind::Rsa { bits } = info.kind {
+                        if bits < 2048 {
+                            return Err(Error::InvalidArgument(format!(
+                                "the CSR has an RSA key of {bits} bits; use at least 2048 (or P-256)"
+                            )));
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::InvalidArgument(format!("CSR key: {e}"))),
+            }
         }
+        CertificateSigningRequestParams::from_der(&csr.to_vec().into()).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the CSR is not a valid, correctly signed PKCS#10 request: {e}"
+            ))
+        })
     }
 
     async fn mint_agent_svid(
@@ -112,6 +141,7 @@ impl NodeApi {
             attestation_type: "join_token".into(),
             x509_svid_serial: serial,
             x509_svid_expires_at: expires,
+            previous_x509_svid_serial: String::new(),
             banned: false,
             attested_at: now,
             selectors: vec![],
@@ -248,6 +278,7 @@ impl Node for NodeApi {
                                 attestation_type: "x509pop".into(),
                                 x509_svid_serial: serial,
                                 x509_svid_expires_at: expires,
+                                previous_x509_svid_serial: String::new(),
                                 banned: false,
                                 attested_at: ca_identity::unix_now(),
                                 selectors: vec![SelectorRecord { kind: "x509pop".into(), value: format!("fingerprint:{fp}") }],
@@ -288,7 +319,10 @@ impl Node for NodeApi {
         req: Request<RenewAgentRequest>,
     ) -> Result<Response<RenewAgentResponse>, Status> {
         let r = async {
-            let agent = self.caller(&req).await?;
+            let Caller {
+                agent,
+                serial: caller_serial,
+            } = self.caller(&req).await?;
             let csr = Self::parse_csr(&req.get_ref().csr)?;
             let id = SpiffeId::parse(&agent.spiffe_id)?;
             let (chain, serial, expires_at) = self.mint_agent_svid(&id, &csr).await?;
@@ -298,6 +332,7 @@ impl Node for NodeApi {
                     spiffe_id: agent.spiffe_id,
                     serial,
                     expires_at,
+                    caller_serial,
                 },
             )
             .await?;
@@ -313,7 +348,7 @@ impl Node for NodeApi {
         req: Request<SyncEntriesRequest>,
     ) -> Result<Response<SyncEntriesResponse>, Status> {
         let r = async {
-            let agent = self.caller(&req).await?;
+            let agent = self.caller(&req).await?.agent;
             let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
             Ok(SyncEntriesResponse {
                 entries: entries.iter().map(entry_to_proto).collect(),
@@ -329,7 +364,7 @@ impl Node for NodeApi {
         &self,
         req: Request<BatchNewX509SvidRequest>,
     ) -> Result<Response<BatchNewX509SvidResponse>, Status> {
-        let agent = self.caller(&req).await.map_err(Status::from)?;
+        let agent = self.caller(&req).await.map_err(Status::from)?.agent;
         let entries: Vec<EntryRecord> = self
             .core
             .sm
@@ -390,7 +425,7 @@ impl Node for NodeApi {
         req: Request<NewJwtSvidRequest>,
     ) -> Result<Response<NewJwtSvidResponse>, Status> {
         let r = async {
-            let agent = self.caller(&req).await?;
+            let agent = self.caller(&req).await?.agent;
             let p = req.get_ref();
             if p.audience.is_empty() || p.audience.iter().any(|a| a.is_empty()) {
                 return Err(Error::InvalidArgument(

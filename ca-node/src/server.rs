@@ -69,28 +69,51 @@ fn mkdir_private(p: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Config(format!("cannot set permissions on {}: {e}", p.display())))
 }
 
-fn open_key_manager(cfg: &NodeConfig, km: &KeyManagerConfig) -> Result<Arc<dyn KeyManager>, Error> {
-    match km {
+async fn open_key_manager(
+    cfg: &NodeConfig,
+    km: &KeyManagerConfig,
+) -> Result<Arc<dyn KeyManager>, Error> {
+    let km: Arc<dyn KeyManager> = match km {
         KeyManagerConfig::Soft { dir } => {
             let dir = dir.clone().unwrap_or_else(|| cfg.data_dir.join("keys"));
             tracing::warn!(
                 dir = %dir.display(),
                 "USING SOFTWARE KEYS: the CA's private keys are plain files. For development and tests only; use a PKCS#11 HSM or a KMS in production."
             );
-            Ok(Arc::new(ca_kms::soft::SoftKeyManager::open(dir)?))
+            Arc::new(ca_kms::soft::SoftKeyManager::open(dir)?)
         }
-    }
+        KeyManagerConfig::Pkcs11(c) => {
+            let c = c.clone();
+            // Loading the module and logging in talk to the token: off the async threads.
+            let km =
+                tokio::task::spawn_blocking(move || ca_kms::pkcs11::Pkcs11KeyManager::open(&c))
+                    .await
+                    .map_err(|e| Error::Internal(format!("opening the PKCS#11 token: {e}")))??;
+            tracing::info!(token = km.token_label(), "PKCS#11 key manager ready");
+            Arc::new(km)
+        }
+        KeyManagerConfig::AwsKms(c) => {
+            let c = c
+                .clone()
+                .with_node_defaults(&cfg.trust_domain, &cfg.node_id);
+            let prefix = c.alias_prefix.clone();
+            let km = ca_kms::aws_kms::AwsKmsManager::connect(c).await?;
+            tracing::info!(alias_prefix = %prefix, "AWS KMS key manager ready");
+            Arc::new(km)
+        }
+    };
+    Ok(km)
 }
 
 /// Opens the key manager of each role; roles with the same configuration share one.
-fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
+async fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
     let mut opened: Vec<(&KeyManagerConfig, Arc<dyn KeyManager>)> = Vec::new();
     let mut per_role = Vec::new();
     for km_cfg in cfg.role_key_managers() {
         let km = match opened.iter().find(|(c, _)| *c == km_cfg) {
             Some((_, km)) => km.clone(),
             None => {
-                let km = open_key_manager(cfg, km_cfg)?;
+                let km = open_key_manager(cfg, km_cfg).await?;
                 opened.push((km_cfg, km.clone()));
                 km
             }
@@ -102,7 +125,8 @@ fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers,
     Ok(KeyManagers::new(root, intermediate, jwt, metrics.clone()))
 }
 
-/// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`.
+/// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`, with the
+/// longest X.509-SVID lifetime the configuration allows (half the intermediate's).
 async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64, Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Error::Internal(format!("node key: {e}")))?;
@@ -112,7 +136,7 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
         .id_with_path(&format!("/ca-node/{}", core.config.node_id))?;
     let chain = core
         .ca
-        .mint_x509_svid(&id, &key, core.config.ttl.agent_svid, &[])
+        .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
         .await?;
     resolver.set(&chain, &key.serialize_der())?;
     Ok(ca_identity::x509::cert_info(&chain[0])?.not_after)
@@ -125,7 +149,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let metrics = Metrics::new();
     let sm = StateMachine::open(&config.data_dir.join("state.db")).await?;
     let proposer = Arc::new(LocalProposer::new(sm.clone()));
-    let keys = open_key_managers(&config, &metrics)?;
+    let keys = open_key_managers(&config, &metrics).await?;
     let ca = Ca::new(
         CaSettings {
             trust_domain: config.trust_domain(),
@@ -163,7 +187,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
 
     // Node API over TLS.
     let svid = SvidResolver::default();
-    let mut svid_not_after = match core.ca.intermediate() {
+    let svid_not_after = match core.ca.intermediate() {
         Some(_) => renew_node_svid(&core, &svid).await?,
         None => 0, // no serving certificate until the CA is ready
     };
@@ -306,7 +330,37 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         }));
     }
 
-    // Maintenance: rotation at half-life, node SVID renewal, bundle refresh.
+    // The node's serving SVID, renewed when half of its remaining life is gone (on its own
+    // timer: short lifetimes must not wait for the maintenance tick).
+    let rcore = core.clone();
+    let mut stop = shutdown.subscribe();
+    tasks.push(tokio::spawn(async move {
+        let mut not_after = svid_not_after;
+        loop {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            let wait_ms = if not_after == 0 {
+                1000
+            } else {
+                ((not_after * 1000 - now_ms) / 2).max(200)
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
+            }
+            if rcore.ca.intermediate().is_none() {
+                continue;
+            }
+            match renew_node_svid(&rcore, &svid).await {
+                Ok(na) => not_after = na,
+                Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
+            }
+        }
+    }));
+
+    // Maintenance: rotation at half-life, expired key destruction, bundle refresh.
     let mcore = core.clone();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
@@ -326,18 +380,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             if let Ok(b) = mcore.ca.bundle() {
                 roots.set(b.x509_authorities.clone());
             }
-            let now = ca_identity::unix_now();
-            let lifetime = mcore.config.ttl.agent_svid;
-            if svid_not_after - now < lifetime / 2 && mcore.ca.intermediate().is_some() {
-                match renew_node_svid(&mcore, &svid).await {
-                    Ok(na) => svid_not_after = na,
-                    Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
-                }
-            }
             if let Ok(auths) = mcore.sm.authorities().await {
                 mcore.metrics.authority_expiry.reset();
-                for a in auths.iter().filter(|a| a.state == ca_raft::AuthorityState::Active) {
-                    mcore.metrics.authority_expiry.with_label_values(&[a.kind.as_str(), &a.id]).set(a.not_after);
+                for a in auths
+                    .iter()
+                    .filter(|a| a.state == ca_raft::AuthorityState::Active)
+                {
+                    mcore
+                        .metrics
+                        .authority_expiry
+                        .with_label_values(&[a.kind.as_str(), &a.id])
+                        .set(a.not_after);
                 }
             }
         }

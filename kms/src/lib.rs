@@ -10,7 +10,10 @@
 //! - [`soft`]: PKCS#8 files on disk. **Development and tests only**: the key material is in
 //!   a file, readable by whoever can read the directory.
 //! - [`memory`]: keys that exist only in RAM, for short-lived intermediates ("memory mode").
-//! - PKCS#11 and AWS KMS: not implemented yet (see the README).
+//! - [`pkcs11`]: keys generated and kept inside a PKCS#11 token (an HSM; SoftHSM2 in tests),
+//!   found by label, never extractable; a session pool that recovers from closed sessions, a
+//!   logged-out token and a restarted module.
+//! - [`aws_kms`]: AWS KMS (`SIGN_VERIFY` keys found by alias; production grade).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,7 +22,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub mod aws_kms;
 pub mod memory;
+pub mod pkcs11;
 pub mod soft;
 
 /// Key algorithms a key manager may be asked for.

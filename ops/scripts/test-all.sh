@@ -18,6 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 python3 -c 'import spiffe' 2>/dev/null || python3 -m pip install -q 'spiffe==0.3.2'
+python3 -c 'import moto.server' 2>/dev/null || python3 -m pip install -q 'moto[server]==5.2.1'
 
 echo "== format and lints"
 cargo fmt --all --check

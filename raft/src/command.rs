@@ -52,6 +52,10 @@ pub enum Command {
         serial: String,
         /// New SVID expiry.
         expires_at: i64,
+        /// Serial of the SVID the agent authenticated the renewal with; the renewal is
+        /// refused unless it is the agent's current (or previous) one.
+        #[serde(default)]
+        caller_serial: String,
     },
     /// Forget an agent; it must attest again.
     EvictAgent {

@@ -49,6 +49,11 @@ pub struct AgentRecord {
     pub x509_svid_serial: String,
     /// Expiry of its current agent SVID, Unix seconds.
     pub x509_svid_expires_at: i64,
+    /// Serial of the SVID it renewed last, still accepted until that SVID expires: an
+    /// agent's open connections use it for a moment after a renewal. Empty after
+    /// (re-)attestation, so a replaced host's certificate stops working at once.
+    #[serde(default)]
+    pub previous_x509_svid_serial: String,
     /// Banned agents can neither call the node API nor re-attest.
     pub banned: bool,
     /// When it attested, Unix seconds.

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS join_tokens (
 CREATE TABLE IF NOT EXISTS agents (
   spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
   expires_at INTEGER NOT NULL, banned INTEGER NOT NULL, attested_at INTEGER NOT NULL,
-  selectors TEXT NOT NULL);
+  selectors TEXT NOT NULL, prev_serial TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS authorities (
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, node_id TEXT NOT NULL,
   key_backend TEXT NOT NULL, key_id TEXT NOT NULL, cert_der BLOB NOT NULL,
@@ -137,6 +137,9 @@ impl StateMachine {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // Local file connections do not go stale; a ping per acquire costs a round
+            // trip to the connection's thread on every query.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
@@ -365,21 +368,20 @@ impl StateMachine {
     /// Entries an agent is authorized for: those whose parent is the agent, and, transitively,
     /// those whose parent is the SPIFFE ID of an authorized entry.
     pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
-        let mut out: Vec<EntryRecord> = Vec::new();
-        let mut seen_parents = std::collections::HashSet::new();
-        let mut frontier = vec![agent_id.to_owned()];
-        while let Some(parent) = frontier.pop() {
-            if !seen_parents.insert(parent.clone()) || seen_parents.len() > 10_000 {
-                continue;
-            }
-            for e in self.entries_by_parent(&parent).await? {
-                frontier.push(e.spiffe_id.clone());
-                if !out.iter().any(|x| x.id == e.id) {
-                    out.push(e);
-                }
-            }
-        }
-        Ok(out)
+        // One recursive query (not one per parent): this runs on every SVID request. UNION
+        // (not UNION ALL) drops repeats, so cycles of entries end the recursion.
+        let rows = sqlx::query(
+            "WITH RECURSIVE parents(id) AS (
+                 SELECT ?1
+                 UNION
+                 SELECT e.spiffe_id FROM entries e JOIN parents p ON e.parent_id = p.id
+             )
+             SELECT * FROM entries WHERE parent_id IN (SELECT id FROM parents) ORDER BY id",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
     }
 
     /// One join token.
@@ -532,6 +534,7 @@ fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord> {
         attestation_type: r.get("attestation_type"),
         x509_svid_serial: r.get("serial"),
         x509_svid_expires_at: r.get("expires_at"),
+        previous_x509_svid_serial: r.get("prev_serial"),
         banned: r.get::<i64, _>("banned") != 0,
         attested_at: r.get("attested_at"),
         selectors: serde_json::from_str(r.get("selectors")).map_err(corrupt)?,
@@ -587,7 +590,7 @@ async fn get_agent(tx: &mut Transaction<'_, Sqlite>, id: &str) -> Result<Option<
 }
 
 async fn upsert_agent(tx: &mut Transaction<'_, Sqlite>, a: &AgentRecord) -> Result<()> {
-    sqlx::query("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors) VALUES (?,?,?,?,?,?,?)")
+    sqlx::query("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, prev_serial) VALUES (?,?,?,?,?,?,?,?)")
         .bind(&a.spiffe_id)
         .bind(&a.attestation_type)
         .bind(&a.x509_svid_serial)
@@ -595,9 +598,33 @@ async fn upsert_agent(tx: &mut Transaction<'_, Sqlite>, a: &AgentRecord) -> Resu
         .bind(a.banned as i64)
         .bind(a.attested_at)
         .bind(json(&a.selectors))
+        .bind(&a.previous_x509_svid_serial)
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// The refusal for `entry` if another entry has the same SPIFFE ID, parent and selectors.
+async fn duplicate_of(
+    tx: &mut Transaction<'_, Sqlite>,
+    entry: &EntryRecord,
+) -> Result<Option<Response>> {
+    let same = sqlx::query(
+        "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ? AND id <> ?",
+    )
+    .bind(&entry.spiffe_id)
+    .bind(&entry.parent_id)
+    .bind(json(&entry.selectors))
+    .bind(&entry.id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(same.map(|row| {
+        let id: String = row.get("id");
+        rejected(
+            RejectCode::AlreadyExists,
+            format!("an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"),
+        )
+    }))
 }
 
 async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -> Result<Response> {
@@ -614,22 +641,8 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                     format!("entry {} exists", entry.id),
                 ));
             }
-            let same = sqlx::query(
-                "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ?",
-            )
-            .bind(&entry.spiffe_id)
-            .bind(&entry.parent_id)
-            .bind(json(&entry.selectors))
-            .fetch_optional(&mut **tx)
-            .await?;
-            if let Some(row) = same {
-                let id: String = row.get("id");
-                return Ok(rejected(
-                    RejectCode::AlreadyExists,
-                    format!(
-                        "an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"
-                    ),
-                ));
+            if let Some(r) = duplicate_of(tx, entry).await? {
+                return Ok(r);
             }
             upsert_entry(tx, entry).await?;
             Response::Entry(entry.clone())
@@ -645,6 +658,9 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                     format!("no entry with ID {}", entry.id),
                 ));
             };
+            if let Some(r) = duplicate_of(tx, entry).await? {
+                return Ok(r);
+            }
             let mut e = entry.clone();
             e.revision = row.get::<i64, _>("revision") + 1;
             e.created_at = row.get("created_at");
@@ -728,6 +744,7 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
             spiffe_id,
             serial,
             expires_at,
+            caller_serial,
         } => {
             let Some(mut a) = get_agent(tx, spiffe_id).await? else {
                 return Ok(rejected(
@@ -741,6 +758,16 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                     format!("agent {spiffe_id} is banned"),
                 ));
             }
+            if !caller_serial.is_empty()
+                && *caller_serial != a.x509_svid_serial
+                && *caller_serial != a.previous_x509_svid_serial
+            {
+                return Ok(rejected(
+                    RejectCode::PermissionDenied,
+                    format!("agent {spiffe_id} renewed with an SVID that is no longer its own (serial {caller_serial}); it was replaced by a newer attestation"),
+                ));
+            }
+            a.previous_x509_svid_serial = std::mem::take(&mut a.x509_svid_serial);
             a.x509_svid_serial = serial.clone();
             a.x509_svid_expires_at = *expires_at;
             upsert_agent(tx, &a).await?;

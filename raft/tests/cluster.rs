@@ -212,6 +212,7 @@ fn agent(id: &str) -> AgentRecord {
         attestation_type: "join_token".into(),
         x509_svid_serial: "01".into(),
         x509_svid_expires_at: 100,
+        previous_x509_svid_serial: String::new(),
         banned: false,
         attested_at: 10,
         selectors: vec![],

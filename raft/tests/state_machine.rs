@@ -27,6 +27,7 @@ fn agent(id: &str) -> AgentRecord {
         attestation_type: "join_token".into(),
         x509_svid_serial: "01".into(),
         x509_svid_expires_at: 100,
+        previous_x509_svid_serial: String::new(),
         banned: false,
         attested_at: 1,
         selectors: vec![],
@@ -86,6 +87,28 @@ async fn entries_tokens_agents_and_reopen() {
             .collect();
         ids.sort();
         assert_eq!(ids, vec!["e1", "e3"]);
+        // A cycle (child -> metald -> child) ends the walk instead of looping.
+        p.propose(Command::CreateEntry {
+            entry: entry(
+                "e5",
+                "spiffe://td/service/metald",
+                "spiffe://td/service/child",
+            ),
+        })
+        .await
+        .unwrap();
+        let mut ids: Vec<_> = sm
+            .authorized_entries(AGENT)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["e1", "e3", "e5"]);
+        p.propose(Command::DeleteEntry { id: "e5".into() })
+            .await
+            .unwrap();
 
         // Update bumps the revision; update of a missing entry is refused.
         let mut upd = e.clone();
@@ -193,7 +216,8 @@ async fn entries_tokens_agents_and_reopen() {
             p.propose(Command::RenewAgent {
                 spiffe_id: AGENT.into(),
                 serial: "02".into(),
-                expires_at: 9
+                expires_at: 9,
+                caller_serial: String::new(),
             })
             .await
             .unwrap(),

@@ -572,7 +572,8 @@ impl Ca {
                 "the intermediate CA has expired; the node is rotating it".into(),
             ));
         }
-        let params = svid_params(spiffe_id.as_str(), dns_names, t - 10, not_after)?;
+        let rsa_key = public_key.algorithm() == &rcgen::PKCS_RSA_SHA256;
+        let params = svid_params(spiffe_id.as_str(), dns_names, t - 10, not_after, rsa_key)?;
         let issuer = IssuerKey {
             cert_der: Some(int.record.cert_der.clone()),
             key: int.key.clone(),

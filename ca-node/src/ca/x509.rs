@@ -227,11 +227,15 @@ pub fn ca_params(
 /// Parameters of a leaf X.509-SVID per the X509-SVID standard: exactly one URI SAN (the
 /// SPIFFE ID) plus optional DNS SANs, cA=false, critical keyUsage digitalSignature (plus
 /// keyEncipherment/keyAgreement), EKU serverAuth+clientAuth, a random serial.
+///
+/// Key usage: digitalSignature always (X509-SVID); plus keyAgreement for EC keys and
+/// keyEncipherment for RSA keys (RFC 5480 forbids keyEncipherment on EC keys).
 pub fn svid_params(
     spiffe_id: &str,
     dns_names: &[String],
     not_before: i64,
     not_after: i64,
+    rsa_key: bool,
 ) -> Result<CertificateParams, Error> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -243,8 +247,11 @@ pub fn svid_params(
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-        KeyUsagePurpose::KeyAgreement,
+        if rsa_key {
+            KeyUsagePurpose::KeyEncipherment
+        } else {
+            KeyUsagePurpose::KeyAgreement
+        },
     ];
     p.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,

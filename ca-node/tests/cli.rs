@@ -1,0 +1,369 @@
+//! The `ca-node` binary as users run it: `run --config` refuses bad configurations with a
+//! message naming the problem; admin commands against a running node process refuse bad
+//! input with an actionable message and a non-zero exit; `healthcheck` tells a ready node
+//! from a missing one.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// `ca-node run --config` with `extra` appended to an otherwise valid config: must exit
+/// non-zero (without starting) and say each of `needles` on stderr.
+#[track_caller]
+fn refused_config(dir: &Path, extra: &str, needles: &[&str]) {
+    let (cfg, sock) = write_config(dir, "127.0.0.1:0", extra);
+    let out = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.success, "{extra:?} was accepted: {out:?}");
+    for n in needles {
+        assert!(
+            out.stderr.contains(n),
+            "{extra:?}: stderr lacks {n:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(!sock.exists(), "{extra:?}: the node started anyway");
+}
+
+#[test]
+fn run_refuses_invalid_configurations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    refused_config(d, "bogus_key = 1\n", &["unknown field", "bogus_key"]);
+    refused_config(d, "[ttl]\nroot_ttl = 5\n", &["unknown field", "root_ttl"]);
+    refused_config(
+        d,
+        "[ttl]\nx509_svid = 86400\n",
+        &[
+            "ttl.x509_svid",
+            "longer than half of ttl.intermediate",
+            "43200",
+        ],
+    );
+    refused_config(
+        d,
+        "[ttl]\nagent_svid = 50000\n",
+        &["ttl.agent_svid", "longer than half of ttl.intermediate"],
+    );
+    refused_config(
+        d,
+        "[ttl]\njwt_svid = 86400\n",
+        &["ttl.jwt_svid", "ttl.jwt_key"],
+    );
+    refused_config(d, "[ttl]\nx509_svid = 0\n", &["ttl.x509_svid", "positive"]);
+    refused_config(
+        d,
+        "intermediate_mode = \"disk\"\n",
+        &["intermediate_mode", "unknown variant"],
+    );
+    refused_config(
+        d,
+        "x509pop_ca_bundle = \"/nonexistent/provisioning-ca.pem\"\n",
+        &["x509pop_ca_bundle", "/nonexistent/provisioning-ca.pem"],
+    );
+    // The bad trust domain replaces the valid one: write that config by hand.
+    let cfg = d.join("bad-td.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = \"n1\"\ntrust_domain = \"Dev.Example.org\"\ndata_dir = {:?}\nadmin_socket = {:?}\n",
+            d.join("data"),
+            d.join("admin.sock")
+        ),
+    )
+    .unwrap();
+    let out = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("trust_domain") && out.stderr.contains("upper-case"),
+        "{}",
+        out.stderr
+    );
+    let cfg = d.join("bad-node-id.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = \"Node 1\"\ntrust_domain = \"{TD}\"\ndata_dir = {:?}\nadmin_socket = {:?}\n",
+            d.join("data"),
+            d.join("admin.sock")
+        ),
+    )
+    .unwrap();
+    let out = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("node_id"), "{}", out.stderr);
+
+    // A missing file.
+    let missing = d.join("no-such-config.toml");
+    let out = run_cli(&["run", "--config", missing.to_str().unwrap()]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("cannot read") && out.stderr.contains("no-such-config.toml"),
+        "{}",
+        out.stderr
+    );
+    // Not TOML at all.
+    let cfg = d.join("garbage.toml");
+    std::fs::write(&cfg, "this is = = not toml").unwrap();
+    let out = run_cli(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("garbage.toml"), "{}", out.stderr);
+    // Nothing was created for any of them.
+    assert!(
+        !d.join("data").exists(),
+        "a refused config created the data_dir"
+    );
+}
+
+/// Runs an admin command against `sock`.
+fn cli(sock: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--socket-path", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_cli(&all)
+}
+
+fn entry_count(sock: &Path) -> usize {
+    let out = cli(sock, &["entry", "show", "--output", "json"]);
+    assert!(out.success, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    v.as_array().expect("array").len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_against_a_running_node_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, sock) = write_config(tmp.path(), "127.0.0.1:0", "");
+    let _node = NodeProcess::start(&cfg, &sock, &tmp.path().join("node.log")).await;
+    let parent_s = format!("spiffe://{TD}/agent/host-1");
+    let parent = parent_s.as_str();
+    let svc_s = format!("spiffe://{TD}/svc");
+    let svc = svc_s.as_str();
+
+    // healthcheck: ready.
+    let out = cli(&sock, &["healthcheck"]);
+    assert!(out.success, "{out:?}");
+    assert!(out.stdout.contains("Server is healthy"), "{}", out.stdout);
+
+    // Bad SPIFFE IDs: non-zero exit, a message naming the field and the rule.
+    for (id, why) in [
+        ("bad", "must start with 'spiffe://'"),
+        ("spiffe://Dev.example.org/x", "upper-case"),
+        (
+            "spiffe://other.example.org/x",
+            "not in this CA's trust domain",
+        ),
+        ("spiffe://dev.example.org/a//b", "empty segment"),
+    ] {
+        let out = cli(
+            &sock,
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                id,
+                "--parent-id",
+                parent,
+                "--selector",
+                "unix:uid:1000",
+            ],
+        );
+        assert!(!out.success, "{id}: {out:?}");
+        assert!(
+            out.stderr.contains("spiffe_id") && out.stderr.contains(why),
+            "{id}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.starts_with("Error: "), "{}", out.stderr);
+    }
+    // Bad selectors are refused by the CLI with the supported list.
+    let out = cli(
+        &sock,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            svc,
+            "--parent-id",
+            parent,
+            "--selector",
+            "unix:uid:abc",
+        ],
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("uid must be a number"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(
+        &sock,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            svc,
+            "--parent-id",
+            parent,
+            "--selector",
+            "docker:label:x",
+        ],
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("not a selector") && out.stderr.contains("unix:uid"),
+        "{}",
+        out.stderr
+    );
+    // Missing flags.
+    let out = cli(&sock, &["entry", "create", "--spiffe-id", svc]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("--parent-id"), "{}", out.stderr);
+    // TTL beyond the limit.
+    let out = cli(
+        &sock,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            svc,
+            "--parent-id",
+            parent,
+            "--selector",
+            "unix:uid:1000",
+            "--x509-svid-ttl",
+            "999999",
+        ],
+    );
+    assert!(!out.success);
+    assert!(out.stderr.contains("x509_svid_ttl"), "{}", out.stderr);
+    assert_eq!(entry_count(&sock), 0, "a refused command stored an entry");
+
+    // Missing entries and bad tokens.
+    let out = cli(&sock, &["entry", "delete", "--entry-id", "nope"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("no entry with ID nope"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(
+        &sock,
+        &["entry", "update", "--entry-id", "nope", "--hint", "x"],
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("no entry with ID nope"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(&sock, &["token", "generate", "--ttl=-5"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("ttl must be positive"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(
+        &sock,
+        &[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://other.example.org/a",
+        ],
+    );
+    assert!(!out.success);
+    assert!(out.stderr.contains("spiffe_id"), "{}", out.stderr);
+    let out = cli(&sock, &["agent", "ban", "--spiffe-id", parent]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("no agent"), "{}", out.stderr);
+
+    // Control: a valid entry is created, shown, and a duplicate refused.
+    let args: [&str; 10] = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        svc,
+        "--parent-id",
+        parent,
+        "--selector",
+        "unix:uid:1000",
+        "--output",
+        "json",
+    ];
+    let out = cli(&sock, &args);
+    assert!(out.success, "{out:?}");
+    let created: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let id = created[0]["id"].as_str().expect("id").to_owned();
+    assert_eq!(entry_count(&sock), 1);
+    let out = cli(&sock, &args);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("exists") && out.stderr.contains(&id),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(entry_count(&sock), 1);
+}
+
+#[test]
+fn healthcheck_without_a_node_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("missing.sock");
+    let out = cli(&sock, &["healthcheck"]);
+    assert!(!out.success);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("missing.sock")
+            && out.stderr.contains("is the node running?")
+            && out.stderr.contains("CA_NODE_ADMIN_SOCKET"),
+        "{}",
+        out.stderr
+    );
+    // A socket file nobody listens on (a node that died).
+    let stale = tmp.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let out = cli(&stale, &["healthcheck"]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("stale.sock"), "{}", out.stderr);
+}
+
+/// `ca-node token generate` without `--ttl` should use the node's configured
+/// `ttl.join_token`, the documented default join token lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_generate_uses_the_configured_default_ttl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, sock) = write_config(tmp.path(), "127.0.0.1:0", "[ttl]\njoin_token = 120\n");
+    let _node = NodeProcess::start(&cfg, &sock, &tmp.path().join("node.log")).await;
+    let out = cli(&sock, &["token", "generate"]);
+    assert!(out.success, "{out:?}");
+    let expires = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Expires: "))
+        .expect("an Expires line");
+    let t = time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let ttl = t.unix_timestamp() - ca_identity::unix_now();
+    assert!(
+        (110..=120).contains(&ttl),
+        "token lifetime {ttl}s, configured 120s"
+    );
+}
+
+/// A socket file nobody listens on (a node that died or was killed) should get the same
+/// hint as a missing one.
+#[test]
+fn healthcheck_against_a_stale_socket_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stale = tmp.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let out = cli(&stale, &["healthcheck"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("is the node running?"),
+        "{}",
+        out.stderr
+    );
+}
