@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/types.proto",
         "proto/node.proto",
         "proto/admin.proto",
+        "proto/raft.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -6,6 +6,7 @@
 //! - [`node`]: what agents ask of any ca-node (attestation, entry sync, SVID minting).
 //! - [`admin`]: what the `ca-node` CLI asks of its local node.
 //! - [`types`]: domain messages shared by the node and admin APIs.
+//! - [`raft`]: the Raft transport between ca-nodes (openraft RPCs, forwarded writes).
 #![forbid(unsafe_code)]
 
 /// The SPIFFE Workload API (standard, no protobuf package).
@@ -31,6 +32,13 @@ pub mod spiffeca {
             tonic::include_proto!("spiffeca.node.v1");
         }
     }
+    /// The Raft transport between ca-nodes.
+    pub mod raft {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("spiffeca.raft.v1");
+        }
+    }
     /// The admin API.
     pub mod admin {
         /// Version 1.
@@ -42,4 +50,5 @@ pub mod spiffeca {
 
 pub use spiffeca::admin::v1 as admin;
 pub use spiffeca::node::v1 as node;
+pub use spiffeca::raft::v1 as raft;
 pub use spiffeca::types::v1 as types;

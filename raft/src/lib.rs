@@ -1,27 +1,74 @@
 //! Replicated state of the CA: every change is a [`Command`] applied, in log order, by one
-//! deterministic [`StateMachine`] to a durable SQLite store (sqlx).
+//! deterministic [`StateMachine`] to a durable SQLite store (sqlx), replicated across the
+//! cluster with openraft.
 //!
 //! Nothing else writes state. A [`Proposer`] takes a command to the log and returns the
-//! state machine's [`Response`] once it is applied. Today's proposer is [`LocalProposer`]
-//! (one node: the log is this node's); the Raft issue replaces it with openraft, which
-//! replicates exactly these commands, so no caller changes.
+//! state machine's [`Response`] once it is applied: [`RaftProposer`] in a cluster,
+//! [`LocalProposer`] for one node without Raft (development, tests).
 //!
 //! Commands carry everything that varies (timestamps, random tokens, serials), so applying
 //! the same log on any replica gives the same state. A command that breaks a rule
 //! (duplicate entry, used join token) is still applied, as a no-op with a
 //! [`Response::Rejected`], so replicas agree on that too.
+//!
+//! # Guide
+//! - [`types`]: the openraft [`TypeConfig`] (commands, responses, `u64` node IDs,
+//!   [`NodeInfo`] members, [`SnapshotFile`] snapshots), declared once, and aliases.
+//! - [`log_store`]: [`LogStore`], the Raft log, vote and purge point in their own SQLite
+//!   database ([`LOG_DB_FILE`]); every write is committed (fsync) before openraft hears
+//!   it is flushed.
+//! - [`state_machine`]: [`StateMachine`] over [`STATE_DB_FILE`]; each batch of entries is
+//!   one transaction that also stores the last applied log ID and membership. It is also
+//!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
+//!   ([`snapshot`]), installed by copying their tables over in one transaction.
+//! - [`network`]: the client side of the gRPC transport (`ca_proto::raft`), over channels
+//!   from a caller's [`Connector`] (the node brings mutually authenticated TLS);
+//!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server.
+//! - [`node`]: [`RaftNode`], a running member: writes forwarded to the leader, the
+//!   linearizable read barrier [`RaftNode::ensure_linearizable`], `init`/`add`/`promote`/
+//!   `remove`, [`ClusterStatus`].
+//!
+//! # Running a member
+//! ```no_run
+//! # async fn run() -> ca_raft::Result<()> {
+//! use std::sync::Arc;
+//! use ca_raft::*;
+//! let dir = std::path::Path::new("/var/lib/ca-node");
+//! let sm = StateMachine::open(&dir.join(STATE_DB_FILE)).await?;
+//! let log = LogStore::open(&dir.join(LOG_DB_FILE)).await?;
+//! let me = NodeInfo { addr: "10.0.0.1:7443".into(), node_id: "ca-1".into() };
+//! let node = RaftNode::start(RaftNodeConfig::new(1, me), log, sm, Arc::new(PlaintextConnector::default())).await?;
+//! // Mount node.grpc_service() on the node's (TLS) gRPC server, then, on the first node only:
+//! node.initialize().await?;
+//! let proposer = RaftProposer::new(node.clone());
+//! # let _ = proposer; Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod command;
+pub mod log_store;
+pub mod network;
+pub mod node;
+mod pb;
 pub mod proposer;
 pub mod records;
+pub mod service;
+mod sm_store;
+pub mod snapshot;
 pub mod state_machine;
+pub mod types;
 
 pub use command::{Command, RejectCode, Response};
-pub use proposer::{LocalProposer, Proposer};
+pub use log_store::LogStore;
+pub use network::{Connector, PlaintextConnector};
+pub use node::{ClusterStatus, RaftNode, RaftNodeConfig, Role, LOG_DB_FILE, STATE_DB_FILE};
+pub use proposer::{LocalProposer, Proposer, RaftProposer};
 pub use records::*;
+pub use service::RaftGrpc;
+pub use snapshot::SnapshotFile;
 pub use state_machine::StateMachine;
+pub use types::{NodeId, NodeInfo, TypeConfig};
 
 /// Errors of the store (not rule violations: those are [`Response::Rejected`]).
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +80,21 @@ pub enum Error {
     /// A stored value could not be decoded.
     #[error("state store holds a corrupt value: {0}")]
     Corrupt(String),
+    /// A snapshot could not be built, stored or installed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// A membership operation was sent to a node that is not the leader.
+    #[error("not the leader; the leader is {}", leader_id.map(|i| format!("node {i} at {}", leader_addr.as_deref().unwrap_or("an unknown address"))).unwrap_or_else(|| "unknown".into()))]
+    NotLeader {
+        /// The leader's ID, if known.
+        leader_id: Option<NodeId>,
+        /// The leader's Raft address, if known.
+        leader_addr: Option<String>,
+    },
+    /// The cluster refused an operation (already initialized, membership change in
+    /// progress, unknown learner, bad configuration).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The log is not accepting writes (e.g. shutting down, no leader).
     #[error("replicated log unavailable: {0}")]
     Unavailable(String),

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use crate::command::{Command, Response};
+use crate::node::RaftNode;
 use crate::state_machine::StateMachine;
 use crate::Result;
 
@@ -15,7 +16,7 @@ pub trait Proposer: Send + Sync + std::fmt::Debug {
 }
 
 /// The single-node log: commands are numbered and applied one at a time, durably, before
-/// `propose` returns. Replaced by the openraft proposer for clusters.
+/// `propose` returns. For development and single-node use; clusters use [`RaftProposer`].
 #[derive(Debug)]
 pub struct LocalProposer {
     sm: StateMachine,
@@ -38,5 +39,32 @@ impl Proposer for LocalProposer {
         let _turn = self.order.lock().await;
         let index = self.sm.last_applied() + 1;
         self.sm.apply(index, &cmd).await
+    }
+}
+
+/// The replicated log: commands go through openraft on a [`RaftNode`] — applied on every
+/// member, in log order, once a quorum has them. On a follower, commands are forwarded to
+/// the leader; see [`RaftNode::write`] for retries and [`crate::Error::Unavailable`].
+#[derive(Clone, Debug)]
+pub struct RaftProposer {
+    node: RaftNode,
+}
+
+impl RaftProposer {
+    /// A proposer over `node`.
+    pub fn new(node: RaftNode) -> Self {
+        Self { node }
+    }
+
+    /// The node it proposes through.
+    pub fn node(&self) -> &RaftNode {
+        &self.node
+    }
+}
+
+#[async_trait]
+impl Proposer for RaftProposer {
+    async fn propose(&self, cmd: Command) -> Result<Response> {
+        self.node.write(cmd).await
     }
 }

@@ -1,19 +1,27 @@
-//! The state machine: applies commands to SQLite, one transaction per command, together
-//! with the index of the last applied log entry (so a replay after a crash is idempotent).
+//! The state machine: applies log entries to SQLite, one transaction per batch of entries,
+//! together with the ID of the last applied entry and the last membership (so a replay after
+//! a crash is idempotent and openraft finds its applied state where the data is).
+//!
+//! It also builds snapshots of itself (`VACUUM INTO`, a consistent copy of the database) and
+//! installs received ones (their tables copied over its own in one transaction).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 use tokio::sync::watch;
 
 use crate::command::{Command, RejectCode, Response};
 use crate::records::*;
+use crate::snapshot::{SnapshotDir, SnapshotFile};
+use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use crate::{Error, Result};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS raft_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
   id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
   selectors TEXT NOT NULL, x509_svid_ttl INTEGER NOT NULL, jwt_svid_ttl INTEGER NOT NULL,
@@ -35,11 +43,19 @@ CREATE TABLE IF NOT EXISTS authorities (
   key_destroyed INTEGER NOT NULL DEFAULT 0);
 "#;
 
+/// `raft_meta` key of the last applied log ID (JSON).
+const LAST_APPLIED: &str = "last_applied_log_id";
+/// `raft_meta` key of the last applied membership (JSON).
+const LAST_MEMBERSHIP: &str = "last_membership";
+
 /// The durable state of one replica, and the only code that changes it.
+///
+/// Cloning is cheap: clones share the database and the snapshot folder.
 #[derive(Clone, Debug)]
 pub struct StateMachine {
     pool: SqlitePool,
     applied: watch::Sender<u64>,
+    snapshots: Arc<SnapshotDir>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> Error {
@@ -53,9 +69,66 @@ fn rejected(code: RejectCode, message: impl Into<String>) -> Response {
     }
 }
 
+/// The applied state as stored: last applied log ID and last membership.
+pub(crate) type AppliedState = (Option<LogId>, StoredMembership);
+
+async fn read_applied(conn: &mut sqlx::SqliteConnection) -> Result<AppliedState> {
+    let rows = sqlx::query("SELECT key, value FROM raft_meta")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut last = None;
+    let mut membership = StoredMembership::default();
+    for r in rows {
+        let key: String = r.get("key");
+        let value: String = r.get("value");
+        match key.as_str() {
+            LAST_APPLIED => last = serde_json::from_str(&value).map_err(corrupt)?,
+            LAST_MEMBERSHIP => membership = serde_json::from_str(&value).map_err(corrupt)?,
+            _ => {}
+        }
+    }
+    if last.is_none() {
+        // A store written before log IDs were recorded: only the index is known.
+        let index: Option<i64> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(i) = index.filter(|i| *i > 0) {
+            last = Some(LogId::new(openraft::CommittedLeaderId::new(0, 0), i as u64));
+        }
+    }
+    Ok((last, membership))
+}
+
+async fn write_applied(
+    conn: &mut sqlx::SqliteConnection,
+    last: &LogId,
+    membership: Option<&StoredMembership>,
+) -> Result<()> {
+    let put = "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
+    sqlx::query(put)
+        .bind(LAST_APPLIED)
+        .bind(json(last))
+        .execute(&mut *conn)
+        .await?;
+    if let Some(m) = membership {
+        sqlx::query(put)
+            .bind(LAST_MEMBERSHIP)
+            .bind(json(m))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("INSERT INTO meta(key, value) VALUES('last_applied', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        .bind(last.index as i64)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 impl StateMachine {
     /// Opens (creating if needed) the store at `path`. Writes are durable on return:
-    /// WAL with `synchronous=FULL`.
+    /// WAL with `synchronous=FULL`. Snapshots live in a folder beside it
+    /// (`state.snapshots/` for `state.db`).
     pub async fn open(path: &Path) -> Result<Self> {
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
@@ -70,43 +143,198 @@ impl StateMachine {
             .connect_with(opts)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        let applied: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
-            .fetch_optional(&pool)
-            .await?
-            .unwrap_or(0);
-        let (tx, _) = watch::channel(applied as u64);
-        Ok(Self { pool, applied: tx })
+        let (last, _) = read_applied(&mut *pool.acquire().await?).await?;
+        let snapshots = SnapshotDir::open(&snapshot_dir(path))
+            .await
+            .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
+        let (tx, _) = watch::channel(last.map(|l| l.index).unwrap_or(0));
+        Ok(Self {
+            pool,
+            applied: tx,
+            snapshots: Arc::new(snapshots),
+        })
     }
 
-    /// Index of the last applied command.
+    /// Index of the last applied log entry (0 before any).
     pub fn last_applied(&self) -> u64 {
         *self.applied.borrow()
     }
 
-    /// Notifies on every applied command (the value is the log index).
+    /// Notifies on every applied batch of entries (the value is the last applied index).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
 
-    /// Applies `cmd` at log `index`. An index at or below the last applied one is skipped
-    /// (replay), returning `Response::Ok`.
+    /// The last applied log ID and the last applied membership, as stored.
+    pub async fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership)> {
+        read_applied(&mut *self.pool.acquire().await?).await
+    }
+
+    /// Applies `cmd` at log `index` (single-node use, see [`crate::LocalProposer`]). An index
+    /// at or below the last applied one is skipped (replay), returning `Response::Ok`.
     pub async fn apply(&self, index: u64, cmd: &Command) -> Result<Response> {
-        let mut tx = self.pool.begin().await?;
-        let last: i64 = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or(0);
-        if index as i64 <= last {
-            return Ok(Response::Ok);
+        let entry = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(0, 0), index),
+            payload: EntryPayload::Normal(cmd.clone()),
+        };
+        let mut out = self.apply_entries(vec![entry]).await?;
+        Ok(out.pop().unwrap_or(Response::Ok))
+    }
+
+    /// Applies log entries in order, in one transaction that also records the last applied
+    /// log ID and membership. Entries at or below the last applied index are skipped
+    /// (replay) and answered `Response::Ok`; blank and membership entries are answered
+    /// `Response::Ok` too. One response per entry.
+    pub async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<Response>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
         }
-        let resp = apply_in(&mut tx, cmd, index).await?;
-        sqlx::query("INSERT INTO meta(key, value) VALUES('last_applied', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-            .bind(index as i64)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        let (last, _) = read_applied(&mut tx).await?;
+        let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
+        let mut applied: Option<LogId> = None;
+        let mut membership: Option<StoredMembership> = None;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let index = e.log_id.index;
+            if index < next_index {
+                out.push(Response::Ok);
+                continue;
+            }
+            let resp = match e.payload {
+                EntryPayload::Blank => Response::Ok,
+                EntryPayload::Normal(cmd) => apply_in(&mut tx, &cmd, index).await?,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(e.log_id), m));
+                    Response::Ok
+                }
+            };
+            out.push(resp);
+            next_index = index + 1;
+            applied = Some(e.log_id);
+        }
+        if let Some(last) = &applied {
+            write_applied(&mut tx, last, membership.as_ref()).await?;
+        }
         tx.commit().await?;
-        self.applied.send_replace(index);
-        Ok(resp)
+        if let Some(last) = applied {
+            self.applied.send_replace(last.index);
+        }
+        Ok(out)
+    }
+
+    // ---- snapshots ----
+
+    /// Builds a snapshot of the current state (a consistent copy of the database) and makes
+    /// it the current snapshot.
+    pub(crate) async fn build_snapshot(&self) -> Result<(SnapshotMeta, SnapshotFile)> {
+        let tmp = self.snapshots.temp_path("build");
+        let res = self.build_snapshot_at(&tmp).await;
+        if res.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        res
+    }
+
+    async fn build_snapshot_at(&self, tmp: &Path) -> Result<(SnapshotMeta, SnapshotFile)> {
+        let tmp_str = tmp
+            .to_str()
+            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", tmp.display())))?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(tmp_str)
+            .execute(&self.pool)
+            .await?;
+        // What the copy holds, read from the copy itself.
+        let (last, membership) = {
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{tmp_str}"))?
+                .read_only(true)
+                .immutable(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
+            let st = read_applied(&mut conn).await?;
+            conn.close().await?;
+            st
+        };
+        let snapshot_id = match &last {
+            Some(l) => format!(
+                "{}-{}-{}-{}",
+                l.leader_id.term,
+                l.leader_id.node_id,
+                l.index,
+                uuid::Uuid::new_v4().simple()
+            ),
+            None => format!("empty-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let mut f = SnapshotFile::open(tmp).await.map_err(snap_err)?;
+        f.sync().await.map_err(snap_err)?;
+        drop(f);
+        self.snapshots
+            .set_current(&meta, tmp)
+            .await
+            .map_err(snap_err)
+    }
+
+    /// The current snapshot, if one was built or installed.
+    pub(crate) async fn current_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotFile)>> {
+        self.snapshots.current().await.map_err(snap_err)
+    }
+
+    /// A new file to receive a snapshot into.
+    pub(crate) async fn begin_receiving_snapshot(&self) -> Result<SnapshotFile> {
+        SnapshotFile::create(&self.snapshots.temp_path("recv"))
+            .await
+            .map_err(snap_err)
+    }
+
+    /// Replaces the whole state with the snapshot in `file`, atomically, and makes it the
+    /// current snapshot. The applied state becomes `meta`'s.
+    pub(crate) async fn install_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        mut file: SnapshotFile,
+    ) -> Result<()> {
+        file.sync().await.map_err(snap_err)?;
+        let path = file.path().to_owned();
+        drop(file);
+        let res = self.install_from(meta, &path).await;
+        if let Err(e) = res {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
+        self.snapshots
+            .set_current(meta, &path)
+            .await
+            .map_err(snap_err)?;
+        if let Some(l) = &meta.last_log_id {
+            self.applied.send_replace(l.index);
+        }
+        Ok(())
+    }
+
+    async fn install_from(&self, meta: &SnapshotMeta, path: &Path) -> Result<()> {
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", path.display())))?;
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("ATTACH DATABASE ? AS snap")
+            .bind(path_str)
+            .execute(&mut *conn)
+            .await?;
+        let res = copy_from_attached(&mut conn, meta).await;
+        let detached = sqlx::query("DETACH DATABASE snap")
+            .execute(&mut *conn)
+            .await;
+        if res.is_err() || detached.is_err() {
+            // Do not hand a connection in an unknown state back to the pool.
+            conn.close_on_drop();
+        }
+        res?;
+        detached?;
+        Ok(())
     }
 
     // ---- reads ----
@@ -203,6 +431,81 @@ impl StateMachine {
             .await?;
         rows.iter().map(authority_from_row).collect()
     }
+}
+
+fn snapshot_dir(state_path: &Path) -> PathBuf {
+    state_path.with_extension("snapshots")
+}
+
+fn snap_err(e: std::io::Error) -> Error {
+    Error::Snapshot(e.to_string())
+}
+
+/// Replaces every table of `main` with the same table of the attached `snap` database (the
+/// columns both have), then records `meta` as the applied state. One transaction.
+async fn copy_from_attached(conn: &mut sqlx::SqliteConnection, meta: &SnapshotMeta) -> Result<()> {
+    let check: String = sqlx::query_scalar("PRAGMA snap.quick_check")
+        .fetch_one(&mut *conn)
+        .await?;
+    if check != "ok" {
+        return Err(Error::Snapshot(format!(
+            "received snapshot is damaged: {check}"
+        )));
+    }
+    let mut tx = conn.begin().await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for t in &tables {
+        let cols: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info(?, 'main') ORDER BY cid")
+                .bind(t)
+                .fetch_all(&mut *tx)
+                .await?;
+        let snap_cols: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info(?, 'snap') ORDER BY cid")
+                .bind(t)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query(&format!("DELETE FROM main.{}", ident(t)))
+            .execute(&mut *tx)
+            .await?;
+        let common: Vec<String> = cols
+            .iter()
+            .filter(|c| snap_cols.contains(c))
+            .map(|c| ident(c))
+            .collect();
+        if !common.is_empty() {
+            let list = common.join(", ");
+            sqlx::query(&format!(
+                "INSERT INTO main.{t} ({list}) SELECT {list} FROM snap.{t}",
+                t = ident(t)
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    // The snapshot's metadata is the authority on what it holds.
+    sqlx::query("DELETE FROM raft_meta")
+        .execute(&mut *tx)
+        .await?;
+    match &meta.last_log_id {
+        Some(last) => write_applied(&mut tx, last, Some(&meta.last_membership)).await?,
+        None => {
+            sqlx::query("DELETE FROM meta WHERE key = 'last_applied'")
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Quotes an SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {

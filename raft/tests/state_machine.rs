@@ -299,3 +299,56 @@ async fn authority_journal() {
         }
     ));
 }
+
+#[tokio::test]
+async fn applied_log_id_and_membership_are_stored_with_the_batch() {
+    use ca_raft::types::{Entry, EntryPayload, LogId, Membership};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let log_id = |term, index| LogId::new(openraft::CommittedLeaderId::new(term, 1), index);
+    let members = BTreeMap::from([(
+        1u64,
+        NodeInfo {
+            addr: "127.0.0.1:1".into(),
+            node_id: "ca-1".into(),
+        },
+    )]);
+    let membership = Membership::new(vec![BTreeSet::from([1u64])], members);
+    let batch = vec![
+        Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Membership(membership.clone()),
+        },
+        Entry {
+            log_id: log_id(1, 2),
+            payload: EntryPayload::Normal(Command::CreateEntry {
+                entry: entry("e1", "spiffe://td/service/a", AGENT),
+            }),
+        },
+        Entry {
+            log_id: log_id(2, 3),
+            payload: EntryPayload::Blank,
+        },
+    ];
+    {
+        let sm = StateMachine::open(&path).await.unwrap();
+        let out = sm.apply_entries(batch.clone()).await.unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], Response::Ok);
+        assert!(matches!(out[1], Response::Entry(_)));
+        assert_eq!(out[2], Response::Ok);
+        assert_eq!(sm.last_applied(), 3);
+    }
+    // Durable, and a replay of the same entries changes nothing.
+    let sm = StateMachine::open(&path).await.unwrap();
+    let (last, stored) = sm.applied_state().await.unwrap();
+    assert_eq!(last, Some(log_id(2, 3)));
+    assert_eq!(stored.log_id(), &Some(log_id(1, 1)));
+    assert_eq!(stored.membership(), &membership);
+    let out = sm.apply_entries(batch[1..].to_vec()).await.unwrap();
+    assert_eq!(out, vec![Response::Ok, Response::Ok]);
+    assert_eq!(sm.entries().await.unwrap().len(), 1);
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 3)));
+}

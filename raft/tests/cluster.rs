@@ -1,0 +1,503 @@
+//! Three Raft nodes in one process, each with its own SQLite stores and a real tonic server
+//! on 127.0.0.1 (plaintext: TLS is the node's business): election, writes forwarded from
+//! followers, leader loss, catch-up by snapshot, and a join token used exactly once under
+//! concurrent attestation through every node.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_raft::*;
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// One member: its Raft, its server, its folder.
+struct TestNode {
+    id: NodeId,
+    addr: SocketAddr,
+    dir: PathBuf,
+    node: RaftNode,
+    proposer: RaftProposer,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+fn raft_config(snapshot_every: u64) -> openraft::Config {
+    let mut c = node::recommended_config("test");
+    c.heartbeat_interval = 100;
+    c.election_timeout_min = 500;
+    c.election_timeout_max = 1000;
+    c.snapshot_policy = SnapshotPolicy::LogsSinceLast(snapshot_every);
+    c.max_in_snapshot_log_to_keep = 0;
+    c.purge_batch_size = 1;
+    c
+}
+
+impl TestNode {
+    /// Starts node `id` over the stores in `dir`, serving on `addr` (port 0: any).
+    async fn start(id: NodeId, dir: &Path, addr: SocketAddr, config: openraft::Config) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let sm = StateMachine::open(&dir.join(STATE_DB_FILE)).await.unwrap();
+        let log = LogStore::open(&dir.join(LOG_DB_FILE)).await.unwrap();
+        let mut cfg = RaftNodeConfig::new(
+            id,
+            NodeInfo {
+                addr: addr.to_string(),
+                node_id: format!("ca-{id}"),
+            },
+        );
+        cfg.raft = config;
+        cfg.timeout = Duration::from_secs(15);
+        let node = RaftNode::start(cfg, log, sm, Arc::new(PlaintextConnector::default()))
+            .await
+            .unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let svc = node.grpc_service();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+        });
+        Self {
+            id,
+            addr,
+            dir: dir.to_owned(),
+            proposer: RaftProposer::new(node.clone()),
+            node,
+            stop: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            addr: self.addr.to_string(),
+            node_id: format!("ca-{}", self.id),
+        }
+    }
+
+    /// Stops Raft and the server (the stores stay).
+    async fn stop(&mut self) {
+        self.node.shutdown().await.unwrap();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            if tokio::time::timeout(Duration::from_secs(5), &mut Box::pin(h))
+                .await
+                .is_err()
+            {
+                // Graceful shutdown waits on open connections; it has had its chance.
+            }
+        }
+    }
+
+    fn sm(&self) -> &StateMachine {
+        self.node.state_machine()
+    }
+}
+
+/// Three nodes, node 1 initialized and 2 and 3 added and promoted.
+async fn cluster(root: &Path, config: openraft::Config) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let dir = root.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        nodes.push(TestNode::start(id, &dir, "127.0.0.1:0".parse().unwrap(), config.clone()).await);
+    }
+    let n1 = &nodes[0].node;
+    n1.initialize().await.unwrap();
+    n1.raft()
+        .wait(Some(WAIT))
+        .current_leader(1, "node 1 leads its one-node cluster")
+        .await
+        .unwrap();
+    assert!(
+        matches!(n1.initialize().await, Err(Error::Cluster(_))),
+        "a second init is refused"
+    );
+    // Membership changes run on the leader, or are forwarded to it (here from learners).
+    n1.add_learner(2, nodes[1].info(), true).await.unwrap();
+    nodes[1]
+        .node
+        .add_learner(3, nodes[2].info(), true)
+        .await
+        .unwrap();
+    nodes[2].node.promote(2).await.unwrap();
+    n1.promote(3).await.unwrap();
+    let st = n1.status();
+    assert_eq!(st.role, Role::Leader);
+    assert_eq!(
+        st.members
+            .iter()
+            .filter(|(_, m)| m.voter)
+            .map(|(id, _)| *id)
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
+    nodes
+}
+
+/// Waits until every running node knows the same leader, and returns it.
+async fn leader(nodes: &[&TestNode]) -> NodeId {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let leaders: BTreeSet<Option<NodeId>> =
+            nodes.iter().map(|n| n.node.status().leader).collect();
+        if leaders.len() == 1 {
+            if let Some(Some(l)) = leaders.into_iter().next() {
+                if nodes.iter().any(|n| n.id == l) {
+                    return l;
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no agreed leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `n` has applied at least `index`.
+async fn applied(n: &TestNode, index: u64) {
+    n.node
+        .raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(index), "catch up")
+        .await
+        .unwrap_or_else(|e| panic!("node {} did not apply {index}: {e}", n.id));
+}
+
+fn entry(id: &str) -> EntryRecord {
+    EntryRecord {
+        id: id.into(),
+        spiffe_id: format!("spiffe://td/service/{id}"),
+        parent_id: "spiffe://td/agent/a".into(),
+        selectors: vec![SelectorRecord {
+            kind: "unix".into(),
+            value: "uid:1001".into(),
+        }],
+        x509_svid_ttl: 0,
+        jwt_svid_ttl: 0,
+        dns_names: vec![],
+        admin: false,
+        hint: String::new(),
+        created_at: 1,
+        revision: 0,
+    }
+}
+
+fn agent(id: &str) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id.into(),
+        attestation_type: "join_token".into(),
+        x509_svid_serial: "01".into(),
+        x509_svid_expires_at: 100,
+        previous_x509_svid_serial: String::new(),
+        banned: false,
+        attested_at: 10,
+        selectors: vec![],
+    }
+}
+
+async fn create(p: &RaftProposer, id: &str) {
+    match p
+        .propose(Command::CreateEntry { entry: entry(id) })
+        .await
+        .unwrap()
+    {
+        Response::Entry(e) => assert_eq!(e.id, id),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn entry_ids(sm: &StateMachine) -> Vec<String> {
+    let mut ids: Vec<String> = sm
+        .entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicates_forwards_and_survives_leader_loss() {
+    init_tracing();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), raft_config(10_000)).await;
+    let l = leader(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_eq!(l, 1);
+
+    // Writes proposed on followers are forwarded to the leader and applied everywhere.
+    create(&nodes[1].proposer, "from-2").await;
+    create(&nodes[2].proposer, "from-3").await;
+    create(&nodes[0].proposer, "from-1").await;
+    // A rule violation is answered, not lost, wherever it is proposed.
+    assert!(matches!(
+        nodes[2]
+            .proposer
+            .propose(Command::CreateEntry {
+                entry: entry("from-1")
+            })
+            .await
+            .unwrap(),
+        Response::Rejected {
+            code: RejectCode::AlreadyExists,
+            ..
+        }
+    ));
+    // A read barrier on a follower sees every write acknowledged before it.
+    let read = nodes[2].node.ensure_linearizable().await.unwrap().unwrap();
+    assert!(nodes[2].sm().last_applied() >= read.index);
+    assert_eq!(
+        entry_ids(nodes[2].sm()).await,
+        vec!["from-1", "from-2", "from-3"]
+    );
+
+    // The same join token, attested through all three nodes at once: used exactly once.
+    nodes[1]
+        .proposer
+        .propose(Command::CreateJoinToken {
+            token: JoinTokenRecord {
+                token: "tok".into(),
+                spiffe_id: "spiffe://td/agent/join_token/tok".into(),
+                expires_at: 1_000,
+                used_at: None,
+            },
+        })
+        .await
+        .unwrap();
+    let attempts = nodes.iter().map(|n| {
+        let p = n.proposer.clone();
+        let id = n.id;
+        tokio::spawn(async move {
+            p.propose(Command::AttestWithJoinToken {
+                token: "tok".into(),
+                now: 10,
+                agent: agent(&format!("spiffe://td/agent/via-{id}")),
+            })
+            .await
+            .unwrap()
+        })
+    });
+    let mut won = Vec::new();
+    let mut refused = 0;
+    for a in attempts {
+        match a.await.unwrap() {
+            Response::Agent(a) => won.push(a.spiffe_id),
+            Response::Rejected {
+                code: RejectCode::FailedPrecondition,
+                message,
+            } => {
+                assert!(message.contains("already used"), "{message}");
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((won.len(), refused), (1, 2), "exactly one attestation wins");
+    let last = nodes[0].sm().last_applied();
+    for n in &nodes {
+        applied(n, last).await;
+        let agents: Vec<String> = n
+            .sm()
+            .agents()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.spiffe_id)
+            .collect();
+        assert_eq!(agents, won, "node {} agrees on the winner", n.id);
+        assert!(n
+            .sm()
+            .join_token("tok")
+            .await
+            .unwrap()
+            .unwrap()
+            .used_at
+            .is_some());
+    }
+
+    // Acknowledged writes, then the leader goes away.
+    let mut acked: Vec<String> = vec!["from-1".into(), "from-2".into(), "from-3".into()];
+    for i in 0..10 {
+        let id = format!("before-{i}");
+        create(&nodes[(i % 3) as usize].proposer, &id).await;
+        acked.push(id);
+    }
+    let old = nodes.iter().position(|n| n.id == l).unwrap();
+    nodes[old].stop().await;
+    let rest: Vec<&TestNode> = nodes.iter().filter(|n| n.id != l).collect();
+    let new_leader = leader(&rest).await;
+    assert_ne!(new_leader, l, "a new leader is elected");
+    assert_eq!(
+        rest.iter()
+            .find(|n| n.id == new_leader)
+            .unwrap()
+            .node
+            .status()
+            .role,
+        Role::Leader
+    );
+    // Nothing acknowledged is lost, and writes go on through either survivor.
+    for n in &rest {
+        n.node.ensure_linearizable().await.unwrap();
+        let ids = entry_ids(n.sm()).await;
+        for a in &acked {
+            assert!(ids.contains(a), "node {} lost acknowledged {a}", n.id);
+        }
+    }
+    for (i, n) in rest.iter().enumerate() {
+        let id = format!("after-{i}");
+        create(&n.proposer, &id).await;
+        acked.push(id);
+    }
+    acked.sort();
+    let status = rest[0].node.status();
+    assert_eq!(status.leader, Some(new_leader));
+    assert!(status.last_applied.is_some());
+
+    // The old leader comes back as a follower and catches up.
+    let dir = nodes[old].dir.clone();
+    let addr = nodes[old].addr;
+    nodes[old] = TestNode::start(l, &dir, addr, raft_config(10_000)).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let now_leader = leader(&all).await;
+    let target = nodes
+        .iter()
+        .find(|n| n.id == now_leader)
+        .unwrap()
+        .sm()
+        .last_applied();
+    applied(&nodes[old], target).await;
+    assert_eq!(entry_ids(nodes[old].sm()).await, acked);
+    if now_leader == new_leader {
+        let st = nodes
+            .iter()
+            .find(|n| n.id == now_leader)
+            .unwrap()
+            .node
+            .status();
+        assert_eq!(st.replication.len(), 3, "{st:?}");
+    }
+
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_behind_the_purged_log_catches_up_by_snapshot() {
+    init_tracing();
+    let root = tempfile::tempdir().unwrap();
+    // A snapshot every 10 entries, and the log purged right behind it.
+    let mut nodes = cluster(root.path(), raft_config(10)).await;
+    assert_eq!(leader(&nodes.iter().collect::<Vec<_>>()).await, 1);
+    for i in 0..5 {
+        create(&nodes[0].proposer, &format!("early-{i}")).await;
+    }
+    applied(&nodes[2], nodes[0].sm().last_applied()).await;
+    let behind = nodes[2].node.status().last_log_index.unwrap();
+
+    // Node 3 goes down; the cluster moves on well past its log, and purges it.
+    nodes[2].stop().await;
+    for i in 0..40 {
+        create(&nodes[(i % 2) as usize].proposer, &format!("later-{i}")).await;
+    }
+    // Deleted while node 3 was away: the snapshot must not keep it.
+    nodes[1]
+        .proposer
+        .propose(Command::DeleteEntry {
+            id: "early-0".into(),
+        })
+        .await
+        .unwrap();
+    let n1 = &nodes[0].node;
+    n1.raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.purged.map(|p| p.index > behind + 1).unwrap_or(false),
+            "leader purged past node 3's log",
+        )
+        .await
+        .unwrap();
+    let st = n1.status();
+    assert!(st.snapshot.is_some(), "{st:?}");
+
+    // Node 3 restarts with its old stores: the log it needs is gone, so it gets a snapshot.
+    let dir = nodes[2].dir.clone();
+    let addr = nodes[2].addr;
+    nodes[2] = TestNode::start(3, &dir, addr, raft_config(10)).await;
+    let target = nodes[0].sm().last_applied();
+    applied(&nodes[2], target).await;
+    let st3 = nodes[2].node.status();
+    let snap = st3.snapshot.expect("node 3 has a snapshot");
+    assert!(
+        snap.index > behind,
+        "installed snapshot {snap} is past {behind}"
+    );
+    let want = entry_ids(nodes[0].sm()).await;
+    assert_eq!(want.len(), 44);
+    assert!(!want.contains(&"early-0".to_string()));
+    assert_eq!(entry_ids(nodes[2].sm()).await, want);
+    let (applied_id, membership) = nodes[2].sm().applied_state().await.unwrap();
+    assert!(applied_id.unwrap().index >= target);
+    assert_eq!(
+        membership.membership().voter_ids().collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
+
+    // And it keeps following: a write through it lands everywhere.
+    create(&nodes[2].proposer, "after-snapshot").await;
+    let last = nodes[2].sm().last_applied();
+    for n in &nodes {
+        applied(n, last).await;
+        assert!(n.sm().entry("after-snapshot").await.unwrap().is_some());
+    }
+
+    // Node 3 leaves (asked through node 2, forwarded to the leader).
+    nodes[1].node.remove(3).await.unwrap();
+    let st = nodes[0].node.status();
+    assert_eq!(st.members.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(st.members.values().all(|m| m.voter));
+
+    // Node 3's state survives a restart, and its snapshot folder holds just the current one.
+    for n in &mut nodes {
+        n.stop().await;
+    }
+    let sm = StateMachine::open(&dir.join(STATE_DB_FILE)).await.unwrap();
+    assert_eq!(entry_ids(&sm).await.len(), 45);
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("state.snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files[0], "current.json");
+    assert!(
+        files[1].starts_with("snap-") && files[1].ends_with(".db"),
+        "{files:?}"
+    );
+}
