@@ -464,7 +464,7 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
     let (code, body) = readyz(&node).await;
     assert_eq!(code, 200, "still ready on the old intermediate: {body}");
     verify_signed_by(&mint_x509(&node).await.unwrap()[0], &first.cert_der);
-    let said = logs.lines_with(&["CA maintenance failed", "'ca-root'"]);
+    let said = logs.lines_with(&["'ca-root'"]);
     assert!(!said.is_empty(), "no log says why:\n{}", logs.text());
     eprintln!("the node says: {}", said[0]);
 
@@ -494,9 +494,9 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
 }
 
 /// Key-manager mode with the root in its own token: while that token is gone, a due
-/// rotation generates the new intermediate's key in the intermediate token and then cannot
-/// have it certified by the root. That key is deleted again (no leaked keys), the node
-/// keeps minting with the current intermediate meanwhile, and rotates once the root is back.
+/// rotation finds the root unusable before making the new intermediate's key, so no key is
+/// made (none leaked, no create-and-delete churn every retry); the node keeps minting with
+/// the current intermediate meanwhile, and rotates once the root is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rotation_leaves_no_key_in_the_token() {
     let logs = logs::capture();
@@ -532,15 +532,16 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
         },
     )
     .await;
-    // The attempt made a key in the intermediate token; it is gone again.
+    // The attempts did not make a key in the intermediate token.
     let generated = logs.lines_with(&[
         "generated key in PKCS#11 token",
         "int-dev-1-",
         "token=ca-int",
     ]);
-    assert!(
-        generated.len() >= 2,
-        "no intermediate key made by the rotation: {generated:#?}"
+    assert_eq!(
+        generated.len(),
+        1,
+        "only the first intermediate's key may have been made: {generated:#?}"
     );
     let (_, during) = token_keys(&hsm, "ca-int", "i-").await;
     assert_eq!(during, keys, "a key left behind by the failed rotation");

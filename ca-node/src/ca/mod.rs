@@ -181,11 +181,19 @@ impl Ca {
 
     /// Tries one signature with each role key this node mints with whose key manager
     /// failed last, so a recovered HSM or KMS is noticed without waiting for traffic.
+    /// The root's key manager is checked on every call by finding the root key again (no
+    /// signature: a CA key signs nothing but certificates), so a root outage shows in
+    /// `ca_keymanager_up{role="root"}` long before a rotation needs the root.
     pub async fn probe_key_managers(&self) {
-        let (int, jwt) = {
+        let (root, int, jwt) = {
             let cur = self.current.read().expect("ca lock");
-            (cur.intermediate.clone(), cur.jwt.clone())
+            (cur.root.clone(), cur.intermediate.clone(), cur.jwt.clone())
         };
+        if let Some(r) = root {
+            if let Err(e) = self.keys.root.get(&r.record.key_id).await {
+                tracing::warn!(authority = %r.record.id, error = %e, "the root's key manager is not usable; minting continues, but intermediates cannot be rotated until it is back");
+            }
+        }
         for (signer, keys) in [(int, &self.keys.intermediate), (jwt, &self.keys.jwt)] {
             if let Some(s) = signer {
                 if s.record.key_backend != "memory" && keys.health.problem().is_some() {
@@ -464,6 +472,10 @@ impl Ca {
     }
 
     async fn create_intermediate(&self, root: &Signer) -> Result<Signer, Error> {
+        // Only make a key when the root can sign it: while the root's key manager is down,
+        // a rotation attempt every few seconds would otherwise create and delete a key each
+        // time.
+        self.keys.root.get(&root.record.key_id).await?;
         let id = format!("int-{}-{}", self.settings.node_id, short_id());
         let (key, backend): (Arc<dyn SigningKey>, String) = match self.settings.intermediate_mode {
             IntermediateMode::KeyManager => (
