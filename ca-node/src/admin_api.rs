@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::convert::{agent_to_proto, bundle_to_proto, entry_to_proto};
 use crate::core::{propose, NodeCore};
 use crate::Error;
+use std::pin::Pin;
 
 /// The admin API service.
 #[derive(Clone)]
@@ -131,6 +132,8 @@ impl Admin for AdminApi {
         req: Request<GetEntryRequest>,
     ) -> Result<Response<EntryResponse>, Status> {
         authorize(&req)?;
+        // Reads answer with what the cluster acknowledged, not what this node applied so far.
+        self.core.read_barrier().await?;
         let id = &req.get_ref().id;
         let e = self.core.sm.entry(id).await.map_err(Error::from)?;
         let e = e.ok_or_else(|| Status::not_found(format!("no entry with ID {id}")))?;
@@ -144,6 +147,8 @@ impl Admin for AdminApi {
         req: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
         authorize(&req)?;
+        // Reads answer with what the cluster acknowledged, not what this node applied so far.
+        self.core.read_barrier().await?;
         let f = req.get_ref();
         let entries = self.core.sm.entries().await.map_err(Error::from)?;
         let entries = entries
@@ -180,6 +185,8 @@ impl Admin for AdminApi {
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         authorize(&req)?;
+        // Reads answer with what the cluster acknowledged, not what this node applied so far.
+        self.core.read_barrier().await?;
         let agents = self.core.sm.agents().await.map_err(Error::from)?;
         Ok(Response::new(ListAgentsResponse {
             agents: agents.iter().map(agent_to_proto).collect(),
@@ -191,6 +198,8 @@ impl Admin for AdminApi {
         req: Request<GetAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
         authorize(&req)?;
+        // Reads answer with what the cluster acknowledged, not what this node applied so far.
+        self.core.read_barrier().await?;
         let id = &req.get_ref().spiffe_id;
         let a = self.core.sm.agent(id).await.map_err(Error::from)?;
         let a = a.ok_or_else(|| Status::not_found(format!("no attested agent {id}")))?;
@@ -252,6 +261,8 @@ impl Admin for AdminApi {
         req: Request<GetCaStatusRequest>,
     ) -> Result<Response<GetCaStatusResponse>, Status> {
         authorize(&req)?;
+        // Reads answer with what the cluster acknowledged, not what this node applied so far.
+        self.core.read_barrier().await?;
         let auths = self.core.sm.authorities().await.map_err(Error::from)?;
         Ok(Response::new(GetCaStatusResponse {
             trust_domain: self.core.config.trust_domain.clone(),
@@ -279,5 +290,168 @@ impl Admin for AdminApi {
         authorize(&req)?;
         let (ready, detail) = (self.ready)();
         Ok(Response::new(HealthResponse { ready, detail }))
+    }
+
+    async fn cluster_status(
+        &self,
+        req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        authorize(&req)?;
+        let st = self.core.raft.status();
+        let members = st
+            .members
+            .iter()
+            .map(|(id, m)| {
+                let rep = st.replication.get(id);
+                ClusterMember {
+                    raft_id: *id,
+                    node_id: m.node.node_id.clone(),
+                    addr: m.node.addr.clone(),
+                    voter: m.voter,
+                    matched_index: rep.and_then(|r| r.matched).map(|l| l.index).unwrap_or(0),
+                    lag: rep.map(|r| r.lag).unwrap_or(0),
+                    has_replication: rep.is_some(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusResponse {
+            raft_id: st.id,
+            node_id: self.core.config.node_id.clone(),
+            role: st.role.as_str().into(),
+            leader_id: st.leader.unwrap_or(0),
+            term: st.term,
+            last_log_index: st.last_log_index.unwrap_or(0),
+            last_applied_index: st.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: st.snapshot.map(|l| l.index).unwrap_or(0),
+            members,
+            joint: st.joint,
+            millis_since_quorum_ack: st.millis_since_quorum_ack.map(|m| m as i64).unwrap_or(-1),
+        }))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        authorize(&req)?;
+        let r = req.into_inner();
+        if r.raft_id == 0 || !crate::config::valid_node_id(&r.node_id) {
+            return Err(Status::invalid_argument(
+                "add needs --raft-id (positive), --node-id (a-z 0-9 -) and --addr host:port",
+            ));
+        }
+        if !r
+            .addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        {
+            return Err(Status::invalid_argument(format!(
+                "addr {:?}: use host:port",
+                r.addr
+            )));
+        }
+        if let Some((id, m)) = self
+            .core
+            .raft
+            .status()
+            .members
+            .into_iter()
+            .find(|(id, m)| *id == r.raft_id || m.node.node_id == r.node_id)
+        {
+            return Err(Status::already_exists(format!(
+                "raft id {id} (node {}) is a member already",
+                m.node.node_id
+            )));
+        }
+        let log = self
+            .core
+            .raft
+            .add_learner(
+                r.raft_id,
+                ca_raft::NodeInfo {
+                    addr: r.addr,
+                    node_id: r.node_id,
+                },
+                false,
+            )
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(MembershipResponse {
+            log_index: log.index,
+        }))
+    }
+
+    async fn promote_member(
+        &self,
+        req: Request<PromoteMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        authorize(&req)?;
+        let id = req.get_ref().raft_id;
+        match self.core.raft.status().members.get(&id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "raft id {id} is not a member; add it first"
+                )))
+            }
+            Some(m) if m.voter => {
+                return Err(Status::already_exists(format!(
+                    "raft id {id} is a voter already"
+                )))
+            }
+            Some(_) => {}
+        }
+        let log = self.core.raft.promote(id).await.map_err(Error::from)?;
+        Ok(Response::new(MembershipResponse {
+            log_index: log.index,
+        }))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        authorize(&req)?;
+        let id = req.get_ref().raft_id;
+        let log_index = crate::cluster::remove_member(&self.core, id).await?;
+        Ok(Response::new(MembershipResponse { log_index }))
+    }
+
+    type SaveSnapshotStream =
+        Pin<Box<dyn futures::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
+
+    async fn save_snapshot(
+        &self,
+        req: Request<SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        authorize(&req)?;
+        if !req.get_ref().allow_stale {
+            // The copy holds at least everything acknowledged before the call.
+            self.core.read_barrier().await?;
+        }
+        let dir = &self.core.config.data_dir;
+        let tmp = dir.join(format!("backup-{}.db", uuid::Uuid::new_v4().simple()));
+        crate::backup::save_copy(&dir.join(ca_raft::STATE_DB_FILE), &tmp).await?;
+        let read = async {
+            let applied = crate::backup::applied_index(&tmp).await?;
+            let data = tokio::fs::read(&tmp)
+                .await
+                .map_err(|e| Error::Internal(format!("reading {}: {e}", tmp.display())))?;
+            Ok::<_, Error>((applied, data))
+        }
+        .await;
+        let _ = std::fs::remove_file(&tmp);
+        let (applied, data) = read?;
+        let chunks: Vec<Result<SnapshotChunk, Status>> = data
+            .chunks(1024 * 1024)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(SnapshotChunk {
+                    data: c.to_vec(),
+                    applied_index: if i == 0 { applied } else { 0 },
+                })
+            })
+            .collect();
+        tracing::info!(bytes = data.len(), applied, "state backup taken");
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 }

@@ -101,6 +101,16 @@ pub struct NodeConfig {
     /// Log filter (`info`, `debug`, `ca_node=debug`).
     #[serde(default = "default_log")]
     pub log_level: String,
+    /// This node's Raft ID: unique in the cluster and never reused (a node that is removed
+    /// and wiped joins again under a new one). Default 1, for the first node.
+    #[serde(default = "default_raft_id")]
+    pub raft_id: u64,
+    /// `host:port` other members (and the cluster membership) reach this node's API at; the
+    /// Raft transport is served on the node API's mutually authenticated TLS port. Default:
+    /// the address `node_listen` is bound to (which must then not be `0.0.0.0`/`::` in a
+    /// cluster of more than one node).
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
 }
 
 /// Lifetimes, in seconds.
@@ -152,6 +162,17 @@ fn default_ca_alg() -> KeyAlgorithm {
 fn default_log() -> String {
     "info".into()
 }
+fn default_raft_id() -> u64 {
+    1
+}
+
+/// Whether `s` is a valid node ID: 1 to 63 characters of `a-z 0-9 -`.
+pub fn valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+}
 
 impl NodeConfig {
     /// A configuration with every optional value at its default (not yet validated).
@@ -173,6 +194,8 @@ impl NodeConfig {
             ttl: TtlConfig::default(),
             x509pop_ca_bundle: None,
             log_level: default_log(),
+            raft_id: default_raft_id(),
+            advertise_addr: None,
         }
     }
 
@@ -223,13 +246,7 @@ impl NodeConfig {
     /// Checks every value; the message names the key and what to do.
     pub fn validate(&self) -> Result<(), Error> {
         let c = |m: String| Err(Error::Config(m));
-        if self.node_id.is_empty()
-            || self.node_id.len() > 63
-            || !self
-                .node_id
-                .chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
-        {
+        if !valid_node_id(&self.node_id) {
             return c(format!(
                 "node_id {:?}: use 1 to 63 characters of a-z 0-9 -",
                 self.node_id
@@ -303,6 +320,21 @@ impl NodeConfig {
             && self.intermediate_key_manager.is_some()
         {
             return c("intermediate_key_manager is set but intermediate_mode = \"memory\" keeps intermediate keys in RAM; remove one of the two".into());
+        }
+        if self.raft_id == 0 {
+            return c(
+                "raft_id must be a positive integer, unique in the cluster and never reused".into(),
+            );
+        }
+        if let Some(a) = &self.advertise_addr {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return c(format!(
+                    "advertise_addr {a:?}: use host:port, e.g. \"10.0.0.1:8081\" or \"ca-1.internal:8081\""
+                ));
+            }
         }
         if let Some(p) = &self.x509pop_ca_bundle {
             let text = std::fs::read_to_string(p)
@@ -378,6 +410,10 @@ mod tests {
                 "x509pop_ca_bundle = \"/nonexistent/ca.pem\"\n",
                 "x509pop_ca_bundle",
             ),
+            ("raft_id = 0\n", "raft_id"),
+            ("raft_id = -1\n", "raft_id"),
+            ("advertise_addr = \"10.0.0.1\"\n", "advertise_addr"),
+            ("advertise_addr = \":8081\"\n", "advertise_addr"),
         ] {
             let err = NodeConfig::parse(&format!("{BASE}{extra}"))
                 .unwrap_err()

@@ -3,10 +3,13 @@
 
 use std::sync::Arc;
 
+use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_identity::{Selector, SpiffeId};
+use ca_kms::KeyManager;
 use ca_proto::types;
 use ca_raft::{
-    Command, EntryRecord, JoinTokenRecord, Proposer, Response, SelectorRecord, StateMachine,
+    Command, EntryRecord, JoinTokenRecord, Proposer, RaftNode, Response, SelectorRecord,
+    StateMachine,
 };
 
 use crate::ca::Ca;
@@ -28,6 +31,16 @@ pub struct NodeCore {
     pub ca: Ca,
     /// Metrics.
     pub metrics: Metrics,
+    /// This node's Raft member (cluster status, membership, read barrier).
+    pub raft: RaftNode,
+    /// The node's own SVID (`spiffe://TD/ca-node/<id>`), served and presented to peers.
+    pub svid: SvidResolver,
+    /// The X.509 roots peers and agents are verified against.
+    pub roots: LiveRoots,
+    /// This node's own root key manager (without forwarding to other members).
+    pub local_root_km: Arc<dyn KeyManager>,
+    /// `host:port` members reach this node at.
+    pub advertise_addr: String,
 }
 
 /// Proposes a command, turning a refusal into an error.
@@ -52,6 +65,14 @@ fn valid_dns_name(d: &str) -> bool {
 }
 
 impl NodeCore {
+    /// A read barrier: returns once this node has applied everything committed before the
+    /// call, so the reads that follow are current (linearizable). `UNAVAILABLE` without a
+    /// leader and a quorum.
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        self.raft.ensure_linearizable().await?;
+        Ok(())
+    }
+
     /// Parses a SPIFFE ID that must be in this trust domain; `what` names the field.
     pub fn parse_local_id(&self, what: &str, s: &str) -> Result<SpiffeId, Error> {
         let id = SpiffeId::parse(s).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
@@ -169,10 +190,30 @@ impl NodeCore {
                 .id_with_path(&format!("/agent/join_token/{token}"))?
         } else {
             let id = self.parse_local_id("spiffe_id", spiffe_id)?;
-            if id.path().is_empty() || id.path().starts_with("/ca-node/") {
+            // A token for spiffe://TD/ca-node/<node id> lets a new ca-node join the cluster
+            // (`ca-node join`); any other /ca-node/ path is reserved.
+            let node_token = id
+                .path()
+                .strip_prefix("/ca-node/")
+                .is_some_and(crate::config::valid_node_id);
+            if id.path().is_empty() || (id.path().starts_with("/ca-node/") && !node_token) {
                 return Err(Error::InvalidArgument(
-                    "spiffe_id: an agent ID needs a path outside /ca-node/".into(),
+                    "spiffe_id: an agent ID needs a path outside /ca-node/ (or, to let a new ca-node join, exactly spiffe://TD/ca-node/<node id>)".into(),
                 ));
+            }
+            if node_token {
+                let node_id = id.path().trim_start_matches("/ca-node/");
+                if let Some((raft_id, _)) = self
+                    .raft
+                    .status()
+                    .members
+                    .iter()
+                    .find(|(_, m)| m.node.node_id == node_id)
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "spiffe_id: {id} is already a member of the cluster (raft id {raft_id}); a joining ca-node needs a node ID of its own (`ca-node cluster remove` the old member first)"
+                    )));
+                }
             }
             id
         };

@@ -58,6 +58,11 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::KeyManager(ca_kms::Error::Unavailable(_)) => Status::unavailable(msg),
+            // No leader with a quorum within the timeout: retry (the write may still land).
+            Error::State(ca_raft::Error::Unavailable(_)) => Status::unavailable(msg),
+            Error::State(ca_raft::Error::NotLeader { .. } | ca_raft::Error::Cluster(_)) => {
+                Status::failed_precondition(msg)
+            }
             Error::KeyManager(_) | Error::State(_) | Error::Internal(_) => Status::internal(msg),
         }
     }
@@ -73,8 +78,11 @@ impl Error {
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::PermissionDenied(_) => "permission_denied",
             Error::Unauthenticated(_) => "unauthenticated",
-            Error::Unavailable(_) | Error::KeyManager(ca_kms::Error::Unavailable(_)) => {
-                "unavailable"
+            Error::Unavailable(_)
+            | Error::KeyManager(ca_kms::Error::Unavailable(_))
+            | Error::State(ca_raft::Error::Unavailable(_)) => "unavailable",
+            Error::State(ca_raft::Error::NotLeader { .. } | ca_raft::Error::Cluster(_)) => {
+                "failed_precondition"
             }
             Error::KeyManager(_) | Error::State(_) | Error::Internal(_) => "internal",
         }
@@ -89,5 +97,31 @@ pub fn from_rejection(code: ca_raft::RejectCode, message: String) -> Error {
         AlreadyExists => Error::AlreadyExists(message),
         FailedPrecondition => Error::FailedPrecondition(message),
         PermissionDenied => Error::PermissionDenied(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_errors_map_to_retryable_codes() {
+        let s = tonic::Status::from(Error::State(ca_raft::Error::Unavailable(
+            "no leader".into(),
+        )));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        let s = tonic::Status::from(Error::State(ca_raft::Error::NotLeader {
+            leader_id: Some(2),
+            leader_addr: None,
+        }));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        let e = Error::State(ca_raft::Error::Cluster("change in progress".into()));
+        assert_eq!(e.code_name(), "failed_precondition");
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::FailedPrecondition
+        );
+        let e = Error::State(ca_raft::Error::Corrupt("x".into()));
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
     }
 }

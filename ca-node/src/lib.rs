@@ -11,13 +11,17 @@
 //! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID.
 //! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
 //! - [`server`]: starting and stopping all of it; [`dev`]: the one-command local setup.
+//! - [`cluster`]: joining, membership, the root used across members; [`raft_tls`]: mTLS
+//!   between ca-nodes; [`backup`]: state backups and disaster recovery.
 //! - [`cli`]: the `ca-node` command line (the binary is a thin wrapper around it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin_api;
+pub mod backup;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod core;
@@ -25,6 +29,7 @@ pub mod dev;
 pub mod error;
 pub mod metrics;
 pub mod node_api;
+pub mod raft_tls;
 pub mod server;
 
 pub use config::NodeConfig;

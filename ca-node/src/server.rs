@@ -11,18 +11,24 @@ use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_kms::KeyManager;
 use ca_proto::admin::admin_server::AdminServer;
 use ca_proto::node::node_server::NodeServer;
-use ca_raft::{LocalProposer, StateMachine};
+use ca_raft::{
+    LogStore, NodeInfo, RaftNode, RaftNodeConfig, RaftProposer, Role, StateMachine, LOG_DB_FILE,
+    STATE_DB_FILE,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::admin_api::AdminApi;
 use crate::ca::keys::KeyManagers;
 use crate::ca::{Ca, CaSettings};
+use crate::cluster;
 use crate::config::{KeyManagerConfig, NodeConfig};
 use crate::core::NodeCore;
 use crate::metrics::Metrics;
 use crate::node_api::NodeApi;
+use crate::raft_tls::{self, TlsConnector};
 use crate::Error;
 
 /// A running node.
@@ -52,6 +58,7 @@ impl NodeHandle {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        let _ = self.core.raft.shutdown().await;
         let _ = std::fs::remove_file(&self.admin_socket);
     }
 
@@ -105,8 +112,9 @@ async fn open_key_manager(
     Ok(km)
 }
 
-/// Opens the key manager of each role; roles with the same configuration share one.
-async fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyManagers, Error> {
+/// Opens the key manager of each role (root, intermediate, JWT); roles with the same
+/// configuration share one.
+async fn open_key_managers(cfg: &NodeConfig) -> Result<[Arc<dyn KeyManager>; 3], Error> {
     let mut opened: Vec<(&KeyManagerConfig, Arc<dyn KeyManager>)> = Vec::new();
     let mut per_role = Vec::new();
     for km_cfg in cfg.role_key_managers() {
@@ -120,9 +128,8 @@ async fn open_key_managers(cfg: &NodeConfig, metrics: &Metrics) -> Result<KeyMan
         };
         per_role.push(km);
     }
-    let [root, intermediate, jwt] = <[Arc<dyn KeyManager>; 3]>::try_from(per_role)
-        .map_err(|_| Error::Internal("three roles".into()))?;
-    Ok(KeyManagers::new(root, intermediate, jwt, metrics.clone()))
+    <[Arc<dyn KeyManager>; 3]>::try_from(per_role)
+        .map_err(|_| Error::Internal("three roles".into()))
 }
 
 /// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`, with the
@@ -138,21 +145,216 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
         .ca
         .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
         .await?;
-    resolver.set(&chain, &key.serialize_der())?;
+    let key_der = key.serialize_der();
+    resolver.set(&chain, &key_der)?;
+    // Kept for the next start: a restarted node talks to its peers with it before its CA is
+    // ready (a memory-mode intermediate, for one, needs the cluster to be replaced).
+    if let Err(e) = cluster::save_node_svid(&core.config.data_dir, &chain, &key_der) {
+        tracing::warn!(error = %e, "could not save the node SVID");
+    }
     Ok(ca_identity::x509::cert_info(&chain[0])?.not_after)
 }
 
-/// Starts a node from a validated config; returns once every listener is bound.
+/// How a node's Raft membership begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// `ca-node run`: a member starts as one; an empty data dir becomes a new single-node
+    /// cluster (as with [`Bootstrap::Init`]); a data dir that joined but was never added
+    /// waits to be added.
+    Auto,
+    /// `ca-node init`: a new cluster of this one node, which creates the root. Refused if the
+    /// data dir is a member of a cluster already.
+    Init,
+    /// `ca-node join` (after the join token exchange): wait for the leader to add this node.
+    Join,
+}
+
+/// Starts a node from a validated config ([`Bootstrap::Auto`]); returns once every
+/// listener is bound.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
+    start_with(config, Bootstrap::Auto).await
+}
+
+/// The address members reach this node at: `advertise_addr`, else the bound node API
+/// address.
+fn advertise_addr(config: &NodeConfig, bound: SocketAddr) -> String {
+    if let Some(a) = &config.advertise_addr {
+        return a.clone();
+    }
+    if bound.ip().is_unspecified() {
+        tracing::warn!(%bound, "node_listen is a wildcard address and advertise_addr is not set; other members will not be able to reach this node (set advertise_addr)");
+        return SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port()).to_string();
+    }
+    bound.to_string()
+}
+
+/// The X.509 roots to verify peers with before the CA is ready: the journal's, else the
+/// bundle a joining node was given.
+async fn initial_roots(config: &NodeConfig, sm: &StateMachine) -> Result<Vec<Vec<u8>>, Error> {
+    let t = ca_identity::unix_now();
+    let roots: Vec<Vec<u8>> = sm
+        .authorities()
+        .await?
+        .into_iter()
+        .filter(|a| {
+            a.kind == ca_raft::AuthorityKind::Root
+                && a.state != ca_raft::AuthorityState::Revoked
+                && a.not_after > t
+        })
+        .map(|a| a.cert_der)
+        .collect();
+    if !roots.is_empty() {
+        return Ok(roots);
+    }
+    match std::fs::read_to_string(config.data_dir.join(cluster::BUNDLE_FILE)) {
+        Ok(text) => Ok(ca_identity::bundle::certs_from_pem(&text)?),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// Whether this node may run its CA now: the journal has an active root, or this node is
+/// the whole cluster and leads it (it creates the root). A node that joined waits for the
+/// log to bring the root.
+async fn ca_may_start(core: &NodeCore) -> Result<bool, Error> {
+    let has_root = core.sm.authorities().await?.iter().any(|a| {
+        a.kind == ca_raft::AuthorityKind::Root && a.state == ca_raft::AuthorityState::Active
+    });
+    if has_root {
+        return Ok(true);
+    }
+    let st = core.raft.status();
+    Ok(st.role == Role::Leader && st.members.len() == 1 && st.members.contains_key(&st.id))
+}
+
+/// One round of CA upkeep on the current journal: read barrier, then
+/// [`Ca::ensure_authorities`]. `Ok(false)`: not yet (no root replicated here yet).
+async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
+    core.read_barrier().await?;
+    if !ca_may_start(core).await? {
+        return Ok(false);
+    }
+    core.ca.ensure_authorities().await?;
+    Ok(true)
+}
+
+/// Starts a node; see [`Bootstrap`]. Returns once every listener is bound.
+pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<NodeHandle, Error> {
     config.validate()?;
     mkdir_private(&config.data_dir)?;
+    let td = config.trust_domain();
+    let marker = cluster::read_marker(&config.data_dir)?;
+    if let Some(m) = &marker {
+        if m.raft_id != config.raft_id {
+            return Err(Error::Config(format!(
+                "raft_id {} does not match data_dir {}, which belongs to raft id {}; raft IDs never change",
+                config.raft_id,
+                config.data_dir.display(),
+                m.raft_id
+            )));
+        }
+    }
+    let state_path = config.data_dir.join(STATE_DB_FILE);
+    if !config.data_dir.join(LOG_DB_FILE).exists() {
+        // A state store written without Raft (single node, before replication) or restored
+        // from a backup: it becomes the state of a new cluster.
+        crate::backup::prepare_for_new_log(&state_path).await?;
+    }
     let metrics = Metrics::new();
-    let sm = StateMachine::open(&config.data_dir.join("state.db")).await?;
-    let proposer = Arc::new(LocalProposer::new(sm.clone()));
-    let keys = open_key_managers(&config, &metrics).await?;
+    let sm = StateMachine::open(&state_path).await?;
+    let log = LogStore::open(&config.data_dir.join(LOG_DB_FILE)).await?;
+
+    // The node API is bound first: its address is this node's address in the membership.
+    let listener = TcpListener::bind(config.node_listen).await.map_err(|e| {
+        Error::Config(format!(
+            "cannot listen on node_listen {}: {e}",
+            config.node_listen
+        ))
+    })?;
+    let node_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let advertise = advertise_addr(&config, node_addr);
+
+    let svid = SvidResolver::default();
+    if let Some((chain, key)) = cluster::load_node_svid(&config.data_dir) {
+        if let Err(e) = svid.set(&chain, &key) {
+            tracing::warn!(error = %e, "the saved node SVID is unusable; waiting for the CA");
+        }
+    }
+    let roots = LiveRoots::new(initial_roots(&config, &sm).await?);
+    let connector = Arc::new(TlsConnector::new(svid.clone(), roots.clone(), td.clone()));
+    let raft = RaftNode::start(
+        RaftNodeConfig::new(
+            config.raft_id,
+            NodeInfo {
+                addr: advertise.clone(),
+                node_id: config.node_id.clone(),
+            },
+        ),
+        log,
+        sm.clone(),
+        connector,
+    )
+    .await?;
+    let initialized = raft.is_initialized().await?;
+    let joined = marker.as_ref().map(|m| m.origin) == Some(cluster::Origin::Join);
+    let new_cluster = match (bootstrap, initialized) {
+        (Bootstrap::Init, true) => {
+            let _ = raft.shutdown().await;
+            return Err(Error::Config(format!(
+                "data_dir {} is a member of a cluster already; start it with `ca-node run`",
+                config.data_dir.display()
+            )));
+        }
+        (Bootstrap::Init, false) => true,
+        (Bootstrap::Auto, false) if !joined => {
+            tracing::info!("empty data dir: initializing a new single-node cluster (use `ca-node join` to join an existing one instead)");
+            true
+        }
+        (Bootstrap::Auto, false) => {
+            tracing::warn!("this node joined but was not added to the cluster yet; waiting for the leader (run `ca-node cluster add` on a member)");
+            false
+        }
+        (Bootstrap::Join, _) | (Bootstrap::Auto, true) => false,
+    };
+    if new_cluster {
+        if let Err(e) = raft.initialize().await {
+            let _ = raft.shutdown().await;
+            return Err(e.into());
+        }
+    }
+    if marker.is_none() {
+        cluster::write_marker(
+            &config.data_dir,
+            &cluster::Marker {
+                raft_id: config.raft_id,
+                origin: if bootstrap == Bootstrap::Join {
+                    cluster::Origin::Join
+                } else {
+                    cluster::Origin::Init
+                },
+            },
+        )?;
+    }
+
+    let proposer = Arc::new(RaftProposer::new(raft.clone()));
+    let [local_root, intermediate_km, jwt_km] = match open_key_managers(&config).await {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
+    };
+    let peers = cluster::Peers::new(raft.clone(), svid.clone(), roots.clone(), td.clone());
+    let root_km: Arc<dyn KeyManager> = Arc::new(cluster::ClusterRootKeyManager::new(
+        local_root.clone(),
+        sm.clone(),
+        peers,
+    ));
+    let keys = KeyManagers::new(root_km, intermediate_km, jwt_km, metrics.clone());
     let ca = Ca::new(
         CaSettings {
-            trust_domain: config.trust_domain(),
+            trust_domain: td.clone(),
             node_id: config.node_id.clone(),
             root_ttl: config.ttl.root,
             intermediate_ttl: config.ttl.intermediate,
@@ -165,52 +367,28 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         sm.clone(),
         proposer.clone(),
     );
-    match ca.ensure_authorities().await {
-        Ok(()) => {}
-        // An HSM or KMS that is down at start is waited for: the node starts not ready and
-        // the maintenance loop retries. Anything else (a wrong PIN, a bad config) is fatal.
-        Err(Error::KeyManager(e @ ca_kms::Error::Unavailable(_))) => tracing::error!(
-            error = %e,
-            "the key manager is unavailable at start; the node is NOT READY and retries every 5s"
-        ),
-        Err(e) => return Err(e),
-    }
     let core = Arc::new(NodeCore {
         config: config.clone(),
         sm,
         proposer,
         ca,
         metrics,
+        raft: raft.clone(),
+        svid: svid.clone(),
+        roots: roots.clone(),
+        local_root_km: local_root,
+        advertise_addr: advertise.clone(),
     });
     let (shutdown, _) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    // Node API over TLS.
-    let svid = SvidResolver::default();
-    let svid_not_after = match core.ca.intermediate() {
-        Some(_) => renew_node_svid(&core, &svid).await?,
-        None => 0, // no serving certificate until the CA is ready
-    };
-    let roots = LiveRoots::new(
-        core.ca
-            .bundle()
-            .map(|b| b.x509_authorities.clone())
-            .unwrap_or_default(),
-    );
+    // The node API, the Raft transport and the cluster service, over TLS. Served before
+    // the CA is ready: a member's peers need its Raft service first.
     let tls = Arc::new(ca_identity::tls::server_config(
         svid.clone(),
         roots.clone(),
         false,
     ));
-    let listener = TcpListener::bind(config.node_listen).await.map_err(|e| {
-        Error::Config(format!(
-            "cannot listen on node_listen {}: {e}",
-            config.node_listen
-        ))
-    })?;
-    let node_addr = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut stop = shutdown.subscribe();
@@ -235,10 +413,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         }
     }));
     let node_api = NodeServer::new(NodeApi::new(core.clone()));
+    let raft_api =
+        InterceptedService::new(raft.grpc_service(), raft_tls::only_ca_nodes(td.clone()));
+    let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(node_api)
+            .add_service(raft_api)
+            .add_service(cluster_api)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(conn_rx),
                 async move {
@@ -250,6 +435,46 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             tracing::error!(error = %e, "node API server stopped");
         }
     }));
+
+    // The CA: root (first node only), this node's intermediate and JWT key.
+    let fatal = match ensure_ca(&core).await {
+        Ok(true) => None,
+        Ok(false) => {
+            tracing::info!("waiting for the replicated log to bring the CA journal's root");
+            None
+        }
+        // An HSM or KMS that is down at start is waited for: the node starts not ready and
+        // the maintenance loop retries. So is a cluster without a quorum. Anything else (a
+        // wrong PIN, a bad config) is fatal.
+        Err(Error::KeyManager(e @ ca_kms::Error::Unavailable(_))) => {
+            tracing::error!(error = %e, "the key manager is unavailable at start; the node is NOT READY and retries every 5s");
+            None
+        }
+        Err(e @ (Error::State(ca_raft::Error::Unavailable(_)) | Error::Unavailable(_))) => {
+            tracing::error!(error = %e, "no quorum at start; the node is NOT READY and retries every 5s");
+            None
+        }
+        Err(e) => Some(e),
+    };
+    if let Some(e) = fatal {
+        let _ = shutdown.send(true);
+        let _ = raft.shutdown().await;
+        return Err(e);
+    }
+    let svid_not_after = match core.ca.intermediate() {
+        Some(_) => match renew_node_svid(&core, &svid).await {
+            Ok(na) => na,
+            Err(e) => {
+                let _ = shutdown.send(true);
+                let _ = raft.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => 0, // no serving certificate of its own until the CA is ready
+    };
+    if let Ok(b) = core.ca.bundle() {
+        roots.set(b.x509_authorities.clone());
+    }
 
     // Admin API on a private Unix socket.
     let admin_socket = config.admin_socket.clone();
@@ -370,15 +595,30 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
                 _ = stop.changed() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = mcore.ca.ensure_authorities().await {
-                tracing::error!(error = %e, "CA maintenance failed; will retry in 5s");
-            }
+            let current = match ensure_ca(&mcore).await {
+                Ok(started) => started,
+                Err(e @ (Error::State(ca_raft::Error::Unavailable(_)) | Error::Unavailable(_))) => {
+                    tracing::warn!(error = %e, "CA maintenance skipped: no leader with a quorum; will retry in 5s");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "CA maintenance failed; will retry in 5s");
+                    false
+                }
+            };
             mcore.ca.probe_key_managers().await;
-            if let Err(e) = mcore.ca.destroy_expired_keys().await {
-                tracing::warn!(error = %e, "destroying expired authority keys failed; will retry");
+            if current {
+                if let Err(e) = mcore.ca.destroy_expired_keys().await {
+                    tracing::warn!(error = %e, "destroying expired authority keys failed; will retry");
+                }
+            } else if mcore.ca.bundle().is_ok() {
+                // Without a quorum the journal may still have changed here (applied late).
+                let _ = mcore.ca.refresh_bundle().await;
             }
             if let Ok(b) = mcore.ca.bundle() {
-                roots.set(b.x509_authorities.clone());
+                if !b.x509_authorities.is_empty() {
+                    roots.set(b.x509_authorities.clone());
+                }
             }
             if let Ok(auths) = mcore.sm.authorities().await {
                 mcore.metrics.authority_expiry.reset();
@@ -408,6 +648,18 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
 }
 
 fn readiness(core: &NodeCore) -> (bool, String) {
+    let st = core.raft.status();
+    let raft = match st.leader {
+        Some(l) => format!("raft {} (leader {l}, term {})", st.role.as_str(), st.term),
+        None => format!("raft {} (no leader)", st.role.as_str()),
+    };
+    let (ok, detail) = minting_readiness(core);
+    (ok, format!("{detail}; {raft}"))
+}
+
+/// Readiness is the ability to mint: a node without a Raft quorum still mints (minting does
+/// not go through the log), so the Raft role is reported but does not decide.
+fn minting_readiness(core: &NodeCore) -> (bool, String) {
     let problems = core.ca.minting_problems();
     if problems.is_empty() {
         let id = core

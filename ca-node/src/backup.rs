@@ -1,0 +1,240 @@
+//! Backups of the replicated state and disaster recovery.
+//!
+//! - [`save_copy`]: a consistent copy of `state.db` (`VACUUM INTO`, taken while the node
+//!   runs), what `ca-node snapshot save` writes.
+//! - [`restore`]: `ca-node snapshot restore` puts such a copy into an empty data dir as the
+//!   state of a **new** cluster: the copy's Raft bookkeeping (last applied entry, old
+//!   membership) is dropped, every node's intermediate and JWT key is retired (their keys
+//!   may not exist where the restore happens; each node makes new ones, and retired JWT keys
+//!   stay published until they expire), and the old members' ca-node identities are
+//!   forgotten. Entries, agents, join tokens and the roots are kept. The restored node starts
+//!   with `ca-node run` as a single-node cluster; others join it.
+//! - [`prepare_for_new_log`]: the same bookkeeping reset for a state store written before
+//!   Raft (single node, no Raft log next to it).
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
+
+use crate::Error;
+
+fn db_err(what: &str, p: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("{what} {}: {e}", p.display()))
+}
+
+fn path_str(p: &Path) -> Result<&str, Error> {
+    p.to_str()
+        .ok_or_else(|| Error::Config(format!("non-UTF-8 path {}", p.display())))
+}
+
+async fn connect(p: &Path, read_only: bool) -> Result<SqliteConnection, Error> {
+    connect_with(p, read_only, SqliteJournalMode::Wal).await
+}
+
+async fn connect_with(
+    p: &Path,
+    read_only: bool,
+    mode: SqliteJournalMode,
+) -> Result<SqliteConnection, Error> {
+    let mut opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path_str(p)?))
+        .map_err(|e| db_err("opening", p, e))?
+        .read_only(read_only)
+        .busy_timeout(std::time::Duration::from_secs(10));
+    if !read_only {
+        opts = opts.journal_mode(mode).synchronous(SqliteSynchronous::Full);
+    }
+    opts.connect().await.map_err(|e| db_err("opening", p, e))
+}
+
+/// The index of the last log entry applied to the state database at `p` (0 if none).
+pub async fn applied_index(p: &Path) -> Result<u64, Error> {
+    let mut c = connect(p, true).await?;
+    let v: Option<String> =
+        sqlx::query_scalar("SELECT value FROM raft_meta WHERE key = 'last_applied_log_id'")
+            .fetch_optional(&mut c)
+            .await
+            .map_err(|e| db_err("reading", p, e))?;
+    let _ = c.close().await;
+    Ok(
+        v.and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .and_then(|j| j.get("index").and_then(|i| i.as_u64()))
+            .unwrap_or(0),
+    )
+}
+
+/// Writes a consistent copy of the state database `state` to `out` (which must not
+/// exist) while the node runs.
+pub async fn save_copy(state: &Path, out: &Path) -> Result<(), Error> {
+    let mut c = connect(state, true).await?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(path_str(out)?)
+        .execute(&mut c)
+        .await
+        .map_err(|e| db_err("copying", state, e))?;
+    let _ = c.close().await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| db_err("setting permissions on", out, e))?;
+    Ok(())
+}
+
+/// Checks that `p` is an intact state database.
+pub async fn check_copy(p: &Path) -> Result<(), Error> {
+    let mut c = connect(p, true).await.map_err(|e| {
+        Error::InvalidArgument(format!("{} is not a state backup: {e}", p.display()))
+    })?;
+    let check: String = sqlx::query_scalar("PRAGMA quick_check")
+        .fetch_one(&mut c)
+        .await
+        .map_err(|e| {
+            Error::InvalidArgument(format!("{} is not a state backup: {e}", p.display()))
+        })?;
+    if check != "ok" {
+        return Err(Error::InvalidArgument(format!(
+            "{} is damaged: {check}",
+            p.display()
+        )));
+    }
+    for table in [
+        "entries",
+        "agents",
+        "join_tokens",
+        "authorities",
+        "raft_meta",
+    ] {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+        )
+        .bind(table)
+        .fetch_one(&mut c)
+        .await
+        .map_err(|e| db_err("reading", p, e))?;
+        if n == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a state backup: it has no {table} table",
+                p.display()
+            )));
+        }
+    }
+    let _ = c.close().await;
+    Ok(())
+}
+
+/// A state store with no Raft log beside it: if it was written without Raft (a
+/// single-node store from before replication), drop its log bookkeeping so a new log can
+/// start from index 0 over the same data. A store that has Raft bookkeeping is left alone.
+pub async fn prepare_for_new_log(state: &Path) -> Result<(), Error> {
+    if !state.exists() {
+        return Ok(());
+    }
+    let mut c = connect(state, false).await?;
+    let has_raft_meta: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'raft_meta'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .map_err(|e| db_err("reading", state, e))?;
+    let raft_rows: i64 = if has_raft_meta > 0 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM raft_meta")
+            .fetch_one(&mut c)
+            .await
+            .map_err(|e| db_err("reading", state, e))?
+    } else {
+        0
+    };
+    if raft_rows == 0 {
+        let n = sqlx::query("DELETE FROM meta WHERE key = 'last_applied'")
+            .execute(&mut c)
+            .await
+            .map(|r| r.rows_affected())
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::info!(state = %state.display(), "a single-node state store from before Raft: it becomes the state of a new Raft log");
+        }
+    }
+    let _ = c.close().await;
+    Ok(())
+}
+
+/// Resets a restored copy at `state` to be the state of a new cluster (see the module docs).
+async fn reset_for_new_cluster(state: &Path) -> Result<(u64, u64), Error> {
+    // A rollback journal, so the file is complete by itself once closed.
+    let mut c = connect_with(state, false, SqliteJournalMode::Delete).await?;
+    let mut tx = c.begin().await.map_err(|e| db_err("writing", state, e))?;
+    let q = |sql: &'static str| sqlx::query(sql);
+    let version: i64 = sqlx::query("SELECT COALESCE(MAX(updated), 0) AS v FROM authorities")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_err("reading", state, e))?
+        .get("v");
+    let retired = sqlx::query(
+        "UPDATE authorities SET state = 'retired', updated = ? WHERE kind IN ('intermediate', 'jwt') AND state IN ('active', 'prepared')",
+    )
+    .bind(version + 1)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_err("writing", state, e))?
+    .rows_affected();
+    let forgotten = q("DELETE FROM agents WHERE spiffe_id LIKE 'spiffe://%/ca-node/%'")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("writing", state, e))?
+        .rows_affected();
+    for sql in [
+        "DELETE FROM raft_meta",
+        "DELETE FROM meta WHERE key = 'last_applied'",
+    ] {
+        q(sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err("writing", state, e))?;
+    }
+    tx.commit().await.map_err(|e| db_err("writing", state, e))?;
+    let _ = c.close().await;
+    Ok((retired, forgotten))
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy)]
+pub struct Restored {
+    /// The last log index the backup contained.
+    pub applied_index: u64,
+    /// Intermediates and JWT keys retired.
+    pub retired_authorities: u64,
+    /// ca-node identities forgotten.
+    pub forgotten_nodes: u64,
+}
+
+/// Restores the backup `from` into the empty data dir `data_dir` (see the module docs).
+pub async fn restore(from: &Path, data_dir: &Path) -> Result<Restored, Error> {
+    if crate::cluster::has_state(data_dir) || crate::cluster::read_marker(data_dir)?.is_some() {
+        return Err(Error::Config(format!(
+            "data_dir {} already holds a node's state; restore into an empty data dir",
+            data_dir.display()
+        )));
+    }
+    check_copy(from).await?;
+    let applied = applied_index(from).await?;
+    std::fs::create_dir_all(data_dir).map_err(|e| db_err("creating", data_dir, e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| db_err("setting permissions on", data_dir, e))?;
+    }
+    let target = data_dir.join(ca_raft::STATE_DB_FILE);
+    let tmp = data_dir.join("state.db.restoring");
+    // A VACUUM INTO copy is a self-contained database file.
+    std::fs::copy(from, &tmp).map_err(|e| db_err("copying to", &tmp, e))?;
+    let (retired, forgotten) = reset_for_new_cluster(&tmp).await?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| db_err("syncing", &tmp, e))?;
+    std::fs::rename(&tmp, &target).map_err(|e| db_err("renaming to", &target, e))?;
+    Ok(Restored {
+        applied_index: applied,
+        retired_authorities: retired,
+        forgotten_nodes: forgotten,
+    })
+}

@@ -1,0 +1,932 @@
+//! The cluster of ca-nodes: how a node joins, how members use the root, and the files a
+//! node keeps about its membership.
+//!
+//! - **Joining** ([`join`]): an operator creates a join token on a member for
+//!   `spiffe://TD/ca-node/<new node id>` (`ca-node token generate --spiffe-id ...`). The new
+//!   node, given the trust bundle (PEM roots) and a member's address, calls `Cluster.Join`
+//!   over TLS (the member verified against the bundle as a `spiffe://TD/ca-node/*`) with the
+//!   token and a CSR; the member consumes the token through Raft (at most once in the whole
+//!   cluster, whichever member is asked) and returns the node's first ca-node SVID. The new
+//!   node starts with it, calls `Cluster.AddMe` presenting that SVID, and is added as a
+//!   learner, caught up (log or snapshot), and promoted to voter.
+//! - **The root** ([`ClusterRootKeyManager`]): every node signs its own intermediate with
+//!   the cluster root. If this node's root key manager holds the root key (a network HSM
+//!   or a KMS key shared by every node: the production setup), it signs locally. If not
+//!   (software keys, or per-node HSMs), the intermediate's TBSCertificate is sent to the
+//!   members in turn (`Cluster.SignIntermediate`); a member whose key manager holds the root
+//!   checks that it is an intermediate CA certificate for the calling node of this trust
+//!   domain within the configured lifetime, and signs it.
+//! - **Files** in `data_dir`: [`MARKER_FILE`] (this data dir's Raft ID and whether it was
+//!   initialized or joined), [`NODE_SVID_FILE`] (the node's current serving SVID and key,
+//!   0600, so a restarted node can talk to its peers before its CA is ready) and
+//!   [`BUNDLE_FILE`] (the bundle a joining node was given).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ca_identity::tls::{LiveRoots, SvidResolver};
+use ca_identity::TrustDomain;
+use ca_kms::{KeyAlgorithm, KeyManager, KeyProtection, SigningKey};
+use ca_proto::admin::cluster_client::ClusterClient;
+use ca_proto::admin::cluster_server::{Cluster, ClusterServer};
+use ca_proto::admin::*;
+use ca_raft::{
+    AgentRecord, AuthorityKind, AuthorityState, Command, NodeId, NodeInfo, RaftNode, Role,
+    StateMachine,
+};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::config::valid_node_id;
+use crate::convert::bundle_to_proto;
+use crate::core::{propose, NodeCore};
+use crate::raft_tls;
+use crate::{Error, NodeConfig, NodeHandle};
+
+/// The data dir's membership marker (JSON).
+pub const MARKER_FILE: &str = "cluster.json";
+/// The node's current serving SVID and its key (PEM, 0600).
+pub const NODE_SVID_FILE: &str = "node-svid.pem";
+/// The trust bundle a joining node was given (PEM roots).
+pub const BUNDLE_FILE: &str = "bootstrap-bundle.pem";
+
+/// How a data dir became a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// It initialized a new cluster (`ca-node init`, or `run` on an empty data dir).
+    Init,
+    /// It joined an existing cluster (`ca-node join`).
+    Join,
+}
+
+/// What [`MARKER_FILE`] records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    /// The Raft ID this data dir belongs to (never changes).
+    pub raft_id: u64,
+    /// How it became a member.
+    pub origin: Origin,
+}
+
+fn io_err(what: &str, p: &Path, e: std::io::Error) -> Error {
+    Error::Config(format!("{what} {}: {e}", p.display()))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename), mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io_err("cannot write", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err("cannot rename to", path, e))
+}
+
+/// Reads the marker of `data_dir`, if any.
+pub fn read_marker(data_dir: &Path) -> Result<Option<Marker>, Error> {
+    let p = data_dir.join(MARKER_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("{}: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("cannot read", &p, e)),
+    }
+}
+
+/// Writes the marker of `data_dir`.
+pub fn write_marker(data_dir: &Path, m: &Marker) -> Result<(), Error> {
+    write_private(
+        &data_dir.join(MARKER_FILE),
+        &serde_json::to_vec_pretty(m).expect("json"),
+    )
+}
+
+/// Saves the node's serving SVID (chain, leaf first) and its PKCS#8 key.
+pub fn save_node_svid(data_dir: &Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), Error> {
+    let mut blocks: Vec<pem::Pem> = chain
+        .iter()
+        .map(|c| pem::Pem::new("CERTIFICATE", c.clone()))
+        .collect();
+    blocks.push(pem::Pem::new("PRIVATE KEY", key_pkcs8.to_vec()));
+    write_private(
+        &data_dir.join(NODE_SVID_FILE),
+        pem::encode_many(&blocks).as_bytes(),
+    )
+}
+
+/// The saved serving SVID (chain, key), if there is one that has not expired.
+pub fn load_node_svid(data_dir: &Path) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+    let text = std::fs::read_to_string(data_dir.join(NODE_SVID_FILE)).ok()?;
+    let blocks = pem::parse_many(text).ok()?;
+    let chain: Vec<Vec<u8>> = blocks
+        .iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.contents().to_vec())
+        .collect();
+    let key = blocks
+        .iter()
+        .find(|b| b.tag() == "PRIVATE KEY")?
+        .contents()
+        .to_vec();
+    let info = ca_identity::x509::cert_info(chain.first()?).ok()?;
+    (info.not_after > ca_identity::unix_now()).then_some((chain, key))
+}
+
+/// Whether `data_dir` holds replicated state already (a node that ran before).
+pub fn has_state(data_dir: &Path) -> bool {
+    [ca_raft::STATE_DB_FILE, ca_raft::LOG_DB_FILE]
+        .iter()
+        .any(|f| data_dir.join(f).exists())
+}
+
+fn valid_addr(a: &str) -> bool {
+    a.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+// ---------------------------------------------------------------------------------------
+// Reaching other members
+
+/// Channels to other members' cluster service, over mutually authenticated TLS.
+#[derive(Clone)]
+pub struct Peers {
+    raft: RaftNode,
+    svid: SvidResolver,
+    roots: LiveRoots,
+    td: TrustDomain,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Peers")
+    }
+}
+
+impl Peers {
+    /// Peers as `raft`'s membership knows them, reached with `svid` against `roots`.
+    pub fn new(raft: RaftNode, svid: SvidResolver, roots: LiveRoots, td: TrustDomain) -> Self {
+        Self {
+            raft,
+            svid,
+            roots,
+            td,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The other members, the leader first.
+    pub fn others(&self) -> Vec<(NodeId, NodeInfo)> {
+        let st = self.raft.status();
+        let mut out: Vec<(NodeId, NodeInfo)> = st
+            .members
+            .iter()
+            .filter(|(id, _)| **id != st.id)
+            .map(|(id, m)| (*id, m.node.clone()))
+            .collect();
+        out.sort_by_key(|(id, _)| (Some(*id) != st.leader, *id));
+        out
+    }
+
+    /// A cluster-service client for member `id`.
+    pub fn client(&self, id: NodeId, node: &NodeInfo) -> Result<ClusterClient<Channel>, Error> {
+        let key = (id, node.addr.clone());
+        let mut map = self.channels.lock().expect("channels lock");
+        let ch = match map.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let expected = raft_tls::ca_node_id(&self.td, &node.node_id)?;
+                let tls = raft_tls::client_tls(&self.svid, &self.roots, expected);
+                let c = raft_tls::tls_channel(&node.addr, tls)
+                    .map_err(|e| Error::Internal(format!("channel to {}: {e}", node.addr)))?;
+                map.insert(key, c.clone());
+                c
+            }
+        };
+        Ok(ClusterClient::new(ch))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The root, wherever it is
+
+fn algorithm_of(spki: &[u8]) -> Option<KeyAlgorithm> {
+    use ca_identity::pubkey::KeyKind;
+    Some(match ca_identity::pubkey::parse_spki(spki).ok()?.kind {
+        KeyKind::EcP256 => KeyAlgorithm::EcP256,
+        KeyKind::EcP384 => KeyAlgorithm::EcP384,
+        KeyKind::Rsa { bits: 2048 } => KeyAlgorithm::Rsa2048,
+        KeyKind::Rsa { bits: 3072 } => KeyAlgorithm::Rsa3072,
+        KeyKind::Rsa { .. } => return None,
+    })
+}
+
+/// The root role's key manager in a cluster: this node's own root key manager, and, for a
+/// root it does not hold, signatures by the member that does (see the module docs).
+#[derive(Debug)]
+pub struct ClusterRootKeyManager {
+    local: Arc<dyn KeyManager>,
+    sm: StateMachine,
+    peers: Peers,
+}
+
+impl ClusterRootKeyManager {
+    /// Over this node's own root key manager `local`.
+    pub fn new(local: Arc<dyn KeyManager>, sm: StateMachine, peers: Peers) -> Self {
+        Self { local, sm, peers }
+    }
+}
+
+#[async_trait]
+impl KeyManager for ClusterRootKeyManager {
+    fn backend(&self) -> &'static str {
+        self.local.backend()
+    }
+    fn is_production_grade(&self) -> bool {
+        self.local.is_production_grade()
+    }
+    async fn generate(&self, name: &str, alg: KeyAlgorithm) -> ca_kms::Result<Arc<dyn SigningKey>> {
+        self.local.generate(name, alg).await
+    }
+    async fn get(&self, name: &str) -> ca_kms::Result<Arc<dyn SigningKey>> {
+        match self.local.get(name).await {
+            Err(ca_kms::Error::NotFound(_)) => {}
+            other => return other,
+        }
+        let root = self
+            .sm
+            .authorities()
+            .await
+            .map_err(|e| ca_kms::Error::Backend(format!("reading the CA journal: {e}")))?
+            .into_iter()
+            .find(|a| a.kind == AuthorityKind::Root && a.key_id == name)
+            .ok_or_else(|| ca_kms::Error::NotFound(name.to_owned()))?;
+        let alg = algorithm_of(&root.public_key).ok_or_else(|| {
+            ca_kms::Error::Backend(format!("root {} has an unsupported key", root.id))
+        })?;
+        Ok(Arc::new(RemoteRootKey {
+            root_id: root.id,
+            name: name.to_owned(),
+            alg,
+            spki: root.public_key,
+            peers: self.peers.clone(),
+        }))
+    }
+    async fn delete(&self, name: &str) -> ca_kms::Result<()> {
+        match self.local.delete(name).await {
+            Err(ca_kms::Error::NotFound(_)) => Err(ca_kms::Error::Unsupported {
+                backend: "cluster",
+                what: format!(
+                    "root key {name} is held by another member's key manager; that member destroys it"
+                ),
+            }),
+            other => other,
+        }
+    }
+    async fn list(&self) -> ca_kms::Result<Vec<String>> {
+        self.local.list().await
+    }
+    async fn protection(&self, name: &str) -> ca_kms::Result<KeyProtection> {
+        self.local.protection(name).await
+    }
+}
+
+/// The root key of another member: signatures of intermediate certificates only.
+#[derive(Debug)]
+struct RemoteRootKey {
+    root_id: String,
+    name: String,
+    alg: KeyAlgorithm,
+    spki: Vec<u8>,
+    peers: Peers,
+}
+
+#[async_trait]
+impl SigningKey for RemoteRootKey {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.alg
+    }
+    fn public_key_spki(&self) -> &[u8] {
+        &self.spki
+    }
+    async fn sign(&self, msg: &[u8]) -> ca_kms::Result<Vec<u8>> {
+        let mut why = Vec::new();
+        for (id, node) in self.peers.others() {
+            let mut client = match self.peers.client(id, &node) {
+                Ok(c) => c,
+                Err(e) => {
+                    why.push(format!("{node}: {e}"));
+                    continue;
+                }
+            };
+            let mut req = Request::new(SignIntermediateRequest {
+                root_id: self.root_id.clone(),
+                tbs_certificate: msg.to_vec(),
+            });
+            req.set_timeout(Duration::from_secs(10));
+            match client.sign_intermediate(req).await {
+                Ok(r) => {
+                    let sig = r.into_inner().signature;
+                    // A member could only hand back garbage by a bug; catch it here rather
+                    // than record an intermediate nobody can verify.
+                    ca_identity::pubkey::verify_x509_signature(&self.spki, msg, &sig).map_err(
+                        |e| ca_kms::Error::Backend(format!("member {node} signed wrongly: {e}")),
+                    )?;
+                    tracing::info!(root = %self.root_id, member = %node, "the root was used by another member to sign this node's intermediate");
+                    return Ok(sig);
+                }
+                Err(s) => why.push(format!("{node}: {}", s.message())),
+            }
+        }
+        Err(ca_kms::Error::Unavailable(format!(
+            "this node's root key manager does not hold root {} and no member that does answered ({})",
+            self.root_id,
+            if why.is_empty() {
+                "no other members".to_owned()
+            } else {
+                why.join("; ")
+            }
+        )))
+    }
+}
+
+/// Checks that `tbs` (a DER TBSCertificate) is an intermediate CA certificate of `td` for
+/// node `node_id`, issued by `root_der`, living at most `max_lifetime` seconds (plus the
+/// 60 s backdating), and not outliving the root.
+pub fn check_intermediate_tbs(
+    tbs: &[u8],
+    root_der: &[u8],
+    td: &TrustDomain,
+    node_id: &str,
+    max_lifetime: i64,
+) -> Result<(), Error> {
+    use x509_parser::prelude::*;
+    let bad = |m: String| Error::PermissionDenied(format!("refusing to sign: {m}"));
+    let (rest, tbs) =
+        TbsCertificate::from_der(tbs).map_err(|e| bad(format!("not a TBSCertificate: {e}")))?;
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the TBSCertificate".into()));
+    }
+    let (_, root) = X509Certificate::from_der(root_der)
+        .map_err(|e| Error::Internal(format!("the root certificate does not parse: {e}")))?;
+    if tbs.issuer().as_raw() != root.subject().as_raw() {
+        return Err(bad("its issuer is not the root".into()));
+    }
+    match tbs.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca && bc.value.path_len_constraint == Some(0) => {}
+        _ => return Err(bad("not a CA certificate with path length 0".into())),
+    }
+    let want_uri = td.id().to_string();
+    match tbs.subject_alternative_name() {
+        Ok(Some(san))
+            if san.value.general_names.len() == 1
+                && matches!(san.value.general_names[0], GeneralName::URI(u) if u == want_uri) => {}
+        _ => return Err(bad(format!("its only URI SAN must be {want_uri}"))),
+    }
+    let cn = tbs
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or_default();
+    if !cn.contains(&format!(" intermediate int-{node_id}-")) {
+        return Err(bad(format!(
+            "its subject {cn:?} is not an intermediate of node {node_id}"
+        )));
+    }
+    let nb = tbs.validity().not_before.timestamp();
+    let na = tbs.validity().not_after.timestamp();
+    let now = ca_identity::unix_now();
+    if na - nb > max_lifetime + 60 + 5 {
+        return Err(bad(format!(
+            "it lives {}s, more than ttl.intermediate ({max_lifetime}s) allows",
+            na - nb
+        )));
+    }
+    if nb < now - 600 || nb > now + 600 {
+        return Err(bad("its notBefore is not close to now".into()));
+    }
+    if na > root.validity().not_after.timestamp() {
+        return Err(bad("it would outlive the root".into()));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The cluster service (server side)
+
+/// `spiffeca.admin.v1.Cluster`, served on the node API's TLS port.
+#[derive(Clone, Debug)]
+pub struct ClusterService {
+    core: Arc<NodeCore>,
+}
+
+impl ClusterService {
+    /// The service over the node core.
+    pub fn new(core: Arc<NodeCore>) -> Self {
+        Self { core }
+    }
+
+    /// The tonic server.
+    pub fn into_server(self) -> ClusterServer<Self> {
+        ClusterServer::new(self)
+    }
+
+    async fn join(&self, r: JoinRequest) -> Result<JoinResponse, Error> {
+        let core = &self.core;
+        let td = core.config.trust_domain();
+        if !valid_node_id(&r.node_id) {
+            return Err(Error::InvalidArgument(format!(
+                "node_id {:?}: use 1 to 63 characters of a-z 0-9 -",
+                r.node_id
+            )));
+        }
+        if r.token.is_empty() {
+            return Err(Error::InvalidArgument("the join token is empty".into()));
+        }
+        let id = raft_tls::ca_node_id(&td, &r.node_id)?;
+        core.read_barrier().await?;
+        let rec = core.sm.join_token(&r.token).await?.ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "unknown join token; create one on a member with `ca-node token generate --spiffe-id {id}`"
+            ))
+        })?;
+        if rec.spiffe_id != id.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "this join token is for {}, not for {id}",
+                rec.spiffe_id
+            )));
+        }
+        if let Some((raft_id, _)) = core
+            .raft
+            .status()
+            .members
+            .iter()
+            .find(|(_, m)| m.node.node_id == r.node_id)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "node {} is already a member (raft id {raft_id}); remove it first",
+                r.node_id
+            )));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&r.csr.clone().into()).map_err(
+            |e| Error::InvalidArgument(format!("the CSR is not a valid PKCS#10 request: {e}")),
+        )?;
+        let chain = core
+            .ca
+            .mint_x509_svid(&id, &csr.public_key, core.config.max_x509_svid_ttl(), &[])
+            .await?;
+        let info = ca_identity::x509::cert_info(&chain[0])?;
+        let now = ca_identity::unix_now();
+        // Consumption is decided by the state machine, atomically, in log order: the same
+        // token presented to several members at once is used at most once.
+        propose(
+            core.proposer.as_ref(),
+            Command::AttestWithJoinToken {
+                token: r.token.clone(),
+                now,
+                agent: AgentRecord {
+                    spiffe_id: id.to_string(),
+                    attestation_type: "ca_node_join".into(),
+                    x509_svid_serial: info.serial_hex,
+                    x509_svid_expires_at: info.not_after,
+                    previous_x509_svid_serial: String::new(),
+                    banned: false,
+                    attested_at: now,
+                    selectors: vec![],
+                },
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            Error::FailedPrecondition(m) | Error::NotFound(m) => Error::PermissionDenied(m),
+            other => other,
+        })?;
+        // A node that joins has a fresh data dir: any authority left active under its node
+        // ID belongs to an earlier incarnation whose keys went with it.
+        retire_node_authorities(core, &r.node_id).await?;
+        tracing::info!(node = %r.node_id, "a ca-node joined with a join token; it gets its first SVID");
+        Ok(JoinResponse {
+            svid_chain: chain,
+            bundle: Some(bundle_to_proto(core.ca.bundle()?.as_ref())),
+        })
+    }
+
+    async fn add_me(&self, node_id: String, serial: String, r: AddMeRequest) -> Result<u64, Error> {
+        let core = &self.core;
+        let td = core.config.trust_domain();
+        if r.raft_id == 0 {
+            return Err(Error::InvalidArgument("raft_id must be positive".into()));
+        }
+        if !valid_addr(&r.addr) {
+            return Err(Error::InvalidArgument(format!(
+                "addr {:?}: use host:port",
+                r.addr
+            )));
+        }
+        core.read_barrier().await?;
+        let id = raft_tls::ca_node_id(&td, &node_id)?;
+        let rec = core.sm.agent(id.as_str()).await?.ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "{id} has not joined with a join token (or was removed since); create a new token with `ca-node token generate --spiffe-id {id}`"
+            ))
+        })?;
+        if rec.banned {
+            return Err(Error::PermissionDenied(format!("{id} is banned")));
+        }
+        if rec.x509_svid_serial != serial {
+            return Err(Error::PermissionDenied(format!(
+                "{id}: present the SVID the Join call issued (serial {}), not serial {serial}",
+                rec.x509_svid_serial
+            )));
+        }
+        for (rid, m) in core.raft.status().members {
+            if rid == r.raft_id && m.node.node_id != node_id {
+                return Err(Error::AlreadyExists(format!(
+                    "raft id {rid} belongs to node {}; raft ids are never reused",
+                    m.node.node_id
+                )));
+            }
+            if rid != r.raft_id && m.node.node_id == node_id {
+                return Err(Error::AlreadyExists(format!(
+                    "node {node_id} is already a member under raft id {rid}; remove it first"
+                )));
+            }
+        }
+        let node = NodeInfo {
+            addr: r.addr.clone(),
+            node_id: node_id.clone(),
+        };
+        let added = tokio::time::timeout(
+            Duration::from_secs(60),
+            core.raft.add_learner(r.raft_id, node, true),
+        )
+        .await
+        .map_err(|_| {
+            Error::Unavailable(format!(
+                "node {node_id} was added as a learner and is still catching up; call again"
+            ))
+        })??;
+        tracing::info!(node = %node_id, raft_id = r.raft_id, "added a learner that has caught up");
+        if !r.promote {
+            return Ok(added.index);
+        }
+        let promoted = core.raft.promote(r.raft_id).await?;
+        tracing::info!(node = %node_id, raft_id = r.raft_id, "promoted to voter");
+        Ok(promoted.index)
+    }
+
+    async fn sign_intermediate(
+        &self,
+        node_id: String,
+        r: SignIntermediateRequest,
+    ) -> Result<Vec<u8>, Error> {
+        let core = &self.core;
+        let root = core
+            .sm
+            .authorities()
+            .await?
+            .into_iter()
+            .find(|a| {
+                a.id == r.root_id
+                    && a.kind == AuthorityKind::Root
+                    && a.state != AuthorityState::Revoked
+            })
+            .ok_or_else(|| Error::NotFound(format!("no usable root {} here", r.root_id)))?;
+        let key = match core.local_root_km.get(&root.key_id).await {
+            Ok(k) => k,
+            Err(ca_kms::Error::NotFound(_)) => {
+                return Err(Error::NotFound(format!(
+                    "this node's root key manager does not hold root {}",
+                    root.id
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        check_intermediate_tbs(
+            &r.tbs_certificate,
+            &root.cert_der,
+            &core.config.trust_domain(),
+            &node_id,
+            core.config.ttl.intermediate,
+        )?;
+        let sig = key.sign(&r.tbs_certificate).await?;
+        tracing::info!(node = %node_id, root = %root.id, "signed an intermediate CA certificate for a member");
+        Ok(sig)
+    }
+}
+
+/// Retires the active (or prepared) intermediates and JWT keys of node `node_id`.
+pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
+    let mut n = 0;
+    for a in core.sm.authorities().await? {
+        if a.node_id == node_id
+            && matches!(a.kind, AuthorityKind::Intermediate | AuthorityKind::Jwt)
+            && matches!(a.state, AuthorityState::Active | AuthorityState::Prepared)
+        {
+            propose(
+                core.proposer.as_ref(),
+                Command::SetAuthorityState {
+                    id: a.id.clone(),
+                    state: AuthorityState::Retired,
+                },
+            )
+            .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Removes member `raft_id`: out of the membership, its ca-node identity evicted (it must
+/// join again with a new token), its intermediate and JWT key retired.
+pub async fn remove_member(core: &NodeCore, raft_id: NodeId) -> Result<u64, Error> {
+    let status = core.raft.status();
+    let member = status.members.get(&raft_id).cloned().ok_or_else(|| {
+        Error::NotFound(format!("raft id {raft_id} is not a member of the cluster"))
+    })?;
+    let log = core.raft.remove(raft_id).await?;
+    let node_id = member.node.node_id;
+    let id = raft_tls::ca_node_id(&core.config.trust_domain(), &node_id)?;
+    match propose(
+        core.proposer.as_ref(),
+        Command::EvictAgent {
+            spiffe_id: id.to_string(),
+        },
+    )
+    .await
+    {
+        Ok(_) | Err(Error::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    retire_node_authorities(core, &node_id).await?;
+    tracing::info!(raft_id, node = %node_id, "removed a member");
+    Ok(log.index)
+}
+
+fn into_status<T>(r: Result<T, Error>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let r = ClusterService::join(self, req.into_inner()).await;
+        if let Err(e) = &r {
+            tracing::warn!(error = %e, "a Join was refused");
+        }
+        into_status(r)
+    }
+
+    async fn add_me(
+        &self,
+        req: Request<AddMeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let node_id = raft_tls::ca_node_caller(&self.core.config.trust_domain(), &req)?;
+        let serial = raft_tls::caller_serial(&req).unwrap_or_default();
+        let r = ClusterService::add_me(self, node_id, serial, req.into_inner()).await;
+        into_status(r.map(|log_index| MembershipResponse { log_index }))
+    }
+
+    async fn sign_intermediate(
+        &self,
+        req: Request<SignIntermediateRequest>,
+    ) -> Result<Response<SignIntermediateResponse>, Status> {
+        let node_id = raft_tls::ca_node_caller(&self.core.config.trust_domain(), &req)?;
+        let r = ClusterService::sign_intermediate(self, node_id, req.into_inner()).await;
+        if let Err(e) = &r {
+            tracing::debug!(error = %e, "SignIntermediate refused");
+        }
+        into_status(r.map(|signature| SignIntermediateResponse { signature }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Joining (client side)
+
+/// How a node joins an existing cluster.
+#[derive(Clone, Debug)]
+pub struct JoinOptions {
+    /// A member's node API address, `host:port`.
+    pub peer: String,
+    /// The join token created for `spiffe://TD/ca-node/<this node id>`.
+    pub token: String,
+    /// The trust bundle's X.509 roots, PEM.
+    pub bundle_pem: String,
+    /// Become a voter once caught up (else stay a learner).
+    pub promote: bool,
+    /// How long to keep trying to be added and promoted.
+    pub timeout: Duration,
+}
+
+/// Joins an existing cluster (`ca-node join`): gets a ca-node SVID with the token, starts
+/// the node, has it added as a learner and (with `promote`) promoted once caught up.
+/// Returns the running node. The data dir must be empty of state.
+pub async fn join(config: NodeConfig, opts: JoinOptions) -> Result<NodeHandle, Error> {
+    config.validate()?;
+    if has_state(&config.data_dir) || read_marker(&config.data_dir)?.is_some() {
+        return Err(Error::Config(format!(
+            "data_dir {} already belongs to a node; start it with `ca-node run`, or wipe it (and `ca-node cluster remove` the old member) to join again",
+            config.data_dir.display()
+        )));
+    }
+    let td = config.trust_domain();
+    let roots = ca_identity::bundle::certs_from_pem(&opts.bundle_pem)
+        .map_err(|e| Error::Config(format!("the trust bundle: {e}")))?;
+    if roots.is_empty() {
+        return Err(Error::Config(
+            "the trust bundle holds no certificate".into(),
+        ));
+    }
+    let roots = LiveRoots::new(roots);
+    // The node's TLS key (not a CA key).
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Internal(format!("node key: {e}")))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| Error::Internal(format!("CSR: {e}")))?;
+    let tls = raft_tls::any_node_tls(&SvidResolver::default(), &roots, td.clone());
+    let channel = raft_tls::tls_channel(&opts.peer, tls)
+        .map_err(|e| Error::Config(format!("peer {:?}: {e}", opts.peer)))?;
+    let mut req = Request::new(JoinRequest {
+        token: opts.token.clone(),
+        csr: csr.der().to_vec(),
+        node_id: config.node_id.clone(),
+    });
+    req.set_timeout(Duration::from_secs(30));
+    let resp = ClusterClient::new(channel)
+        .join(req)
+        .await
+        .map_err(|s| join_error(&opts.peer, s))?
+        .into_inner();
+    if resp.svid_chain.is_empty() {
+        return Err(Error::Internal(
+            "the member answered Join without an SVID".into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| io_err("cannot create", &config.data_dir, e))?;
+    let key_der = key.serialize_der();
+    save_node_svid(&config.data_dir, &resp.svid_chain, &key_der)?;
+    let bundle_roots = resp
+        .bundle
+        .map(|b| b.x509_authorities)
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| roots.get().iter().map(|c| c.to_vec()).collect());
+    let pem_text = pem::encode_many(
+        &bundle_roots
+            .iter()
+            .map(|c| pem::Pem::new("CERTIFICATE", c.clone()))
+            .collect::<Vec<_>>(),
+    );
+    write_private(&config.data_dir.join(BUNDLE_FILE), pem_text.as_bytes())?;
+    write_marker(
+        &config.data_dir,
+        &Marker {
+            raft_id: config.raft_id,
+            origin: Origin::Join,
+        },
+    )?;
+    tracing::info!(peer = %opts.peer, node = %config.node_id, "joined: received this node's first SVID; starting");
+
+    let raft_id = config.raft_id;
+    let node = crate::server::start_with(config, crate::server::Bootstrap::Join).await?;
+    // AddMe presents the SVID Join issued (the node replaces its own once its CA is ready).
+    let join_svid = SvidResolver::default();
+    join_svid.set(&resp.svid_chain, &key_der)?;
+    match add_me(&node, &join_svid, &roots, &td, &opts, raft_id).await {
+        Ok(()) => Ok(node),
+        Err(e) => {
+            node.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+fn join_error(peer: &str, s: Status) -> Error {
+    let m = format!("joining through {peer}: {}", s.message());
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Error::PermissionDenied(m),
+        tonic::Code::InvalidArgument => Error::InvalidArgument(m),
+        tonic::Code::AlreadyExists => Error::AlreadyExists(m),
+        _ => Error::Unavailable(m),
+    }
+}
+
+async fn add_me(
+    node: &NodeHandle,
+    join_svid: &SvidResolver,
+    roots: &LiveRoots,
+    td: &TrustDomain,
+    opts: &JoinOptions,
+    raft_id: NodeId,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let tls = raft_tls::any_node_tls(join_svid, roots, td.clone());
+    let channel = raft_tls::tls_channel(&opts.peer, tls)
+        .map_err(|e| Error::Config(format!("peer {:?}: {e}", opts.peer)))?;
+    let mut client = ClusterClient::new(channel);
+    loop {
+        let mut req = Request::new(AddMeRequest {
+            raft_id,
+            addr: node.core.advertise_addr.clone(),
+            promote: opts.promote,
+        });
+        req.set_timeout(Duration::from_secs(90));
+        match client.add_me(req).await {
+            Ok(_) => break,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(status = %s.message(), "not added yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => return Err(join_error(&opts.peer, s)),
+        }
+    }
+    // Wait until this node sees itself as it should be.
+    let want = if opts.promote {
+        Role::Follower
+    } else {
+        Role::Learner
+    };
+    loop {
+        let st = node.core.raft.status();
+        let me = st.members.get(&raft_id);
+        let ok = match want {
+            Role::Learner => me.is_some(),
+            _ => me.is_some_and(|m| m.voter) && !st.joint,
+        };
+        if ok {
+            tracing::info!(
+                raft_id,
+                voter = opts.promote,
+                "this node is a member of the cluster"
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Unavailable(format!(
+                "this node was not {} within {:?}",
+                if opts.promote {
+                    "promoted to voter"
+                } else {
+                    "added"
+                },
+                opts.timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_and_svid_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_marker(dir.path()).unwrap(), None);
+        let m = Marker {
+            raft_id: 7,
+            origin: Origin::Join,
+        };
+        write_marker(dir.path(), &m).unwrap();
+        assert_eq!(read_marker(dir.path()).unwrap(), Some(m));
+        assert!(load_node_svid(dir.path()).is_none());
+        assert!(!has_state(dir.path()));
+    }
+
+    #[test]
+    fn addresses_need_host_and_port() {
+        assert!(valid_addr("10.0.0.1:8081"));
+        assert!(valid_addr("[::1]:8081"));
+        assert!(!valid_addr("10.0.0.1"));
+        assert!(!valid_addr(":8081"));
+        assert!(!valid_addr("h:0"));
+    }
+}
