@@ -8,20 +8,45 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 
+use crate::backend::{Backend, BackendKind};
 use crate::baseline;
 use crate::load::{self, CsrPool, Limit, Load};
 use crate::node::{NodeExe, NodeProcess, NodeSettings};
 use crate::procstat;
 use crate::report::{
-    Latency, LoadInfo, Machine, Measured, NodeInfo, Report, ServerMetrics, TARGET_CPU_US_PER_SVID,
+    BackendResult, InFlight, Latency, LoadInfo, Machine, Measured, NodeInfo, Report, ServerMetrics,
+    TARGET_CPU_US_PER_SVID,
 };
 
 /// Drives a real `ca-node` (separate process) with `BatchNewX509Svid` over mTLS gRPC and
 /// reports the node's CPU time per issued X.509-SVID next to the raw cost of one P-256
-/// signature plus one verification measured in the same run.
+/// signature plus one verification measured in the same run; with `--backend softhsm|kms`,
+/// also SVIDs/s next to that backend's raw signing rate measured in the same run.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "issuance-load", version)]
 pub struct Args {
+    /// Where the node keeps its CA keys: `soft` (PKCS#8 files), `softhsm` (a SoftHSM2 token
+    /// made for the run, `type = "pkcs11"`) or `kms` (the AWS KMS emulator moto on
+    /// 127.0.0.1, `type = "aws_kms"`). For `softhsm` and `kms` the backend's raw signing
+    /// rate is measured too, after the node has stopped.
+    #[arg(long, value_enum, default_value_t = BackendKind::Soft)]
+    pub backend: BackendKind,
+    /// Signatures the raw backend measurement keeps in flight; default: as many as the node
+    /// can (its PKCS#11 session pool; for KMS one per call in flight, `--concurrency`).
+    #[arg(long)]
+    pub raw_in_flight: Option<usize>,
+    /// Seconds of the raw backend measurement (after 1 s of warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    pub raw_secs: f64,
+    /// KMS only: put a proxy in front of the emulator that delays every `Sign` by this many
+    /// milliseconds (a network round trip to a real KMS), for the node and the raw
+    /// measurement alike.
+    #[arg(long)]
+    pub kms_latency_ms: Option<u64>,
+    /// Exit with status 2 when the run misses its target: SVIDs/s >= 70 % (softhsm) or
+    /// 85 % (kms) of the raw signing rate; for soft, <= 100 µs of node CPU per SVID.
+    #[arg(long)]
+    pub check_targets: bool,
     /// The node executable: `auto` (the `ca-node` next to this executable, else `self`),
     /// `self` (this executable re-run as ca-node), or a path to a `ca-node` binary.
     #[arg(long, default_value = "auto")]
@@ -94,31 +119,36 @@ macro_rules! progress {
     ($($t:tt)*) => { eprintln!("issuance-load: {}", format!($($t)*)) };
 }
 
-/// Runs the benchmark; returns the report (errors in it do not make this an `Err`).
-pub async fn run(args: &Args) -> anyhow::Result<Report> {
+/// Runs the benchmark against a prepared backend; returns the report (errors in it do not
+/// make this an `Err`).
+pub async fn run(args: &Args, backend: &Backend) -> anyhow::Result<Report> {
     let duration = secs(args.duration, "duration")?;
     let warmup = secs(args.warmup, "warmup")?;
     let baseline_budget = secs(args.baseline_secs, "baseline-secs")?;
+    let raw_budget = secs(args.raw_secs, "raw-secs")?;
     if args.entries == 0 || args.batch == 0 || args.concurrency == 0 || args.csr_pool == 0 {
         bail!("--entries, --batch, --concurrency and --csr-pool must be at least 1");
     }
-    let overlay = match &args.node_config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading --node-config {}", p.display()))?;
-            Some(
-                toml::from_str::<toml::Table>(&text)
-                    .with_context(|| format!("--node-config {}", p.display()))?,
-            )
-        }
-        None => None,
-    };
+    // The backend's [key_manager] first; --node-config's top-level keys replace it.
+    let mut overlay = backend.key_manager_table().map(|km| {
+        let mut t = toml::Table::new();
+        t.insert("key_manager".into(), km.into());
+        t
+    });
+    if let Some(p) = &args.node_config {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading --node-config {}", p.display()))?;
+        let user = toml::from_str::<toml::Table>(&text)
+            .with_context(|| format!("--node-config {}", p.display()))?;
+        overlay.get_or_insert_with(toml::Table::new).extend(user);
+    }
     let settings = NodeSettings {
         exe: args.ca_node.clone(),
         intermediate_mode: args.intermediate_mode.clone(),
         overlay,
         worker_threads: args.node_threads,
         keep_dir: args.keep_dir,
+        env: backend.node_env(),
     };
 
     progress!("generating {} CSRs", args.csr_pool);
@@ -135,7 +165,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         node.node_addr,
         node.exe.describe()
     );
-    let result = drive(args, &node, pool, duration, warmup).await;
+    if backend.kind() != BackendKind::Soft {
+        progress!("backend: {}", backend.describe());
+    }
+    let ca_alg = node.ca_key_algorithm()?;
+    let result = drive(args, &node, backend, pool, duration, warmup).await;
     if result.is_err() {
         eprintln!(
             "issuance-load: node log tail ({}):\n{}",
@@ -153,16 +187,53 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         progress!("kept the node's directory {}", dir.display());
     }
     let phase = result?;
-
-    progress!(
-        "measuring raw P-256 sign + verify for {:.1} s",
-        args.baseline_secs
-    );
     let msg = phase
         .sample_leaf
         .as_deref()
         .and_then(load::tbs_of)
         .unwrap_or_else(|| vec![0x5a; 512]);
+
+    let backend_result = match backend.kind().target_ratio() {
+        None => None,
+        Some(target) => {
+            let in_flight = args
+                .raw_in_flight
+                .unwrap_or_else(|| backend.kind().default_raw_in_flight(args.concurrency));
+            progress!(
+                "measuring the raw {} signing rate ({ca_alg}, {in_flight} in flight) for {:.1} s",
+                backend.kind().as_str(),
+                raw_budget.as_secs_f64()
+            );
+            let raw = tokio::task::block_in_place(|| {
+                backend.measure_raw(
+                    ca_alg,
+                    msg.clone(),
+                    in_flight,
+                    Duration::from_secs(1),
+                    raw_budget,
+                )
+            })?;
+            let ratio = if raw.signs_per_s > 0.0 {
+                phase.measured.svids_per_s_wall / raw.signs_per_s
+            } else {
+                0.0
+            };
+            Some(BackendResult {
+                backend: backend.kind(),
+                description: backend.describe(),
+                raw,
+                svids_per_s: phase.measured.svids_per_s_wall,
+                ratio,
+                target_ratio: target,
+                target_met: phase.measured.svids_issued > 0 && ratio >= target,
+            })
+        }
+    };
+
+    progress!(
+        "measuring raw P-256 sign + verify for {:.1} s",
+        args.baseline_secs
+    );
     let raw = std::thread::spawn(move || baseline::p256_ring(&msg, baseline_budget))
         .join()
         .map_err(|_| anyhow::anyhow!("the baseline thread panicked"))??;
@@ -203,6 +274,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         baseline: raw,
         ratio_to_raw: ratio,
         target_cpu_us_per_svid: TARGET_CPU_US_PER_SVID,
+        backend: backend_result,
         error_samples,
     })
 }
@@ -217,6 +289,7 @@ struct Phase {
 async fn drive(
     args: &Args,
     node: &NodeProcess,
+    backend: &Backend,
     pool: CsrPool,
     duration: Duration,
     warmup: Duration,
@@ -253,9 +326,11 @@ async fn drive(
         Limit::Count(n) => progress!("measuring {n} SVIDs"),
     }
     let m0 = node.metrics().await?;
-    let (s0, c0) = (node.cpu()?, procstat::own_cpu()?);
+    let (s0, c0, e0) = (node.cpu()?, procstat::own_cpu()?, backend.emulator_cpu());
+    let sampler = InFlightSampler::start(node.http_addr);
     let r = load.run(limit).await;
-    let (s1, c1) = (node.cpu()?, procstat::own_cpu()?);
+    let (s1, c1, e1) = (node.cpu()?, procstat::own_cpu()?, backend.emulator_cpu());
+    let in_flight = sampler.stop().await;
     let m1 = node.metrics().await?;
     error_samples.extend(r.error_samples.iter().cloned());
 
@@ -319,6 +394,11 @@ async fn drive(
                 0.0
             },
             client_cpu_us_per_svid: per(client_cpu),
+            emulator_cpu_us_per_svid: match (e0, e1) {
+                (Some(a), Some(b)) => Some(per(b.saturating_sub(a).as_secs_f64())),
+                _ => None,
+            },
+            node_sign_in_flight: in_flight,
             latency: Latency {
                 p50_us: load::percentile(&lat, 0.50),
                 p99_us: load::percentile(&lat, 0.99),
@@ -338,6 +418,47 @@ async fn drive(
     })
 }
 
+/// Samples the node's `ca_keymanager_in_flight` gauge (key-manager operations under way)
+/// every 100 ms: how many signatures the node really had outstanding.
+struct InFlightSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+impl InFlightSampler {
+    fn start(addr: std::net::SocketAddr) -> Self {
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if let Ok(m) = crate::metrics::scrape(addr).await {
+                    samples.push(m.sum("ca_keymanager_in_flight", ""));
+                }
+            }
+            samples
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> InFlight {
+        let _ = self.stop.send(true);
+        let samples = self.task.await.unwrap_or_default();
+        InFlight {
+            samples: samples.len(),
+            mean: if samples.is_empty() {
+                0.0
+            } else {
+                samples.iter().sum::<f64>() / samples.len() as f64
+            },
+            max: samples.iter().copied().fold(0.0, f64::max),
+        }
+    }
+}
+
 /// Whether the report shows a failed run: errors, nothing issued, or the node's count
 /// disagreeing with the load's.
 pub fn failed(r: &Report) -> bool {
@@ -348,10 +469,30 @@ pub fn failed(r: &Report) -> bool {
         || (r.measured.server_metrics.svids_ok - r.measured.svids_issued as f64).abs() > 0.5
 }
 
+/// Whether the run missed the target `--check-targets` checks: the backend's ratio target
+/// (softhsm, kms) or the CPU per SVID target (soft).
+pub fn missed_target(r: &Report) -> bool {
+    match &r.backend {
+        Some(b) => !b.target_met,
+        None => !r.target_met,
+    }
+}
+
 /// The program: parse, run, print; exit 1 on a failed run, 2 on a missed
-/// `--max-cpu-us-per-svid`.
+/// `--max-cpu-us-per-svid` or, with `--check-targets`, a missed target.
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    // Before any runtime or thread: this sets the process's environment for the backend.
+    let mut backend = match Backend::prepare(args.backend) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "issuance-load: cannot prepare the {} backend: {e:#}",
+                args.backend.as_str()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -363,7 +504,13 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = match rt.block_on(run(&args)) {
+    if let Some(ms) = args.kms_latency_ms {
+        if let Err(e) = rt.block_on(backend.add_sign_latency(Duration::from_millis(ms))) {
+            eprintln!("issuance-load: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let report = match rt.block_on(run(&args, &backend)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("issuance-load: error: {e:#}");
@@ -397,6 +544,10 @@ pub fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+    }
+    if args.check_targets && missed_target(&report) {
+        eprintln!("issuance-load: the target was missed");
+        return ExitCode::from(2);
     }
     ExitCode::SUCCESS
 }

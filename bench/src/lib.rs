@@ -19,6 +19,7 @@
 //! `[key_manager]` table, replace the generated configuration's). Figures and method:
 //! `docs/BENCHMARKS.md`.
 
+pub mod backend;
 pub mod baseline;
 pub mod cli;
 pub mod load;

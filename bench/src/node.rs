@@ -125,6 +125,8 @@ pub struct NodeSettings {
     pub worker_threads: Option<usize>,
     /// Keep the temporary directory (config, state, log) after the run.
     pub keep_dir: bool,
+    /// Environment variables for the node (None: removed), e.g. where its key manager is.
+    pub env: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
 }
 
 /// The configuration the benchmark gives the node.
@@ -248,6 +250,12 @@ impl NodeProcess {
         if exe.self_exec {
             cmd.env(SELF_EXEC_ENV, "1");
         }
+        for (k, v) in &settings.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
         match settings.worker_threads {
             Some(n) => {
                 cmd.env("TOKIO_WORKER_THREADS", n.to_string());
@@ -359,6 +367,13 @@ impl NodeProcess {
             .to_owned()
     }
 
+    /// The node's `ca_key_algorithm` (root and intermediate keys).
+    pub fn ca_key_algorithm(&self) -> anyhow::Result<ca_kms::KeyAlgorithm> {
+        let cfg = ca_node::NodeConfig::parse(&toml::to_string(&self.config)?)
+            .map_err(|e| anyhow!("the node configuration: {e}"))?;
+        Ok(cfg.ca_key_algorithm)
+    }
+
     /// The node's `intermediate_mode`.
     pub fn intermediate_mode(&self) -> String {
         self.config
@@ -410,6 +425,7 @@ mod tests {
             overlay: None,
             worker_threads: None,
             keep_dir: false,
+            env: vec![],
         }
     }
 

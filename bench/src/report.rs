@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::backend::{BackendKind, RawSigning};
 use crate::baseline::RawCost;
 
 /// The target of the issue: server CPU per X.509-SVID, µs, on one core.
@@ -135,10 +136,44 @@ pub struct Measured {
     pub svids_per_server_core_s: f64,
     /// Load process CPU per issued SVID, µs.
     pub client_cpu_us_per_svid: f64,
+    /// CPU of the backend's emulator process (KMS) per issued SVID, µs.
+    pub emulator_cpu_us_per_svid: Option<f64>,
+    /// The node's key-manager operations in flight, sampled every 100 ms.
+    pub node_sign_in_flight: InFlight,
     /// Batch latency.
     pub latency: Latency,
     /// The node's metrics over the phase.
     pub server_metrics: ServerMetrics,
+}
+
+/// Samples of the node's `ca_keymanager_in_flight` gauge.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InFlight {
+    /// Samples taken.
+    pub samples: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// Issuance next to the backend's raw signing rate (`--backend softhsm|kms`).
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendResult {
+    /// Which backend.
+    pub backend: BackendKind,
+    /// Where it was.
+    pub description: String,
+    /// Its raw signing rate, same run.
+    pub raw: RawSigning,
+    /// SVIDs issued per second (wall) in the measured phase.
+    pub svids_per_s: f64,
+    /// SVIDs/s ÷ raw signatures/s.
+    pub ratio: f64,
+    /// The issue's target for that ratio.
+    pub target_ratio: f64,
+    /// Whether it is met.
+    pub target_met: bool,
 }
 
 /// A whole run.
@@ -162,6 +197,8 @@ pub struct Report {
     pub target_cpu_us_per_svid: f64,
     /// Whether the target is met.
     pub target_met: bool,
+    /// With `--backend softhsm|kms`: SVIDs/s next to the backend's raw signing rate.
+    pub backend: Option<BackendResult>,
     /// The first error messages, if any.
     pub error_samples: Vec<String>,
 }
@@ -241,6 +278,18 @@ impl Report {
                 m.latency.max_us / 1e3
             ),
         );
+        if let Some(e) = m.emulator_cpu_us_per_svid {
+            row("emulator CPU per SVID", format!("{e:.1} µs"));
+        }
+        row(
+            "node key-manager ops in flight",
+            format!(
+                "mean {:.1}, max {:.0} ({} samples)",
+                m.node_sign_in_flight.mean,
+                m.node_sign_in_flight.max,
+                m.node_sign_in_flight.samples
+            ),
+        );
         row(
             "node metrics: issue / sign mean (wall)",
             format!(
@@ -273,6 +322,51 @@ impl Report {
             "server CPU per SVID / raw sign+verify",
             format!("{:.2}x", self.ratio_to_raw),
         );
+        if let Some(be) = &self.backend {
+            let r = &be.raw;
+            row("backend", be.description.clone());
+            row(
+                "raw backend signing rate",
+                format!(
+                    "{:.0} signatures/s ({} {}, {} in flight, {} B message, {} in {:.1} s)",
+                    r.signs_per_s,
+                    r.key_manager,
+                    r.key_algorithm,
+                    r.in_flight,
+                    r.message_bytes,
+                    r.signs,
+                    r.wall_s
+                ),
+            );
+            row(
+                "raw sign latency mean / p50 / p99",
+                format!(
+                    "{:.0} / {:.0} / {:.0} µs",
+                    r.latency_mean_us, r.latency_p50_us, r.latency_p99_us
+                ),
+            );
+            row(
+                "raw CPU per signature",
+                match r.emulator_cpu_us_per_sign {
+                    Some(e) => format!(
+                        "{:.1} µs this process + {e:.1} µs emulator",
+                        r.process_cpu_us_per_sign
+                    ),
+                    None => format!("{:.1} µs", r.process_cpu_us_per_sign),
+                },
+            );
+            row(
+                "SVIDs/s / raw signatures/s",
+                format!(
+                    "{:.0} / {:.0} = {:.1} %  (target >= {:.0} %: {})",
+                    be.svids_per_s,
+                    r.signs_per_s,
+                    be.ratio * 100.0,
+                    be.target_ratio * 100.0,
+                    if be.target_met { "MET" } else { "MISSED" }
+                ),
+            );
+        }
         for e in &self.error_samples {
             row("error", e.clone());
         }

@@ -51,6 +51,68 @@ fn issuance_load_runs_and_reports() {
     let b = &r["baseline"];
     assert!(b["sign_ops"].as_u64().unwrap() > 0 && b["verify_ops"].as_u64().unwrap() > 0);
     assert!(r["ratio_to_raw"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(r["backend"].is_null(), "{r:#}");
+}
+
+/// A short run against a backend; returns the JSON report after the checks every run
+/// must pass, including the raw signing rate measured beside it.
+fn backend_run(backend: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_issuance-load"))
+        .args(["--backend", backend])
+        .args(["--duration", "1", "--warmup", "0.3", "--entries", "2"])
+        .args(["--batch", "4", "--concurrency", "4", "--csr-pool", "8"])
+        .args(["--verify-every", "1", "--baseline-secs", "0.1"])
+        .args(["--raw-secs", "0.5", "--raw-in-flight", "4", "--json"])
+        .output()
+        .expect("run issuance-load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "issuance-load failed:\n{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let m = &r["measured"];
+    let issued = m["svids_issued"].as_u64().unwrap();
+    assert!(issued > 0, "{r:#}");
+    assert_eq!(m["errors"].as_u64(), Some(0), "{r:#}");
+    assert_eq!(m["verified"].as_u64(), Some(issued), "{r:#}");
+    let b = &r["backend"];
+    assert_eq!(b["backend"].as_str(), Some(backend), "{r:#}");
+    assert_eq!(b["raw"]["in_flight"].as_u64(), Some(4), "{r:#}");
+    assert_eq!(b["raw"]["key_algorithm"].as_str(), Some("ec-p256"), "{r:#}");
+    assert!(b["raw"]["signs"].as_u64().unwrap() > 0, "{r:#}");
+    assert!(b["raw"]["signs_per_s"].as_f64().unwrap() > 0.0, "{r:#}");
+    let ratio = b["ratio"].as_f64().unwrap();
+    let want = m["svids_per_s_wall"].as_f64().unwrap() / b["raw"]["signs_per_s"].as_f64().unwrap();
+    assert!((ratio - want).abs() < 1e-9, "{r:#}");
+    assert!(
+        m["node_sign_in_flight"]["samples"].as_u64().unwrap() > 0,
+        "{r:#}"
+    );
+    r
+}
+
+#[test]
+fn softhsm_backend_runs_next_to_its_raw_rate() {
+    let r = backend_run("softhsm");
+    assert_eq!(r["node"]["key_manager"].as_str(), Some("pkcs11"), "{r:#}");
+    assert_eq!(r["backend"]["raw"]["key_manager"].as_str(), Some("pkcs11"));
+    assert_eq!(r["backend"]["target_ratio"].as_f64(), Some(0.70));
+}
+
+#[test]
+fn kms_backend_runs_next_to_its_raw_rate() {
+    let r = backend_run("kms");
+    assert_eq!(r["node"]["key_manager"].as_str(), Some("aws_kms"), "{r:#}");
+    assert_eq!(r["backend"]["raw"]["key_manager"].as_str(), Some("aws_kms"));
+    assert_eq!(r["backend"]["target_ratio"].as_f64(), Some(0.85));
+    assert!(
+        r["measured"]["emulator_cpu_us_per_svid"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
+    assert!(
+        r["backend"]["raw"]["emulator_cpu_us_per_sign"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]

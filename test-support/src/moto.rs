@@ -104,6 +104,11 @@ impl Moto {
         self.port
     }
 
+    /// Its process ID (e.g. to read the emulator's CPU time from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its endpoint URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
