@@ -31,13 +31,54 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Start a local development environment (node + agent, software keys) and print
-    /// SPIFFE_ENDPOINT_SOCKET=unix:///... ; runs until interrupted.
+    /// Create a new cluster: this node alone, which creates the root. Then runs the node
+    /// (restart it later with `run`).
+    Init {
+        /// The TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Join an existing cluster with a join token created on a member for
+    /// spiffe://TD/ca-node/<this node id>; then runs the node (restart it with `run`).
+    Join {
+        /// The TOML configuration (its data_dir must be empty).
+        #[arg(long)]
+        config: PathBuf,
+        /// A member's node API address, host:port.
+        #[arg(long)]
+        peer: String,
+        /// The join token (`ca-node token generate --spiffe-id spiffe://TD/ca-node/<id>`).
+        #[arg(long, env = "CA_NODE_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the join token (instead of --token).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The trust bundle (PEM roots, `ca-node bundle show` on a member).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Stay a learner (receives the log, does not vote); promote later.
+        #[arg(long)]
+        learner: bool,
+        /// Seconds to keep trying to be added and promoted.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Start a local development environment (three nodes + an agent, software keys) and
+    /// print SPIFFE_ENDPOINT_SOCKET=unix:///... ; runs until interrupted.
     Dev {
         /// Where sockets and data go.
         #[arg(long, default_value = ".spiffe-ca-dev")]
         dir: PathBuf,
+        /// How many nodes (1, 3 or 5).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
     },
+    /// The Raft cluster: status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Backups of the replicated state.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Registration entries.
     #[command(subcommand)]
     Entry(EntryCmd),
@@ -187,6 +228,63 @@ enum BundleCmd {
         /// pem (X.509 roots) or spiffe (SPIFFE bundle JWKS).
         #[arg(long, value_enum, default_value_t)]
         format: BundleFormat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, roles, leader, replication.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Add a node as a learner (`ca-node join` does this by itself).
+    Add {
+        /// Its Raft ID (unique, never reused).
+        #[arg(long)]
+        raft_id: u64,
+        /// Its node ID.
+        #[arg(long)]
+        node_id: String,
+        /// Its node API address, host:port.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Its Raft ID.
+        #[arg(long)]
+        raft_id: u64,
+    },
+    /// Remove a member (it must join again, under a new Raft ID, with a new token).
+    Remove {
+        /// Its Raft ID.
+        #[arg(long)]
+        raft_id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Write a consistent copy of the replicated state (an SQLite database).
+    Save {
+        /// Where to write it (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Copy this node's state even if it cannot confirm it is current.
+        #[arg(long)]
+        allow_stale: bool,
+    },
+    /// Disaster recovery: put a saved copy into the empty data dir of the node configured
+    /// in --config, as the state of a new cluster; then `ca-node run` it and join others.
+    Restore {
+        /// The saved copy.
+        #[arg(long)]
+        file: PathBuf,
+        /// The configuration of the node to restore into.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -353,6 +451,71 @@ fn fmt_time(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+fn print_cluster_status(r: &ClusterStatusResponse, output: Output) {
+    match output {
+        Output::Json => {
+            let v = serde_json::json!({
+                "raft_id": r.raft_id, "node_id": r.node_id, "role": r.role,
+                "leader_id": (r.leader_id != 0).then_some(r.leader_id), "term": r.term,
+                "last_log_index": r.last_log_index, "last_applied_index": r.last_applied_index,
+                "snapshot_index": r.snapshot_index, "joint": r.joint,
+                "millis_since_quorum_ack": (r.millis_since_quorum_ack >= 0).then_some(r.millis_since_quorum_ack),
+                "members": r.members.iter().map(|m| serde_json::json!({
+                    "raft_id": m.raft_id, "node_id": m.node_id, "addr": m.addr, "voter": m.voter,
+                    "matched_index": m.has_replication.then_some(m.matched_index),
+                    "lag": m.has_replication.then_some(m.lag),
+                })).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
+        Output::Text => {
+            println!(
+                "This node: raft id {} ({}), {}, term {}",
+                r.raft_id, r.node_id, r.role, r.term
+            );
+            println!(
+                "Leader: {}",
+                if r.leader_id == 0 {
+                    "unknown".to_string()
+                } else {
+                    r.leader_id.to_string()
+                }
+            );
+            println!(
+                "Log: last index {}, applied {}, snapshot {}{}",
+                r.last_log_index,
+                r.last_applied_index,
+                r.snapshot_index,
+                if r.joint {
+                    " (membership change in progress)"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "{:<8} {:<16} {:<24} {:<8} {:>8} {:>6}",
+                "RAFT ID", "NODE", "ADDRESS", "ROLE", "MATCHED", "LAG"
+            );
+            for m in &r.members {
+                let (matched, lag) = if m.has_replication {
+                    (m.matched_index.to_string(), m.lag.to_string())
+                } else {
+                    ("-".into(), "-".into())
+                };
+                println!(
+                    "{:<8} {:<16} {:<24} {:<8} {:>8} {:>6}",
+                    m.raft_id,
+                    m.node_id,
+                    m.addr,
+                    if m.voter { "voter" } else { "learner" },
+                    matched,
+                    lag
+                );
+            }
+        }
+    }
+}
+
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
     Ok(AdminClient::new(uds_channel(&cli.socket_path).await?))
 }
@@ -368,9 +531,170 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             node.shutdown().await;
             Ok(())
         }
-        Cmd::Dev { dir } => {
+        Cmd::Init { config } => {
+            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            init_logging(&cfg.log_level);
+            let node = crate::server::start_with(cfg, crate::server::Bootstrap::Init)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
+                node.core.config.raft_id, node.core.config.trust_domain
+            );
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        Cmd::Join {
+            config,
+            peer,
+            token,
+            token_file,
+            bundle,
+            learner,
+            timeout,
+        } => {
+            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            init_logging(&cfg.log_level);
+            let token = match (token, token_file) {
+                (Some(t), None) => t.trim().to_owned(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+                _ => return Err(
+                    "join needs exactly one of --token (or CA_NODE_JOIN_TOKEN) and --token-file"
+                        .into(),
+                ),
+            };
+            let bundle_pem = std::fs::read_to_string(bundle)
+                .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
+            let node = crate::cluster::join(
+                cfg,
+                crate::cluster::JoinOptions {
+                    peer: peer.clone(),
+                    token,
+                    bundle_pem,
+                    promote: !learner,
+                    timeout: std::time::Duration::from_secs(*timeout),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            println!(
+                "Joined the cluster as raft id {} ({}).",
+                node.core.config.raft_id,
+                if *learner { "learner" } else { "voter" }
+            );
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        Cmd::Dev { dir, nodes } => {
             init_logging("info");
-            crate::dev::run(dir).await.map_err(|e| e.to_string())
+            crate::dev::run(dir, *nodes)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Cluster(cmd) => {
+            let mut c = admin(&cli).await?;
+            match cmd {
+                ClusterCmd::Status { output } => {
+                    let r = c
+                        .cluster_status(ClusterStatusRequest {})
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    print_cluster_status(&r, *output);
+                }
+                ClusterCmd::Add {
+                    raft_id,
+                    node_id,
+                    addr,
+                } => {
+                    let r = c
+                        .add_member(AddMemberRequest {
+                            raft_id: *raft_id,
+                            node_id: node_id.clone(),
+                            addr: addr.clone(),
+                        })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    println!(
+                        "Added raft id {raft_id} as a learner (log index {})",
+                        r.log_index
+                    );
+                }
+                ClusterCmd::Promote { raft_id } => {
+                    let r = c
+                        .promote_member(PromoteMemberRequest { raft_id: *raft_id })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    println!(
+                        "Promoted raft id {raft_id} to voter (log index {})",
+                        r.log_index
+                    );
+                }
+                ClusterCmd::Remove { raft_id } => {
+                    let r = c
+                        .remove_member(RemoveMemberRequest { raft_id: *raft_id })
+                        .await
+                        .map_err(status_msg)?
+                        .into_inner();
+                    println!("Removed raft id {raft_id} (log index {})", r.log_index);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Snapshot(SnapshotCmd::Save { out, allow_stale }) => {
+            if out.exists() {
+                return Err(format!("{} exists already", out.display()));
+            }
+            let mut c = admin(&cli).await?;
+            let mut stream = c
+                .save_snapshot(SaveSnapshotRequest {
+                    allow_stale: *allow_stale,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            let mut data = Vec::new();
+            let mut applied = 0;
+            while let Some(chunk) = stream.message().await.map_err(status_msg)? {
+                if chunk.applied_index > 0 {
+                    applied = chunk.applied_index;
+                }
+                data.extend_from_slice(&chunk.data);
+            }
+            crate::cluster::write_private(out, &data).map_err(|e| e.to_string())?;
+            println!(
+                "Saved the state up to log index {applied} to {} ({} bytes)",
+                out.display(),
+                data.len()
+            );
+            Ok(())
+        }
+        Cmd::Snapshot(SnapshotCmd::Restore { file, config }) => {
+            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            let r = crate::backup::restore(file, &cfg.data_dir)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "Restored the state up to log index {} into {} as a new cluster ({} intermediate/JWT keys retired, {} old ca-node identities forgotten).",
+                r.applied_index,
+                cfg.data_dir.display(),
+                r.retired_authorities,
+                r.forgotten_nodes
+            );
+            println!(
+                "Start it with `ca-node run --config {}`; with software keys, copy the old root's key file into its key directory first. Other nodes join it with new tokens.",
+                config.display()
+            );
+            Ok(())
         }
         Cmd::Entry(cmd) => {
             let mut c = admin(&cli).await?;

@@ -886,7 +886,7 @@ async fn add_me(
                 voter = opts.promote,
                 "this node is a member of the cluster"
             );
-            return Ok(());
+            break;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(Error::Unavailable(format!(
@@ -900,6 +900,21 @@ async fn add_me(
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its CA (intermediate, JWT key) now, rather than at the next maintenance tick.
+    loop {
+        match crate::server::ensure_ca(&node.core).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => tracing::info!(error = %e, "this node's CA is not ready yet; retrying"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Unavailable(format!(
+                "this node joined but its CA was not ready within {:?}",
+                opts.timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

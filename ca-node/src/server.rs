@@ -228,7 +228,11 @@ async fn ca_may_start(core: &NodeCore) -> Result<bool, Error> {
 
 /// One round of CA upkeep on the current journal: read barrier, then
 /// [`Ca::ensure_authorities`]. `Ok(false)`: not yet (no root replicated here yet).
-async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
+pub(crate) async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
+    let st = core.raft.status();
+    if !st.members.contains_key(&st.id) {
+        return Ok(false); // not added to the cluster yet
+    }
     core.read_barrier().await?;
     if !ca_may_start(core).await? {
         return Ok(false);
@@ -322,6 +326,21 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             let _ = raft.shutdown().await;
             return Err(e.into());
         }
+    }
+    if new_cluster || initialized {
+        // The membership is applied (and, alone, this node elected) in a moment: wait for
+        // it so that the CA below starts now rather than at the first maintenance tick.
+        let mut metrics = raft.metrics();
+        let id = config.raft_id;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            metrics.wait_for(|m| {
+                let ms = m.membership_config.membership();
+                let alone = ms.voter_ids().all(|v| v == id);
+                ms.get_node(&id).is_some() && (!alone || m.current_leader == Some(id))
+            }),
+        )
+        .await;
     }
     if marker.is_none() {
         cluster::write_marker(

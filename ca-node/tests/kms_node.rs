@@ -461,10 +461,9 @@ async fn memory_mode_keeps_minting_while_the_root_kms_is_down() {
         "still ready on the old intermediate"
     );
     check_jwt(&node, &mint_jwt(&node).await.unwrap());
-    let said = logs.lines_with(&[
-        "CA maintenance failed",
-        "spiffe-ca/dev_example_org/kms-mem/root",
-    ]);
+    // The root probe (every maintenance tick) or the failed rotation says why.
+    let mut said = logs.lines_with(&["spiffe-ca/dev_example_org/kms-mem/root"]);
+    said.extend(logs.lines_with(&["the root's key manager is not usable"]));
     assert!(!said.is_empty(), "no log says why:\n{}", logs.text());
     eprintln!("the node says: {}", said[0]);
 
@@ -601,9 +600,14 @@ async fn keys_of_failed_preparations_are_deleted() {
         || async move { (readyz(n).await.0 == 200).then_some(()) },
     )
     .await;
-    // Root (refused), root again, intermediate (its certificate then refused), intermediate
-    // again, JWT key.
-    assert_eq!(proxy.count("GetPublicKey"), 5);
+    // At least: root (refused), root again, intermediate (its certificate then refused),
+    // intermediate again, JWT key; the root is also looked up before each intermediate is
+    // made and by the maintenance probe, so the exact count depends on timing.
+    assert!(
+        proxy.count("GetPublicKey") >= 5,
+        "{}",
+        proxy.count("GetPublicKey")
+    );
 
     let root = active(&node, AuthorityKind::Root).await;
     let int = active(&node, AuthorityKind::Intermediate).await;
