@@ -26,6 +26,11 @@ use crate::convert::{bundle_to_proto, entry_to_proto};
 use crate::core::{propose, NodeCore};
 use crate::Error;
 
+/// CSRs of one `BatchNewX509Svid` call minted at the same time, at most: how many of its
+/// key-manager signatures can be in flight together. A PKCS#11 manager's session pool caps
+/// them further; the bound keeps one big batch (agents send up to 100) from flooding a KMS.
+const BATCH_MINT_CONCURRENCY: usize = 32;
+
 /// The node API service.
 #[derive(Clone, Debug)]
 pub struct NodeApi {
@@ -165,6 +170,59 @@ impl NodeApi {
             svid_chain: chain,
             bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
         })
+    }
+
+    /// Mints the SVID of one `BatchNewX509Svid` item for `agent`, whose authorized entries
+    /// are `entries`: the result carries the chain or this item's error.
+    async fn mint_batch_item(
+        &self,
+        agent: &AgentRecord,
+        entries: &[EntryRecord],
+        p: &NewX509SvidParams,
+    ) -> NewX509SvidResult {
+        let start = std::time::Instant::now();
+        let r: Result<Vec<Vec<u8>>, Error> = async {
+            let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "entry {:?} does not exist or is not authorized for agent {}",
+                    p.entry_id, agent.spiffe_id
+                ))
+            })?;
+            let csr = Self::parse_csr(&p.csr)?;
+            let id = SpiffeId::parse(&entry.spiffe_id)?;
+            let ttl = if entry.x509_svid_ttl > 0 {
+                entry.x509_svid_ttl
+            } else {
+                self.core.config.ttl.x509_svid
+            };
+            self.core
+                .ca
+                .mint_x509_svid(&id, &csr.public_key, ttl, &entry.dns_names)
+                .await
+        }
+        .await;
+        self.core
+            .metrics
+            .x509_svid_seconds
+            .with_label_values(&["workload"])
+            .observe(start.elapsed().as_secs_f64());
+        self.core
+            .metrics
+            .x509_svids
+            .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
+            .inc();
+        match r {
+            Ok(chain) => NewX509SvidResult {
+                entry_id: p.entry_id.clone(),
+                svid_chain: chain,
+                error: String::new(),
+            },
+            Err(e) => NewX509SvidResult {
+                entry_id: p.entry_id.clone(),
+                svid_chain: vec![],
+                error: e.to_string(),
+            },
+        }
     }
 
     fn verify_x509pop_chain(&self, chain: &[Vec<u8>]) -> Result<(), Error> {
@@ -371,52 +429,18 @@ impl Node for NodeApi {
             .authorized_entries(&agent.spiffe_id)
             .await
             .map_err(|e| Status::from(Error::from(e)))?;
-        let mut results = Vec::with_capacity(req.get_ref().params.len());
+        // The CSRs are minted concurrently, up to BATCH_MINT_CONCURRENCY at a time, so that a
+        // key manager with a round trip per signature (KMS, a network HSM, a PKCS#11 session
+        // pool) has this call's signatures in flight together instead of one after another.
+        // `buffered` keeps the results in request order; each CSR fails on its own.
+        let mut mints = Vec::with_capacity(req.get_ref().params.len());
         for p in &req.get_ref().params {
-            let start = std::time::Instant::now();
-            let r: Result<Vec<Vec<u8>>, Error> = async {
-                let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
-                    Error::PermissionDenied(format!(
-                        "entry {:?} does not exist or is not authorized for agent {}",
-                        p.entry_id, agent.spiffe_id
-                    ))
-                })?;
-                let csr = Self::parse_csr(&p.csr)?;
-                let id = SpiffeId::parse(&entry.spiffe_id)?;
-                let ttl = if entry.x509_svid_ttl > 0 {
-                    entry.x509_svid_ttl
-                } else {
-                    self.core.config.ttl.x509_svid
-                };
-                self.core
-                    .ca
-                    .mint_x509_svid(&id, &csr.public_key, ttl, &entry.dns_names)
-                    .await
-            }
-            .await;
-            self.core
-                .metrics
-                .x509_svid_seconds
-                .with_label_values(&["workload"])
-                .observe(start.elapsed().as_secs_f64());
-            self.core
-                .metrics
-                .x509_svids
-                .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
-                .inc();
-            results.push(match r {
-                Ok(chain) => NewX509SvidResult {
-                    entry_id: p.entry_id.clone(),
-                    svid_chain: chain,
-                    error: String::new(),
-                },
-                Err(e) => NewX509SvidResult {
-                    entry_id: p.entry_id.clone(),
-                    svid_chain: vec![],
-                    error: e.to_string(),
-                },
-            });
+            mints.push(self.mint_batch_item(&agent, &entries, p));
         }
+        let results: Vec<NewX509SvidResult> =
+            futures::StreamExt::buffered(futures::stream::iter(mints), BATCH_MINT_CONCURRENCY)
+                .collect()
+                .await;
         Ok(Response::new(BatchNewX509SvidResponse { results }))
     }
 

@@ -6,6 +6,8 @@
 //!
 //! The tests share one emulator; each uses its own node ID, hence its own aliases and tags.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -215,6 +217,100 @@ async fn keys_live_in_kms_and_survive_a_restart() {
     let mut after = km.list().await.unwrap();
     after.sort();
     assert_eq!(after, want, "no new keys at restart");
+    node.shutdown().await;
+}
+
+/// One `BatchNewX509Svid` call over the node API has the KMS signatures of its CSRs in
+/// flight together, not one after another: with every `Sign` held 500 ms by the proxy, the
+/// node's `ca_keymanager_in_flight` gauge reaches the number of good CSRs in the call. The
+/// results keep the request order, a bad CSR in the middle fails on its own, and every
+/// SVID verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_has_its_kms_signatures_in_flight_together() {
+    use ca_proto::node::{BatchNewX509SvidRequest, NewX509SvidParams};
+    const GOOD: usize = 6;
+    let kms = moto::shared();
+    let proxy = Proxy::start(kms.port()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let node = ca_node::start(node_config(tmp.path(), "kms-batch", &proxy.url()))
+        .await
+        .unwrap();
+    let agent_id = format!("spiffe://{TD}/agent/batch");
+    let svid = common::new_agent(&node, &agent_id).await;
+    let entry = node
+        .core
+        .validate_entry(
+            &common::entry(
+                &format!("spiffe://{TD}/workload/batch"),
+                &agent_id,
+                &["unix:uid:1000"],
+            ),
+            uuid::Uuid::new_v4().to_string(),
+            ca_identity::unix_now(),
+        )
+        .unwrap();
+    ca_node::core::propose(
+        node.core.proposer.as_ref(),
+        ca_raft::Command::CreateEntry {
+            entry: entry.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    // GOOD good CSRs with an empty one in the middle.
+    let params: Vec<NewX509SvidParams> = (0..=GOOD)
+        .map(|i| NewX509SvidParams {
+            entry_id: entry.id.clone(),
+            csr: if i == GOOD / 2 {
+                vec![]
+            } else {
+                ca_agent::attest::new_key_and_csr().unwrap().0
+            },
+        })
+        .collect();
+
+    let mut client = common::agent_client(&node, &svid);
+    proxy.rule(Rule::slow("Sign", None, Duration::from_millis(500)));
+    let started = Instant::now();
+    let call = tokio::spawn(async move {
+        client
+            .batch_new_x509_svid(BatchNewX509SvidRequest { params })
+            .await
+    });
+    let mut most = 0.0f64;
+    while !call.is_finished() {
+        most = most.max(series(&metrics(&node).await, "ca_keymanager_in_flight"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let results = call
+        .await
+        .unwrap()
+        .expect("the batch answers")
+        .into_inner()
+        .results;
+    eprintln!("batch of {} answered in {:?}", GOOD + 1, started.elapsed());
+    proxy.clear_rules();
+    assert!(
+        most >= GOOD as f64,
+        "at most {most} key-manager operations were in flight during a batch of {GOOD} good CSRs"
+    );
+    assert_eq!(results.len(), GOOD + 1);
+    let int = active(&node, AuthorityKind::Intermediate).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.entry_id, entry.id);
+        if i == GOOD / 2 {
+            assert!(r.svid_chain.is_empty(), "item {i}");
+            assert!(
+                r.error.contains("the CSR is empty"),
+                "item {i}: {}",
+                r.error
+            );
+        } else {
+            assert!(r.error.is_empty(), "item {i}: {}", r.error);
+            assert_eq!(r.svid_chain[1], int.cert_der, "item {i}");
+            verify_signed_by(&r.svid_chain[0], &int.cert_der);
+        }
+    }
     node.shutdown().await;
 }
 
