@@ -1,0 +1,21 @@
+//! What every chaos test shares: the programs under test and the network mode.
+
+#![allow(dead_code)]
+
+use chaos_tests::report::say;
+use chaos_tests::{Binaries, Mode};
+
+/// The `ca-node` and `agent` programs Cargo built for this crate.
+pub fn bins() -> Binaries {
+    Binaries {
+        ca_node: env!("CARGO_BIN_EXE_chaos-ca-node").into(),
+        agent: env!("CARGO_BIN_EXE_chaos-agent").into(),
+    }
+}
+
+/// The network mode of this run, announced.
+pub fn mode(test: &str) -> Mode {
+    let (mode, why) = chaos_tests::net::detect().expect("network mode");
+    say(&format!("[{test}] network mode: {mode} ({why})"));
+    mode
+}
