@@ -15,12 +15,14 @@
 //! [`Backend::prepare`] changes this process's environment (`SOFTHSM2_CONF`, `AWS_*`), so it
 //! runs before any runtime or other thread is started.
 //!
-//! **Raw rate** ([`Backend::measure_raw`]): after the node has stopped, this process opens
-//! the same backend with `ca_kms` (a PKCS#11 manager with the node's session pool size, or
-//! an AWS KMS client), generates a key of the node's CA algorithm and signs a TBSCertificate
-//! of the run with `in_flight` signatures outstanding at all times (tokio tasks on a runtime
-//! with one worker per core, like the node's), for a fixed time after a warm-up. That is the
-//! most the backend delivers through this code at that concurrency, with nothing else
+//! **Raw rate** ([`Backend::measure_raw`]): this process opens the same backend with
+//! `ca_kms` (a PKCS#11 manager with the node's session pool size, or an AWS KMS client),
+//! generates a key of the node's CA algorithm and signs a TBSCertificate the node issued in
+//! this run with `in_flight` signatures outstanding at all times (tokio tasks on a runtime
+//! with one worker per core, like the node's), for a fixed time after a warm-up. The run
+//! does this twice while the node is up but idle: right before and right after the node's
+//! measured phase, so that other work on the machine weighs on both sides alike. That is
+//! the most the backend delivers through this code at that concurrency, with nothing else
 //! (no TLS, no CSR checks, no database) on the machine.
 
 use std::ffi::OsString;
@@ -46,8 +48,6 @@ const TOKEN_SO_PIN: &str = "87654321";
 /// Node ID the raw measurement's keys are named under (KMS alias prefix, PKCS#11 label
 /// prefix), apart from the node's.
 const RAW_OWNER: &str = "bench-raw";
-/// Name of the key the raw measurement signs with.
-const RAW_KEY: &str = "raw-signing";
 /// Region given to the emulator's clients.
 const KMS_REGION: &str = "us-east-1";
 
@@ -82,15 +82,18 @@ impl BackendKind {
         }
     }
 
-    /// Signatures the raw measurement keeps in flight unless told otherwise: as many as
-    /// the node can have in flight. For PKCS#11 that is the node's session pool
-    /// ([`ca_kms::pkcs11::DEFAULT_MAX_SESSIONS`]); for KMS, one per call in flight
-    /// (`calls_in_flight`), since the node signs the CSRs of one call one after another.
-    pub fn default_raw_in_flight(self, calls_in_flight: usize) -> usize {
+    /// Signatures the raw measurement keeps in flight unless told otherwise: as many as the
+    /// node can have outstanding under the load, `calls_in_flight` × the CSRs of a call it
+    /// signs at once (`batch`, at most [`ca_node::node_api::BATCH_MINT_CONCURRENCY`]); for
+    /// PKCS#11 at most the session pool ([`ca_kms::pkcs11::DEFAULT_MAX_SESSIONS`]), which
+    /// caps the node too.
+    pub fn default_raw_in_flight(self, calls_in_flight: usize, batch: usize) -> usize {
+        let per_call = batch.clamp(1, ca_node::node_api::BATCH_MINT_CONCURRENCY);
+        let asked = calls_in_flight.max(1) * per_call;
         match self {
             BackendKind::Soft => 1,
-            BackendKind::Softhsm => ca_kms::pkcs11::DEFAULT_MAX_SESSIONS,
-            BackendKind::Kms => calls_in_flight.max(1),
+            BackendKind::Softhsm => asked.min(ca_kms::pkcs11::DEFAULT_MAX_SESSIONS),
+            BackendKind::Kms => asked,
         }
     }
 }
@@ -364,6 +367,7 @@ impl Backend {
     /// own in a thread of its own. Blocking.
     pub fn measure_raw(
         &self,
+        key_name: &str,
         alg: KeyAlgorithm,
         msg: Vec<u8>,
         in_flight: usize,
@@ -379,7 +383,7 @@ impl Backend {
                     .worker_threads(cores)
                     .enable_all()
                     .build()?;
-                rt.block_on(self.raw(alg, msg, in_flight.max(1), warmup, duration))
+                rt.block_on(self.raw(key_name, alg, msg, in_flight.max(1), warmup, duration))
             })
             .join()
             .map_err(|_| anyhow!("the raw measurement's thread panicked"))?
@@ -388,6 +392,7 @@ impl Backend {
 
     async fn raw(
         &self,
+        key_name: &str,
         alg: KeyAlgorithm,
         msg: Vec<u8>,
         in_flight: usize,
@@ -396,7 +401,7 @@ impl Backend {
     ) -> anyhow::Result<RawSigning> {
         let km = self.open().await?;
         let key = km
-            .generate(RAW_KEY, alg)
+            .generate(key_name, alg)
             .await
             .with_context(|| format!("generating a {alg} key in the {} backend", km.backend()))?;
         let msg: Arc<[u8]> = msg.into();
@@ -410,40 +415,25 @@ impl Backend {
             let (c0, e0) = (procstat::own_cpu()?, self.emulator_cpu());
             let r = sign_for(&key, &msg, in_flight, duration).await?;
             let (c1, e1) = (procstat::own_cpu()?, self.emulator_cpu());
-            let per = |d: Duration| d.as_secs_f64() * 1e6 / r.signs.max(1) as f64;
-            let mut lat = r.latencies_us;
-            lat.sort_by(f64::total_cmp);
-            let wall = r.wall.as_secs_f64();
-            Ok::<_, anyhow::Error>(RawSigning {
-                backend: self.kind,
-                key_manager: km.backend().to_owned(),
-                key_algorithm: alg.to_string(),
-                message_bytes: msg.len(),
-                in_flight,
-                signs: r.signs,
-                wall_s: wall,
-                signs_per_s: if wall > 0.0 {
-                    r.signs as f64 / wall
-                } else {
-                    0.0
+            Ok::<_, anyhow::Error>(RawSigning::new(
+                RawRound {
+                    backend: self.kind,
+                    key_manager: km.backend().to_owned(),
+                    key_algorithm: alg.to_string(),
+                    message_bytes: msg.len(),
+                    in_flight,
                 },
-                latency_mean_us: if lat.is_empty() {
-                    0.0
-                } else {
-                    lat.iter().sum::<f64>() / lat.len() as f64
-                },
-                latency_p50_us: crate::load::percentile(&lat, 0.5),
-                latency_p99_us: crate::load::percentile(&lat, 0.99),
-                process_cpu_us_per_sign: per(c1.saturating_sub(c0)),
-                emulator_cpu_us_per_sign: match (e0, e1) {
-                    (Some(a), Some(b)) => Some(per(b.saturating_sub(a))),
+                r,
+                c1.saturating_sub(c0),
+                match (e0, e1) {
+                    (Some(a), Some(b)) => Some(b.saturating_sub(a)),
                     _ => None,
                 },
-            })
+            ))
         }
         .await;
         // Best effort: KMS schedules the deletion, a token destroys the pair.
-        let _ = km.delete(RAW_KEY).await;
+        let _ = km.delete(key_name).await;
         result
     }
 
@@ -452,6 +442,21 @@ impl Backend {
         self.emulator_pid()
             .and_then(|p| procstat::process_cpu(p).ok())
     }
+}
+
+/// What one raw measurement's signatures went through.
+#[derive(Clone, Debug, Serialize)]
+pub struct RawRound {
+    /// `--backend`.
+    pub backend: BackendKind,
+    /// The `ca_kms` backend that signed (`pkcs11`, `aws_kms`).
+    pub key_manager: String,
+    /// The key's algorithm (the node's `ca_key_algorithm`).
+    pub key_algorithm: String,
+    /// Bytes of the signed message (a TBSCertificate of the run).
+    pub message_bytes: usize,
+    /// Signatures kept in flight.
+    pub in_flight: usize,
 }
 
 struct SignRun {
@@ -513,16 +518,9 @@ fn check_signature(alg: KeyAlgorithm, spki: &[u8], msg: &[u8], sig: &[u8]) -> an
 /// The backend's raw signing rate, measured in this process.
 #[derive(Clone, Debug, Serialize)]
 pub struct RawSigning {
-    /// `--backend`.
-    pub backend: BackendKind,
-    /// The `ca_kms` backend that signed (`pkcs11`, `aws_kms`).
-    pub key_manager: String,
-    /// The key's algorithm (the node's `ca_key_algorithm`).
-    pub key_algorithm: String,
-    /// Bytes of the signed message (a TBSCertificate of the run).
-    pub message_bytes: usize,
-    /// Signatures kept in flight.
-    pub in_flight: usize,
+    /// What was signed through what.
+    #[serde(flatten)]
+    pub what: RawRound,
     /// Signatures made in the measured time.
     pub signs: u64,
     /// Measured wall time, s.
@@ -539,4 +537,67 @@ pub struct RawSigning {
     pub process_cpu_us_per_sign: f64,
     /// CPU of the emulator process per signature (KMS), µs.
     pub emulator_cpu_us_per_sign: Option<f64>,
+    #[serde(skip)]
+    latencies_us: Vec<f64>,
+    #[serde(skip)]
+    process_cpu: Duration,
+    #[serde(skip)]
+    emulator_cpu: Option<Duration>,
+}
+
+impl RawSigning {
+    fn new(
+        what: RawRound,
+        r: SignRun,
+        process_cpu: Duration,
+        emulator_cpu: Option<Duration>,
+    ) -> Self {
+        let mut lat = r.latencies_us;
+        lat.sort_by(f64::total_cmp);
+        let wall = r.wall.as_secs_f64();
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / r.signs.max(1) as f64;
+        Self {
+            what,
+            signs: r.signs,
+            wall_s: wall,
+            signs_per_s: if wall > 0.0 {
+                r.signs as f64 / wall
+            } else {
+                0.0
+            },
+            latency_mean_us: if lat.is_empty() {
+                0.0
+            } else {
+                lat.iter().sum::<f64>() / lat.len() as f64
+            },
+            latency_p50_us: crate::load::percentile(&lat, 0.5),
+            latency_p99_us: crate::load::percentile(&lat, 0.99),
+            process_cpu_us_per_sign: per(process_cpu),
+            emulator_cpu_us_per_sign: emulator_cpu.map(per),
+            latencies_us: lat,
+            process_cpu,
+            emulator_cpu,
+        }
+    }
+
+    /// Rounds taken together: every signature over the total measured time.
+    pub fn combine(rounds: &[RawSigning]) -> Option<RawSigning> {
+        let first = rounds.first()?;
+        let sum = |f: &dyn Fn(&RawSigning) -> Option<Duration>| -> Option<Duration> {
+            rounds.iter().map(f).sum()
+        };
+        Some(RawSigning::new(
+            first.what.clone(),
+            SignRun {
+                signs: rounds.iter().map(|r| r.signs).sum(),
+                wall: Duration::from_secs_f64(rounds.iter().map(|r| r.wall_s).sum()),
+                latencies_us: rounds
+                    .iter()
+                    .flat_map(|r| r.latencies_us.iter().copied())
+                    .collect(),
+            },
+            sum(&|r| Some(r.process_cpu)).unwrap_or_default(),
+            sum(&|r| r.emulator_cpu),
+        ))
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{Backend, BackendKind, RawSigning};
 use crate::baseline;
 use crate::load::{self, CsrPool, Limit, Load};
 use crate::node::{NodeExe, NodeProcess, NodeSettings};
@@ -28,15 +28,18 @@ pub struct Args {
     /// Where the node keeps its CA keys: `soft` (PKCS#8 files), `softhsm` (a SoftHSM2 token
     /// made for the run, `type = "pkcs11"`) or `kms` (the AWS KMS emulator moto on
     /// 127.0.0.1, `type = "aws_kms"`). For `softhsm` and `kms` the backend's raw signing
-    /// rate is measured too, after the node has stopped.
+    /// rate is measured too, in this process, right before and right after the measured
+    /// phase (the node up but idle).
     #[arg(long, value_enum, default_value_t = BackendKind::Soft)]
     pub backend: BackendKind,
     /// Signatures the raw backend measurement keeps in flight; default: as many as the node
-    /// can (its PKCS#11 session pool; for KMS one per call in flight, `--concurrency`).
+    /// can have outstanding, `--concurrency` × `--batch` (the node signs up to 32 CSRs of a
+    /// call at once), for PKCS#11 at most the session pool (8).
     #[arg(long)]
     pub raw_in_flight: Option<usize>,
-    /// Seconds of the raw backend measurement (after 1 s of warm-up).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds of the raw backend measurement, split in two rounds (each after 1 s of
+    /// warm-up): right before and right after the node's measured phase.
+    #[arg(long, default_value_t = 6.0)]
     pub raw_secs: f64,
     /// KMS only: put a proxy in front of the emulator that delays every `Sign` by this many
     /// milliseconds (a network round trip to a real KMS), for the node and the raw
@@ -169,7 +172,16 @@ pub async fn run(args: &Args, backend: &Backend) -> anyhow::Result<Report> {
         progress!("backend: {}", backend.describe());
     }
     let ca_alg = node.ca_key_algorithm()?;
-    let result = drive(args, &node, backend, pool, duration, warmup).await;
+    let raw = RawPlan {
+        alg: ca_alg,
+        in_flight: args.raw_in_flight.unwrap_or_else(|| {
+            backend
+                .kind()
+                .default_raw_in_flight(args.concurrency, args.batch)
+        }),
+        budget: raw_budget / 2,
+    };
+    let result = drive(args, &node, backend, &raw, pool, duration, warmup).await;
     if result.is_err() {
         eprintln!(
             "issuance-load: node log tail ({}):\n{}",
@@ -196,32 +208,26 @@ pub async fn run(args: &Args, backend: &Backend) -> anyhow::Result<Report> {
     let backend_result = match backend.kind().target_ratio() {
         None => None,
         Some(target) => {
-            let in_flight = args
-                .raw_in_flight
-                .unwrap_or_else(|| backend.kind().default_raw_in_flight(args.concurrency));
-            progress!(
-                "measuring the raw {} signing rate ({ca_alg}, {in_flight} in flight) for {:.1} s",
-                backend.kind().as_str(),
-                raw_budget.as_secs_f64()
-            );
-            let raw = tokio::task::block_in_place(|| {
-                backend.measure_raw(
-                    ca_alg,
-                    msg.clone(),
-                    in_flight,
-                    Duration::from_secs(1),
-                    raw_budget,
-                )
-            })?;
+            let raw = RawSigning::combine(&phase.raw_rounds)
+                .context("the raw signing rate was not measured")?;
             let ratio = if raw.signs_per_s > 0.0 {
                 phase.measured.svids_per_s_wall / raw.signs_per_s
             } else {
                 0.0
             };
+            let m = &phase.measured;
+            let svid_cpu_us = m.server_cpu_us_per_svid
+                + m.client_cpu_us_per_svid
+                + m.emulator_cpu_us_per_svid.unwrap_or(0.0);
+            let sign_cpu_us =
+                raw.process_cpu_us_per_sign + raw.emulator_cpu_us_per_sign.unwrap_or(0.0);
             Some(BackendResult {
                 backend: backend.kind(),
                 description: backend.describe(),
+                cpu_us_per_svid_all: svid_cpu_us,
+                cpu_us_per_raw_sign_all: sign_cpu_us,
                 raw,
+                raw_rounds: phase.raw_rounds,
                 svids_per_s: phase.measured.svids_per_s_wall,
                 ratio,
                 target_ratio: target,
@@ -279,7 +285,40 @@ pub async fn run(args: &Args, backend: &Backend) -> anyhow::Result<Report> {
     })
 }
 
+/// How the backend's raw rate is measured: two rounds of `budget` (after 1 s of warm-up
+/// each), one right before and one right after the node's measured phase, while the node
+/// is up but idle. Bracketing the phase evens out what other work on the machine does to
+/// either side.
+struct RawPlan {
+    alg: ca_kms::KeyAlgorithm,
+    in_flight: usize,
+    budget: Duration,
+}
+
+impl RawPlan {
+    fn measure(&self, backend: &Backend, round: &str, msg: &[u8]) -> anyhow::Result<RawSigning> {
+        progress!(
+            "measuring the raw {} signing rate ({}, {} in flight) for {:.1} s ({round} the load)",
+            backend.kind().as_str(),
+            self.alg,
+            self.in_flight,
+            self.budget.as_secs_f64()
+        );
+        tokio::task::block_in_place(|| {
+            backend.measure_raw(
+                &format!("raw-signing-{round}"),
+                self.alg,
+                msg.to_vec(),
+                self.in_flight,
+                Duration::from_secs(1),
+                self.budget,
+            )
+        })
+    }
+}
+
 struct Phase {
+    raw_rounds: Vec<RawSigning>,
     measured: Measured,
     warmup_errors: u64,
     error_samples: Vec<String>,
@@ -290,6 +329,7 @@ async fn drive(
     args: &Args,
     node: &NodeProcess,
     backend: &Backend,
+    raw: &RawPlan,
     pool: CsrPool,
     duration: Duration,
     warmup: Duration,
@@ -310,11 +350,31 @@ async fn drive(
 
     let mut error_samples = Vec::new();
     let mut warmup_errors = 0;
+    let mut sample = None;
     if !warmup.is_zero() {
         progress!("warming up for {:.1} s", warmup.as_secs_f64());
         let w = load.run(Limit::Time(warmup)).await;
         warmup_errors = w.errors;
         error_samples.extend(w.error_samples);
+        sample = w.sample_leaf;
+    }
+
+    let mut raw_rounds = Vec::new();
+    let mut tbs = None;
+    if backend.kind().target_ratio().is_some() {
+        // A TBSCertificate of this node to sign: from the warm-up, or one call now.
+        if sample.is_none() {
+            let s = load.run(Limit::Count(1)).await;
+            warmup_errors += s.errors;
+            error_samples.extend(s.error_samples);
+            sample = s.sample_leaf;
+        }
+        let msg = sample
+            .as_deref()
+            .and_then(load::tbs_of)
+            .context("no certificate to take a TBSCertificate from")?;
+        raw_rounds.push(raw.measure(backend, "before", &msg)?);
+        tbs = Some(msg);
     }
 
     let limit = match args.count {
@@ -333,6 +393,9 @@ async fn drive(
     let in_flight = sampler.stop().await;
     let m1 = node.metrics().await?;
     error_samples.extend(r.error_samples.iter().cloned());
+    if let Some(msg) = &tbs {
+        raw_rounds.push(raw.measure(backend, "after", msg)?);
+    }
 
     let server_user = s1.0.saturating_sub(s0.0).as_secs_f64();
     let server_sys = s1.1.saturating_sub(s0.1).as_secs_f64();
@@ -372,6 +435,7 @@ async fn drive(
     };
     let server_us = per(server_cpu);
     Ok(Phase {
+        raw_rounds,
         measured: Measured {
             wall_s: wall,
             requests: r.requests,

@@ -164,8 +164,15 @@ pub struct BackendResult {
     pub backend: BackendKind,
     /// Where it was.
     pub description: String,
-    /// Its raw signing rate, same run.
+    /// Its raw signing rate, same run: both rounds together.
     pub raw: RawSigning,
+    /// The rounds: right before and right after the node's measured phase.
+    pub raw_rounds: Vec<RawSigning>,
+    /// CPU of every process of the run (node, load, emulator) per SVID, µs.
+    pub cpu_us_per_svid_all: f64,
+    /// CPU of every process (this one, emulator) per raw signature, µs. When the cores are
+    /// what limits both, the ratio cannot exceed this ÷ `cpu_us_per_svid_all`.
+    pub cpu_us_per_raw_sign_all: f64,
     /// SVIDs issued per second (wall) in the measured phase.
     pub svids_per_s: f64,
     /// SVIDs/s ÷ raw signatures/s.
@@ -326,14 +333,23 @@ impl Report {
             let r = &be.raw;
             row("backend", be.description.clone());
             row(
+                "raw rate before / after the load",
+                be.raw_rounds
+                    .iter()
+                    .map(|r| format!("{:.0}", r.signs_per_s))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+                    + " signatures/s",
+            );
+            row(
                 "raw backend signing rate",
                 format!(
                     "{:.0} signatures/s ({} {}, {} in flight, {} B message, {} in {:.1} s)",
                     r.signs_per_s,
-                    r.key_manager,
-                    r.key_algorithm,
-                    r.in_flight,
-                    r.message_bytes,
+                    r.what.key_manager,
+                    r.what.key_algorithm,
+                    r.what.in_flight,
+                    r.what.message_bytes,
                     r.signs,
                     r.wall_s
                 ),
@@ -354,6 +370,19 @@ impl Report {
                     ),
                     None => format!("{:.1} µs", r.process_cpu_us_per_sign),
                 },
+            );
+            row(
+                "CPU per SVID / per raw sig (all procs)",
+                format!(
+                    "{:.0} / {:.0} µs (their ratio: {:.1} %)",
+                    be.cpu_us_per_svid_all,
+                    be.cpu_us_per_raw_sign_all,
+                    if be.cpu_us_per_svid_all > 0.0 {
+                        be.cpu_us_per_raw_sign_all / be.cpu_us_per_svid_all * 100.0
+                    } else {
+                        0.0
+                    }
+                ),
             );
             row(
                 "SVIDs/s / raw signatures/s",

@@ -54,11 +54,13 @@ fn issuance_load_runs_and_reports() {
     assert!(r["backend"].is_null(), "{r:#}");
 }
 
-/// A short run against a backend; returns the JSON report after the checks every run
-/// must pass, including the raw signing rate measured beside it.
-fn backend_run(backend: &str) -> serde_json::Value {
+/// A short run against a backend (with `extra` arguments); returns the JSON report after
+/// the checks every run must pass, including the raw signing rate measured beside it in two
+/// rounds, before and after the load.
+fn backend_run(backend: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_issuance-load"))
         .args(["--backend", backend])
+        .args(extra)
         .args(["--duration", "1", "--warmup", "0.3", "--entries", "2"])
         .args(["--batch", "4", "--concurrency", "4", "--csr-pool", "8"])
         .args(["--verify-every", "1", "--baseline-secs", "0.1"])
@@ -86,12 +88,26 @@ fn backend_run(backend: &str) -> serde_json::Value {
         m["node_sign_in_flight"]["samples"].as_u64().unwrap() > 0,
         "{r:#}"
     );
+    let rounds = b["raw_rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "before and after the load: {r:#}");
+    let mut signs = 0;
+    for round in rounds {
+        assert_eq!(round["in_flight"].as_u64(), Some(4), "{r:#}");
+        assert!(round["signs"].as_u64().unwrap() > 0, "{r:#}");
+        signs += round["signs"].as_u64().unwrap();
+    }
+    assert_eq!(b["raw"]["signs"].as_u64(), Some(signs), "{r:#}");
+    assert!(b["cpu_us_per_svid_all"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(
+        b["cpu_us_per_raw_sign_all"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
     r
 }
 
 #[test]
 fn softhsm_backend_runs_next_to_its_raw_rate() {
-    let r = backend_run("softhsm");
+    let r = backend_run("softhsm", &[]);
     assert_eq!(r["node"]["key_manager"].as_str(), Some("pkcs11"), "{r:#}");
     assert_eq!(r["backend"]["raw"]["key_manager"].as_str(), Some("pkcs11"));
     assert_eq!(r["backend"]["target_ratio"].as_f64(), Some(0.70));
@@ -99,7 +115,7 @@ fn softhsm_backend_runs_next_to_its_raw_rate() {
 
 #[test]
 fn kms_backend_runs_next_to_its_raw_rate() {
-    let r = backend_run("kms");
+    let r = backend_run("kms", &[]);
     assert_eq!(r["node"]["key_manager"].as_str(), Some("aws_kms"), "{r:#}");
     assert_eq!(r["backend"]["raw"]["key_manager"].as_str(), Some("aws_kms"));
     assert_eq!(r["backend"]["target_ratio"].as_f64(), Some(0.85));
@@ -113,6 +129,40 @@ fn kms_backend_runs_next_to_its_raw_rate() {
             .unwrap()
             > 0.0
     );
+}
+
+/// `--kms-latency-ms`: the node and the raw measurement both go through the proxy that
+/// delays every Sign, and the report says so.
+#[test]
+fn kms_backend_runs_behind_a_sign_delaying_proxy() {
+    let r = backend_run("kms", &["--kms-latency-ms", "5"]);
+    let d = r["backend"]["description"].as_str().unwrap();
+    assert!(d.contains("delays each Sign by 5 ms"), "{r:#}");
+    assert!(
+        r["backend"]["raw"]["latency_p50_us"].as_f64().unwrap() >= 5000.0,
+        "{r:#}"
+    );
+}
+
+/// The raw measurement's default in-flight count matches what the node can have
+/// outstanding: every CSR of every call in flight for KMS (the node signs up to
+/// `BATCH_MINT_CONCURRENCY` CSRs of a call at once), the session pool for PKCS#11.
+#[test]
+fn raw_in_flight_defaults_follow_the_node() {
+    use ca_bench::backend::BackendKind;
+    let per_call = ca_node::node_api::BATCH_MINT_CONCURRENCY;
+    let pool = ca_kms::pkcs11::DEFAULT_MAX_SESSIONS;
+    assert_eq!(BackendKind::Kms.default_raw_in_flight(8, 10), 80);
+    assert_eq!(
+        BackendKind::Kms.default_raw_in_flight(2, 1000),
+        2 * per_call
+    );
+    assert_eq!(
+        BackendKind::Softhsm.default_raw_in_flight(8, 10),
+        pool.min(80)
+    );
+    assert_eq!(BackendKind::Softhsm.default_raw_in_flight(1, 1), 1);
+    assert_eq!(BackendKind::Soft.default_raw_in_flight(8, 10), 1);
 }
 
 #[test]

@@ -29,7 +29,7 @@ use crate::Error;
 /// CSRs of one `BatchNewX509Svid` call minted at the same time, at most: how many of its
 /// key-manager signatures can be in flight together. A PKCS#11 manager's session pool caps
 /// them further; the bound keeps one big batch (agents send up to 100) from flooding a KMS.
-const BATCH_MINT_CONCURRENCY: usize = 32;
+pub const BATCH_MINT_CONCURRENCY: usize = 32;
 
 /// The node API service.
 #[derive(Clone, Debug)]
