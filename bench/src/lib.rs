@@ -21,9 +21,12 @@
 
 pub mod backend;
 pub mod baseline;
+pub mod ca_cluster;
 pub mod cli;
+pub mod etcd;
 pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod procstat;
 pub mod report;
+pub mod write_load;

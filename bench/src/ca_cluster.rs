@@ -1,0 +1,276 @@
+//! A durable three-node (or five-node) `ca-node` cluster of separate processes on loopback,
+//! formed exactly as an operator forms one: node 1 runs `ca-node init`, the others
+//! `ca-node join --peer <node 1> --token-file ... --bundle ...` with a ca-node join token
+//! made on node 1 (`ca-node token generate --spiffe-id spiffe://TD/ca-node/<id>`). Every
+//! node keeps its Raft log and state in SQLite (WAL, `synchronous=FULL`) under a temporary
+//! directory. Each node's stdout/stderr goes to `node-<i>.log` there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use ca_proto::admin::admin_client::AdminClient;
+use ca_proto::admin::{
+    ClusterStatusRequest, ClusterStatusResponse, CreateJoinTokenRequest, GetBundleRequest,
+    HealthRequest,
+};
+use tonic::transport::Channel;
+
+use crate::node::{ResolvedExe, SELF_EXEC_ENV, TRUST_DOMAIN};
+
+/// How long forming the cluster may take.
+const FORM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One node process of the cluster.
+#[derive(Debug)]
+pub struct ClusterNode {
+    child: tokio::process::Child,
+    /// Raft ID (1-based, as the index).
+    pub raft_id: u64,
+    /// Node API address.
+    pub node_addr: SocketAddr,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// stdout + stderr.
+    pub log_path: PathBuf,
+}
+
+impl ClusterNode {
+    /// An admin API client on this node's socket.
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        let ch = ca_node::cli::uds_channel(&self.admin_socket)
+            .await
+            .map_err(|e| anyhow!(e))?;
+        Ok(AdminClient::new(ch))
+    }
+
+    /// Its process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// The running cluster; every process is killed when dropped.
+#[derive(Debug)]
+pub struct CaCluster {
+    /// The nodes, node 1 first.
+    pub nodes: Vec<ClusterNode>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+fn node_config(dir: &Path, i: u64, node_listen: SocketAddr) -> toml::Table {
+    let s = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned());
+    let mut km = toml::Table::new();
+    km.insert("type".into(), "soft".into());
+    let mut cfg = toml::Table::new();
+    cfg.insert("node_id".into(), format!("bench-{i}").into());
+    cfg.insert("raft_id".into(), toml::Value::Integer(i as i64));
+    cfg.insert("trust_domain".into(), TRUST_DOMAIN.into());
+    cfg.insert("log_level".into(), "warn".into());
+    cfg.insert("key_manager".into(), km.into());
+    cfg.insert("data_dir".into(), s(dir.join(format!("node-{i}"))));
+    cfg.insert(
+        "admin_socket".into(),
+        s(dir.join(format!("admin-{i}.sock"))),
+    );
+    cfg.insert("node_listen".into(), node_listen.to_string().into());
+    cfg
+}
+
+impl CaCluster {
+    /// Starts `n` nodes with `exe` and waits until all are voters, agree on a leader, and are
+    /// ready.
+    pub async fn start(exe: &ResolvedExe, n: usize) -> anyhow::Result<Self> {
+        if n == 0 {
+            bail!("a cluster needs at least one node");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ca-bench-cluster-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let mut cluster = CaCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        let first = cluster.spawn(exe, 1, &[]).await?;
+        cluster.nodes.push(first);
+        cluster.wait_ready(0, deadline).await?;
+        let bundle = {
+            let mut a = cluster.nodes[0].admin().await?;
+            a.get_bundle(GetBundleRequest {}).await?.into_inner().pem
+        };
+        let bundle_path = cluster.dir.path().join("bundle.pem");
+        std::fs::write(&bundle_path, bundle)?;
+        for i in 2..=n as u64 {
+            let token = {
+                let mut a = cluster.nodes[0].admin().await?;
+                a.create_join_token(CreateJoinTokenRequest {
+                    spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ca-node/bench-{i}"),
+                    ttl_seconds: 600,
+                })
+                .await?
+                .into_inner()
+                .token
+            };
+            let token_path = cluster.dir.path().join(format!("token-{i}"));
+            std::fs::write(&token_path, token)?;
+            let peer = cluster.nodes[0].node_addr.to_string();
+            let args = [
+                "--peer".to_string(),
+                peer,
+                "--token-file".into(),
+                token_path.to_string_lossy().into_owned(),
+                "--bundle".into(),
+                bundle_path.to_string_lossy().into_owned(),
+            ];
+            let node = cluster.spawn(exe, i, &args).await?;
+            cluster.nodes.push(node);
+            cluster.wait_ready(i as usize - 1, deadline).await?;
+        }
+        cluster.wait_formed(deadline).await?;
+        Ok(cluster)
+    }
+
+    async fn spawn(
+        &self,
+        exe: &ResolvedExe,
+        i: u64,
+        join_args: &[String],
+    ) -> anyhow::Result<ClusterNode> {
+        let node_addr = free_port()?;
+        let cfg = node_config(self.dir.path(), i, node_addr);
+        let config_path = self.dir.path().join(format!("node-{i}.toml"));
+        std::fs::write(&config_path, toml::to_string(&cfg)?)?;
+        let log_path = self.dir.path().join(format!("node-{i}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = tokio::process::Command::new(&exe.program);
+        cmd.arg(if join_args.is_empty() { "init" } else { "join" })
+            .arg("--config")
+            .arg(&config_path)
+            .args(join_args)
+            .env_remove("RUST_LOG")
+            .env_remove(SELF_EXEC_ENV)
+            .env_remove("TOKIO_WORKER_THREADS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        if exe.self_exec {
+            cmd.env(SELF_EXEC_ENV, "1");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", exe.program.display()))?;
+        Ok(ClusterNode {
+            child,
+            raft_id: i,
+            node_addr,
+            admin_socket: self.dir.path().join(format!("admin-{i}.sock")),
+            log_path,
+        })
+    }
+
+    async fn wait_ready(&mut self, idx: usize, deadline: Instant) -> anyhow::Result<()> {
+        let mut last = String::from("not started");
+        loop {
+            let node = &mut self.nodes[idx];
+            if let Some(status) = node.child.try_wait()? {
+                bail!(
+                    "node {} exited during start-up ({status}); its log:\n{}",
+                    node.raft_id,
+                    node.log_tail(20)
+                );
+            }
+            if node.admin_socket.exists() {
+                match node.admin().await {
+                    Ok(mut c) => match c.health(HealthRequest {}).await {
+                        Ok(r) if r.get_ref().ready => return Ok(()),
+                        Ok(r) => last = r.into_inner().detail,
+                        Err(s) => last = s.message().to_owned(),
+                    },
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} was not ready in time: {last}; its log:\n{}",
+                    node.raft_id,
+                    node.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_formed(&self, deadline: Instant) -> anyhow::Result<()> {
+        let n = self.nodes.len();
+        loop {
+            let st = self.status(0).await?;
+            let voters = st.members.iter().filter(|m| m.voter).count();
+            if voters == n && st.leader_id != 0 && !st.joint {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not form in time: {st:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Node `idx`'s view of the cluster.
+    pub async fn status(&self, idx: usize) -> anyhow::Result<ClusterStatusResponse> {
+        let mut a = self.nodes[idx].admin().await?;
+        Ok(a.cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The index of the current leader.
+    pub async fn leader(&self) -> anyhow::Result<usize> {
+        let st = self.status(0).await?;
+        self.nodes
+            .iter()
+            .position(|n| n.raft_id == st.leader_id)
+            .ok_or_else(|| anyhow!("no known leader: {st:?}"))
+    }
+
+    /// Where the nodes keep their data (for the report).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops every node (SIGTERM, then kill after 10 s).
+    pub async fn stop(mut self) {
+        for n in &mut self.nodes {
+            if let Some(pid) = n.child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for n in &mut self.nodes {
+            if tokio::time::timeout(Duration::from_secs(10), n.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = n.child.kill().await;
+            }
+        }
+    }
+}
