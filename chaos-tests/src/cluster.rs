@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use ca_proto::admin::admin_client::AdminClient;
 use ca_proto::admin::*;
 use ca_proto::types;
@@ -46,14 +46,9 @@ where
         let ch = ca_node::cli::uds_channel(sock)
             .await
             .map_err(anyhow::Error::msg)?;
-        let r = f(AdminClient::new(ch)).await.map_err(|s| {
-            anyhow!(
-                "{}: {:?}: {}",
-                sock.display(),
-                s.code(),
-                s.message().trim()
-            )
-        })?;
+        let r = f(AdminClient::new(ch))
+            .await
+            .map_err(|s| anyhow!("{}: {:?}: {}", sock.display(), s.code(), s.message().trim()))?;
         Ok(r.into_inner())
     })
     .await
@@ -207,14 +202,17 @@ impl Cluster {
             c.dir.display()
         ));
         for i in 1..=n {
-            c.add_node(&format!("n{i}"), i as u64)?;
+            let id = format!("n{i}");
+            c.add_node(&id, &id, i as u64)?;
         }
         // n1 initializes the cluster.
         c.spawn_node(0, &["init"])?;
         c.wait_ready(0, START_TIMEOUT).await?;
-        let pem = admin_call(&c.nodes[0].admin_socket(), Duration::from_secs(10), |mut a| async move {
-            a.get_bundle(GetBundleRequest {}).await
-        })
+        let pem = admin_call(
+            &c.nodes[0].admin_socket(),
+            Duration::from_secs(10),
+            |mut a| async move { a.get_bundle(GetBundleRequest {}).await },
+        )
         .await?
         .pem;
         std::fs::write(&c.bundle, pem)?;
@@ -229,12 +227,12 @@ impl Cluster {
         Ok(c)
     }
 
-    /// Adds a node definition (not started) with node ID `node_id` and Raft ID `raft_id` on
-    /// a host of its own. Returns its index.
-    pub fn add_node(&mut self, node_id: &str, raft_id: u64) -> Result<usize> {
-        let host = self.net.add_host(node_id)?;
+    /// Adds a node definition (not started) named `name` (its host and directory) with node
+    /// ID `node_id` and Raft ID `raft_id`, on a host of its own. Returns its index.
+    pub fn add_node(&mut self, name: &str, node_id: &str, raft_id: u64) -> Result<usize> {
+        let host = self.net.add_host(name)?;
         let port = self.net.port(&host, NODE_PORT)?;
-        let dir = self.dir.join(node_id);
+        let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(Node {
             node_id: node_id.into(),
@@ -288,6 +286,14 @@ impl Cluster {
         let token = self.ca_node_token(via, &self.nodes[i].spiffe_id()).await?;
         let token_file = self.nodes[i].dir.join("join-token");
         std::fs::write(&token_file, &token)?;
+        self.spawn_join(i, via, &token_file)?;
+        self.wait_ready(i, START_TIMEOUT).await?;
+        self.wait_voter(i, START_TIMEOUT).await
+    }
+
+    /// Starts `ca-node join` for node `i` through member `via` with the token in
+    /// `token_file`, without waiting.
+    pub fn spawn_join(&mut self, i: usize, via: usize, token_file: &Path) -> Result<()> {
         let peer = self.nodes[via].addr.clone();
         let bundle = self.bundle.clone();
         self.spawn_node(
@@ -303,9 +309,16 @@ impl Cluster {
                 "--timeout",
                 "60",
             ],
-        )?;
-        self.wait_ready(i, START_TIMEOUT).await?;
-        self.wait_voter(i, START_TIMEOUT).await
+        )
+    }
+
+    /// Whether node `i`'s process has exited (then it is marked down).
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let s = self.nodes[i].proc.as_mut().and_then(|p| p.exited());
+        if s.is_some() {
+            self.nodes[i].state = NodeState::Down;
+        }
+        s
     }
 
     /// A join token for `spiffe_id` created on node `via`.
@@ -382,7 +395,10 @@ impl Cluster {
                 }
             }
             if Instant::now() > deadline {
-                bail!("node {} is not a voter after {timeout:?}", self.nodes[i].node_id);
+                bail!(
+                    "node {} is not a voter after {timeout:?}",
+                    self.nodes[i].node_id
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -495,6 +511,38 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `i` follows the leader among the nodes that are up and has applied
+    /// everything that leader had logged when the wait began (works while writes go on).
+    pub async fn wait_caught_up(&self, i: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let up = self.up();
+        let (l, _) = self.wait_leader(&up, None, timeout).await?;
+        let target = self.status(l).await?.last_log_index;
+        let leader_raft_id = self.nodes[l].raft_id;
+        let mut last;
+        loop {
+            match self.status(i).await {
+                Ok(st) if st.leader_id == leader_raft_id && st.last_applied_index >= target => {
+                    return Ok(start.elapsed())
+                }
+                Ok(st) => {
+                    last = format!(
+                        "{} follows {}, applied {} of {target}",
+                        st.node_id, st.leader_id, st.last_applied_index
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "node {} did not catch up within {timeout:?}: {last}",
+                    self.nodes[i].node_id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL node `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(p) = self.nodes[i].proc.as_mut() {
@@ -565,7 +613,12 @@ impl Cluster {
     /// The operator's procedure for a node whose disk was lost: node `i` (down) is removed
     /// from the membership through `via`, its data dir deleted, and it joins again under
     /// Raft ID `new_raft_id` with a new token. Returns the time from removal to voter.
-    pub async fn wipe_and_rejoin(&mut self, i: usize, via: usize, new_raft_id: u64) -> Result<Duration> {
+    pub async fn wipe_and_rejoin(
+        &mut self,
+        i: usize,
+        via: usize,
+        new_raft_id: u64,
+    ) -> Result<Duration> {
         if self.nodes[i].state != NodeState::Down {
             bail!("wipe a node that is down");
         }
@@ -634,10 +687,7 @@ impl Cluster {
         let mut agent = self.spawn_agent(name, &spiffe_id, &token, &servers)?;
         match wait_agent(&mut agent, Duration::from_secs(60)).await {
             Ok(true) => {}
-            Ok(false) => bail!(
-                "agent {name} exited; log:\n{}",
-                agent.proc.log_tail(30)
-            ),
+            Ok(false) => bail!("agent {name} exited; log:\n{}", agent.proc.log_tail(30)),
             Err(e) => bail!("{e}; log:\n{}", agent.proc.log_tail(30)),
         }
         self.agents.push(agent);
@@ -716,7 +766,10 @@ pub async fn wait_agent(agent: &mut Agent, timeout: Duration) -> Result<bool> {
             return Ok(true);
         }
         if Instant::now() > deadline {
-            bail!("agent {} neither listens nor exited within {timeout:?}", agent.name);
+            bail!(
+                "agent {} neither listens nor exited within {timeout:?}",
+                agent.name
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -725,7 +778,11 @@ pub async fn wait_agent(agent: &mut Agent, timeout: Duration) -> Result<bool> {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let mut out = format!("[{}] the test failed; logs in {}", self.name, self.dir.display());
+            let mut out = format!(
+                "[{}] the test failed; logs in {}",
+                self.name,
+                self.dir.display()
+            );
             for n in &self.nodes {
                 out.push_str(&format!(
                     "\n----- {} (raft id {}, {:?}) {}\n{}",
@@ -762,22 +819,5 @@ impl Drop for Cluster {
         for p in &mut self.extra {
             p.kill_hard();
         }
-    }
-}
-
-/// Context for errors about node `i`.
-pub fn node_ctx(c: &Cluster, i: usize) -> String {
-    format!("node {} (raft id {})", c.nodes[i].node_id, c.nodes[i].raft_id)
-}
-
-/// Adds the failing node's log to an error.
-pub trait WithLog<T> {
-    /// On error, appends the last lines of `path`.
-    fn with_log(self, path: &Path) -> Result<T>;
-}
-
-impl<T> WithLog<T> for Result<T> {
-    fn with_log(self, path: &Path) -> Result<T> {
-        self.with_context(|| format!("log {}:\n{}", path.display(), crate::process::log_tail(path, 30)))
     }
 }

@@ -66,6 +66,18 @@ impl Ledger {
             .count()
     }
 
+    /// The longest time a write took to be acknowledged.
+    pub fn slowest_ack(&self) -> Duration {
+        self.records
+            .lock()
+            .expect("ledger")
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Acked(_)))
+            .map(|r| r.done - r.sent)
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The first acknowledgement of a write sent at or after `t`: when it came.
     pub fn first_ack_sent_after(&self, t: Instant) -> Option<Instant> {
         self.records
@@ -105,7 +117,10 @@ impl Targets {
 
     /// Removes node `i`.
     pub fn remove(&self, i: usize) {
-        self.sockets.lock().expect("targets").retain(|(j, _)| *j != i);
+        self.sockets
+            .lock()
+            .expect("targets")
+            .retain(|(j, _)| *j != i);
     }
 
     fn pick(&self, n: u64) -> Option<(usize, PathBuf)> {
@@ -126,6 +141,51 @@ pub struct Writers {
     pub ledger: Arc<Ledger>,
     stop: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
+    parent: String,
+    test: String,
+    seq: Arc<AtomicU64>,
+}
+
+/// Creates entry `key` under `parent` through the admin socket `sock` (node `node`) and
+/// records the outcome in `ledger`.
+async fn write_one(
+    ledger: &Ledger,
+    parent: &str,
+    key: String,
+    k: u64,
+    node: usize,
+    sock: &std::path::Path,
+) -> Outcome {
+    let entry = types::Entry {
+        spiffe_id: key.clone(),
+        parent_id: parent.to_owned(),
+        selectors: vec![types::Selector {
+            r#type: "unix".into(),
+            value: format!("uid:{}", 20000 + k % 1000),
+        }],
+        ..Default::default()
+    };
+    let sent = Instant::now();
+    let r = admin_call(sock, WRITE_TIMEOUT, |mut a| async move {
+        a.create_entry(CreateEntryRequest { entry: Some(entry) })
+            .await
+    })
+    .await;
+    let outcome = match r {
+        Ok(resp) => match resp.entry {
+            Some(e) if e.spiffe_id == key => Outcome::Acked(e.id),
+            other => Outcome::Failed(format!("odd answer {other:?}")),
+        },
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
+    ledger.records.lock().expect("ledger").push(WriteRecord {
+        key,
+        node,
+        sent,
+        done: Instant::now(),
+        outcome: outcome.clone(),
+    });
+    outcome
 }
 
 /// How long a writer waits for one answer (the node gives up after 10 s itself).
@@ -133,7 +193,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Writers {
     /// Starts `n` writers for test `test`, each writing one entry at a time, pausing
-    /// `pace` between writes.
+    /// `pace` between writes; writer `w` writes through target `w mod (number of targets)`.
     pub fn start(test: &str, n: usize, targets: Arc<Targets>, pace: Duration) -> Self {
         let ledger = Arc::new(Ledger::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -152,43 +212,22 @@ impl Writers {
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let k = seq.fetch_add(1, Ordering::Relaxed);
-                        let Some((node, sock)) = targets.pick(k) else {
+                        // Each writer sticks to one node (while the targets stay the same), so
+                        // a node that does not answer holds up only its own writers.
+                        let Some((node, sock)) = targets.pick(w as u64) else {
                             tokio::time::sleep(pace).await;
                             continue;
                         };
                         let key = format!("spiffe://{TD}/chaos/{test}/w{w}-{k}");
-                        let entry = types::Entry {
-                            spiffe_id: key.clone(),
-                            parent_id: parent.clone(),
-                            selectors: vec![types::Selector {
-                                r#type: "unix".into(),
-                                value: format!("uid:{}", 20000 + k % 1000),
-                            }],
-                            ..Default::default()
-                        };
-                        let sent = Instant::now();
-                        let r = admin_call(&sock, WRITE_TIMEOUT, |mut a| async move {
-                            a.create_entry(CreateEntryRequest { entry: Some(entry) })
-                                .await
+                        let outcome = write_one(&ledger, &parent, key, k, node, &sock).await;
+                        let failed = matches!(outcome, Outcome::Failed(_));
+                        // After a failure, do not spin on a dead socket.
+                        tokio::time::sleep(if failed {
+                            pace.max(Duration::from_millis(50))
+                        } else {
+                            pace
                         })
                         .await;
-                        let outcome = match r {
-                            Ok(resp) => match resp.entry {
-                                Some(e) if e.spiffe_id == key => Outcome::Acked(e.id),
-                                other => Outcome::Failed(format!("odd answer {other:?}")),
-                            },
-                            Err(e) => Outcome::Failed(e.to_string()),
-                        };
-                        let failed = matches!(outcome, Outcome::Failed(_));
-                        ledger.records.lock().expect("ledger").push(WriteRecord {
-                            key,
-                            node,
-                            sent,
-                            done: Instant::now(),
-                            outcome,
-                        });
-                        // After a failure, do not spin on a dead socket.
-                        tokio::time::sleep(if failed { pace.max(Duration::from_millis(50)) } else { pace }).await;
                     }
                 })
             })
@@ -198,6 +237,36 @@ impl Writers {
             ledger,
             stop,
             tasks,
+            parent,
+            test: test.to_owned(),
+            seq,
+        }
+    }
+
+    /// How long after `t` (a fault) writes were acknowledged again, measured with probes
+    /// independent of the writers (which may be held up by a request to a faulty node):
+    /// from `t` on, every 50 ms a new write goes to the next target, each in its own task;
+    /// the answer is when the first write sent at or after `t` was acknowledged (by a probe
+    /// or a writer). Probes are recorded in the ledger like every other write.
+    pub async fn unavailable_after(&self, t: Instant, timeout: Duration) -> Result<Duration> {
+        let mut n = 0u64;
+        loop {
+            if let Some(done) = self.ledger.first_ack_sent_after(t) {
+                return Ok(done - t);
+            }
+            if t.elapsed() > timeout {
+                anyhow::bail!("no write acknowledged within {timeout:?} of the fault");
+            }
+            if let Some((node, sock)) = self.targets.pick(n) {
+                let k = self.seq.fetch_add(1, Ordering::Relaxed);
+                let key = format!("spiffe://{TD}/chaos/{}/probe-{k}", self.test);
+                let (ledger, parent) = (self.ledger.clone(), self.parent.clone());
+                tokio::spawn(async move {
+                    write_one(&ledger, &parent, key, k, node, &sock).await;
+                });
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -217,11 +286,16 @@ impl Writers {
         Ok(())
     }
 
-    /// Stops the writers and waits for their last writes to finish.
+    /// Stops the writers and waits for their last writes (and probes) to finish.
     pub async fn stop(self) -> Arc<Ledger> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Probes still in flight give up within the write timeout.
+        let deadline = Instant::now() + WRITE_TIMEOUT + Duration::from_secs(1);
+        while Arc::strong_count(&self.ledger) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.ledger
     }
@@ -282,10 +356,8 @@ pub async fn check_writes(c: &Cluster, test: &str, ledger: &Ledger) -> Result<Wr
     for i in c.up() {
         let entries = c.entries(i, &parent).await?;
         let node = c.nodes[i].node_id.clone();
-        let held: BTreeMap<String, String> = entries
-            .into_iter()
-            .map(|e| (e.spiffe_id, e.id))
-            .collect();
+        let held: BTreeMap<String, String> =
+            entries.into_iter().map(|e| (e.spiffe_id, e.id)).collect();
         check.per_node.insert(node.clone(), held.len());
         for (key, id) in &acked {
             if held.get(key) != Some(id) {
@@ -307,9 +379,11 @@ pub async fn check_writes(c: &Cluster, test: &str, ledger: &Ledger) -> Result<Wr
             }
             Some((n0, h0)) => {
                 if *h0 != held {
-                    check
-                        .diverged
-                        .push(format!("{node} holds {} entries, {n0} {}", held.len(), h0.len()));
+                    check.diverged.push(format!(
+                        "{node} holds {} entries, {n0} {}",
+                        held.len(),
+                        h0.len()
+                    ));
                 }
             }
         }

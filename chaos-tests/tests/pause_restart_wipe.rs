@@ -1,0 +1,222 @@
+//! While clients write and a workload fetches through the agent:
+//!
+//! 1. the leader is paused (SIGSTOP) past the election timeout, then resumed (SIGCONT):
+//!    the others elect a new leader, the old one rejoins as a follower;
+//! 2. a follower is restarted (SIGTERM, `ca-node run` on its intact data dir) and catches up;
+//! 3. a follower's disk is lost: it is killed, removed from the membership (`cluster
+//!    remove`), its data dir deleted, and it joins again under a new Raft ID with a new join
+//!    token (`ca-node join`), catching up on everything written before.
+//!
+//! Invariants: no acknowledged write lost, every node (the rejoined one included) holds the
+//! same entries, no failed fetch.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chaos_tests::load::{check_writes, wait_fetch, Fetcher, Targets, Writers};
+use chaos_tests::report::{ms, say, Table};
+use chaos_tests::Cluster;
+
+const TEST: &str = "pause-restart-wipe";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_restart_and_wipe_lose_no_acknowledged_write() {
+    let t0 = Instant::now();
+    let mode = common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+        .await
+        .expect("the cluster forms");
+    let a = c.start_agent("host-a", 0).await.expect("the agent starts");
+    let workload = c
+        .register_workload(a, TEST, 0)
+        .await
+        .expect("workload entry");
+    let endpoint = c.agents[a].endpoint();
+    wait_fetch(&endpoint, &workload, Duration::from_secs(30))
+        .await
+        .expect("the workload gets its SVID");
+    let fetcher = Fetcher::start(endpoint, workload, Duration::from_millis(100));
+    let writers = Writers::start(TEST, 3, Targets::all_up(&c), Duration::from_millis(20));
+    writers
+        .wait_acks(30, Duration::from_secs(30))
+        .await
+        .expect("writes are acknowledged");
+    let all: Vec<usize> = (0..c.nodes.len()).collect();
+    let mut table = Table::new(&["event", "node", "figure", "ms"]);
+
+    // 1. Pause the leader.
+    let (leader, _) = c
+        .wait_leader(&all, None, Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    writers.targets.remove(leader);
+    let t_pause = Instant::now();
+    c.pause(leader).expect("SIGSTOP");
+    let others: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
+    let (elected, back) = tokio::join!(
+        c.wait_leader(&others, Some(leader), Duration::from_secs(20)),
+        writers.unavailable_after(t_pause, Duration::from_secs(30))
+    );
+    let (new_leader, elected) = elected.expect("the others elect a leader");
+    let back = back.expect("writes come back after the pause");
+    table.row(vec![
+        "leader paused".into(),
+        c.nodes[leader].node_id.clone(),
+        format!("new leader {}", c.nodes[new_leader].node_id),
+        ms(elected),
+    ]);
+    table.row(vec![
+        "leader paused".into(),
+        c.nodes[leader].node_id.clone(),
+        "writes unavailable".into(),
+        ms(back),
+    ]);
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(t_pause.elapsed())).await;
+    c.resume(leader).expect("SIGCONT");
+    let t_resume = Instant::now();
+    let caught_up = c
+        .wait_caught_up(leader, Duration::from_secs(30))
+        .await
+        .expect("the resumed node catches up");
+    let st = c.status(leader).await.expect("status of the resumed node");
+    assert_ne!(
+        st.role, "leader",
+        "the resumed old leader still leads: {st:?}"
+    );
+    table.row(vec![
+        "resumed".into(),
+        c.nodes[leader].node_id.clone(),
+        format!(
+            "paused {} ms, caught up as {}",
+            (t_resume - t_pause).as_millis(),
+            st.role
+        ),
+        ms(caught_up),
+    ]);
+    writers.targets.add(leader, c.nodes[leader].admin_socket());
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on");
+
+    // 2. Restart a follower gracefully.
+    let (leader, _) = c
+        .wait_leader(&all, None, Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let f = (leader + 1) % 3;
+    writers.targets.remove(f);
+    c.stop(f).expect("SIGTERM stops the node cleanly");
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on with a node down");
+    let t = Instant::now();
+    c.restart(f).await.expect("the node restarts");
+    let ready = t.elapsed();
+    let caught_up = c
+        .wait_caught_up(f, Duration::from_secs(30))
+        .await
+        .expect("the restarted node catches up");
+    table.row(vec![
+        "restarted (SIGTERM, run)".into(),
+        c.nodes[f].node_id.clone(),
+        format!("ready {} ms, then caught up", ready.as_millis()),
+        ms(caught_up),
+    ]);
+    writers.targets.add(f, c.nodes[f].admin_socket());
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on");
+
+    // 3. Wipe a follower that does not hold the root key (n1 does: software keys) and
+    //    rejoin it under a new Raft ID.
+    let (leader, _) = c
+        .wait_leader(&all, None, Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let w = (1..3)
+        .find(|i| *i != leader)
+        .expect("a follower other than n1");
+    let old_raft_id = c.nodes[w].raft_id;
+    writers.targets.remove(w);
+    c.kill(w);
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on with a node dead");
+    let rejoin = c
+        .wipe_and_rejoin(w, leader, 10 + old_raft_id)
+        .await
+        .expect("the wiped node joins again");
+    let caught_up = c
+        .wait_caught_up(w, Duration::from_secs(30))
+        .await
+        .expect("the rejoined node catches up");
+    table.row(vec![
+        "wiped, removed, rejoined".into(),
+        c.nodes[w].node_id.clone(),
+        format!(
+            "raft id {old_raft_id} -> {}: removal to voter {} ms, then caught up",
+            c.nodes[w].raft_id,
+            rejoin.as_millis()
+        ),
+        ms(caught_up),
+    ]);
+    let st = c.status(leader).await.expect("status");
+    let mut ids: Vec<u64> = st.members.iter().map(|m| m.raft_id).collect();
+    ids.sort();
+    assert!(
+        !ids.contains(&old_raft_id),
+        "the old raft id is still a member: {ids:?}"
+    );
+    assert!(ids.contains(&c.nodes[w].raft_id), "{ids:?}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    writers.targets.add(w, c.nodes[w].admin_socket());
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on");
+
+    let ledger = writers.stop().await;
+    c.wait_converged(Duration::from_secs(30))
+        .await
+        .expect("the nodes converge");
+    let check = check_writes(&c, TEST, &ledger).await.expect("entries read");
+    let fetches = fetcher.stop().await;
+    say(&format!("[{TEST}] events:\n{}", table.render()));
+    say(&format!(
+        "[{TEST}] writes: {} attempted, {} acknowledged (slowest in {} ms), {} without answer ({} of those applied all the same); entries per node {:?}",
+        check.attempted, check.acked, ledger.slowest_ack().as_millis(), check.unknown, check.unknown_applied, check.per_node
+    ));
+    say(&format!(
+        "[{TEST}] workload fetches: {} ok, {} failed, slowest {} ms",
+        fetches.ok,
+        fetches.failures.len(),
+        fetches.max_latency.as_millis()
+    ));
+    assert!(
+        check.lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        check.lost
+    );
+    assert!(
+        check.phantom.is_empty(),
+        "entries nobody wrote: {:?}",
+        check.phantom
+    );
+    assert!(
+        check.diverged.is_empty(),
+        "nodes differ: {:?}",
+        check.diverged
+    );
+    assert_eq!(check.per_node.len(), 3);
+    assert!(
+        fetches.failures.is_empty(),
+        "workload fetches failed while a majority was alive: {:?}",
+        fetches.failures
+    );
+    say(&format!("[{TEST}] PASSED in {} s", t0.elapsed().as_secs()));
+}
