@@ -171,7 +171,8 @@ pub struct BackendResult {
     /// CPU of every process of the run (node, load, emulator) per SVID, µs.
     pub cpu_us_per_svid_all: f64,
     /// CPU of every process (this one, emulator) per raw signature, µs. When the cores are
-    /// what limits both, the ratio cannot exceed this ÷ `cpu_us_per_svid_all`.
+    /// what limits both, the ratio is about this ÷ `cpu_us_per_svid_all` (exactly so when
+    /// both sides get the same share of the cores).
     pub cpu_us_per_raw_sign_all: f64,
     /// SVIDs issued per second (wall) in the measured phase.
     pub svids_per_s: f64,
