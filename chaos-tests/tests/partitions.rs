@@ -59,6 +59,7 @@ async fn partitions_then_heal_lose_no_acknowledged_write() {
         "cut off",
         "leader after",
         "new leader after ms",
+        "writes unavailable ms",
         "acks majority side",
         "acks cut-off side",
         "caught up after heal ms",
@@ -87,8 +88,9 @@ async fn partitions_then_heal_lose_no_acknowledged_write() {
             ]
         };
         let fetch_before = fetcher.counts();
-        let t_cut = Instant::now();
         c.net.partition(&groups).expect("partition");
+        // From here on every rule is in place.
+        let t_cut = Instant::now();
         let majority: Vec<usize> = if phase == "everyone" {
             vec![]
         } else {
@@ -96,13 +98,18 @@ async fn partitions_then_heal_lose_no_acknowledged_write() {
         };
         let mut new_leader = "-".to_string();
         let mut elected_ms = "-".to_string();
+        let mut writes_back_ms = "-".to_string();
         if phase == "leader" {
-            let (l, d) = c
-                .wait_leader(&majority, Some(leader), Duration::from_secs(20))
-                .await
-                .expect("the majority elects a new leader");
+            let (elected, back) = tokio::join!(
+                c.wait_leader(&majority, Some(leader), Duration::from_secs(20)),
+                writers.unavailable_after(t_cut, Duration::from_secs(30))
+            );
+            let (l, d) = elected.expect("the majority elects a new leader");
             new_leader = c.nodes[l].node_id.clone();
             elected_ms = ms(d);
+            writes_back_ms = ms(back.expect("the majority acknowledges writes again"));
+            // Writes go on through the majority for a while.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         tokio::time::sleep(HOLD.saturating_sub(t_cut.elapsed())).await;
         let t_heal = Instant::now();
@@ -139,6 +146,7 @@ async fn partitions_then_heal_lose_no_acknowledged_write() {
                 .join(","),
             new_leader,
             elected_ms,
+            writes_back_ms,
             acks_majority.to_string(),
             acks_cut.to_string(),
             ms(converged),
