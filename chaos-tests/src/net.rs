@@ -74,9 +74,24 @@ fn have(program: &str) -> bool {
 
 /// Which mode this machine supports, and why. `CHAOS_NET=loopback` forces loopback;
 /// `CHAOS_NET=netns` makes a missing prerequisite an error instead of a fallback. As root,
-/// a missing `iptables` is an error too (install it, or choose loopback explicitly): CI
-/// runs as root and must never fall back silently.
+/// a missing `iptables` is an error too (install it, or choose loopback explicitly), and so
+/// is any fallback to loopback under CI (`CI` set): CI must run the partitions, never skip
+/// them silently.
 pub fn detect() -> Result<(Mode, String)> {
+    let (mode, why) = detect_inner()?;
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    let forced = std::env::var("CHAOS_NET").is_ok_and(|v| v == "loopback");
+    if ci && mode == Mode::Loopback && !forced {
+        bail!(
+            "CI is set but the chaos tests would fall back to loopback mode ({why}), skipping the \
+             partition scenarios: run them as root with `ip netns` and `iptables`, or set \
+             CHAOS_NET=loopback to accept that explicitly"
+        );
+    }
+    Ok((mode, why))
+}
+
+fn detect_inner() -> Result<(Mode, String)> {
     let forced = std::env::var("CHAOS_NET").unwrap_or_default();
     if forced == "loopback" {
         return Ok((Mode::Loopback, "CHAOS_NET=loopback".into()));
