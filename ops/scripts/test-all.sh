@@ -8,6 +8,7 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v cc >/dev/null || need_apt+=(build-essential)
 dpkg -s softhsm2 >/dev/null 2>&1 || need_apt+=(softhsm2)
 dpkg -s prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -58,6 +58,9 @@ impl LogStore {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // Local file connections do not go stale; a ping per acquire costs a round
+            // trip to the connection's thread on every append.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
@@ -187,15 +190,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let res: std::result::Result<(), sqlx::Error> = async {
-            let mut tx = self.pool.begin().await?;
+            // One statement for the whole batch: every statement is a round trip to the
+            // connection's thread.
+            let mut rows = Vec::new();
             for e in entries {
                 let text =
                     serde_json::to_string(&e).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                sqlx::query("INSERT OR REPLACE INTO log(idx, entry) VALUES(?, ?)")
-                    .bind(e.log_id.index as i64)
-                    .bind(text)
-                    .execute(&mut *tx)
-                    .await?;
+                rows.push((e.log_id.index as i64, text));
+            }
+            let insert = |chunk: &[(i64, String)]| {
+                let mut q = sqlx::QueryBuilder::new("INSERT OR REPLACE INTO log(idx, entry) ");
+                q.push_values(chunk, |mut b, (idx, text)| {
+                    b.push_bind(*idx).push_bind(text.clone());
+                });
+                q
+            };
+            // openraft sends at most max_payload_entries (300) per batch: one statement,
+            // atomic on its own (2 parameters per row, far below SQLite's 32766).
+            const ROWS_PER_STATEMENT: usize = 1000;
+            if rows.len() <= ROWS_PER_STATEMENT {
+                // WAL + synchronous=FULL: durable once the statement returns.
+                return insert(&rows).build().execute(&self.pool).await.map(|_| ());
+            }
+            let mut tx = self.pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                insert(chunk).build().execute(&mut *tx).await?;
             }
             // WAL + synchronous=FULL: durable once the commit returns.
             tx.commit().await
