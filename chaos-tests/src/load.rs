@@ -483,3 +483,47 @@ impl Fetcher {
         std::mem::take(&mut *self.stats.lock().expect("stats"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_stick_to_their_target_and_move_when_it_goes() {
+        let t = Targets::default();
+        assert!(t.pick(0).is_none());
+        for i in 0..3 {
+            t.add(i, PathBuf::from(format!("/s{i}")));
+        }
+        assert_eq!(t.pick(4).unwrap().0, 1);
+        t.remove(1);
+        assert_eq!(t.pick(4).unwrap().0, 0);
+        assert_eq!(t.pick(5).unwrap().0, 2);
+    }
+
+    #[test]
+    fn the_first_ack_after_a_fault_ignores_earlier_writes() {
+        let l = Ledger::default();
+        let t0 = Instant::now();
+        let rec = |sent: Instant, done: Instant, ok: bool| WriteRecord {
+            key: "k".into(),
+            node: 0,
+            sent,
+            done,
+            outcome: if ok {
+                Outcome::Acked("id".into())
+            } else {
+                Outcome::Failed("x".into())
+            },
+        };
+        let s = Duration::from_secs(1);
+        l.records.lock().unwrap().extend([
+            rec(t0, t0 + 5 * s, true),
+            rec(t0 + s, t0 + 2 * s, false),
+            rec(t0 + s, t0 + 3 * s, true),
+        ]);
+        assert_eq!(l.first_ack_sent_after(t0 + s), Some(t0 + 3 * s));
+        assert_eq!(l.acked(), 2);
+        assert_eq!(l.slowest_ack(), 5 * s);
+    }
+}

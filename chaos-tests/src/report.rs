@@ -67,3 +67,16 @@ impl Table {
 pub fn ms(d: std::time::Duration) -> String {
     format!("{}", d.as_millis())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_their_columns() {
+        let mut t = Table::new(&["kill", "ms"]);
+        t.row(vec!["1".into(), "3500".into()]);
+        t.row(vec!["10".into(), "7".into()]);
+        assert_eq!(t.render(), "kill | ms\n-----+-----\n1    | 3500\n10   | 7");
+    }
+}
