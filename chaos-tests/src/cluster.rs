@@ -272,7 +272,6 @@ impl Cluster {
         cmd.args(args)
             .arg("--config")
             .arg(node.config_path())
-            .env("RUST_LOG_STYLE", "never")
             .env("NO_COLOR", "1");
         node.proc = Some(Proc::spawn(&node.node_id, cmd, &log)?);
         node.state = NodeState::Up;

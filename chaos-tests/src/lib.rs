@@ -19,7 +19,8 @@
 //! - **loopback** (not root, or `CHAOS_NET=loopback`): 127.0.0.1 and distinct ports. Kills,
 //!   pauses, restarts, wipes and join-token races run the same; the partition scenarios
 //!   cannot, and print `SKIPPED` instead of passing silently. As root, a missing `iptables`
-//!   fails the tests rather than falling back (`CHAOS_NET=loopback` to choose it).
+//!   fails the tests rather than falling back, and so does any fallback under CI (`CI`
+//!   set); `CHAOS_NET=loopback` chooses loopback explicitly.
 //!
 //! The mode is printed at the start of every test.
 //!
