@@ -105,23 +105,17 @@ async fn write_applied(
     last: &LogId,
     membership: Option<&StoredMembership>,
 ) -> Result<()> {
-    let put = "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
-    sqlx::query(put)
-        .bind(LAST_APPLIED)
-        .bind(json(last))
-        .execute(&mut *conn)
-        .await?;
+    // One statement (the legacy `meta.last_applied` row is only read when this is absent).
+    let sql = if membership.is_some() {
+        "INSERT INTO raft_meta(key, value) VALUES(?, ?), (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+    } else {
+        "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+    };
+    let mut q = sqlx::query(sql).bind(LAST_APPLIED).bind(json(last));
     if let Some(m) = membership {
-        sqlx::query(put)
-            .bind(LAST_MEMBERSHIP)
-            .bind(json(m))
-            .execute(&mut *conn)
-            .await?;
+        q = q.bind(LAST_MEMBERSHIP).bind(json(m));
     }
-    sqlx::query("INSERT INTO meta(key, value) VALUES('last_applied', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
-        .bind(last.index as i64)
-        .execute(&mut *conn)
-        .await?;
+    q.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -193,7 +187,10 @@ impl StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: the write lock is taken (waiting on the busy handler if needed) before
+        // the first read, so a checkpoint or another connection can never make the later
+        // write fail with SQLITE_BUSY, which would stop the Raft core.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let (last, _) = read_applied(&mut tx).await?;
         let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
         let mut applied: Option<LogId> = None;
@@ -249,9 +246,9 @@ impl StateMachine {
             .execute(&self.pool)
             .await?;
         // Everything the copy holds on disk here too before the log below it may be purged:
-        // a checkpoint syncs the WAL before it copies anything back (PASSIVE: it never
-        // waits for, or blocks, the apply path's writes).
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        // a FULL checkpoint syncs the WAL and the database (writers wait for it on the busy
+        // handler: the apply path begins IMMEDIATE).
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
             .execute(&self.pool)
             .await?;
         // What the copy holds, read from the copy itself.
@@ -330,6 +327,11 @@ impl StateMachine {
             .to_str()
             .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", path.display())))?;
         let mut conn = self.pool.acquire().await?;
+        // The installed state is on disk when the install returns: openraft then purges
+        // the log it replaces.
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("ATTACH DATABASE ? AS snap")
             .bind(path_str)
             .execute(&mut *conn)
@@ -338,7 +340,10 @@ impl StateMachine {
         let detached = sqlx::query("DETACH DATABASE snap")
             .execute(&mut *conn)
             .await;
-        if res.is_err() || detached.is_err() {
+        let normal = sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await;
+        if res.is_err() || detached.is_err() || normal.is_err() {
             // Do not hand a connection in an unknown state back to the pool.
             conn.close_on_drop();
         }
@@ -628,31 +633,38 @@ async fn duplicate_of(
     .bind(&entry.id)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(same.map(|row| {
-        let id: String = row.get("id");
-        rejected(
-            RejectCode::AlreadyExists,
-            format!("an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"),
-        )
-    }))
+    Ok(same.map(|row| duplicate(row.get("id"))))
+}
+
+fn duplicate(id: &str) -> Response {
+    rejected(
+        RejectCode::AlreadyExists,
+        format!("an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"),
+    )
 }
 
 async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -> Result<Response> {
     Ok(match cmd {
         Command::CreateEntry { entry } => {
-            if sqlx::query("SELECT 1 FROM entries WHERE id = ?")
-                .bind(&entry.id)
-                .fetch_optional(&mut **tx)
-                .await?
-                .is_some()
-            {
-                return Ok(rejected(
-                    RejectCode::AlreadyExists,
-                    format!("entry {} exists", entry.id),
-                ));
-            }
-            if let Some(r) = duplicate_of(tx, entry).await? {
-                return Ok(r);
+            // The same ID, or the same SPIFFE ID, parent and selectors: one lookup.
+            let clash: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM entries WHERE id = ?1 OR (spiffe_id = ?2 AND parent_id = ?3 AND selectors = ?4) ORDER BY id = ?1 DESC LIMIT 1",
+            )
+            .bind(&entry.id)
+            .bind(&entry.spiffe_id)
+            .bind(&entry.parent_id)
+            .bind(json(&entry.selectors))
+            .fetch_optional(&mut **tx)
+            .await?;
+            match clash {
+                Some(id) if id == entry.id => {
+                    return Ok(rejected(
+                        RejectCode::AlreadyExists,
+                        format!("entry {} exists", entry.id),
+                    ))
+                }
+                Some(id) => return Ok(duplicate(&id)),
+                None => {}
             }
             upsert_entry(tx, entry).await?;
             Response::Entry(entry.clone())
