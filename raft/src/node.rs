@@ -46,6 +46,10 @@ pub fn recommended_config(cluster_name: &str) -> openraft::Config {
     }
 }
 
+/// How long one forwarded write may wait for the leader's answer before the current leader
+/// is looked up again (a forwarded write that outlives it is retried, see [`RaftNode::write`]).
+pub const FORWARD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// How a node runs its Raft.
 #[derive(Clone, Debug)]
 pub struct RaftNodeConfig {
@@ -375,7 +379,15 @@ impl RaftNode {
         let mut req = tonic::Request::new(pb::ProposeRequest {
             command: to_json(cmd),
         });
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        // One attempt may not use the whole deadline: a leader that is paused or cut off
+        // would hold the write until then even after another was elected. On a timeout the
+        // loop asks the local Raft for the current leader and tries again. (The command may
+        // still be applied by the old leader; so it may after any timeout — see `write`.)
+        req.set_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .min(FORWARD_ATTEMPT_TIMEOUT),
+        );
         let reply = client
             .propose(req)
             .await
