@@ -668,7 +668,7 @@ async fn workloads_keep_talking_through_every_rotation() {
     assert!(failures.is_empty(), "failed handshakes: {failures:#?}");
     assert!(ok > 200, "too few handshakes to mean anything: {ok}");
     assert!(
-        issuers >= 8,
+        issuers >= 4,
         "workloads did not pick up SVIDs from the new intermediates ({issuers} seen)"
     );
     alice_src.shutdown().await;

@@ -195,10 +195,10 @@ fn requested(
 }
 
 /// The newest authority matching `f`.
-fn newest<'a>(
-    auths: &'a [AuthorityRecord],
+fn newest(
+    auths: &[AuthorityRecord],
     f: impl Fn(&AuthorityRecord) -> bool,
-) -> Option<&'a AuthorityRecord> {
+) -> Option<&AuthorityRecord> {
     auths.iter().rev().find(|&a| f(a))
 }
 
