@@ -848,6 +848,41 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("revoked already"), "{err}");
+
+    // Again with every node up (no fail-over: the agent learns it at its next regular
+    // sync, every 5 s).
+    let second_aki = aki(&agent.cache().current().svids.values().next().unwrap().chain[0]);
+    let second = journal(&back)
+        .await
+        .into_iter()
+        .find(|a| a.kind == AuthorityKind::Intermediate && ski(&a.cert_der) == second_aki)
+        .unwrap();
+    let t1 = Instant::now();
+    a.revoke_authority(RevokeAuthorityRequest {
+        id: second.id.clone(),
+        kind: "intermediate".into(),
+    })
+    .await
+    .expect("revoke");
+    let sa2 = &second_aki;
+    let again = wait_for(
+        "replaced after the second revoke",
+        Duration::from_secs(60),
+        || async move {
+            let s = agent.cache().current();
+            (s.svids.len() == ENTRIES && s.svids.values().all(|v| &aki(&v.chain[0]) != sa2))
+                .then(|| t1.elapsed())
+        },
+    )
+    .await;
+    eprintln!(
+        "REVOKE (all nodes up): {ENTRIES} workload SVIDs signed by {} replaced on the agent {again:?} after the revoke",
+        second.id
+    );
+    assert!(
+        again < Duration::from_secs(30),
+        "replacement took {again:?}"
+    );
     back.shutdown().await;
     env.shutdown().await;
 }
