@@ -360,21 +360,57 @@ pub fn renewal_delay(svid: &AgentSvid, now: i64) -> Duration {
     Duration::from_secs((svid.renew_at() - now).max(floor) as u64)
 }
 
-/// Renews the agent SVID at half its lifetime until `shutdown`; retries with backoff.
+/// Whether `svid` was signed by one of the revoked intermediates `tainted` (subject key
+/// identifiers).
+fn signed_by_revoked(svid: &AgentSvid, tainted: &[Vec<u8>]) -> bool {
+    !tainted.is_empty()
+        && svid
+            .chain
+            .first()
+            .and_then(|leaf| ca_identity::x509::cert_info(leaf).ok())
+            .and_then(|i| i.authority_key_id)
+            .is_some_and(|aki| tainted.contains(&aki))
+}
+
+/// Renews the agent SVID at half its lifetime, and at once when the intermediate that
+/// signed it is revoked (learned through the entry sync in `cache`), until `shutdown`;
+/// retries with backoff.
 pub async fn run_renewal(
     node: Arc<NodeClient>,
     store: Store,
     published: watch::Sender<AgentSvid>,
+    mut cache: watch::Receiver<Arc<crate::cache::CacheState>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut retry_in: Option<Duration> = None;
     loop {
         let current = published.borrow().clone();
-        let delay = retry_in.unwrap_or_else(|| renewal_delay(&current, ca_identity::unix_now()));
+        let tainted = signed_by_revoked(&current, &cache.borrow().tainted_x509_authority_key_ids);
+        let delay = match retry_in {
+            Some(d) => d,
+            None if tainted => {
+                tracing::warn!(
+                    "the intermediate that signed the agent SVID was revoked; renewing it now"
+                );
+                Duration::ZERO
+            }
+            None => renewal_delay(&current, ca_identity::unix_now()),
+        };
+        let mut cache_changed = false;
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            r = cache.changed(), if !tainted && retry_in.is_none() => {
+                if r.is_ok() {
+                    cache_changed = true;
+                } else {
+                    tokio::time::sleep(delay).await; // the cache is gone: plain timer
+                }
+            }
             _ = shutdown.changed() => return,
+        }
+        if cache_changed {
+            continue; // re-check whether the agent SVID is tainted now
         }
         match renew(&node).await {
             Ok(svid) => {

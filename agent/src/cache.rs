@@ -106,6 +106,8 @@ pub struct CachedSvid {
     pub not_before: i64,
     /// Leaf notAfter, Unix seconds.
     pub not_after: i64,
+    /// The leaf's authority key identifier: which intermediate signed it.
+    pub authority_key_id: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -138,7 +140,15 @@ impl CachedSvid {
             key_pkcs8,
             not_before: info.not_before,
             not_after: info.not_after,
+            authority_key_id: info.authority_key_id,
         })
+    }
+
+    /// Whether a revoked intermediate signed it.
+    pub fn is_tainted(&self, tainted: &[Vec<u8>]) -> bool {
+        self.authority_key_id
+            .as_ref()
+            .is_some_and(|aki| tainted.contains(aki))
     }
 
     /// When to re-mint: half-way through its lifetime.
@@ -158,6 +168,11 @@ pub struct CacheState {
     pub svids: BTreeMap<String, CachedSvid>,
     /// Whether at least one entry sync succeeded (or the state was set directly).
     pub synced: bool,
+    /// Subject key identifiers of revoked intermediates (from the last sync): SVIDs they
+    /// signed are re-minted at once.
+    pub tainted_x509_authority_key_ids: Vec<Vec<u8>>,
+    /// Key IDs of revoked JWT keys (from the last sync): JWT-SVIDs they signed are dropped.
+    pub tainted_jwt_key_ids: Vec<String>,
 }
 
 impl CacheState {
@@ -282,14 +297,33 @@ impl JwtCacheKey {
 #[derive(Clone, Debug)]
 struct CachedJwt {
     token: String,
+    kid: String,
     issued_at: i64,
     expires_at: i64,
 }
 
-/// JWT-SVIDs reused until half their lifetime has passed.
+/// The `kid` in a JWT's header ("" if there is none or it does not parse).
+fn jwt_kid(token: &str) -> String {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+        .and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// JWT-SVIDs reused until half their lifetime has passed, or until the key that signed
+/// them is revoked.
 pub struct JwtCache {
     minter: Arc<dyn JwtMinter>,
     tokens: Mutex<HashMap<JwtCacheKey, CachedJwt>>,
+    state: Option<watch::Receiver<Arc<CacheState>>>,
 }
 
 impl std::fmt::Debug for JwtCache {
@@ -304,15 +338,27 @@ impl JwtCache {
         Self {
             minter,
             tokens: Mutex::new(HashMap::new()),
+            state: None,
         }
+    }
+
+    /// Drops cached tokens signed by the revoked JWT keys `state` names.
+    pub fn with_revocations(mut self, state: watch::Receiver<Arc<CacheState>>) -> Self {
+        self.state = Some(state);
+        self
     }
 
     /// A JWT-SVID for `entry` and `audience`, cached or freshly minted.
     pub async fn get(&self, entry: &WorkloadEntry, audience: &[String]) -> Result<String, Status> {
         let key = JwtCacheKey::new(entry, audience);
         let now = ca_identity::unix_now();
+        let revoked = self
+            .state
+            .as_ref()
+            .map(|s| s.borrow().tainted_jwt_key_ids.clone())
+            .unwrap_or_default();
         if let Some(t) = self.tokens.lock().expect("jwt lock").get(&key) {
-            if now < t.issued_at + (t.expires_at - t.issued_at) / 2 {
+            if now < t.issued_at + (t.expires_at - t.issued_at) / 2 && !revoked.contains(&t.kid) {
                 return Ok(t.token.clone());
             }
         }
@@ -322,6 +368,7 @@ impl JwtCache {
         map.insert(
             key,
             CachedJwt {
+                kid: jwt_kid(&token),
                 token: token.clone(),
                 issued_at: now,
                 expires_at,
@@ -368,7 +415,8 @@ fn new_csr(spiffe_id: &SpiffeId) -> Result<(Vec<u8>, KeyPair), Error> {
     Ok((csr.der().to_vec(), key))
 }
 
-/// Which entries need a (new) SVID now.
+/// Which entries need a (new) SVID now: new, changed, past half their lifetime, or signed
+/// by a revoked intermediate.
 pub fn entries_to_mint(state: &CacheState, now: i64) -> Vec<&WorkloadEntry> {
     state
         .entries
@@ -376,7 +424,10 @@ pub fn entries_to_mint(state: &CacheState, now: i64) -> Vec<&WorkloadEntry> {
         .filter(|e| match state.svids.get(&e.id) {
             None => true,
             Some(s) => {
-                s.revision != e.revision || now >= s.renew_at() || s.spiffe_id != e.spiffe_id
+                s.revision != e.revision
+                    || now >= s.renew_at()
+                    || s.spiffe_id != e.spiffe_id
+                    || s.is_tainted(&state.tainted_x509_authority_key_ids)
             }
         })
         .collect()
@@ -444,10 +495,22 @@ impl CacheManager {
                 Err(why) => tracing::debug!(entry = %e.id, "not serving entry: {why}"),
             }
         }
+        let tainted = resp.tainted_x509_authority_key_ids;
+        let newly_tainted = self.cache.current().svids.values().any(|s| {
+            s.is_tainted(&tainted)
+                && !s.is_tainted(&self.cache.current().tainted_x509_authority_key_ids)
+        });
+        if newly_tainted {
+            tracing::warn!(
+                "an intermediate that signed SVIDs this agent holds was revoked; re-minting them now"
+            );
+        }
         self.cache.update(|s| {
             s.svids.retain(|id, _| entries.iter().any(|e| &e.id == id));
             s.entries = entries;
             s.synced = true;
+            s.tainted_x509_authority_key_ids = tainted;
+            s.tainted_jwt_key_ids = resp.tainted_jwt_key_ids;
         });
         self.mint_due().await
     }

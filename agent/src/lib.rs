@@ -104,6 +104,11 @@ impl AgentHandle {
         self.svid.borrow().spiffe_id.clone()
     }
 
+    /// The agent's current SVID (chain and key).
+    pub fn svid(&self) -> persist::AgentSvid {
+        self.svid.borrow().clone()
+    }
+
     /// The agent SVID's expiry (Unix seconds); changes on renewal.
     pub fn svid_expires_at(&self) -> i64 {
         self.svid.borrow().not_after
@@ -271,6 +276,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
             node.clone(),
             store.clone(),
             svid_tx,
+            cache.subscribe(),
             shutdown_rx.clone(),
         )),
     ];
@@ -295,7 +301,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         td,
         cache.subscribe(),
         Arc::new(workload_attestor::WorkloadAttestor::new()),
-        Arc::new(JwtCache::new(node.clone())),
+        Arc::new(JwtCache::new(node.clone()).with_revocations(cache.subscribe())),
         shutdown_rx.clone(),
     );
     let mut stop = shutdown_rx.clone();

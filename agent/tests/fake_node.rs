@@ -218,6 +218,7 @@ impl Node for FakeNode {
         Ok(Response::new(SyncEntriesResponse {
             entries: self.entries.lock().unwrap().clone(),
             bundle: Some(self.bundle()),
+            ..Default::default()
         }))
     }
 

@@ -264,6 +264,31 @@ impl Admin for AdminApi {
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let auths = self.core.sm.authorities().await.map_err(Error::from)?;
+        let (counts, silent) = crate::cluster::issued_counts_everywhere(&self.core).await;
+        let count_of = |a: &ca_raft::AuthorityRecord| -> i64 {
+            match counts.get(&a.id) {
+                Some(n) => *n as i64,
+                None if a.kind != ca_raft::AuthorityKind::Root && silent.contains(&a.node_id) => -1,
+                None if a.kind == ca_raft::AuthorityKind::Root => {
+                    // A root signs intermediates only: its valid intermediates.
+                    let ski = crate::ca::subject_key_id(&a.cert_der);
+                    let t = ca_identity::unix_now();
+                    auths
+                        .iter()
+                        .filter(|i| {
+                            i.kind == ca_raft::AuthorityKind::Intermediate && i.not_after > t
+                        })
+                        .filter(|i| {
+                            ca_identity::x509::cert_info(&i.cert_der)
+                                .ok()
+                                .and_then(|c| c.authority_key_id)
+                                == ski
+                        })
+                        .count() as i64
+                }
+                None => 0,
+            }
+        };
         Ok(Response::new(GetCaStatusResponse {
             trust_domain: self.core.config.trust_domain.clone(),
             node_id: self.core.config.node_id.clone(),
@@ -278,8 +303,135 @@ impl Admin for AdminApi {
                     not_before: a.not_before,
                     not_after: a.not_after,
                     key_backend: a.key_backend.clone(),
+                    approx_valid_svids: count_of(a),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn rotate_authority(
+        &self,
+        req: Request<RotateAuthorityRequest>,
+    ) -> Result<Response<RotateAuthorityResponse>, Status> {
+        authorize(&req)?;
+        let r = req.into_inner();
+        let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
+            Some(k) => k,
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "kind {:?}: use intermediate, jwt or root",
+                    r.kind
+                ))
+                .into())
+            }
+        };
+        self.core.read_barrier().await?;
+        let auths = self.core.sm.authorities().await.map_err(Error::from)?;
+        let nodes: Vec<String> = if kind == ca_raft::AuthorityKind::Root {
+            if r.all || !r.node_id.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the root belongs to the whole cluster: rotate-root takes no --node or --all"
+                        .into(),
+                )
+                .into());
+            }
+            vec![String::new()]
+        } else if r.all {
+            if !r.node_id.is_empty() {
+                return Err(
+                    Error::InvalidArgument("give either --node or --all, not both".into()).into(),
+                );
+            }
+            let mut ns: Vec<String> = auths
+                .iter()
+                .filter(|a| a.kind == kind && a.state == ca_raft::AuthorityState::Active)
+                .map(|a| a.node_id.clone())
+                .collect();
+            ns.sort();
+            ns.dedup();
+            ns
+        } else if r.node_id.is_empty() {
+            vec![self.core.config.node_id.clone()]
+        } else {
+            let known = auths.iter().any(|a| a.node_id == r.node_id)
+                || self
+                    .core
+                    .raft
+                    .status()
+                    .members
+                    .values()
+                    .any(|m| m.node.node_id == r.node_id);
+            if !known {
+                let mut members: Vec<String> = self
+                    .core
+                    .raft
+                    .status()
+                    .members
+                    .values()
+                    .map(|m| m.node.node_id.clone())
+                    .collect();
+                members.sort();
+                return Err(Error::NotFound(format!(
+                    "no node {:?} in this cluster (members: {})",
+                    r.node_id,
+                    members.join(", ")
+                ))
+                .into());
+            }
+            vec![r.node_id.clone()]
+        };
+        let mut out = Vec::new();
+        for n in nodes {
+            let q = self.core.ca.request_rotation(kind, &n).await?;
+            out.push(RotationRequested {
+                kind: q.kind.as_str().into(),
+                node_id: q.node_id,
+                replaces: q.replaces,
+                requested_at: q.requested_at,
+            });
+        }
+        Ok(Response::new(RotateAuthorityResponse {
+            requests: out,
+            propagation_window: self.core.config.rotation.propagation_window,
+        }))
+    }
+
+    async fn revoke_authority(
+        &self,
+        req: Request<RevokeAuthorityRequest>,
+    ) -> Result<Response<RevokeAuthorityResponse>, Status> {
+        authorize(&req)?;
+        let r = req.into_inner();
+        let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
+            Some(k @ (ca_raft::AuthorityKind::Intermediate | ca_raft::AuthorityKind::Jwt)) => k,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "kind {:?}: only intermediate and jwt authorities can be revoked",
+                    r.kind
+                ))
+                .into())
+            }
+        };
+        if r.id.trim().is_empty() {
+            return Err(Error::InvalidArgument(
+                "give the ID of the authority to revoke (see `ca-node ca show`)".into(),
+            )
+            .into());
+        }
+        self.core.read_barrier().await?;
+        let a = self.core.ca.revoke(r.id.trim(), kind).await?;
+        Ok(Response::new(RevokeAuthorityResponse {
+            authority: Some(Authority {
+                id: a.id.clone(),
+                kind: a.kind.as_str().into(),
+                state: a.state.as_str().into(),
+                node_id: a.node_id.clone(),
+                key_id: a.key_id.clone(),
+                not_before: a.not_before,
+                not_after: a.not_after,
+                key_backend: a.key_backend.clone(),
+                approx_valid_svids: -1,
+            }),
         }))
     }
 

@@ -94,6 +94,30 @@ enum Cmd {
     /// The CA journal.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Replace a node's intermediate CA now (default: this node's): a new one is signed by
+    /// the root and activated cluster-wide through the replicated log; SVIDs it signed stay
+    /// valid (workloads trust the root), agents pick up new SVIDs as they renew.
+    RotateIntermediate(RotateTarget),
+    /// Replace a node's JWT signing key (default: this node's): the new key is published in
+    /// the JWT bundle at once and signs after rotation.propagation_window; the old one stays
+    /// published until it expires.
+    RotateJwtKey(RotateTarget),
+    /// Replace the root: a new root is created and published in the trust bundle at once;
+    /// after rotation.propagation_window intermediates are signed by it; the old root
+    /// leaves the bundle once everything under it has expired.
+    RotateRoot,
+    /// Revoke an intermediate CA cluster-wide: no node signs with it again, agents replace
+    /// every SVID it signed at once, and its node gets a new one.
+    RevokeIntermediate {
+        /// The intermediate's ID (`ca-node ca show`).
+        id: String,
+    },
+    /// Revoke a JWT signing key cluster-wide: it leaves the JWT bundle, agents drop the
+    /// JWT-SVIDs it signed, its node activates a new key at once.
+    RevokeJwtKey {
+        /// The JWT key's ID (`ca-node ca show`).
+        id: String,
+    },
     /// Exit 0 if the local node is ready.
     Healthcheck,
 }
@@ -286,6 +310,70 @@ enum SnapshotCmd {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+struct RotateTarget {
+    /// The node whose authority to rotate (default: this node).
+    #[arg(long = "node", conflicts_with = "all")]
+    node: Option<String>,
+    /// Every node's.
+    #[arg(long)]
+    all: bool,
+}
+
+async fn rotate(cli: &Cli, kind: &str, target: Option<&RotateTarget>) -> Result<(), String> {
+    let mut c = admin(cli).await?;
+    let r = c
+        .rotate_authority(RotateAuthorityRequest {
+            kind: kind.into(),
+            node_id: target.and_then(|t| t.node.clone()).unwrap_or_default(),
+            all: target.is_some_and(|t| t.all),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    for q in &r.requests {
+        let on = if q.node_id.is_empty() {
+            "the cluster".to_string()
+        } else {
+            format!("node {}", q.node_id)
+        };
+        match kind {
+            "intermediate" => println!(
+                "Rotation of {on}'s intermediate {} requested: the node signs a new one with the root and activates it as soon as it sees the request (a node that is down does it when it is back).",
+                q.replaces
+            ),
+            "jwt" => println!(
+                "Rotation of {on}'s JWT key {} requested: the new key is published in the JWT bundle now and signs after {}s.",
+                q.replaces, r.propagation_window
+            ),
+            _ => println!(
+                "Rotation of the root {} requested: the new root is published in the trust bundle now; intermediates are signed by it after {}s; {} leaves the bundle once everything under it has expired.",
+                q.replaces, r.propagation_window, q.replaces
+            ),
+        }
+    }
+    println!("Follow it with `ca-node ca show`.");
+    Ok(())
+}
+
+async fn revoke(cli: &Cli, kind: &str, id: &str) -> Result<(), String> {
+    let mut c = admin(cli).await?;
+    let r = c
+        .revoke_authority(RevokeAuthorityRequest {
+            id: id.into(),
+            kind: kind.into(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    let a = r.authority.unwrap_or_default();
+    println!(
+        "Revoked {} {} (node {}): no node signs with or publishes it from now on; agents replace every SVID it signed at their next sync, and node {} gets a new one.",
+        a.kind, a.id, a.node_id, a.node_id
+    );
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -860,22 +948,41 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 r.trust_domain, r.node_id
             );
             println!(
-                "{:<32} {:<13} {:<9} {:<10} {:<8} NOT AFTER",
-                "ID", "KIND", "STATE", "NODE", "BACKEND"
+                "{:<30} {:<13} {:<9} {:<8} {:<30} {:<8} {:<21} ~VALID SVIDS",
+                "ID", "KIND", "STATE", "NODE", "KEY ID", "BACKEND", "NOT AFTER"
             );
-            for a in r.authorities {
+            for a in &r.authorities {
+                let count = if a.approx_valid_svids < 0 {
+                    "? (node unreachable)".to_string()
+                } else {
+                    a.approx_valid_svids.to_string()
+                };
                 println!(
-                    "{:<32} {:<13} {:<9} {:<10} {:<8} {}",
+                    "{:<30} {:<13} {:<9} {:<8} {:<30} {:<8} {:<21} {}",
                     a.id,
                     a.kind,
                     a.state,
-                    a.node_id,
+                    if a.node_id.is_empty() {
+                        "-"
+                    } else {
+                        &a.node_id
+                    },
+                    a.key_id,
                     a.key_backend,
-                    fmt_time(a.not_after)
+                    fmt_time(a.not_after),
+                    count
                 );
             }
+            println!(
+                "~VALID SVIDS is approximate: each node counts the unexpired SVIDs it signed in memory since it started (for a root: its unexpired intermediates)."
+            );
             Ok(())
         }
+        Cmd::RotateIntermediate(t) => rotate(&cli, "intermediate", Some(t)).await,
+        Cmd::RotateJwtKey(t) => rotate(&cli, "jwt", Some(t)).await,
+        Cmd::RotateRoot => rotate(&cli, "root", None).await,
+        Cmd::RevokeIntermediate { id } => revoke(&cli, "intermediate", id).await,
+        Cmd::RevokeJwtKey { id } => revoke(&cli, "jwt", id).await,
         Cmd::Healthcheck => {
             let mut c = admin(&cli).await?;
             let r = c

@@ -716,6 +716,55 @@ impl Cluster for ClusterService {
         }
         into_status(r.map(|signature| SignIntermediateResponse { signature }))
     }
+
+    async fn issued_counts(
+        &self,
+        req: Request<IssuedCountsRequest>,
+    ) -> Result<Response<IssuedCountsResponse>, Status> {
+        raft_tls::ca_node_caller(&self.core.config.trust_domain(), &req)?;
+        Ok(Response::new(IssuedCountsResponse {
+            valid_svids: self.core.ca.valid_issued_counts().into_iter().collect(),
+        }))
+    }
+}
+
+/// The approximate number of valid SVIDs each authority signed, from every member that
+/// answers within a couple of seconds (each counts its own, in memory).
+pub async fn issued_counts_everywhere(
+    core: &NodeCore,
+) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+    let mut all = core.ca.valid_issued_counts();
+    let mut silent = Vec::new();
+    let peers = Peers::new(
+        core.raft.clone(),
+        core.svid.clone(),
+        core.roots.clone(),
+        core.config.trust_domain(),
+    );
+    let calls = peers.others().into_iter().map(|(id, node)| {
+        let peers = peers.clone();
+        async move {
+            let ask = async {
+                let mut client = peers.client(id, &node).ok()?;
+                let mut req = Request::new(IssuedCountsRequest {});
+                req.set_timeout(Duration::from_secs(2));
+                let r = tokio::time::timeout(Duration::from_secs(3), client.issued_counts(req))
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(r.into_inner().valid_svids)
+            };
+            let r = ask.await;
+            (node.node_id.clone(), r)
+        }
+    });
+    for (node, r) in futures::future::join_all(calls).await {
+        match r {
+            Some(m) => all.extend(m),
+            None => silent.push(node),
+        }
+    }
+    (all, silent)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -95,6 +95,9 @@ pub struct NodeConfig {
     /// Lifetimes, in seconds.
     #[serde(default)]
     pub ttl: TtlConfig,
+    /// When authorities are replaced.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// PEM file of provisioning CA certificates for x509pop node attestation (optional).
     #[serde(default)]
     pub x509pop_ca_bundle: Option<PathBuf>,
@@ -119,9 +122,10 @@ pub struct NodeConfig {
 pub struct TtlConfig {
     /// Root CA lifetime.
     pub root: i64,
-    /// Intermediate CA lifetime; rotated at half of it.
+    /// Intermediate CA lifetime; the next one is prepared and activated at the
+    /// `[rotation]` fractions of it.
     pub intermediate: i64,
-    /// JWT signing key lifetime; rotated at half of it.
+    /// JWT signing key lifetime; rotated like intermediates.
     pub jwt_key: i64,
     /// Default X.509-SVID lifetime (entries may set their own).
     pub x509_svid: i64,
@@ -144,6 +148,46 @@ impl Default for TtlConfig {
             agent_svid: 3600,
             join_token: 600,
         }
+    }
+}
+
+/// When authorities (root, intermediates, JWT keys) are replaced: the next one is
+/// *prepared* (created; roots and JWT keys are published in the bundles) when the current
+/// one has used `prepare_fraction` of its lifetime, and *activated* (signs from then on;
+/// the current one is retired) at `activate_fraction`. The defaults are SPIRE's, 1/2 and 5/6.
+/// An SVID must fit into what is left of its issuer when the next one activates, so
+/// `ttl.x509_svid` and `ttl.agent_svid` may be at most `(1 - activate_fraction) *
+/// ttl.intermediate` (and likewise for JWT-SVIDs and intermediates under the root).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Fraction of the current authority's lifetime at which the next one is prepared.
+    pub prepare_fraction: f64,
+    /// Fraction of the current authority's lifetime at which the next one is activated.
+    pub activate_fraction: f64,
+    /// Seconds a new root or JWT key is published before it is used when it was prepared on
+    /// request (`rotate-root`, `rotate-jwt-key`) rather than on schedule: long enough for
+    /// every agent (sync every few seconds) and every relying party (bundle refresh hint:
+    /// 60 s) to fetch the bundle that has it.
+    pub propagation_window: i64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            prepare_fraction: 0.5,
+            activate_fraction: 5.0 / 6.0,
+            propagation_window: 300,
+        }
+    }
+}
+
+impl RotationConfig {
+    /// What is left of an authority of lifetime `ttl` when its successor activates: the
+    /// longest lifetime anything it signs can have in full.
+    pub fn left_at_activation(&self, ttl: i64) -> i64 {
+        // (The epsilon keeps 5/6 of 86400 s at exactly 14400 s despite binary fractions.)
+        ((1.0 - self.activate_fraction) * ttl as f64 + 1e-6).floor() as i64
     }
 }
 
@@ -192,6 +236,7 @@ impl NodeConfig {
             jwt_key_algorithm: default_ca_alg(),
             intermediate_mode: IntermediateMode::default(),
             ttl: TtlConfig::default(),
+            rotation: RotationConfig::default(),
             x509pop_ca_bundle: None,
             log_level: default_log(),
             raft_id: default_raft_id(),
@@ -232,15 +277,15 @@ impl NodeConfig {
         TrustDomain::new(&self.trust_domain).expect("validated")
     }
 
-    /// The longest X.509-SVID TTL the intermediates can carry in full: half the intermediate
-    /// lifetime (an intermediate is replaced when half of it is left).
+    /// The longest X.509-SVID TTL the intermediates can carry in full: what is left of an
+    /// intermediate when its successor activates.
     pub fn max_x509_svid_ttl(&self) -> i64 {
-        self.ttl.intermediate / 2
+        self.rotation.left_at_activation(self.ttl.intermediate)
     }
 
-    /// The longest JWT-SVID TTL: half the JWT key lifetime.
+    /// The longest JWT-SVID TTL: what is left of a JWT key when its successor activates.
     pub fn max_jwt_svid_ttl(&self) -> i64 {
-        self.ttl.jwt_key / 2
+        self.rotation.left_at_activation(self.ttl.jwt_key)
     }
 
     /// Checks every value; the message names the key and what to do.
@@ -273,10 +318,24 @@ impl NodeConfig {
                 ));
             }
         }
-        if t.intermediate > t.root / 2 {
+        let r = &self.rotation;
+        let (p, a) = (r.prepare_fraction, r.activate_fraction);
+        if !(p > 0.0 && p < a && a < 1.0) {
             return c(format!(
-                "ttl.intermediate ({}s) must be at most half of ttl.root ({}s), so intermediates never outlive the root",
-                t.intermediate, t.root
+                "rotation.prepare_fraction ({p}) and rotation.activate_fraction ({a}) must satisfy 0 < prepare_fraction < activate_fraction < 1 (defaults: 0.5 and 0.8333, i.e. 1/2 and 5/6)"
+            ));
+        }
+        if r.propagation_window <= 0 {
+            return c(format!(
+                "rotation.propagation_window must be a positive number of seconds, got {}",
+                r.propagation_window
+            ));
+        }
+        let left = |ttl: i64| r.left_at_activation(ttl);
+        if t.intermediate > left(t.root) {
+            return c(format!(
+                "ttl.intermediate ({}s) does not fit into what is left of a root when the next root activates ({}s = (1 - rotation.activate_fraction {a}) x ttl.root {}s); intermediates never outlive their root, so lower ttl.intermediate to at most {}s or raise ttl.root",
+                t.intermediate, left(t.root), t.root, left(t.root)
             ));
         }
         for (name, v) in [
@@ -285,7 +344,8 @@ impl NodeConfig {
         ] {
             if v > self.max_x509_svid_ttl() {
                 return c(format!(
-                    "{name} ({v}s) is longer than half of ttl.intermediate ({}s); an SVID never outlives its issuer and intermediates rotate at half-life, so lower {name} to at most {}s or raise ttl.intermediate",
+                    "{name} ({v}s) does not fit into what is left of an intermediate when the next one activates ({}s = (1 - rotation.activate_fraction {a}) x ttl.intermediate {}s); an SVID never outlives its issuer, so lower {name} to at most {}s, raise ttl.intermediate, or lower rotation.activate_fraction",
+                    self.max_x509_svid_ttl(),
                     t.intermediate,
                     self.max_x509_svid_ttl()
                 ));
@@ -293,8 +353,9 @@ impl NodeConfig {
         }
         if t.jwt_svid > self.max_jwt_svid_ttl() {
             return c(format!(
-                "ttl.jwt_svid ({}s) is longer than half of ttl.jwt_key ({}s); lower it to at most {}s or raise ttl.jwt_key",
+                "ttl.jwt_svid ({}s) does not fit into what is left of a JWT key when the next one activates ({}s = (1 - rotation.activate_fraction {a}) x ttl.jwt_key {}s); lower ttl.jwt_svid to at most {}s, raise ttl.jwt_key, or lower rotation.activate_fraction",
                 t.jwt_svid,
+                self.max_jwt_svid_ttl(),
                 t.jwt_key,
                 self.max_jwt_svid_ttl()
             ));
@@ -399,10 +460,36 @@ mod tests {
         for (extra, expect) in [
             (
                 "[ttl]\nx509_svid = 86400\n",
-                "longer than half of ttl.intermediate",
+                "does not fit into what is left of an intermediate",
             ),
+            ("[ttl]\nx509_svid = 14401\n", "at most 14400s"),
             ("[ttl]\njwt_svid = 0\n", "positive"),
-            ("[ttl]\nintermediate = 400000000\n", "half of ttl.root"),
+            (
+                "[ttl]\njwt_svid = 14401\n",
+                "ttl.jwt_svid (14401s) does not fit",
+            ),
+            (
+                "[ttl]\nintermediate = 400000000\n",
+                "what is left of a root",
+            ),
+            (
+                "[rotation]\nprepare_fraction = 0.9\nactivate_fraction = 0.8\n",
+                "0 < prepare_fraction < activate_fraction < 1",
+            ),
+            (
+                "[rotation]\nactivate_fraction = 1.0\n",
+                "0 < prepare_fraction < activate_fraction < 1",
+            ),
+            (
+                "[rotation]\nprepare_fraction = 0\n",
+                "0 < prepare_fraction < activate_fraction < 1",
+            ),
+            ("[rotation]\npropagation_window = 0\n", "propagation_window"),
+            ("[rotation]\nbogus = 1\n", "unknown field"),
+            (
+                "[rotation]\nactivate_fraction = 0.99\n",
+                "lower rotation.activate_fraction",
+            ),
             ("bogus = 1\n", "unknown field"),
             ("intermediate_mode = \"disk\"\n", "unknown variant"),
             ("node_listen = \"nope\"\n", "node_listen"),

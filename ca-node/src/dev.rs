@@ -274,6 +274,17 @@ impl DevCluster {
         n: usize,
         tweak: impl Fn(usize, &mut NodeConfig),
     ) -> Result<Self, Error> {
+        Self::start_with_agent(dir, n, tweak, |_| {}).await
+    }
+
+    /// As [`DevCluster::start_with`], after `agent_tweak` changed the agent's configuration
+    /// (which lists every node's address, node 1 first, and syncs every second).
+    pub async fn start_with_agent(
+        dir: &Path,
+        n: usize,
+        tweak: impl Fn(usize, &mut NodeConfig),
+        agent_tweak: impl FnOnce(&mut ca_agent::AgentConfig),
+    ) -> Result<Self, Error> {
         if n == 0 {
             return Err(Error::Config("a cluster needs at least one node".into()));
         }
@@ -329,7 +340,7 @@ impl DevCluster {
             }
             return Err(e);
         }
-        let agent = match start_dev_agent(&dir, &nodes).await {
+        let agent = match start_dev_agent(&dir, &nodes, agent_tweak).await {
             Ok(a) => a,
             Err(e) => {
                 for h in nodes {
@@ -403,13 +414,17 @@ async fn join_dev_node(first: &NodeHandle, cfg: NodeConfig) -> Result<NodeHandle
     .await
 }
 
-async fn start_dev_agent(dir: &Path, nodes: &[NodeHandle]) -> Result<ca_agent::AgentHandle, Error> {
+async fn start_dev_agent(
+    dir: &Path,
+    nodes: &[NodeHandle],
+    tweak: impl FnOnce(&mut ca_agent::AgentConfig),
+) -> Result<ca_agent::AgentHandle, Error> {
     let first = &nodes[0];
     let bundle_path = dir.join("bundle.pem");
     std::fs::write(&bundle_path, first.core.ca.bundle()?.x509_pem())
         .map_err(|e| Error::Internal(format!("writing {}: {e}", bundle_path.display())))?;
     let token = first.core.create_join_token("", 600).await?;
-    let agent_cfg = ca_agent::AgentConfig {
+    let mut agent_cfg = ca_agent::AgentConfig {
         trust_domain: first.core.config.trust_domain.clone(),
         server_addresses: nodes.iter().map(|n| n.node_addr.to_string()).collect(),
         data_dir: dir.join("agent"),
@@ -419,6 +434,7 @@ async fn start_dev_agent(dir: &Path, nodes: &[NodeHandle]) -> Result<ca_agent::A
         sync_interval_secs: 1,
         ..Default::default()
     };
+    tweak(&mut agent_cfg);
     ca_agent::start(agent_cfg)
         .await
         .map_err(|e| Error::Unavailable(format!("the dev agent failed to start: {e}")))

@@ -408,9 +408,12 @@ impl Node for NodeApi {
         let r = async {
             let agent = self.caller(&req).await?.agent;
             let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
+            let tainted = self.core.ca.tainted();
             Ok(SyncEntriesResponse {
                 entries: entries.iter().map(entry_to_proto).collect(),
                 bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
+                tainted_x509_authority_key_ids: tainted.x509_authority_key_ids,
+                tainted_jwt_key_ids: tainted.jwt_key_ids,
             })
         }
         .await;

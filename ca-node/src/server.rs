@@ -1,6 +1,6 @@
 //! Starting a node: state, key manager, CA, the node API (TLS), the admin API (Unix
 //! socket), `/metrics` `/healthz` `/readyz`, and the maintenance loop (intermediate and
-//! JWT key rotation at half-life, node SVID renewal, bundle refresh).
+//! JWT key lifecycle, root rotation, node SVID renewal, bundle refresh).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -237,8 +237,19 @@ pub(crate) async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
     if !ca_may_start(core).await? {
         return Ok(false);
     }
-    core.ca.ensure_authorities().await?;
+    core.ca
+        .ensure_authorities(core.raft.status().role == Role::Leader)
+        .await?;
     Ok(true)
+}
+
+/// What the maintenance loop reacts to at once: the CA journal's version and the rotation
+/// requests.
+async fn ca_fingerprint(sm: &StateMachine) -> Option<(i64, Vec<ca_raft::RotationRequest>)> {
+    Some((
+        sm.authorities_version().await.ok()?,
+        sm.rotation_requests().await.ok()?,
+    ))
 }
 
 /// Starts a node; see [`Bootstrap`]. Returns once every listener is bound.
@@ -381,6 +392,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             intermediate_mode: config.intermediate_mode,
             key_algorithm: config.ca_key_algorithm,
             jwt_key_algorithm: config.jwt_key_algorithm,
+            rotation: config.rotation.clone(),
         },
         keys,
         sm.clone(),
@@ -480,6 +492,11 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         let _ = raft.shutdown().await;
         return Err(e);
     }
+    let svid_issuer = core
+        .ca
+        .intermediate()
+        .map(|i| i.record.id)
+        .unwrap_or_default();
     let svid_not_after = match core.ca.intermediate() {
         Some(_) => match renew_node_svid(&core, &svid).await {
             Ok(na) => na,
@@ -575,45 +592,77 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     }
 
     // The node's serving SVID, renewed when half of its remaining life is gone (on its own
-    // timer: short lifetimes must not wait for the maintenance tick).
+    // timer: short lifetimes must not wait for the maintenance tick), and as soon as the
+    // intermediate changed (rotated or revoked), checked every second.
     let rcore = core.clone();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let mut not_after = svid_not_after;
+        let mut issuer = svid_issuer;
+        let mut renew_at_ms = 0i64;
         loop {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or_default();
-            let wait_ms = if not_after == 0 {
-                1000
-            } else {
-                ((not_after * 1000 - now_ms) / 2).max(200)
-            };
+            if renew_at_ms == 0 {
+                renew_at_ms = if not_after == 0 {
+                    now_ms + 1000
+                } else {
+                    now_ms + ((not_after * 1000 - now_ms) / 2).max(200)
+                };
+            }
+            let wait_ms = (renew_at_ms - now_ms).clamp(0, 1000);
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
             }
-            if rcore.ca.intermediate().is_none() {
+            let Some(int) = rcore.ca.intermediate() else {
+                continue;
+            };
+            let now_ms = now_ms + wait_ms;
+            if now_ms < renew_at_ms && int.record.id == issuer {
                 continue;
             }
             match renew_node_svid(&rcore, &svid).await {
-                Ok(na) => not_after = na,
-                Err(e) => tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry"),
+                Ok(na) => {
+                    not_after = na;
+                    issuer = int.record.id;
+                    renew_at_ms = 0;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry");
+                    renew_at_ms = now_ms + 1000;
+                }
             }
         }
     }));
 
-    // Maintenance: rotation at half-life, expired key destruction, bundle refresh.
+    // Maintenance: the authorities' lifecycle, expired key destruction, bundle refresh.
     let mcore = core.clone();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Besides every 5 s, a round runs as soon as the CA journal or the rotation requests
+        // change (a revocation or a rotation request takes effect at once on its node).
+        let mut applied = mcore.sm.subscribe();
+        let mut seen = ca_fingerprint(&mcore.sm).await;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = tick.tick() => {}
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if ca_fingerprint(&mcore.sm).await == seen {
+                        continue;
+                    }
+                    // Let a burst of entries (a rotation is several) land first.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
+            seen = ca_fingerprint(&mcore.sm).await;
             let current = match ensure_ca(&mcore).await {
                 Ok(started) => started,
                 Err(e @ (Error::State(ca_raft::Error::Unavailable(_)) | Error::Unavailable(_))) => {

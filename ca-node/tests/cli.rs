@@ -37,14 +37,17 @@ fn run_refuses_invalid_configurations() {
         "[ttl]\nx509_svid = 86400\n",
         &[
             "ttl.x509_svid",
-            "longer than half of ttl.intermediate",
-            "43200",
+            "does not fit into what is left of an intermediate",
+            "14400",
         ],
     );
     refused_config(
         d,
         "[ttl]\nagent_svid = 50000\n",
-        &["ttl.agent_svid", "longer than half of ttl.intermediate"],
+        &[
+            "ttl.agent_svid",
+            "does not fit into what is left of an intermediate",
+        ],
     );
     refused_config(
         d,

@@ -434,6 +434,9 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
     // Rotation is due 10 s after the intermediate is made (the maintenance tick then tries
     // it); it is valid for 20 s.
     cfg.ttl.intermediate = 20;
+    // Replaced at half-life (prepared at a quarter), as these timings assume.
+    cfg.rotation.prepare_fraction = 0.25;
+    cfg.rotation.activate_fraction = 0.5;
     cfg.ttl.x509_svid = 4;
     cfg.ttl.agent_svid = 4;
     let node = ca_node::start(cfg).await.unwrap();
@@ -509,6 +512,9 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
     cfg.key_manager = pkcs11(&hsm, "ca-int", "i-");
     // Rotation is due 10 s after the intermediate is made; it is valid for 20 s.
     cfg.ttl.intermediate = 20;
+    // Replaced at half-life (prepared at a quarter), as these timings assume.
+    cfg.rotation.prepare_fraction = 0.25;
+    cfg.rotation.activate_fraction = 0.5;
     cfg.ttl.x509_svid = 4;
     cfg.ttl.agent_svid = 4;
     let node = ca_node::start(cfg).await.unwrap();

@@ -12,6 +12,9 @@ async fn retired_keys_are_destroyed_after_they_expire() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ca_node::dev::node_config(dir.path());
     cfg.ttl.intermediate = 6;
+    // Replaced at half-life (prepared at a quarter), as these timings assume.
+    cfg.rotation.prepare_fraction = 0.25;
+    cfg.rotation.activate_fraction = 0.5;
     cfg.ttl.x509_svid = 3;
     cfg.ttl.agent_svid = 3;
     cfg.ttl.jwt_key = 6;

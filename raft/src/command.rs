@@ -84,6 +84,12 @@ pub enum Command {
         /// Which authority.
         id: String,
     },
+    /// Ask a node to rotate an authority now (replaces an earlier request for the same kind
+    /// and node).
+    RequestRotation {
+        /// The request.
+        request: RotationRequest,
+    },
 }
 
 /// Why a command was refused.

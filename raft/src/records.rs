@@ -142,3 +142,19 @@ pub struct AuthorityRecord {
     #[serde(default)]
     pub key_destroyed: bool,
 }
+
+/// An operator's request that a node replace its authority of one kind (or, for roots,
+/// that the cluster replace its root) now rather than on schedule. The node it names acts
+/// on it when it sees it in the log: at once, or when it is back if it was down. Fulfilled
+/// once `replaces` is no longer active (comparing IDs, not clocks of different nodes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationRequest {
+    /// What to rotate.
+    pub kind: AuthorityKind,
+    /// The node whose authority to rotate; empty for the root.
+    pub node_id: String,
+    /// When it was requested, Unix seconds (for people).
+    pub requested_at: i64,
+    /// The authority that was active when it was requested.
+    pub replaces: String,
+}

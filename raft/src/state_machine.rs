@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS authorities (
   public_key BLOB NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
   seq INTEGER NOT NULL, updated INTEGER NOT NULL DEFAULT 0,
   key_destroyed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS rotation_requests (
+  kind TEXT NOT NULL, node_id TEXT NOT NULL, requested_at INTEGER NOT NULL,
+  replaces TEXT NOT NULL, PRIMARY KEY (kind, node_id));
 "#;
 
 /// `raft_meta` key of the last applied log ID (JSON).
@@ -437,6 +440,25 @@ impl StateMachine {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    /// Rotation requests (at most one per kind and node).
+    pub async fn rotation_requests(&self) -> Result<Vec<RotationRequest>> {
+        let rows = sqlx::query("SELECT * FROM rotation_requests ORDER BY kind, node_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.get("kind");
+                Ok(RotationRequest {
+                    kind: AuthorityKind::parse(&kind)
+                        .ok_or_else(|| corrupt(format!("rotation request kind {kind}")))?,
+                    node_id: r.get("node_id"),
+                    requested_at: r.get("requested_at"),
+                    replaces: r.get("replaces"),
+                })
+            })
+            .collect()
     }
 
     /// The CA journal, oldest first.
@@ -848,6 +870,16 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
             } else {
                 Response::Ok
             }
+        }
+        Command::RequestRotation { request: r } => {
+            sqlx::query("INSERT OR REPLACE INTO rotation_requests(kind, node_id, requested_at, replaces) VALUES (?,?,?,?)")
+                .bind(r.kind.as_str())
+                .bind(&r.node_id)
+                .bind(r.requested_at)
+                .bind(&r.replaces)
+                .execute(&mut **tx)
+                .await?;
+            Response::Ok
         }
         Command::SetAuthorityState { id, state } => {
             let n = sqlx::query("UPDATE authorities SET state = ?, updated = ? WHERE id = ?")

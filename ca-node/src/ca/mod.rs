@@ -8,17 +8,19 @@
 pub mod keys;
 pub mod x509;
 
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ca_identity::{JwtAuthority, SpiffeId, TrustBundle, TrustDomain};
 use ca_kms::memory::MemoryKey;
 use ca_kms::{KeyAlgorithm, SigningKey};
 use ca_raft::{
-    AuthorityKind, AuthorityRecord, AuthorityState, Command, Proposer, Response, StateMachine,
+    AuthorityKind, AuthorityRecord, AuthorityState, Command, Proposer, Response, RotationRequest,
+    StateMachine,
 };
 use rcgen::PublicKeyData;
 
-use crate::config::IntermediateMode;
+use crate::config::{IntermediateMode, RotationConfig};
 use crate::Error;
 use keys::{KeyManagers, RoleKeys};
 use x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
@@ -42,6 +44,8 @@ pub struct CaSettings {
     pub key_algorithm: KeyAlgorithm,
     /// Algorithm of JWT signing keys.
     pub jwt_key_algorithm: KeyAlgorithm,
+    /// When authorities are prepared and activated.
+    pub rotation: RotationConfig,
 }
 
 /// A usable authority: its journal record and key handle.
@@ -58,7 +62,47 @@ struct Current {
     root: Option<Signer>,
     intermediate: Option<Signer>,
     jwt: Option<Signer>,
+    /// This node's prepared intermediate (the only copy of its key in memory mode).
+    prepared_intermediate: Option<Signer>,
     bundle: Option<Arc<TrustBundle>>,
+    tainted: Tainted,
+}
+
+/// Authorities revoked while what they signed may still be valid: agents replace every
+/// SVID they signed at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tainted {
+    /// Subject key identifiers of revoked intermediates (an SVID's authority key
+    /// identifier names its issuer).
+    pub x509_authority_key_ids: Vec<Vec<u8>>,
+    /// Key IDs (`kid`) of revoked JWT keys.
+    pub jwt_key_ids: Vec<String>,
+}
+
+/// SVIDs this node signed, per authority, by expiry: the approximate count of valid SVIDs
+/// an authority signed (in memory: since this process started).
+#[derive(Default)]
+struct IssuedCounts(Mutex<HashMap<String, BTreeMap<i64, u64>>>);
+
+impl IssuedCounts {
+    fn record(&self, authority: &str, not_after: i64) {
+        let mut m = self.0.lock().expect("issued lock");
+        *m.entry(authority.to_owned())
+            .or_default()
+            .entry(not_after)
+            .or_default() += 1;
+    }
+
+    fn valid(&self, t: i64) -> BTreeMap<String, u64> {
+        let mut m = self.0.lock().expect("issued lock");
+        m.retain(|_, by_expiry| {
+            by_expiry.retain(|na, _| *na > t);
+            !by_expiry.is_empty()
+        });
+        m.iter()
+            .map(|(id, by_expiry)| (id.clone(), by_expiry.values().sum()))
+            .collect()
+    }
 }
 
 /// The CA of this node.
@@ -68,6 +112,7 @@ pub struct Ca {
     sm: StateMachine,
     proposer: Arc<dyn Proposer>,
     current: RwLock<Current>,
+    issued: IssuedCounts,
 }
 
 impl std::fmt::Debug for Ca {
@@ -87,15 +132,30 @@ fn now() -> i64 {
 /// CA certificates start this many seconds in the past, for clocks slightly behind.
 const BACKDATE: i64 = 60;
 
-/// Whether more than half of `a`'s configured lifetime is left (the backdating of CA
-/// certificates is not counted as lifetime).
-fn before_half_life(a: &AuthorityRecord, t: i64) -> bool {
-    let start = if a.cert_der.is_empty() {
+/// When `a` was made (the backdating of CA certificates is not counted as lifetime).
+pub fn issued_at(a: &AuthorityRecord) -> i64 {
+    if a.cert_der.is_empty() {
         a.not_before
     } else {
         a.not_before + BACKDATE
-    };
-    a.not_after - t > (a.not_after - start) / 2
+    }
+}
+
+/// The fraction of its lifetime `a` has used at `t`.
+pub fn age_fraction(a: &AuthorityRecord, t: i64) -> f64 {
+    let start = issued_at(a);
+    let life = a.not_after - start;
+    if life <= 0 {
+        return 1.0;
+    }
+    (t - start) as f64 / life as f64
+}
+
+/// The subject key identifier of a CA certificate.
+pub fn subject_key_id(cert_der: &[u8]) -> Option<Vec<u8>> {
+    ca_identity::x509::cert_info(cert_der)
+        .ok()
+        .and_then(|i| i.subject_key_id)
 }
 
 fn short_id() -> String {
@@ -107,6 +167,39 @@ async fn propose_ok(p: &dyn Proposer, cmd: Command) -> Result<(), Error> {
         Response::Rejected { code, message } => Err(crate::error::from_rejection(code, message)),
         _ => Ok(()),
     }
+}
+
+async fn set_state(p: &dyn Proposer, id: &str, state: AuthorityState) -> Result<(), Error> {
+    propose_ok(
+        p,
+        Command::SetAuthorityState {
+            id: id.to_owned(),
+            state,
+        },
+    )
+    .await
+}
+
+/// Whether a rotation of `active` (of `kind`, on `node_id`) was requested and not yet done.
+fn requested(
+    requests: &[RotationRequest],
+    kind: AuthorityKind,
+    node_id: &str,
+    active: Option<&AuthorityRecord>,
+) -> bool {
+    active.is_some_and(|a| {
+        requests
+            .iter()
+            .any(|r| r.kind == kind && r.node_id == node_id && r.replaces == a.id)
+    })
+}
+
+/// The newest authority matching `f`.
+fn newest(
+    auths: &[AuthorityRecord],
+    f: impl Fn(&AuthorityRecord) -> bool,
+) -> Option<&AuthorityRecord> {
+    auths.iter().rev().find(|&a| f(a))
 }
 
 impl Ca {
@@ -123,12 +216,18 @@ impl Ca {
             sm,
             proposer,
             current: RwLock::new(Current::default()),
+            issued: IssuedCounts::default(),
         }
     }
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.settings.trust_domain
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &CaSettings {
+        &self.settings
     }
 
     /// The key managers of the three roles.
@@ -142,6 +241,17 @@ impl Ca {
             AuthorityKind::Intermediate => &self.keys.intermediate,
             AuthorityKind::Jwt => &self.keys.jwt,
         }
+    }
+
+    /// How many SVIDs this node signed with each authority that are still valid (counted in
+    /// memory since this process started: approximate).
+    pub fn valid_issued_counts(&self) -> BTreeMap<String, u64> {
+        self.issued.valid(now())
+    }
+
+    /// The revoked authorities agents must replace SVIDs of.
+    pub fn tainted(&self) -> Tainted {
+        self.current.read().expect("ca lock").tainted.clone()
     }
 
     /// Why this node cannot mint X.509-SVIDs or JWT-SVIDs right now, if it cannot. The
@@ -203,27 +313,26 @@ impl Ca {
         }
     }
 
-    /// Whether `a` is an active authority of `kind` belonging to this node.
-    fn is_active_mine(&self, a: &AuthorityRecord, kind: AuthorityKind) -> bool {
-        a.kind == kind && a.state == AuthorityState::Active && a.node_id == self.settings.node_id
+    /// Whether `a` is an authority of `kind` in `state` belonging to this node.
+    fn is_mine(&self, a: &AuthorityRecord, kind: AuthorityKind, state: AuthorityState) -> bool {
+        a.kind == kind && a.state == state && a.node_id == self.settings.node_id
     }
 
-    /// Retires this node's active authorities of `kind` in `previous` (the journal as read
-    /// before a replacement was created; the replacement itself is not in it).
-    async fn retire_active(
+    /// Retires this node's authorities of `kind` that are active or prepared in `auths`,
+    /// except `keep`.
+    async fn retire_others(
         &self,
-        previous: &[AuthorityRecord],
+        auths: &[AuthorityRecord],
         kind: AuthorityKind,
+        keep: &str,
     ) -> Result<(), Error> {
-        for old in previous.iter().filter(|a| self.is_active_mine(a, kind)) {
-            propose_ok(
-                self.proposer.as_ref(),
-                Command::SetAuthorityState {
-                    id: old.id.clone(),
-                    state: AuthorityState::Retired,
-                },
-            )
-            .await?;
+        for old in auths.iter().filter(|a| {
+            a.id != keep
+                && (self.is_mine(a, kind, AuthorityState::Active)
+                    || self.is_mine(a, kind, AuthorityState::Prepared))
+        }) {
+            set_state(self.proposer.as_ref(), &old.id, AuthorityState::Retired).await?;
+            tracing::info!(authority = %old.id, kind = kind.as_str(), was = old.state.as_str(), "retired (what it signed stays valid until it expires)");
         }
         Ok(())
     }
@@ -244,32 +353,154 @@ impl Ca {
         Ok(keys.get(&rec.key_id).await?)
     }
 
-    /// Makes sure there is an active root, an active intermediate for this node with at
-    /// least half its life left, and an active JWT key; creates (through the journal)
-    /// whatever is missing; loads the keys. Called at start and periodically.
-    pub async fn ensure_authorities(&self) -> Result<(), Error> {
-        let authorities = self.sm.authorities().await?;
+    /// Makes sure there is an active root, an active intermediate and an active JWT key for
+    /// this node, each replaced on schedule (prepared at `rotation.prepare_fraction` of its
+    /// lifetime, activated at `rotation.activate_fraction`), on request (rotation requests
+    /// in the journal) and when revoked; loads the keys; rebuilds the bundle. Root changes
+    /// (scheduled or requested) are made by the Raft leader only (`leader`). Called at start,
+    /// periodically, and whenever the journal changes.
+    ///
+    /// A replacement is always created before its predecessor is retired: when the key
+    /// manager (or the member holding the root) is unavailable, the current authority stays
+    /// active, the reason is logged, and the next call tries again.
+    pub async fn ensure_authorities(&self, leader: bool) -> Result<(), Error> {
+        let auths = self.sm.authorities().await?;
+        let requests = self.sm.rotation_requests().await?;
         let t = now();
-        let (have_root, have_int, have_jwt) = {
-            let cur = self.current.read().expect("ca lock");
-            (cur.root.clone(), cur.intermediate.clone(), cur.jwt.clone())
-        };
-        // Root.
-        let root = match authorities.iter().rev().find(|a| {
-            a.kind == AuthorityKind::Root && a.state == AuthorityState::Active && a.not_after > t
-        }) {
-            Some(r) => self.signer_for(r, have_root.as_ref()).await?,
-            None => self.create_root().await?,
-        };
+        let root = self.ensure_root(&auths, &requests, t, leader).await?;
         self.current.write().expect("ca lock").root = Some(root.clone());
-        // Intermediate of this node.
-        let mine = authorities
-            .iter()
-            .rev()
-            .find(|a| self.is_active_mine(a, AuthorityKind::Intermediate));
-        let intermediate = match mine {
-            Some(rec) if before_half_life(rec, t) && rec.cert_der_issued_by(&root.record) => {
-                match (&have_int, rec.key_backend.as_str()) {
+        // The root step may have changed the journal (activated a root).
+        let auths = self.sm.authorities().await?;
+        let intermediate = self
+            .ensure_intermediate(&auths, &requests, &root, t)
+            .await?;
+        self.current.write().expect("ca lock").intermediate = Some(intermediate);
+        let jwt = self.ensure_jwt(&auths, &requests, t).await?;
+        self.current.write().expect("ca lock").jwt = Some(jwt);
+        self.refresh_bundle().await?;
+        Ok(())
+    }
+
+    async fn ensure_root(
+        &self,
+        auths: &[AuthorityRecord],
+        requests: &[RotationRequest],
+        t: i64,
+        leader: bool,
+    ) -> Result<Signer, Error> {
+        let have = self.current.read().expect("ca lock").root.clone();
+        let root = |state: AuthorityState| {
+            move |a: &AuthorityRecord| {
+                a.kind == AuthorityKind::Root && a.state == state && a.not_after > t
+            }
+        };
+        let active = newest(auths, root(AuthorityState::Active));
+        let prepared = newest(auths, root(AuthorityState::Prepared));
+        let r = &self.settings.rotation;
+        let Some(active) = active else {
+            return match prepared {
+                Some(p) => {
+                    // The active root expired (or was never activated): nothing else can
+                    // sign intermediates, so the prepared one activates at once.
+                    set_state(self.proposer.as_ref(), &p.id, AuthorityState::Active).await?;
+                    tracing::warn!(authority = %p.id, "activated the prepared root at once: there was no active root");
+                    let mut rec = p.clone();
+                    rec.state = AuthorityState::Active;
+                    self.signer_for(&rec, None).await
+                }
+                None => self.create_root(AuthorityState::Active).await,
+            };
+        };
+        let was_requested = requested(requests, AuthorityKind::Root, "", Some(active));
+        let frac = age_fraction(active, t);
+        if leader {
+            match prepared {
+                None if was_requested || frac >= r.prepare_fraction => {
+                    let why = if was_requested {
+                        "rotation requested by an operator"
+                    } else {
+                        "scheduled: the active root reached rotation.prepare_fraction"
+                    };
+                    match self.create_root(AuthorityState::Prepared).await {
+                        Ok(p) => {
+                            tracing::info!(authority = %p.record.id, replaces = %active.id, why, "prepared a new root: published in the trust bundle from now on; intermediates are signed by it once it is activated after the propagation window")
+                        }
+                        Err(e) => {
+                            tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s")
+                        }
+                    }
+                }
+                Some(p) => {
+                    let published = t - issued_at(p);
+                    let window = if was_requested {
+                        r.propagation_window
+                    } else {
+                        let scheduled = ((r.activate_fraction - r.prepare_fraction)
+                            * self.settings.root_ttl as f64)
+                            as i64;
+                        r.propagation_window.min(scheduled)
+                    };
+                    let due = was_requested || frac >= r.activate_fraction;
+                    if due && published >= window {
+                        set_state(self.proposer.as_ref(), &p.id, AuthorityState::Active).await?;
+                        set_state(self.proposer.as_ref(), &active.id, AuthorityState::Retired)
+                            .await?;
+                        for stray in auths.iter().filter(|a| {
+                            a.kind == AuthorityKind::Root
+                                && a.state == AuthorityState::Prepared
+                                && a.id != p.id
+                        }) {
+                            set_state(self.proposer.as_ref(), &stray.id, AuthorityState::Retired)
+                                .await?;
+                        }
+                        tracing::info!(authority = %p.id, replaces = %active.id, published_for_secs = published, "activated the new root: intermediates are now signed by it; the old root stays in the bundle until everything it signed has expired");
+                        let mut rec = p.clone();
+                        rec.state = AuthorityState::Active;
+                        return self.signer_for(&rec, have.as_ref()).await;
+                    }
+                }
+                None => {}
+            }
+        }
+        self.signer_for(active, have.as_ref()).await
+    }
+
+    /// The usable signer of this node's prepared intermediate `rec`, if it was signed by
+    /// `root` and its key is at hand (a memory-mode key only lives in this process).
+    async fn usable_prepared_intermediate(
+        &self,
+        rec: &AuthorityRecord,
+        root: &Signer,
+    ) -> Option<Signer> {
+        if !rec.cert_der_issued_by(&root.record) {
+            return None;
+        }
+        let have = self
+            .current
+            .read()
+            .expect("ca lock")
+            .prepared_intermediate
+            .clone();
+        match (have, rec.key_backend.as_str()) {
+            (Some(h), _) if h.record.id == rec.id => Some(h),
+            (_, "memory") => None,
+            _ => self.signer_for(rec, None).await.ok(),
+        }
+    }
+
+    async fn ensure_intermediate(
+        &self,
+        auths: &[AuthorityRecord],
+        requests: &[RotationRequest],
+        root: &Signer,
+        t: i64,
+    ) -> Result<Signer, Error> {
+        let kind = AuthorityKind::Intermediate;
+        let have = self.current.read().expect("ca lock").intermediate.clone();
+        let active = newest(auths, |a| self.is_mine(a, kind, AuthorityState::Active));
+        let usable_active = match active {
+            Some(rec) if rec.not_after > t && rec.cert_der_issued_by(&root.record) => {
+                match (&have, rec.key_backend.as_str()) {
                     (Some(h), _) if h.record.id == rec.id => Some(h.clone()),
                     (_, "memory") => None, // key lost with the previous process
                     _ => Some(self.signer_for(rec, None).await?),
@@ -277,32 +508,167 @@ impl Ca {
             }
             _ => None,
         };
-        let intermediate = match intermediate {
-            Some(i) => i,
-            None => {
-                let new = self.create_intermediate(&root).await?;
-                self.retire_active(&authorities, AuthorityKind::Intermediate)
+        let prepared = newest(auths, |a| {
+            self.is_mine(a, kind, AuthorityState::Prepared) && a.not_after > t
+        });
+        let usable_prepared = match prepared {
+            Some(p) => self.usable_prepared_intermediate(p, root).await,
+            None => None,
+        };
+        let r = &self.settings.rotation;
+        let why = match (&usable_active, active) {
+            (None, None) => Some("this node has no active intermediate"),
+            (None, Some(a)) if a.not_after <= t => Some("the active intermediate expired"),
+            (None, Some(_)) => Some(
+                "the active intermediate is not usable (signed by a root that is no longer active, or a memory-mode key lost with the previous process)",
+            ),
+            (Some(a), _) if requested(requests, kind, &self.settings.node_id, Some(&a.record)) => {
+                Some("rotation requested by an operator")
+            }
+            (Some(a), _) if age_fraction(&a.record, t) >= r.activate_fraction => {
+                Some("scheduled: the active intermediate reached rotation.activate_fraction")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            // Intermediates are not in the trust bundle (SVID chains carry them), so the
+            // next one may sign as soon as it exists.
+            let next = match usable_prepared {
+                Some(p) => Ok(p),
+                None => {
+                    self.create_intermediate(root, AuthorityState::Prepared)
+                        .await
+                }
+            };
+            match next {
+                Ok(next) => {
+                    set_state(
+                        self.proposer.as_ref(),
+                        &next.record.id,
+                        AuthorityState::Active,
+                    )
                     .await?;
-                new
+                    self.retire_others(auths, kind, &next.record.id).await?;
+                    tracing::info!(authority = %next.record.id, replaces = active.map(|a| a.id.as_str()).unwrap_or("-"), why, not_after = next.record.not_after, "activated intermediate CA");
+                    let mut next = next;
+                    next.record.state = AuthorityState::Active;
+                    self.current.write().expect("ca lock").prepared_intermediate = None;
+                    return Ok(next);
+                }
+                Err(e) => match usable_active {
+                    Some(a) => {
+                        tracing::warn!(authority = %a.record.id, why, error = %e, "cannot replace the intermediate yet (root or key manager unavailable?); it stays active; retrying every 5s");
+                        return Ok(a);
+                    }
+                    None => return Err(e),
+                },
             }
-        };
-        self.current.write().expect("ca lock").intermediate = Some(intermediate);
-        // JWT key of this node.
-        let jwt = match authorities
-            .iter()
-            .rev()
-            .find(|a| self.is_active_mine(a, AuthorityKind::Jwt) && before_half_life(a, t))
-        {
-            Some(rec) => self.signer_for(rec, have_jwt.as_ref()).await?,
-            None => {
-                let new = self.create_jwt_key().await?;
-                self.retire_active(&authorities, AuthorityKind::Jwt).await?;
-                new
+        }
+        let active = usable_active.expect("checked above");
+        if usable_prepared.is_none() && age_fraction(&active.record, t) >= r.prepare_fraction {
+            // Prepared ones that can no longer be used (other root, lost key) are retired
+            // first so they do not linger.
+            if let Some(p) = prepared {
+                set_state(self.proposer.as_ref(), &p.id, AuthorityState::Retired).await?;
             }
+            match self
+                .create_intermediate(root, AuthorityState::Prepared)
+                .await
+            {
+                Ok(p) => {
+                    tracing::info!(authority = %p.record.id, current = %active.record.id, "prepared the next intermediate CA (activated at rotation.activate_fraction)");
+                    self.current.write().expect("ca lock").prepared_intermediate = Some(p);
+                }
+                Err(e) => {
+                    tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s")
+                }
+            }
+        }
+        Ok(active)
+    }
+
+    async fn ensure_jwt(
+        &self,
+        auths: &[AuthorityRecord],
+        requests: &[RotationRequest],
+        t: i64,
+    ) -> Result<Signer, Error> {
+        let kind = AuthorityKind::Jwt;
+        let have = self.current.read().expect("ca lock").jwt.clone();
+        let active = newest(auths, |a| {
+            self.is_mine(a, kind, AuthorityState::Active) && a.not_after > t
+        });
+        let prepared = newest(auths, |a| {
+            self.is_mine(a, kind, AuthorityState::Prepared) && a.not_after > t
+        });
+        let r = &self.settings.rotation;
+        let Some(active) = active else {
+            // Nothing signs JWT-SVIDs here: the prepared key (published already) or a new
+            // one activates at once.
+            let next = match prepared {
+                Some(p) => self.signer_for(p, None).await?,
+                None => self.create_jwt_key(AuthorityState::Prepared).await?,
+            };
+            set_state(
+                self.proposer.as_ref(),
+                &next.record.id,
+                AuthorityState::Active,
+            )
+            .await?;
+            self.retire_others(auths, kind, &next.record.id).await?;
+            tracing::info!(authority = %next.record.id, "activated JWT signing key at once: this node had no usable active one");
+            let mut next = next;
+            next.record.state = AuthorityState::Active;
+            return Ok(next);
         };
-        self.current.write().expect("ca lock").jwt = Some(jwt);
-        self.refresh_bundle().await?;
-        Ok(())
+        let was_requested = requested(requests, kind, &self.settings.node_id, Some(active));
+        let frac = age_fraction(active, t);
+        match prepared {
+            None if was_requested || frac >= r.prepare_fraction => {
+                match self.create_jwt_key(AuthorityState::Prepared).await {
+                    Ok(p) => {
+                        tracing::info!(authority = %p.record.id, current = %active.id, requested = was_requested, "prepared the next JWT signing key: published in the JWT bundle now, signs after the propagation window")
+                    }
+                    Err(e) => {
+                        tracing::warn!(current = %active.id, error = %e, "cannot prepare the next JWT key yet (key manager unavailable?); the current one stays active; retrying every 5s")
+                    }
+                }
+            }
+            Some(p) => {
+                let published = t - issued_at(p);
+                let window = if was_requested {
+                    r.propagation_window
+                } else {
+                    let scheduled = ((r.activate_fraction - r.prepare_fraction)
+                        * self.settings.jwt_key_ttl as f64)
+                        as i64;
+                    r.propagation_window.min(scheduled)
+                };
+                let due = was_requested || frac >= r.activate_fraction;
+                if (due && published >= window) || active.not_after - t <= 1 {
+                    match self.signer_for(p, None).await {
+                        Ok(next) => {
+                            set_state(
+                                self.proposer.as_ref(),
+                                &next.record.id,
+                                AuthorityState::Active,
+                            )
+                            .await?;
+                            self.retire_others(auths, kind, &next.record.id).await?;
+                            tracing::info!(authority = %next.record.id, replaces = %active.id, published_for_secs = published, "activated JWT signing key; the old one stays in the JWT bundle until it expires");
+                            let mut next = next;
+                            next.record.state = AuthorityState::Active;
+                            return Ok(next);
+                        }
+                        Err(e) => {
+                            tracing::warn!(authority = %p.id, error = %e, "cannot load the prepared JWT key yet; the current one stays active; retrying every 5s")
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        self.signer_for(active, have.as_ref()).await
     }
 
     /// The signer of `rec`: the one already loaded if it is the same authority, else its
@@ -314,11 +680,139 @@ impl Ca {
     ) -> Result<Signer, Error> {
         match have {
             Some(h) if h.record.id == rec.id && h.record.state == rec.state => Ok(h.clone()),
+            Some(h) if h.record.id == rec.id => Ok(Signer {
+                key: h.key.clone(),
+                record: rec.clone(),
+            }),
             _ => Ok(Signer {
                 key: self.load_key(rec).await?,
                 record: rec.clone(),
             }),
         }
+    }
+
+    /// Records an operator's request to rotate `kind` on `node_id` (empty for the root):
+    /// validated here, carried out by that node (the Raft leader for roots) when it sees it
+    /// in the log. Returns the request.
+    pub async fn request_rotation(
+        &self,
+        kind: AuthorityKind,
+        node_id: &str,
+    ) -> Result<RotationRequest, Error> {
+        let auths = self.sm.authorities().await?;
+        let t = now();
+        let active = if kind == AuthorityKind::Root {
+            if let Some(p) = newest(&auths, |a| {
+                a.kind == kind && a.state == AuthorityState::Prepared && a.not_after > t
+            }) {
+                return Err(Error::FailedPrecondition(format!(
+                    "a root rotation is already in progress: root {} is prepared (published since {}) and is activated once rotation.propagation_window ({}s) has passed",
+                    p.id,
+                    issued_at(p),
+                    self.settings.rotation.propagation_window
+                )));
+            }
+            newest(&auths, |a| {
+                a.kind == kind && a.state == AuthorityState::Active && a.not_after > t
+            })
+        } else {
+            newest(&auths, |a| {
+                a.kind == kind && a.state == AuthorityState::Active && a.node_id == node_id
+            })
+        };
+        let Some(active) = active else {
+            return Err(Error::NotFound(if node_id.is_empty() {
+                format!("there is no active {}", kind.as_str())
+            } else {
+                format!(
+                    "node {node_id:?} has no active {} (is it a member of this cluster? see `ca-node ca show`)",
+                    kind.as_str()
+                )
+            }));
+        };
+        let request = RotationRequest {
+            kind,
+            node_id: node_id.to_owned(),
+            requested_at: t,
+            replaces: active.id.clone(),
+        };
+        propose_ok(
+            self.proposer.as_ref(),
+            Command::RequestRotation {
+                request: request.clone(),
+            },
+        )
+        .await?;
+        tracing::info!(kind = kind.as_str(), node = %node_id, replaces = %active.id, "rotation requested");
+        Ok(request)
+    }
+
+    /// Revokes intermediate or JWT key `id` through the journal: from the moment the entry
+    /// is applied no node signs with it or publishes it, agents are told to replace what it
+    /// signed, and its node replaces it (at once: no propagation window for a compromised
+    /// key). Refuses unknown IDs, roots, the wrong kind and what is revoked already.
+    pub async fn revoke(&self, id: &str, kind: AuthorityKind) -> Result<AuthorityRecord, Error> {
+        let auths = self.sm.authorities().await?;
+        let Some(a) = auths.iter().find(|a| a.id == id) else {
+            let known: Vec<&str> = auths
+                .iter()
+                .filter(|a| a.kind == kind && a.state != AuthorityState::Revoked)
+                .map(|a| a.id.as_str())
+                .collect();
+            return Err(Error::NotFound(format!(
+                "no authority {id:?} in the CA journal ({} IDs that could be revoked: {}; see `ca-node ca show`)",
+                kind.as_str(),
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            )));
+        };
+        if a.kind == AuthorityKind::Root {
+            let active_roots = auths
+                .iter()
+                .filter(|r| r.kind == AuthorityKind::Root && r.state == AuthorityState::Active)
+                .count();
+            return Err(Error::FailedPrecondition(format!(
+                "{id} is a root, not a{} {}; roots are replaced with `ca-node rotate-root`, not revoked{}",
+                if kind == AuthorityKind::Intermediate { "n" } else { "" },
+                kind.as_str(),
+                if a.state == AuthorityState::Active && active_roots == 1 {
+                    " (and it is the only active root: revoking it would leave the cluster unable to sign anything)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if a.kind != kind {
+            return Err(Error::InvalidArgument(format!(
+                "{id} is a{} {} authority, not a{} {}; use `ca-node revoke-{}`",
+                if a.kind == AuthorityKind::Intermediate {
+                    "n"
+                } else {
+                    ""
+                },
+                a.kind.as_str(),
+                if kind == AuthorityKind::Intermediate {
+                    "n"
+                } else {
+                    ""
+                },
+                kind.as_str(),
+                if a.kind == AuthorityKind::Jwt {
+                    "jwt-key"
+                } else {
+                    "intermediate"
+                },
+            )));
+        }
+        if a.state == AuthorityState::Revoked {
+            return Err(Error::FailedPrecondition(format!(
+                "{id} is revoked already"
+            )));
+        }
+        set_state(self.proposer.as_ref(), id, AuthorityState::Revoked).await?;
+        tracing::warn!(authority = %id, kind = kind.as_str(), node = %a.node_id, "REVOKED: no node signs with or publishes it from now on; agents replace every SVID it signed");
+        let mut a = a.clone();
+        a.state = AuthorityState::Revoked;
+        Ok(a)
     }
 
     /// Destroys (or, where the backend only does that, schedules the deletion of) the keys
@@ -363,25 +857,37 @@ impl Ca {
         Ok(destroyed)
     }
 
-    /// Rebuilds the trust bundle from the journal: roots and JWT keys that are prepared,
-    /// active or retired and not yet expired.
+    /// Rebuilds the trust bundle from the journal: roots that are prepared or active, and
+    /// retired roots while an intermediate they signed is unexpired; JWT keys that are
+    /// prepared, active or retired and unexpired; never a revoked one. Also the list of
+    /// revoked authorities whose SVIDs agents must replace.
     pub async fn refresh_bundle(&self) -> Result<Arc<TrustBundle>, Error> {
         let t = now();
         let auths = self.sm.authorities().await?;
-        let published =
-            |a: &&AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
+        let live = |a: &&AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
+        let live_intermediate_akis: Vec<Vec<u8>> = auths
+            .iter()
+            .filter(|a| a.kind == AuthorityKind::Intermediate && a.not_after > t)
+            .filter_map(|a| ca_identity::x509::cert_info(&a.cert_der).ok())
+            .filter_map(|i| i.authority_key_id)
+            .collect();
         let bundle = Arc::new(TrustBundle {
             trust_domain: self.settings.trust_domain.clone(),
             x509_authorities: auths
                 .iter()
                 .filter(|a| a.kind == AuthorityKind::Root)
-                .filter(published)
+                .filter(live)
+                .filter(|a| match a.state {
+                    AuthorityState::Retired => subject_key_id(&a.cert_der)
+                        .is_some_and(|ski| live_intermediate_akis.contains(&ski)),
+                    _ => true,
+                })
                 .map(|a| a.cert_der.clone())
                 .collect(),
             jwt_authorities: auths
                 .iter()
                 .filter(|a| a.kind == AuthorityKind::Jwt)
-                .filter(published)
+                .filter(live)
                 .map(|a| JwtAuthority {
                     key_id: a.id.clone(),
                     public_key: a.public_key.clone(),
@@ -391,7 +897,21 @@ impl Ca {
             sequence_number: self.sm.authorities_version().await?,
             refresh_hint: 60,
         });
-        self.current.write().expect("ca lock").bundle = Some(bundle.clone());
+        let revoked = |k: AuthorityKind| {
+            auths
+                .iter()
+                .filter(move |a| a.kind == k && a.state == AuthorityState::Revoked)
+                .filter(|a| a.not_after > t)
+        };
+        let tainted = Tainted {
+            x509_authority_key_ids: revoked(AuthorityKind::Intermediate)
+                .filter_map(|a| subject_key_id(&a.cert_der))
+                .collect(),
+            jwt_key_ids: revoked(AuthorityKind::Jwt).map(|a| a.id.clone()).collect(),
+        };
+        let mut cur = self.current.write().expect("ca lock");
+        cur.bundle = Some(bundle.clone());
+        cur.tainted = tainted;
         Ok(bundle)
     }
 
@@ -410,14 +930,19 @@ impl Ca {
         self.current.read().expect("ca lock").intermediate.clone()
     }
 
-    async fn create_root(&self) -> Result<Signer, Error> {
+    /// The signing JWT key, if ready.
+    pub fn jwt_key(&self) -> Option<Signer> {
+        self.current.read().expect("ca lock").jwt.clone()
+    }
+
+    async fn create_root(&self, state: AuthorityState) -> Result<Signer, Error> {
         let id = format!("root-{}", short_id());
         let key = self
             .keys
             .root
             .generate(&id, self.settings.key_algorithm)
             .await?;
-        match self.prepare_root(&id, key).await {
+        match self.prepare_root(&id, key, state).await {
             Ok(s) => Ok(s),
             Err(e) => {
                 self.keys.root.delete_quietly(&id).await; // no leaked keys
@@ -427,7 +952,12 @@ impl Ca {
     }
 
     /// Certifies a new root key and records the root in the journal.
-    async fn prepare_root(&self, id: &str, key: Arc<dyn SigningKey>) -> Result<Signer, Error> {
+    async fn prepare_root(
+        &self,
+        id: &str,
+        key: Arc<dyn SigningKey>,
+        state: AuthorityState,
+    ) -> Result<Signer, Error> {
         let id = id.to_owned();
         let t = now();
         let params = ca_params(
@@ -450,7 +980,7 @@ impl Ca {
         let record = AuthorityRecord {
             id: id.clone(),
             kind: AuthorityKind::Root,
-            state: AuthorityState::Active,
+            state,
             node_id: String::new(),
             key_backend: self.keys.root.km.backend().into(),
             key_id: id.clone(),
@@ -467,11 +997,15 @@ impl Ca {
             },
         )
         .await?;
-        tracing::info!(authority = %id, backend = self.keys.root.km.backend(), "created root CA");
+        tracing::info!(authority = %id, state = state.as_str(), backend = self.keys.root.km.backend(), "created root CA");
         Ok(Signer { record, key })
     }
 
-    async fn create_intermediate(&self, root: &Signer) -> Result<Signer, Error> {
+    async fn create_intermediate(
+        &self,
+        root: &Signer,
+        state: AuthorityState,
+    ) -> Result<Signer, Error> {
         // Only make a key when the root can sign it: while the root's key manager is down,
         // a rotation attempt every few seconds would otherwise create and delete a key each
         // time.
@@ -492,7 +1026,10 @@ impl Ca {
                 "memory".into(),
             ),
         };
-        match self.prepare_intermediate(root, &id, key, &backend).await {
+        match self
+            .prepare_intermediate(root, &id, key, &backend, state)
+            .await
+        {
             Ok(s) => Ok(s),
             Err(e) => {
                 if backend != "memory" {
@@ -510,6 +1047,7 @@ impl Ca {
         id: &str,
         key: Arc<dyn SigningKey>,
         backend: &str,
+        state: AuthorityState,
     ) -> Result<Signer, Error> {
         let id = id.to_owned();
         let t = now();
@@ -530,7 +1068,7 @@ impl Ca {
         let record = AuthorityRecord {
             id: id.clone(),
             kind: AuthorityKind::Intermediate,
-            state: AuthorityState::Active,
+            state,
             node_id: self.settings.node_id.clone(),
             key_backend: backend.to_owned(),
             key_id: id.clone(),
@@ -547,11 +1085,11 @@ impl Ca {
             },
         )
         .await?;
-        tracing::info!(authority = %id, backend = %backend, not_after, "activated intermediate CA");
+        tracing::info!(authority = %id, root = %root.record.id, backend = %backend, not_after, state = state.as_str(), "created intermediate CA signed by the root");
         Ok(Signer { record, key })
     }
 
-    async fn create_jwt_key(&self) -> Result<Signer, Error> {
+    async fn create_jwt_key(&self, state: AuthorityState) -> Result<Signer, Error> {
         let id = format!("jwt-{}-{}", self.settings.node_id, short_id());
         let key = self
             .keys
@@ -562,7 +1100,7 @@ impl Ca {
         let record = AuthorityRecord {
             id: id.clone(),
             kind: AuthorityKind::Jwt,
-            state: AuthorityState::Active,
+            state,
             node_id: self.settings.node_id.clone(),
             key_backend: self.keys.jwt.km.backend().into(),
             key_id: id.clone(),
@@ -583,7 +1121,7 @@ impl Ca {
             self.keys.jwt.delete_quietly(&id).await;
             return Err(e);
         }
-        tracing::info!(authority = %id, backend = self.keys.jwt.km.backend(), "activated JWT signing key");
+        tracing::info!(authority = %id, state = state.as_str(), backend = self.keys.jwt.km.backend(), "created JWT signing key");
         Ok(Signer { record, key })
     }
 
@@ -613,6 +1151,7 @@ impl Ca {
             key: int.key.clone(),
         };
         let leaf = make_cert(&params, public_key, &issuer).await?;
+        self.issued.record(&int.record.id, not_after);
         Ok(vec![leaf, int.record.cert_der.clone()])
     }
 
@@ -645,6 +1184,7 @@ impl Ca {
             }
             ca_identity::pubkey::KeyKind::Rsa { .. } => der,
         };
+        self.issued.record(&jwt.record.id, exp);
         Ok((ca_identity::jwt::assemble(&input, &sig), exp))
     }
 }
