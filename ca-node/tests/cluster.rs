@@ -78,6 +78,22 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
             .into_iter()
             .collect()
     );
+    // Exactly one active intermediate and one active JWT key per node (a joining node's
+    // first CA round and its maintenance loop once raced and made two JWT keys).
+    for kind in [AuthorityKind::Intermediate, AuthorityKind::Jwt] {
+        for node in ["dev-1", "dev-2", "dev-3"] {
+            let active = auths
+                .iter()
+                .filter(|a| {
+                    a.kind == kind && a.state == AuthorityState::Active && a.node_id == node
+                })
+                .count();
+            assert_eq!(
+                active, 1,
+                "{node}: {active} active {kind:?} authorities: {auths:#?}"
+            );
+        }
+    }
     for n in &env.nodes {
         let int = n.core.ca.intermediate().expect("an intermediate");
         let info = ca_identity::x509::cert_info(&int.record.cert_der).unwrap();

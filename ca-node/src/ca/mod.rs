@@ -113,6 +113,9 @@ pub struct Ca {
     proposer: Arc<dyn Proposer>,
     current: RwLock<Current>,
     issued: IssuedCounts,
+    /// One upkeep round at a time: a joining node's first round and the maintenance loop's
+    /// must not both see "no JWT key yet" and make one each.
+    upkeep: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -217,6 +220,7 @@ impl Ca {
             proposer,
             current: RwLock::new(Current::default()),
             issued: IssuedCounts::default(),
+            upkeep: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -364,6 +368,7 @@ impl Ca {
     /// manager (or the member holding the root) is unavailable, the current authority stays
     /// active, the reason is logged, and the next call tries again.
     pub async fn ensure_authorities(&self, leader: bool) -> Result<(), Error> {
+        let _one_at_a_time = self.upkeep.lock().await;
         let auths = self.sm.authorities().await?;
         let requests = self.sm.rotation_requests().await?;
         let t = now();
