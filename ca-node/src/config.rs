@@ -98,6 +98,9 @@ pub struct NodeConfig {
     /// When authorities are replaced.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// Raft timings.
+    #[serde(default)]
+    pub raft: RaftConfig,
     /// PEM file of provisioning CA certificates for x509pop node attestation (optional).
     #[serde(default)]
     pub x509pop_ca_bundle: Option<PathBuf>,
@@ -182,6 +185,55 @@ impl Default for RotationConfig {
     }
 }
 
+/// Raft timings, in milliseconds. Every member should use the same values.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// How often the leader sends heartbeats.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election.
+    pub election_timeout_min_ms: u64,
+    /// See `election_timeout_min_ms`.
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+        }
+    }
+}
+
+impl RaftConfig {
+    fn validate(&self) -> Result<(), Error> {
+        let c = |m: String| Err(Error::Config(m));
+        if self.heartbeat_ms < 10 {
+            return c(format!(
+                "raft.heartbeat_ms = {}: use at least 10",
+                self.heartbeat_ms
+            ));
+        }
+        if self.election_timeout_min_ms < 3 * self.heartbeat_ms {
+            return c(format!(
+                "raft.election_timeout_min_ms = {} must be at least 3 x raft.heartbeat_ms ({}), or followers start elections while the leader is alive",
+                self.election_timeout_min_ms,
+                3 * self.heartbeat_ms
+            ));
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return c(format!(
+                "raft.election_timeout_max_ms = {} must be greater than raft.election_timeout_min_ms = {} (the timeout is random in between, so that candidates do not collide)",
+                self.election_timeout_max_ms, self.election_timeout_min_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl RotationConfig {
     /// What is left of an authority of lifetime `ttl` when its successor activates: the
     /// longest lifetime anything it signs can have in full.
@@ -237,6 +289,7 @@ impl NodeConfig {
             intermediate_mode: IntermediateMode::default(),
             ttl: TtlConfig::default(),
             rotation: RotationConfig::default(),
+            raft: RaftConfig::default(),
             x509pop_ca_bundle: None,
             log_level: default_log(),
             raft_id: default_raft_id(),
@@ -302,6 +355,7 @@ impl NodeConfig {
         if self.data_dir.as_os_str().is_empty() {
             return c("data_dir is empty".into());
         }
+        self.raft.validate()?;
         let t = &self.ttl;
         for (name, v) in [
             ("ttl.root", t.root),
@@ -419,6 +473,40 @@ mod tests {
         let c = NodeConfig::parse(BASE).unwrap();
         assert_eq!(c.ttl.x509_svid, 3600);
         assert_eq!(c.intermediate_mode, IntermediateMode::KeyManager);
+    }
+
+    #[test]
+    fn raft_timings_are_parsed_and_checked() {
+        let c = NodeConfig::parse(&format!(
+            "{BASE}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                c.raft.heartbeat_ms,
+                c.raft.election_timeout_min_ms,
+                c.raft.election_timeout_max_ms
+            ),
+            (100, 400, 800)
+        );
+        assert_eq!(NodeConfig::parse(BASE).unwrap().raft.heartbeat_ms, 250);
+        for (raft, expect) in [
+            ("heartbeat_ms = 5", "raft.heartbeat_ms = 5: use at least 10"),
+            (
+                "heartbeat_ms = 500",
+                "raft.election_timeout_min_ms = 1000 must be at least 3 x raft.heartbeat_ms (1500)",
+            ),
+            (
+                "election_timeout_max_ms = 1000",
+                "raft.election_timeout_max_ms = 1000 must be greater than raft.election_timeout_min_ms = 1000",
+            ),
+            ("election_timeout = 3", "unknown field `election_timeout`"),
+        ] {
+            let e = NodeConfig::parse(&format!("{BASE}[raft]\n{raft}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect), "{raft}: {e}");
+        }
     }
 
     #[test]

@@ -298,19 +298,17 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     }
     let roots = LiveRoots::new(initial_roots(&config, &sm).await?);
     let connector = Arc::new(TlsConnector::new(svid.clone(), roots.clone(), td.clone()));
-    let raft = RaftNode::start(
-        RaftNodeConfig::new(
-            config.raft_id,
-            NodeInfo {
-                addr: advertise.clone(),
-                node_id: config.node_id.clone(),
-            },
-        ),
-        log,
-        sm.clone(),
-        connector,
-    )
-    .await?;
+    let mut raft_config = RaftNodeConfig::new(
+        config.raft_id,
+        NodeInfo {
+            addr: advertise.clone(),
+            node_id: config.node_id.clone(),
+        },
+    );
+    raft_config.raft.heartbeat_interval = config.raft.heartbeat_ms;
+    raft_config.raft.election_timeout_min = config.raft.election_timeout_min_ms;
+    raft_config.raft.election_timeout_max = config.raft.election_timeout_max_ms;
+    let raft = RaftNode::start(raft_config, log, sm.clone(), connector).await?;
     let initialized = raft.is_initialized().await?;
     let joined = marker.as_ref().map(|m| m.origin) == Some(cluster::Origin::Join);
     let new_cluster = match (bootstrap, initialized) {
