@@ -386,6 +386,7 @@ async fn run_levels(
     let listed = ca.nodes[follower]
         .admin()
         .await?
+        .max_decoding_message_size(ca_node::cli::ADMIN_MAX_MESSAGE_BYTES)
         .list_entries(ListEntriesRequest::default())
         .await?
         .into_inner()

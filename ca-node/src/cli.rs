@@ -604,8 +604,13 @@ fn print_cluster_status(r: &ClusterStatusResponse, output: Output) {
     }
 }
 
+/// The largest admin API answer the CLI accepts (the API does not page yet: a listing of
+/// tens of thousands of entries exceeds gRPC's default 4 MiB).
+pub const ADMIN_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
-    Ok(AdminClient::new(uds_channel(&cli.socket_path).await?))
+    Ok(AdminClient::new(uds_channel(&cli.socket_path).await?)
+        .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES))
 }
 
 async fn run_cli(cli: Cli) -> Result<(), String> {
