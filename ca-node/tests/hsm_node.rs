@@ -4,6 +4,8 @@
 //!
 //! Every test holds a [`SoftHsm`] (the process-wide PKCS#11 lock) for its whole run.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,13 +13,14 @@ use ca_kms::pkcs11::Pkcs11KeyManager;
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::{NodeConfig, NodeHandle};
-use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState};
-use ca_test_support::http::{get, metric};
+use ca_raft::AuthorityKind;
+use ca_test_support::http::metric;
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
 use ca_test_support::softhsm::SoftHsm;
 use ca_test_support::{logs, moto};
 
-const TD: &str = ca_node::dev::DEV_TRUST_DOMAIN;
+use common::node_checks::*;
+use common::TD;
 
 fn pkcs11(hsm: &SoftHsm, token: &str, prefix: &str) -> KeyManagerConfig {
     KeyManagerConfig::Pkcs11(hsm.config(token, prefix))
@@ -44,53 +47,6 @@ async fn mint_jwt(node: &NodeHandle) -> Result<String, ca_node::Error> {
         .mint_jwt_svid(&id, &["aud-1".to_string()], 60)
         .await?;
     Ok(token)
-}
-
-fn roots(node: &NodeHandle) -> Vec<Vec<u8>> {
-    node.core.ca.bundle().unwrap().x509_authorities.clone()
-}
-
-/// The JWT-SVID verifies against the node's JWT bundle.
-fn check_jwt(node: &NodeHandle, token: &str) {
-    let bundle = node.core.ca.bundle().unwrap();
-    if let Err(e) = ca_identity::jwt::validate(
-        token,
-        TD,
-        &bundle.jwt_keys(),
-        "aud-1",
-        ca_identity::unix_now(),
-    ) {
-        panic!("the JWT-SVID does not verify: {e}");
-    }
-}
-
-/// This node's active authority of `kind`.
-async fn active(node: &NodeHandle, kind: AuthorityKind) -> AuthorityRecord {
-    let auths = node.core.sm.authorities().await.unwrap();
-    let mut found: Vec<_> = auths
-        .into_iter()
-        .filter(|a| a.kind == kind && a.state == AuthorityState::Active)
-        .collect();
-    assert_eq!(found.len(), 1, "one active {kind:?}: {found:#?}");
-    found.remove(0)
-}
-
-async fn readyz(node: &NodeHandle) -> (u16, String) {
-    get(node.http_addr.expect("http_listen"), "/readyz")
-        .await
-        .expect("GET /readyz")
-}
-
-async fn metrics(node: &NodeHandle) -> String {
-    let (status, body) = get(node.http_addr.expect("http_listen"), "/metrics")
-        .await
-        .expect("GET /metrics");
-    assert_eq!(status, 200);
-    body
-}
-
-fn series(text: &str, s: &str) -> f64 {
-    metric(text, s).unwrap_or(0.0)
 }
 
 /// The keys in the token, read by a manager of its own (not the node's).
@@ -313,22 +269,6 @@ async fn each_role_uses_its_own_key_manager() {
     assert_eq!(active(&node, AuthorityKind::Jwt).await.id, jwt.id);
     check_jwt(&node, &mint_jwt(&node).await.unwrap());
     node.shutdown().await;
-}
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Key-manager mode: the token goes away under a running node. Minting fails with

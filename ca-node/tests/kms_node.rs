@@ -15,13 +15,14 @@ use ca_kms::aws_kms::{AwsKmsConfig, AwsKmsManager, TAG_KEY_NAME, TAG_NODE_ID};
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::{NodeConfig, NodeHandle};
-use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState};
-use ca_test_support::http::{get, metric};
+use ca_raft::{AuthorityKind, AuthorityRecord};
+use ca_test_support::http::metric;
 use ca_test_support::kms_proxy::{Proxy, Rule};
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
 use ca_test_support::{logs, moto};
 
-const TD: &str = ca_node::dev::DEV_TRUST_DOMAIN;
+use common::node_checks::*;
+use common::TD;
 
 fn kms_config(node_id: &str, endpoint: &str) -> AwsKmsConfig {
     moto::fast_config(TD, node_id, endpoint)
@@ -58,75 +59,14 @@ async fn mint_jwt(node: &NodeHandle) -> Result<String, ca_node::Error> {
     Ok(token)
 }
 
-fn check_jwt(node: &NodeHandle, token: &str) {
-    let bundle = node.core.ca.bundle().unwrap();
-    if let Err(e) = ca_identity::jwt::validate(
-        token,
-        TD,
-        &bundle.jwt_keys(),
-        "aud-1",
-        ca_identity::unix_now(),
-    ) {
-        panic!("the JWT-SVID does not verify: {e}");
-    }
-}
-
-fn roots(node: &NodeHandle) -> Vec<Vec<u8>> {
-    node.core.ca.bundle().unwrap().x509_authorities.clone()
-}
-
 /// This node's authorities of `kind` (any state).
 async fn authorities(node: &NodeHandle, kind: AuthorityKind) -> Vec<AuthorityRecord> {
     let auths = node.core.sm.authorities().await.unwrap();
     auths.into_iter().filter(|a| a.kind == kind).collect()
 }
 
-async fn active(node: &NodeHandle, kind: AuthorityKind) -> AuthorityRecord {
-    let mut found: Vec<_> = authorities(node, kind)
-        .await
-        .into_iter()
-        .filter(|a| a.state == AuthorityState::Active)
-        .collect();
-    assert_eq!(found.len(), 1, "one active {kind:?}: {found:#?}");
-    found.remove(0)
-}
-
-async fn readyz(node: &NodeHandle) -> (u16, String) {
-    get(node.http_addr.expect("http_listen"), "/readyz")
-        .await
-        .expect("GET /readyz")
-}
-
-async fn metrics(node: &NodeHandle) -> String {
-    let (status, body) = get(node.http_addr.expect("http_listen"), "/metrics")
-        .await
-        .expect("GET /metrics");
-    assert_eq!(status, 200);
-    body
-}
-
-fn series(text: &str, s: &str) -> f64 {
-    metric(text, s).unwrap_or(0.0)
-}
-
 const KMS_UNAVAILABLE: &str =
     "ca_keymanager_errors_total{backend=\"aws_kms\",kind=\"unavailable\"}";
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `limit`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Every KMS key tagged with node `node_id`: its key name (tag) and state, sorted.
 async fn kms_keys_of(node_id: &str) -> Vec<(String, String)> {

@@ -3,6 +3,8 @@
 //! real Unix socket, and snapshots of what the state machine stores.
 #![allow(dead_code)]
 
+pub mod node_checks;
+
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
