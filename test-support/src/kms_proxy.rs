@@ -92,6 +92,10 @@ impl Rule {
     }
 }
 
+/// Ports of proxies of this process that were stopped (they may listen again).
+static STOPPED_PORTS: Mutex<std::collections::BTreeSet<u16>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
 /// The rules and what the proxy saw.
 #[derive(Debug, Default)]
 struct ProxyState {
@@ -112,9 +116,21 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to `127.0.0.1:<upstream>` on a free port (inside a tokio runtime).
     pub async fn start(upstream: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port for the proxy");
+        // Never the port of a stopped proxy of this process: a test that stopped its proxy
+        // to make KMS unreachable would reach this one instead.
+        let mut skipped = Vec::new();
+        let listener = loop {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a port for the proxy");
+            let port = l.local_addr().expect("proxy address").port();
+            if STOPPED_PORTS.lock().expect("ports").contains(&port) {
+                skipped.push(l); // held until a free port is found, so it is not offered again
+                continue;
+            }
+            break l;
+        };
+        drop(skipped);
         let p = Proxy {
             addr: listener.local_addr().expect("proxy address"),
             upstream,
@@ -176,6 +192,10 @@ impl Proxy {
 
     /// Stops listening and drops every open connection: the endpoint is gone.
     pub fn stop(&self) {
+        STOPPED_PORTS
+            .lock()
+            .expect("ports")
+            .insert(self.addr.port());
         if let Some(t) = self.task.lock().expect("task").take() {
             t.abort();
         }
