@@ -18,7 +18,7 @@ use ca_proto::admin::{
 };
 use tonic::transport::Channel;
 
-use crate::node::{ResolvedExe, SELF_EXEC_ENV, TRUST_DOMAIN};
+use crate::node::{free_port, ResolvedExe, SELF_EXEC_ENV, TRUST_DOMAIN};
 
 /// How long forming the cluster may take.
 const FORM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,10 +40,7 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// An admin API client on this node's socket.
     pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
-        let ch = ca_node::cli::uds_channel(&self.admin_socket)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        Ok(AdminClient::new(ch))
+        crate::node::admin_client(&self.admin_socket).await
     }
 
     /// Its process ID, while it runs.
@@ -53,9 +50,7 @@ impl ClusterNode {
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::node::log_tail(&self.log_path, n)
     }
 }
 
@@ -65,11 +60,6 @@ pub struct CaCluster {
     /// The nodes, node 1 first.
     pub nodes: Vec<ClusterNode>,
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    Ok(l.local_addr()?)
 }
 
 fn node_config(dir: &Path, i: u64, node_listen: SocketAddr) -> toml::Table {

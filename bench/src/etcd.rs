@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::node::free_port;
+
 /// etcd's v3 API, the subset used here.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
@@ -71,11 +73,6 @@ pub struct EtcdCluster {
     /// `etcd --version`'s first line.
     pub version: String,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    Ok(l.local_addr()?)
 }
 
 impl EtcdCluster {

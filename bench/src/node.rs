@@ -167,9 +167,24 @@ pub fn build_config(
 }
 
 /// A loopback port nothing listens on right now.
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
     Ok(l.local_addr()?)
+}
+
+/// An admin API client over the Unix socket at `socket`.
+pub(crate) async fn admin_client(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    let ch = ca_node::cli::uds_channel(socket)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    Ok(AdminClient::new(ch))
+}
+
+/// The last `n` lines of the log file at `path` (empty if unreadable).
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A running node process; killed when dropped.
@@ -346,10 +361,7 @@ impl NodeProcess {
 
     /// An admin API client over the node's Unix socket.
     pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
-        let ch = ca_node::cli::uds_channel(&self.admin_socket)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        Ok(AdminClient::new(ch))
+        admin_client(&self.admin_socket).await
     }
 
     /// Scrapes the node's `/metrics`.
@@ -385,9 +397,7 @@ impl NodeProcess {
 
     /// The last `n` lines of the node's log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        log_tail(&self.log_path, n)
     }
 
     /// Stops the node with SIGTERM (SIGKILL after 10 s). Returns the directory when it is

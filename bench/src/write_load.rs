@@ -198,6 +198,28 @@ where
         .expect("tally")
 }
 
+/// [`drive`], and the CPU the processes `pids` used meanwhile, scaled to the measured share
+/// of the drive (warm-up excluded).
+async fn drive_with_cpu<F, Fut>(
+    pids: &[u32],
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    counter: Arc<AtomicU64>,
+    op: F,
+) -> (Tally, Duration)
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let cpu0 = cpu_of(pids);
+    let t0 = Instant::now();
+    let t = drive(concurrency, warmup, duration, counter, op).await;
+    let cpu = cpu_of(pids).saturating_sub(cpu0);
+    let share = duration.as_secs_f64() / t0.elapsed().as_secs_f64();
+    (t, cpu.mul_f64(share))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -296,7 +318,7 @@ async fn run_levels(
     let ca_seq = Arc::new(AtomicU64::new(0));
     let etcd_seq = Arc::new(AtomicU64::new(0));
     let (mut ca_acked, mut etcd_acked) = (0, 0);
-    let mut max_revision = Arc::new(AtomicU64::new(0));
+    let max_revision = Arc::new(AtomicU64::new(0));
     let mut levels = Vec::new();
     for (li, &c) in args.concurrency.iter().enumerate() {
         let run_ca = || {
@@ -304,9 +326,7 @@ async fn run_levels(
             let seq = ca_seq.clone();
             let pids = ca_pids.clone();
             async move {
-                let cpu0 = cpu_of(&pids);
-                let t0 = Instant::now();
-                let t = drive(c, warmup, duration, seq, move |s| {
+                drive_with_cpu(&pids, c, warmup, duration, seq, move |s| {
                     let mut client = client.clone();
                     async move {
                         client
@@ -318,11 +338,7 @@ async fn run_levels(
                             .map_err(|st| anyhow::anyhow!("{:?}: {}", st.code(), st.message()))
                     }
                 })
-                .await;
-                // CPU over the whole drive, scaled to the measured share of it.
-                let cpu = cpu_of(&pids).saturating_sub(cpu0);
-                let share = duration.as_secs_f64() / t0.elapsed().as_secs_f64();
-                (t, cpu.mul_f64(share))
+                .await
             }
         };
         let run_etcd = || {
@@ -331,9 +347,7 @@ async fn run_levels(
             let pids = etcd_pids.clone();
             let maxrev = max_revision.clone();
             async move {
-                let cpu0 = cpu_of(&pids);
-                let t0 = Instant::now();
-                let t = drive(c, warmup, duration, seq, move |s| {
+                drive_with_cpu(&pids, c, warmup, duration, seq, move |s| {
                     let mut kv = kv.clone();
                     let maxrev = maxrev.clone();
                     async move {
@@ -351,10 +365,7 @@ async fn run_levels(
                         Ok(())
                     }
                 })
-                .await;
-                let cpu = cpu_of(&pids).saturating_sub(cpu0);
-                let share = duration.as_secs_f64() / t0.elapsed().as_secs_f64();
-                (t, cpu.mul_f64(share))
+                .await
             }
         };
         eprintln!("concurrency {c}: measuring");
@@ -395,7 +406,7 @@ async fn run_levels(
     if listed != ca_acked {
         bail!("the CA acknowledged {ca_acked} entries but a follower lists {listed}");
     }
-    let rev = std::mem::take(&mut max_revision).load(Ordering::Relaxed);
+    let rev = max_revision.load(Ordering::Relaxed);
     if rev != etcd_acked + 1 {
         bail!(
             "etcd acknowledged {etcd_acked} puts but its revision is {rev} (expected {})",
