@@ -324,9 +324,25 @@ pub struct WriteCheck {
 }
 
 impl WriteCheck {
-    /// Whether every invariant holds.
-    pub fn ok(&self) -> bool {
-        self.lost.is_empty() && self.phantom.is_empty() && self.diverged.is_empty()
+    /// Panics unless every invariant holds (nothing lost, nothing nobody wrote, all nodes
+    /// alike) and all `nodes` nodes were read.
+    pub fn assert_invariants(&self, nodes: usize) {
+        assert!(
+            self.lost.is_empty(),
+            "acknowledged writes lost: {:?}",
+            self.lost
+        );
+        assert!(
+            self.phantom.is_empty(),
+            "entries nobody wrote: {:?}",
+            self.phantom
+        );
+        assert!(
+            self.diverged.is_empty(),
+            "nodes differ: {:?}",
+            self.diverged
+        );
+        assert_eq!(self.per_node.len(), nodes);
     }
 }
 

@@ -198,21 +198,6 @@ async fn partitions_then_heal_lose_no_acknowledged_write() {
         fetches.failures.len(),
         fetches.max_latency.as_millis()
     ));
-    assert!(
-        check.lost.is_empty(),
-        "acknowledged writes lost: {:?}",
-        check.lost
-    );
-    assert!(
-        check.phantom.is_empty(),
-        "entries nobody wrote: {:?}",
-        check.phantom
-    );
-    assert!(
-        check.diverged.is_empty(),
-        "nodes differ: {:?}",
-        check.diverged
-    );
-    assert_eq!(check.per_node.len(), 3);
+    check.assert_invariants(3);
     say(&format!("[{TEST}] PASSED in {} s", t0.elapsed().as_secs()));
 }

@@ -197,22 +197,7 @@ async fn pause_restart_and_wipe_lose_no_acknowledged_write() {
         fetches.failures.len(),
         fetches.max_latency.as_millis()
     ));
-    assert!(
-        check.lost.is_empty(),
-        "acknowledged writes lost: {:?}",
-        check.lost
-    );
-    assert!(
-        check.phantom.is_empty(),
-        "entries nobody wrote: {:?}",
-        check.phantom
-    );
-    assert!(
-        check.diverged.is_empty(),
-        "nodes differ: {:?}",
-        check.diverged
-    );
-    assert_eq!(check.per_node.len(), 3);
+    check.assert_invariants(3);
     assert!(
         fetches.failures.is_empty(),
         "workload fetches failed while a majority was alive: {:?}",
