@@ -608,6 +608,13 @@ fn print_cluster_status(r: &ClusterStatusResponse, output: Output) {
 /// tens of thousands of entries exceeds gRPC's default 4 MiB).
 pub const ADMIN_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Keeps `node` running until SIGINT/SIGTERM, then stops it.
+async fn run_until_signal(node: crate::NodeHandle) {
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+}
+
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
     Ok(AdminClient::new(uds_channel(&cli.socket_path).await?)
         .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES))
@@ -619,9 +626,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
             init_logging(&cfg.log_level);
             let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            node.shutdown().await;
+            run_until_signal(node).await;
             Ok(())
         }
         Cmd::Init { config } => {
@@ -634,9 +639,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
                 node.core.config.raft_id, node.core.config.trust_domain
             );
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            node.shutdown().await;
+            run_until_signal(node).await;
             Ok(())
         }
         Cmd::Join {
@@ -680,9 +683,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 node.core.config.raft_id,
                 if *learner { "learner" } else { "voter" }
             );
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            node.shutdown().await;
+            run_until_signal(node).await;
             Ok(())
         }
         Cmd::Dev { dir, nodes } => {

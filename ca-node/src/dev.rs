@@ -71,30 +71,12 @@ impl DevEnv {
             Some(p) => abs(p)?,
             None => return Err(Error::Config("the node's data_dir has no parent".into())),
         };
-        let trust_domain = node_cfg.trust_domain.clone();
         let node = crate::start(node_cfg).await?;
-        let bundle_path = dir.join("bundle.pem");
-        std::fs::write(&bundle_path, node.core.ca.bundle()?.x509_pem())
-            .map_err(|e| Error::Internal(format!("writing {}: {e}", bundle_path.display())))?;
-        let token = node.core.create_join_token("", 600).await?;
-        let mut agent_cfg = ca_agent::AgentConfig {
-            trust_domain,
-            server_addresses: vec![node.node_addr.to_string()],
-            data_dir: dir.join("agent"),
-            socket_path: dir.join("agent.sock"),
-            trust_bundle_path: Some(bundle_path),
-            join_token: Some(token.token),
-            sync_interval_secs: 1,
-            ..Default::default()
-        };
-        tweak(&mut agent_cfg);
-        let agent = match ca_agent::start(agent_cfg).await {
+        let agent = match start_dev_agent(&dir, std::slice::from_ref(&node), tweak).await {
             Ok(a) => a,
             Err(e) => {
                 node.shutdown().await;
-                return Err(Error::Unavailable(format!(
-                    "the dev agent failed to start: {e}"
-                )));
+                return Err(e);
             }
         };
         Ok(Self { node, agent, dir })
