@@ -13,10 +13,8 @@
 //!   Raft (single node, no Raft log next to it).
 
 use std::path::Path;
-use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
+use rusqlite::{Connection, OpenFlags};
 
 use crate::Error;
 
@@ -29,97 +27,110 @@ fn path_str(p: &Path) -> Result<&str, Error> {
         .ok_or_else(|| Error::Config(format!("non-UTF-8 path {}", p.display())))
 }
 
-async fn connect(p: &Path, read_only: bool) -> Result<SqliteConnection, Error> {
-    connect_with(p, read_only, SqliteJournalMode::Wal).await
+/// Runs blocking SQLite work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("state backup task: {e}")))?
 }
 
-async fn connect_with(
-    p: &Path,
-    read_only: bool,
-    mode: SqliteJournalMode,
-) -> Result<SqliteConnection, Error> {
-    let mut opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path_str(p)?))
-        .map_err(|e| db_err("opening", p, e))?
-        .read_only(read_only)
-        .busy_timeout(std::time::Duration::from_secs(10));
-    if !read_only {
-        opts = opts.journal_mode(mode).synchronous(SqliteSynchronous::Full);
-    }
-    opts.connect().await.map_err(|e| db_err("opening", p, e))
+fn connect(p: &Path, read_only: bool) -> Result<Connection, Error> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    };
+    let c = Connection::open_with_flags(p, flags).map_err(|e| db_err("opening", p, e))?;
+    c.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(|e| db_err("opening", p, e))?;
+    Ok(c)
 }
 
 /// The index of the last log entry applied to the state database at `p` (0 if none).
 pub async fn applied_index(p: &Path) -> Result<u64, Error> {
-    let mut c = connect(p, true).await?;
-    let v: Option<String> =
-        sqlx::query_scalar("SELECT value FROM raft_meta WHERE key = 'last_applied_log_id'")
-            .fetch_optional(&mut c)
-            .await
-            .map_err(|e| db_err("reading", p, e))?;
-    let _ = c.close().await;
-    Ok(
-        v.and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
-            .and_then(|j| j.get("index").and_then(|i| i.as_u64()))
-            .unwrap_or(0),
-    )
+    let p = p.to_owned();
+    blocking(move || {
+        let c = connect(&p, true)?;
+        let v: Option<String> = c
+            .query_row(
+                "SELECT value FROM raft_meta WHERE key = 'last_applied_log_id'",
+                [],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(|e| db_err("reading", &p, e))?;
+        Ok(
+            v.and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+                .and_then(|j| j.get("index").and_then(|i| i.as_u64()))
+                .unwrap_or(0),
+        )
+    })
+    .await
 }
 
 /// Writes a consistent copy of the state database `state` to `out` (which must not
 /// exist) while the node runs.
 pub async fn save_copy(state: &Path, out: &Path) -> Result<(), Error> {
-    let mut c = connect(state, true).await?;
-    sqlx::query("VACUUM INTO ?")
-        .bind(path_str(out)?)
-        .execute(&mut c)
-        .await
-        .map_err(|e| db_err("copying", state, e))?;
-    let _ = c.close().await;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| db_err("setting permissions on", out, e))?;
-    Ok(())
+    let (state, out) = (state.to_owned(), out.to_owned());
+    blocking(move || {
+        let c = connect(&state, true)?;
+        c.execute("VACUUM INTO ?", [path_str(&out)?])
+            .map_err(|e| db_err("copying", &state, e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| db_err("setting permissions on", &out, e))?;
+        Ok(())
+    })
+    .await
 }
 
 /// Checks that `p` is an intact state database.
 pub async fn check_copy(p: &Path) -> Result<(), Error> {
-    let mut c = connect(p, true).await.map_err(|e| {
-        Error::InvalidArgument(format!("{} is not a state backup: {e}", p.display()))
-    })?;
-    let check: String = sqlx::query_scalar("PRAGMA quick_check")
-        .fetch_one(&mut c)
-        .await
-        .map_err(|e| {
+    let p = p.to_owned();
+    blocking(move || {
+        let not_backup = |e: &dyn std::fmt::Display| {
             Error::InvalidArgument(format!("{} is not a state backup: {e}", p.display()))
-        })?;
-    if check != "ok" {
-        return Err(Error::InvalidArgument(format!(
-            "{} is damaged: {check}",
-            p.display()
-        )));
-    }
-    for table in [
-        "entries",
-        "agents",
-        "join_tokens",
-        "authorities",
-        "raft_meta",
-    ] {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-        )
-        .bind(table)
-        .fetch_one(&mut c)
-        .await
-        .map_err(|e| db_err("reading", p, e))?;
-        if n == 0 {
+        };
+        let c = connect(&p, true).map_err(|e| not_backup(&e))?;
+        let check: String = c
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| not_backup(&e))?;
+        if check != "ok" {
             return Err(Error::InvalidArgument(format!(
-                "{} is not a state backup: it has no {table} table",
+                "{} is damaged: {check}",
                 p.display()
             )));
         }
-    }
-    let _ = c.close().await;
-    Ok(())
+        for table in [
+            "entries",
+            "agents",
+            "join_tokens",
+            "authorities",
+            "raft_meta",
+        ] {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    [table],
+                    |r| r.get(0),
+                )
+                .map_err(|e| db_err("reading", &p, e))?;
+            if n == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a state backup: it has no {table} table",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// A state store with no Raft log beside it: if it was written without Raft (a
@@ -129,71 +140,76 @@ pub async fn prepare_for_new_log(state: &Path) -> Result<(), Error> {
     if !state.exists() {
         return Ok(());
     }
-    let mut c = connect(state, false).await?;
-    let has_raft_meta: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'raft_meta'",
-    )
-    .fetch_one(&mut c)
-    .await
-    .map_err(|e| db_err("reading", state, e))?;
-    let raft_rows: i64 = if has_raft_meta > 0 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM raft_meta")
-            .fetch_one(&mut c)
-            .await
-            .map_err(|e| db_err("reading", state, e))?
-    } else {
-        0
-    };
-    if raft_rows == 0 {
-        let n = sqlx::query("DELETE FROM meta WHERE key = 'last_applied'")
-            .execute(&mut c)
-            .await
-            .map(|r| r.rows_affected())
-            .unwrap_or(0);
-        if n > 0 {
-            tracing::info!(state = %state.display(), "a single-node state store from before Raft: it becomes the state of a new Raft log");
+    let state = state.to_owned();
+    blocking(move || {
+        let c = connect(&state, false)?;
+        let read = |e| db_err("reading", &state, e);
+        let has_raft_meta: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'raft_meta'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(read)?;
+        let raft_rows: i64 = if has_raft_meta > 0 {
+            c.query_row("SELECT COUNT(*) FROM raft_meta", [], |r| r.get(0))
+                .map_err(read)?
+        } else {
+            0
+        };
+        if raft_rows == 0 {
+            let n = c
+                .execute("DELETE FROM meta WHERE key = 'last_applied'", [])
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::info!(state = %state.display(), "a single-node state store from before Raft: it becomes the state of a new Raft log");
+            }
         }
-    }
-    let _ = c.close().await;
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// Resets a restored copy at `state` to be the state of a new cluster (see the module docs).
 async fn reset_for_new_cluster(state: &Path) -> Result<(u64, u64), Error> {
-    // A rollback journal, so the file is complete by itself once closed.
-    let mut c = connect_with(state, false, SqliteJournalMode::Delete).await?;
-    let mut tx = c.begin().await.map_err(|e| db_err("writing", state, e))?;
-    let q = |sql: &'static str| sqlx::query(sql);
-    let version: i64 = sqlx::query("SELECT COALESCE(MAX(updated), 0) AS v FROM authorities")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| db_err("reading", state, e))?
-        .get("v");
-    let retired = sqlx::query(
-        "UPDATE authorities SET state = 'retired', updated = ? WHERE kind IN ('intermediate', 'jwt') AND state IN ('active', 'prepared')",
-    )
-    .bind(version + 1)
-    .execute(&mut *tx)
+    let state = state.to_owned();
+    blocking(move || {
+        let mut c = connect(&state, false)?;
+        let write = |e| db_err("writing", &state, e);
+        // A rollback journal, so the file is complete by itself once closed.
+        c.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
+            .map_err(write)?;
+        c.pragma_update(None, "synchronous", "FULL").map_err(write)?;
+        let tx = c.transaction().map_err(write)?;
+        let version: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(updated), 0) FROM authorities",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| db_err("reading", &state, e))?;
+        let retired = tx
+            .execute(
+                "UPDATE authorities SET state = 'retired', updated = ? WHERE kind IN ('intermediate', 'jwt') AND state IN ('active', 'prepared')",
+                [version + 1],
+            )
+            .map_err(write)?;
+        let forgotten = tx
+            .execute(
+                "DELETE FROM agents WHERE spiffe_id LIKE 'spiffe://%/ca-node/%'",
+                [],
+            )
+            .map_err(write)?;
+        for sql in [
+            "DELETE FROM raft_meta",
+            "DELETE FROM meta WHERE key = 'last_applied'",
+        ] {
+            tx.execute(sql, []).map_err(write)?;
+        }
+        tx.commit().map_err(write)?;
+        Ok((retired as u64, forgotten as u64))
+    })
     .await
-    .map_err(|e| db_err("writing", state, e))?
-    .rows_affected();
-    let forgotten = q("DELETE FROM agents WHERE spiffe_id LIKE 'spiffe://%/ca-node/%'")
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err("writing", state, e))?
-        .rows_affected();
-    for sql in [
-        "DELETE FROM raft_meta",
-        "DELETE FROM meta WHERE key = 'last_applied'",
-    ] {
-        q(sql)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err("writing", state, e))?;
-    }
-    tx.commit().await.map_err(|e| db_err("writing", state, e))?;
-    let _ = c.close().await;
-    Ok((retired, forgotten))
 }
 
 /// What a restore did.

@@ -1,6 +1,6 @@
 //! Replicated state of the CA: every change is a [`Command`] applied, in log order, by one
-//! deterministic [`StateMachine`] to a durable SQLite store (sqlx), replicated across the
-//! cluster with openraft.
+//! deterministic [`StateMachine`] to a durable SQLite store (rusqlite, each connection on
+//! its own thread), replicated across the cluster with openraft.
 //!
 //! Nothing else writes state. A [`Proposer`] takes a command to the log and returns the
 //! state machine's [`Response`] once it is applied: [`RaftProposer`] in a cluster,
@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod command;
+mod db;
 pub mod log_store;
 pub mod network;
 pub mod node;
@@ -76,7 +77,10 @@ pub use types::{NodeId, NodeInfo, TypeConfig};
 pub enum Error {
     /// SQLite failed.
     #[error("state store: {0}")]
-    Store(#[from] sqlx::Error),
+    Store(#[from] rusqlite::Error),
+    /// A store's connection thread could not be started or has stopped.
+    #[error("state store: {0}")]
+    Io(String),
     /// A stored value could not be decoded.
     #[error("state store holds a corrupt value: {0}")]
     Corrupt(String),
@@ -102,3 +106,9 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<rusqlite::types::FromSqlError> for Error {
+    fn from(e: rusqlite::types::FromSqlError) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}

@@ -1,9 +1,11 @@
 //! The Raft log store: log entries, the vote and the last purged log ID in their own SQLite
 //! database (`raft-log.db` beside `state.db`), apart from the state machine.
 //!
-//! Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on disk when
-//! the commit returns; only then is openraft told that appended entries are flushed. Entries
-//! are stored as JSON, keyed by index.
+//! One connection on its own thread ([`crate::db`]) does all the work, in the order it is
+//! asked. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
+//! disk when the commit returns; only then is openraft told that appended entries are
+//! flushed. An append is queued and `append` returns at once (openraft replicates meanwhile);
+//! reads queued after it see it. Entries are stored as JSON, keyed by index.
 
 // openraft's StorageError is what its storage traits return; boxing it is not ours to do.
 #![allow(clippy::result_large_err)]
@@ -11,13 +13,12 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::str::FromStr;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::db::{Db, DbOptions};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::Result;
 
@@ -29,11 +30,11 @@ CREATE TABLE IF NOT EXISTS store (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 const VOTE: &str = "vote";
 const LAST_PURGED: &str = "last_purged_log_id";
 
-/// The durable Raft log of one node. Cloning is cheap (clones share the database); a clone
-/// is also the log reader openraft's replication tasks use.
+/// The durable Raft log of one node. Cloning is cheap (clones share the database thread);
+/// a clone is also the log reader openraft's replication tasks use.
 #[derive(Clone, Debug)]
 pub struct LogStore {
-    pool: SqlitePool,
+    db: Db,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -48,65 +49,67 @@ fn write_logs_err(e: impl std::fmt::Display) -> StorageError {
     io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
 }
 
+fn get_meta<T: serde::de::DeserializeOwned>(conn: &Connection, key: &str) -> Result<Option<T>> {
+    let v: Option<String> = conn
+        .prepare_cached("SELECT value FROM store WHERE key = ?")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    v.map(|v| serde_json::from_str(&v).map_err(|e| crate::Error::Corrupt(format!("{key}: {e}"))))
+        .transpose()
+}
+
+fn put_meta<T: serde::Serialize>(conn: &Connection, key: &str, value: &T) -> Result<()> {
+    let v = serde_json::to_string(value).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO store(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, v])?;
+    Ok(())
+}
+
+/// Writes `rows` (index, JSON) in one transaction; durable when it returns.
+fn insert_entries(conn: &mut Connection, rows: &[(i64, String)]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut insert =
+            tx.prepare_cached("INSERT OR REPLACE INTO log(idx, entry) VALUES (?, ?)")?;
+        for (idx, text) in rows {
+            insert.execute(params![idx, text])?;
+        }
+    }
+    // WAL + synchronous=FULL: durable once the commit returns.
+    tx.commit()?;
+    Ok(())
+}
+
 impl LogStore {
     /// Opens (creating if needed) the log database at `path`.
     pub async fn open(path: &Path) -> Result<Self> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // Local file connections do not go stale; a ping per acquire costs a round
-            // trip to the connection's thread on every append.
-            .test_before_acquire(false)
-            .connect_with(opts)
-            .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    async fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> std::result::Result<Option<T>, sqlx::Error> {
-        let v: Option<String> = sqlx::query_scalar("SELECT value FROM store WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        match v {
-            None => Ok(None),
-            Some(v) => serde_json::from_str(&v)
-                .map(Some)
-                .map_err(|e| sqlx::Error::Decode(Box::new(e))),
-        }
-    }
-
-    async fn put_meta<T: serde::Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-    ) -> std::result::Result<(), sqlx::Error> {
-        let v = serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        sqlx::query(
-            "INSERT INTO store(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(key)
-        .bind(v)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let path = path.to_owned();
+        let db = tokio::task::spawn_blocking(move || {
+            Db::open(
+                &path,
+                DbOptions {
+                    name: "raft-log",
+                    connections: 1,
+                    synchronous: "FULL",
+                },
+                |conn| conn.execute_batch(SCHEMA),
+            )
+        })
+        .await
+        .map_err(|e| crate::Error::Io(format!("opening the log: {e}")))??;
+        Ok(Self { db })
     }
 
     /// The last purged log ID.
     pub async fn last_purged(&self) -> Result<Option<LogId>> {
-        Ok(self.get_meta(LAST_PURGED).await?)
+        self.db.call(|conn| get_meta(conn, LAST_PURGED)).await
     }
 }
 
-fn decode_entry(text: &str) -> std::result::Result<Entry, StorageError> {
-    serde_json::from_str(text).map_err(read_logs_err)
+fn decode_entry(text: &str) -> Result<Entry> {
+    serde_json::from_str(text).map_err(|e| crate::Error::Corrupt(format!("log entry: {e}")))
 }
 
 fn bound_to_i64(b: Bound<&u64>, start: bool) -> i64 {
@@ -131,15 +134,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if hi < lo {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query("SELECT entry FROM log WHERE idx >= ? AND idx <= ? ORDER BY idx")
-            .bind(lo)
-            .bind(hi)
-            .fetch_all(&self.pool)
+        self.db
+            .call(move |conn| {
+                let mut q = conn.prepare_cached(
+                    "SELECT entry FROM log WHERE idx >= ? AND idx <= ? ORDER BY idx",
+                )?;
+                let mut rows = q.query(params![lo, hi])?;
+                let mut out = Vec::new();
+                while let Some(r) = rows.next()? {
+                    out.push(decode_entry(r.get_ref(0)?.as_str()?)?);
+                }
+                Ok(out)
+            })
             .await
-            .map_err(read_logs_err)?;
-        rows.iter()
-            .map(|r| decode_entry(r.get::<&str, _>("entry")))
-            .collect()
+            .map_err(read_logs_err)
     }
 }
 
@@ -147,20 +155,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> std::result::Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.get_meta(LAST_PURGED).await.map_err(read_logs_err)?;
-        let last: Option<String> =
-            sqlx::query_scalar("SELECT entry FROM log ORDER BY idx DESC LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(read_logs_err)?;
-        let last_log_id = match last {
-            Some(t) => Some(decode_entry(&t)?.log_id),
-            None => last_purged,
-        };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        self.db
+            .call(|conn| {
+                let last_purged: Option<LogId> = get_meta(conn, LAST_PURGED)?;
+                let last: Option<String> = conn
+                    .prepare_cached("SELECT entry FROM log ORDER BY idx DESC LIMIT 1")?
+                    .query_row([], |r| r.get(0))
+                    .optional()?;
+                let last_log_id = match last {
+                    Some(t) => Some(decode_entry(&t)?.log_id),
+                    None => last_purged,
+                };
+                Ok(LogState {
+                    last_purged_log_id: last_purged,
+                    last_log_id,
+                })
+            })
+            .await
+            .map_err(read_logs_err)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -169,13 +181,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> std::result::Result<(), StorageError> {
         // Committed (fsync'ed) when this returns.
-        self.put_meta(VOTE, vote)
+        let vote = *vote;
+        self.db
+            .call(move |conn| put_meta(conn, VOTE, &vote))
             .await
             .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> std::result::Result<Option<Vote>, StorageError> {
-        self.get_meta(VOTE)
+        self.db
+            .call(|conn| get_meta(conn, VOTE))
             .await
             .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Read, e))
     }
@@ -189,76 +204,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let res: std::result::Result<(), sqlx::Error> = async {
-            // One statement for the whole batch: every statement is a round trip to the
-            // connection's thread.
-            let mut rows = Vec::new();
-            for e in entries {
-                let text =
-                    serde_json::to_string(&e).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                rows.push((e.log_id.index as i64, text));
-            }
-            let insert = |chunk: &[(i64, String)]| {
-                let mut q = sqlx::QueryBuilder::new("INSERT OR REPLACE INTO log(idx, entry) ");
-                q.push_values(chunk, |mut b, (idx, text)| {
-                    b.push_bind(*idx).push_bind(text.clone());
-                });
-                q
-            };
-            // openraft sends at most max_payload_entries (300) per batch: one statement,
-            // atomic on its own (2 parameters per row, far below SQLite's 32766).
-            const ROWS_PER_STATEMENT: usize = 1000;
-            if rows.len() <= ROWS_PER_STATEMENT {
-                // WAL + synchronous=FULL: durable once the statement returns.
-                return insert(&rows).build().execute(&self.pool).await.map(|_| ());
-            }
-            let mut tx = self.pool.begin().await?;
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                insert(chunk).build().execute(&mut *tx).await?;
-            }
-            // WAL + synchronous=FULL: durable once the commit returns.
-            tx.commit().await
+        let mut rows = Vec::new();
+        for e in entries {
+            let text = serde_json::to_string(&e).map_err(write_logs_err)?;
+            rows.push((e.log_id.index as i64, text));
         }
-        .await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_logs_err(e))
-            }
-        }
+        // Queued, not awaited: the entries are readable by any later job of this one
+        // thread, and openraft hears they are on disk when the commit has returned.
+        self.db
+            .submit(move |conn| {
+                let res = insert_entries(conn, &rows);
+                callback.log_io_completed(res.map_err(|e| std::io::Error::other(e.to_string())));
+            })
+            .map_err(write_logs_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
-        sqlx::query("DELETE FROM log WHERE idx >= ?")
-            .bind(log_id.index as i64)
-            .execute(&self.pool)
+        self.db
+            .call(move |conn| {
+                conn.prepare_cached("DELETE FROM log WHERE idx >= ?")?
+                    .execute([log_id.index as i64])?;
+                Ok(())
+            })
             .await
-            .map_err(write_logs_err)?;
-        Ok(())
+            .map_err(write_logs_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
-        let res: std::result::Result<(), sqlx::Error> = async {
-            let mut tx = self.pool.begin().await?;
-            let v = serde_json::to_string(&log_id).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            sqlx::query(
-                "INSERT INTO store(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(LAST_PURGED)
-            .bind(v)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM log WHERE idx <= ?")
-                .bind(log_id.index as i64)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
-        }
-        .await;
-        res.map_err(write_logs_err)
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                put_meta(&tx, LAST_PURGED, &log_id)?;
+                tx.prepare_cached("DELETE FROM log WHERE idx <= ?")?
+                    .execute([log_id.index as i64])?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(write_logs_err)
     }
 }

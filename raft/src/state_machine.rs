@@ -2,18 +2,20 @@
 //! together with the ID of the last applied entry and the last membership (so a replay after
 //! a crash is idempotent and openraft finds its applied state where the data is).
 //!
+//! One connection, on its own thread, writes: a whole applied batch is one job there
+//! ([`crate::db`]). Two more connections, on their own threads, serve the reads.
+//!
 //! It also builds snapshots of itself (`VACUUM INTO`, a consistent copy of the database) and
 //! installs received ones (their tables copied over its own in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::watch;
 
 use crate::command::{Command, RejectCode, Response};
+use crate::db::{Db, DbOptions};
 use crate::records::*;
 use crate::snapshot::{SnapshotDir, SnapshotFile};
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
@@ -56,7 +58,10 @@ const LAST_MEMBERSHIP: &str = "last_membership";
 /// Cloning is cheap: clones share the database and the snapshot folder.
 #[derive(Clone, Debug)]
 pub struct StateMachine {
-    pool: SqlitePool,
+    /// The one writing connection: applies, checkpoints, installs.
+    writer: Db,
+    /// Connections for reads (and snapshot copies), so reads never wait behind an apply.
+    readers: Db,
     applied: watch::Sender<u64>,
     snapshots: Arc<SnapshotDir>,
 }
@@ -75,27 +80,27 @@ fn rejected(code: RejectCode, message: impl Into<String>) -> Response {
 /// The applied state as stored: last applied log ID and last membership.
 pub(crate) type AppliedState = (Option<LogId>, StoredMembership);
 
-async fn read_applied(conn: &mut sqlx::SqliteConnection) -> Result<AppliedState> {
-    let rows = sqlx::query("SELECT key, value FROM raft_meta")
-        .fetch_all(&mut *conn)
-        .await?;
+fn read_applied(conn: &Connection) -> Result<AppliedState> {
     let mut last = None;
     let mut membership = StoredMembership::default();
-    for r in rows {
-        let key: String = r.get("key");
-        let value: String = r.get("value");
-        match key.as_str() {
-            LAST_APPLIED => last = serde_json::from_str(&value).map_err(corrupt)?,
-            LAST_MEMBERSHIP => membership = serde_json::from_str(&value).map_err(corrupt)?,
-            _ => {}
+    {
+        let mut q = conn.prepare_cached("SELECT key, value FROM raft_meta")?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            let value = r.get_ref(1)?.as_str()?;
+            match r.get_ref(0)?.as_str()? {
+                LAST_APPLIED => last = serde_json::from_str(value).map_err(corrupt)?,
+                LAST_MEMBERSHIP => membership = serde_json::from_str(value).map_err(corrupt)?,
+                _ => {}
+            }
         }
     }
     if last.is_none() {
         // A store written before log IDs were recorded: only the index is known.
-        let index: Option<i64> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'last_applied'")
-                .fetch_optional(&mut *conn)
-                .await?;
+        let index: Option<i64> = conn
+            .prepare_cached("SELECT value FROM meta WHERE key = 'last_applied'")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
         if let Some(i) = index.filter(|i| *i > 0) {
             last = Some(LogId::new(openraft::CommittedLeaderId::new(0, 0), i as u64));
         }
@@ -103,23 +108,48 @@ async fn read_applied(conn: &mut sqlx::SqliteConnection) -> Result<AppliedState>
     Ok((last, membership))
 }
 
-async fn write_applied(
-    conn: &mut sqlx::SqliteConnection,
+fn write_applied(
+    conn: &Connection,
     last: &LogId,
     membership: Option<&StoredMembership>,
 ) -> Result<()> {
-    // One statement (the legacy `meta.last_applied` row is only read when this is absent).
-    let sql = if membership.is_some() {
-        "INSERT INTO raft_meta(key, value) VALUES(?, ?), (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
-    } else {
-        "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
-    };
-    let mut q = sqlx::query(sql).bind(LAST_APPLIED).bind(json(last));
+    // The legacy `meta.last_applied` row is only read when this is absent.
+    let mut q = conn.prepare_cached(
+        "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?;
+    q.execute(params![LAST_APPLIED, json(last)])?;
     if let Some(m) = membership {
-        q = q.bind(LAST_MEMBERSHIP).bind(json(m));
+        q.execute(params![LAST_MEMBERSHIP, json(m)])?;
     }
-    q.execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Runs `sql` with `params` and decodes every row with `decode`.
+fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: impl Fn(&Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut q = conn.prepare_cached(sql)?;
+    let mut rows = q.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(decode(r)?);
+    }
+    Ok(out)
+}
+
+/// Runs `sql` with `params` and decodes the first row, if any, with `decode`.
+fn query_one<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: impl Fn(&Row<'_>) -> Result<T>,
+) -> Result<Option<T>> {
+    let mut q = conn.prepare_cached(sql)?;
+    let mut rows = q.query(params)?;
+    rows.next()?.map(decode).transpose()
 }
 
 impl StateMachine {
@@ -131,26 +161,29 @@ impl StateMachine {
     /// purge) covers is on disk. Snapshots live in a folder beside it
     /// (`state.snapshots/` for `state.db`).
     pub async fn open(path: &Path) -> Result<Self> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // Local file connections do not go stale; a ping per acquire costs a round
-            // trip to the connection's thread on every query.
-            .test_before_acquire(false)
-            .connect_with(opts)
-            .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        let (last, _) = read_applied(&mut *pool.acquire().await?).await?;
+        let db_path = path.to_owned();
+        let (writer, readers) = tokio::task::spawn_blocking(move || -> Result<(Db, Db)> {
+            let opts = |name, connections| DbOptions {
+                name,
+                connections,
+                synchronous: "NORMAL",
+            };
+            let writer = Db::open(&db_path, opts("state-write", 1), |c| {
+                c.execute_batch(SCHEMA)
+            })?;
+            let readers = Db::open(&db_path, opts("state-read", 2), |_| Ok(()))?;
+            Ok((writer, readers))
+        })
+        .await
+        .map_err(|e| Error::Io(format!("opening the state store: {e}")))??;
+        let (last, _) = writer.call(|c| read_applied(c)).await?;
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
             .await
             .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
         let (tx, _) = watch::channel(last.map(|l| l.index).unwrap_or(0));
         Ok(Self {
-            pool,
+            writer,
+            readers,
             applied: tx,
             snapshots: Arc::new(snapshots),
         })
@@ -168,7 +201,7 @@ impl StateMachine {
 
     /// The last applied log ID and the last applied membership, as stored.
     pub async fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership)> {
-        read_applied(&mut *self.pool.acquire().await?).await
+        self.writer.call(|c| read_applied(c)).await
     }
 
     /// Applies `cmd` at log `index` (single-node use, see [`crate::LocalProposer`]). An index
@@ -190,37 +223,10 @@ impl StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // IMMEDIATE: the write lock is taken (waiting on the busy handler if needed) before
-        // the first read, so a checkpoint or another connection can never make the later
-        // write fail with SQLITE_BUSY, which would stop the Raft core.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (last, _) = read_applied(&mut tx).await?;
-        let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
-        let mut applied: Option<LogId> = None;
-        let mut membership: Option<StoredMembership> = None;
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let index = e.log_id.index;
-            if index < next_index {
-                out.push(Response::Ok);
-                continue;
-            }
-            let resp = match e.payload {
-                EntryPayload::Blank => Response::Ok,
-                EntryPayload::Normal(cmd) => apply_in(&mut tx, &cmd, index).await?,
-                EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(e.log_id), m));
-                    Response::Ok
-                }
-            };
-            out.push(resp);
-            next_index = index + 1;
-            applied = Some(e.log_id);
-        }
-        if let Some(last) = &applied {
-            write_applied(&mut tx, last, membership.as_ref()).await?;
-        }
-        tx.commit().await?;
+        let (out, applied) = self
+            .writer
+            .call(move |conn| apply_batch(conn, entries))
+            .await?;
         if let Some(last) = applied {
             self.applied.send_replace(last.index);
         }
@@ -243,27 +249,30 @@ impl StateMachine {
     async fn build_snapshot_at(&self, tmp: &Path) -> Result<(SnapshotMeta, SnapshotFile)> {
         let tmp_str = tmp
             .to_str()
-            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", tmp.display())))?;
-        sqlx::query("VACUUM INTO ?")
-            .bind(tmp_str)
-            .execute(&self.pool)
+            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", tmp.display())))?
+            .to_owned();
+        // A consistent copy, read on a reader: applies go on meanwhile. What the copy
+        // holds is read from the copy itself.
+        let (last, membership) = self
+            .readers
+            .call(move |conn| {
+                conn.execute("VACUUM INTO ?", [&tmp_str])?;
+                let copy = Connection::open_with_flags(
+                    format!("file:{tmp_str}?immutable=1"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+                )?;
+                read_applied(&copy)
+            })
             .await?;
         // Everything the copy holds on disk here too before the log below it may be purged:
-        // a FULL checkpoint syncs the WAL and the database (writers wait for it on the busy
-        // handler: the apply path begins IMMEDIATE).
-        sqlx::query("PRAGMA wal_checkpoint(FULL)")
-            .execute(&self.pool)
+        // a FULL checkpoint syncs the WAL and the database. On the writer: applies wait.
+        self.writer
+            .call(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+                Ok(())
+            })
             .await?;
-        // What the copy holds, read from the copy itself.
-        let (last, membership) = {
-            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{tmp_str}"))?
-                .read_only(true)
-                .immutable(true);
-            let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
-            let st = read_applied(&mut conn).await?;
-            conn.close().await?;
-            st
-        };
         let snapshot_id = match &last {
             Some(l) => format!(
                 "{}-{}-{}-{}",
@@ -328,146 +337,227 @@ impl StateMachine {
     async fn install_from(&self, meta: &SnapshotMeta, path: &Path) -> Result<()> {
         let path_str = path
             .to_str()
-            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", path.display())))?;
-        let mut conn = self.pool.acquire().await?;
-        // The installed state is on disk when the install returns: openraft then purges
-        // the log it replaces.
-        sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("ATTACH DATABASE ? AS snap")
-            .bind(path_str)
-            .execute(&mut *conn)
-            .await?;
-        let res = copy_from_attached(&mut conn, meta).await;
-        let detached = sqlx::query("DETACH DATABASE snap")
-            .execute(&mut *conn)
-            .await;
-        let normal = sqlx::query("PRAGMA synchronous = NORMAL")
-            .execute(&mut *conn)
-            .await;
-        if res.is_err() || detached.is_err() || normal.is_err() {
-            // Do not hand a connection in an unknown state back to the pool.
-            conn.close_on_drop();
-        }
-        res?;
-        detached?;
-        Ok(())
+            .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", path.display())))?
+            .to_owned();
+        let meta = meta.clone();
+        self.writer
+            .call(move |conn| {
+                // The installed state is on disk when the install returns: openraft then
+                // purges the log it replaces.
+                conn.pragma_update(None, "synchronous", "FULL")?;
+                let res = conn
+                    .execute("ATTACH DATABASE ? AS snap", [&path_str])
+                    .map_err(Error::from)
+                    .and_then(|_| {
+                        let res = copy_from_attached(conn, &meta);
+                        let detached = conn.execute("DETACH DATABASE snap", []);
+                        res.and(detached.map(|_| ()).map_err(Error::from))
+                    });
+                let normal = conn.pragma_update(None, "synchronous", "NORMAL");
+                res?;
+                normal?;
+                Ok(())
+            })
+            .await
     }
 
     // ---- reads ----
 
+    /// Runs `f` on a reader connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.readers.call(move |c| f(c)).await
+    }
+
     /// One entry.
     pub async fn entry(&self, id: &str) -> Result<Option<EntryRecord>> {
-        let row = sqlx::query("SELECT * FROM entries WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| entry_from_row(&r)).transpose()
+        let id = id.to_owned();
+        self.read(move |c| {
+            query_one(
+                c,
+                "SELECT * FROM entries WHERE id = ?",
+                [id],
+                entry_from_row,
+            )
+        })
+        .await
     }
 
     /// All entries, ordered by SPIFFE ID.
     pub async fn entries(&self) -> Result<Vec<EntryRecord>> {
-        let rows = sqlx::query("SELECT * FROM entries ORDER BY spiffe_id, id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(entry_from_row).collect()
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT * FROM entries ORDER BY spiffe_id, id",
+                [],
+                entry_from_row,
+            )
+        })
+        .await
     }
 
     /// Entries directly under `parent_id`.
     pub async fn entries_by_parent(&self, parent_id: &str) -> Result<Vec<EntryRecord>> {
-        let rows = sqlx::query("SELECT * FROM entries WHERE parent_id = ? ORDER BY id")
-            .bind(parent_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(entry_from_row).collect()
+        let parent_id = parent_id.to_owned();
+        self.read(move |c| {
+            query_all(
+                c,
+                "SELECT * FROM entries WHERE parent_id = ? ORDER BY id",
+                [parent_id],
+                entry_from_row,
+            )
+        })
+        .await
     }
 
     /// Entries an agent is authorized for: those whose parent is the agent, and, transitively,
     /// those whose parent is the SPIFFE ID of an authorized entry.
     pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
+        let agent_id = agent_id.to_owned();
         // One recursive query (not one per parent): this runs on every SVID request. UNION
         // (not UNION ALL) drops repeats, so cycles of entries end the recursion.
-        let rows = sqlx::query(
-            "WITH RECURSIVE parents(id) AS (
-                 SELECT ?1
-                 UNION
-                 SELECT e.spiffe_id FROM entries e JOIN parents p ON e.parent_id = p.id
-             )
-             SELECT * FROM entries WHERE parent_id IN (SELECT id FROM parents) ORDER BY id",
-        )
-        .bind(agent_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(entry_from_row).collect()
+        self.read(move |c| {
+            query_all(
+                c,
+                "WITH RECURSIVE parents(id) AS (
+                     SELECT ?1
+                     UNION
+                     SELECT e.spiffe_id FROM entries e JOIN parents p ON e.parent_id = p.id
+                 )
+                 SELECT * FROM entries WHERE parent_id IN (SELECT id FROM parents) ORDER BY id",
+                [agent_id],
+                entry_from_row,
+            )
+        })
+        .await
     }
 
     /// One join token.
     pub async fn join_token(&self, token: &str) -> Result<Option<JoinTokenRecord>> {
-        let row = sqlx::query("SELECT * FROM join_tokens WHERE token = ?")
-            .bind(token)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| JoinTokenRecord {
-            token: r.get("token"),
-            spiffe_id: r.get("spiffe_id"),
-            expires_at: r.get("expires_at"),
-            used_at: r.get("used_at"),
-        }))
+        let token = token.to_owned();
+        self.read(move |c| {
+            query_one(
+                c,
+                "SELECT * FROM join_tokens WHERE token = ?",
+                [token],
+                |r| {
+                    Ok(JoinTokenRecord {
+                        token: r.get("token")?,
+                        spiffe_id: r.get("spiffe_id")?,
+                        expires_at: r.get("expires_at")?,
+                        used_at: r.get("used_at")?,
+                    })
+                },
+            )
+        })
+        .await
     }
 
     /// One agent.
     pub async fn agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
-        let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
-            .bind(spiffe_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| agent_from_row(&r)).transpose()
+        let spiffe_id = spiffe_id.to_owned();
+        self.read(move |c| get_agent(c, &spiffe_id)).await
     }
 
     /// All agents.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>> {
-        let rows = sqlx::query("SELECT * FROM agents ORDER BY spiffe_id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(agent_from_row).collect()
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT * FROM agents ORDER BY spiffe_id",
+                [],
+                agent_from_row,
+            )
+        })
+        .await
     }
 
     /// The log index of the last change to the CA journal: the trust bundle's sequence number.
     pub async fn authorities_version(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(updated), 0) FROM authorities")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT COALESCE(MAX(updated), 0) FROM authorities")?
+                    .query_row([], |r| r.get(0))?,
+            )
+        })
+        .await
     }
 
     /// Rotation requests (at most one per kind and node).
     pub async fn rotation_requests(&self) -> Result<Vec<RotationRequest>> {
-        let rows = sqlx::query("SELECT * FROM rotation_requests ORDER BY kind, node_id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let kind: String = r.get("kind");
-                Ok(RotationRequest {
-                    kind: AuthorityKind::parse(&kind)
-                        .ok_or_else(|| corrupt(format!("rotation request kind {kind}")))?,
-                    node_id: r.get("node_id"),
-                    requested_at: r.get("requested_at"),
-                    replaces: r.get("replaces"),
-                })
-            })
-            .collect()
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT * FROM rotation_requests ORDER BY kind, node_id",
+                [],
+                |r| {
+                    let kind: String = r.get("kind")?;
+                    Ok(RotationRequest {
+                        kind: AuthorityKind::parse(&kind)
+                            .ok_or_else(|| corrupt(format!("rotation request kind {kind}")))?,
+                        node_id: r.get("node_id")?,
+                        requested_at: r.get("requested_at")?,
+                        replaces: r.get("replaces")?,
+                    })
+                },
+            )
+        })
+        .await
     }
 
     /// The CA journal, oldest first.
     pub async fn authorities(&self) -> Result<Vec<AuthorityRecord>> {
-        let rows = sqlx::query("SELECT * FROM authorities ORDER BY seq")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(authority_from_row).collect()
+        self.read(|c| {
+            query_all(
+                c,
+                "SELECT * FROM authorities ORDER BY seq",
+                [],
+                authority_from_row,
+            )
+        })
+        .await
     }
+}
+
+/// Applies `entries` in one IMMEDIATE transaction (see [`StateMachine::apply_entries`]);
+/// returns the responses and the last log ID applied (None if all were replays).
+fn apply_batch(
+    conn: &mut Connection,
+    entries: Vec<Entry>,
+) -> Result<(Vec<Response>, Option<LogId>)> {
+    // IMMEDIATE: the write lock is taken before the first read, so nothing can make the
+    // later write fail with SQLITE_BUSY, which would stop the Raft core.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (last, _) = read_applied(&tx)?;
+    let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
+    let mut applied: Option<LogId> = None;
+    let mut membership: Option<StoredMembership> = None;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let index = e.log_id.index;
+        if index < next_index {
+            out.push(Response::Ok);
+            continue;
+        }
+        let resp = match e.payload {
+            EntryPayload::Blank => Response::Ok,
+            EntryPayload::Normal(cmd) => apply_in(&tx, &cmd, index)?,
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(e.log_id), m));
+                Response::Ok
+            }
+        };
+        out.push(resp);
+        next_index = index + 1;
+        applied = Some(e.log_id);
+    }
+    if let Some(last) = &applied {
+        write_applied(&tx, last, membership.as_ref())?;
+    }
+    tx.commit()?;
+    Ok((out, applied))
 }
 
 fn snapshot_dir(state_path: &Path) -> PathBuf {
@@ -480,35 +570,34 @@ fn snap_err(e: std::io::Error) -> Error {
 
 /// Replaces every table of `main` with the same table of the attached `snap` database (the
 /// columns both have), then records `meta` as the applied state. One transaction.
-async fn copy_from_attached(conn: &mut sqlx::SqliteConnection, meta: &SnapshotMeta) -> Result<()> {
-    let check: String = sqlx::query_scalar("PRAGMA snap.quick_check")
-        .fetch_one(&mut *conn)
-        .await?;
+fn copy_from_attached(conn: &mut Connection, meta: &SnapshotMeta) -> Result<()> {
+    let check: String = conn.query_row("PRAGMA snap.quick_check", [], |r| r.get(0))?;
     if check != "ok" {
         return Err(Error::Snapshot(format!(
             "received snapshot is damaged: {check}"
         )));
     }
-    let mut tx = conn.begin().await?;
-    let tables: Vec<String> = sqlx::query_scalar(
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let names = |sql: &str, arg: Option<&str>| -> Result<Vec<String>> {
+        match arg {
+            Some(a) => query_all(&tx, sql, [a], |r| Ok(r.get(0)?)),
+            None => query_all(&tx, sql, [], |r| Ok(r.get(0)?)),
+        }
+    };
+    let tables = names(
         "SELECT name FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+        None,
+    )?;
     for t in &tables {
-        let cols: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_table_info(?, 'main') ORDER BY cid")
-                .bind(t)
-                .fetch_all(&mut *tx)
-                .await?;
-        let snap_cols: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_table_info(?, 'snap') ORDER BY cid")
-                .bind(t)
-                .fetch_all(&mut *tx)
-                .await?;
-        sqlx::query(&format!("DELETE FROM main.{}", ident(t)))
-            .execute(&mut *tx)
-            .await?;
+        let cols = names(
+            "SELECT name FROM pragma_table_info(?, 'main') ORDER BY cid",
+            Some(t),
+        )?;
+        let snap_cols = names(
+            "SELECT name FROM pragma_table_info(?, 'snap') ORDER BY cid",
+            Some(t),
+        )?;
+        tx.execute(&format!("DELETE FROM main.{}", ident(t)), [])?;
         let common: Vec<String> = cols
             .iter()
             .filter(|c| snap_cols.contains(c))
@@ -516,27 +605,24 @@ async fn copy_from_attached(conn: &mut sqlx::SqliteConnection, meta: &SnapshotMe
             .collect();
         if !common.is_empty() {
             let list = common.join(", ");
-            sqlx::query(&format!(
-                "INSERT INTO main.{t} ({list}) SELECT {list} FROM snap.{t}",
-                t = ident(t)
-            ))
-            .execute(&mut *tx)
-            .await?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO main.{t} ({list}) SELECT {list} FROM snap.{t}",
+                    t = ident(t)
+                ),
+                [],
+            )?;
         }
     }
     // The snapshot's metadata is the authority on what it holds.
-    sqlx::query("DELETE FROM raft_meta")
-        .execute(&mut *tx)
-        .await?;
+    tx.execute("DELETE FROM raft_meta", [])?;
     match &meta.last_log_id {
-        Some(last) => write_applied(&mut tx, last, Some(&meta.last_membership)).await?,
+        Some(last) => write_applied(&tx, last, Some(&meta.last_membership))?,
         None => {
-            sqlx::query("DELETE FROM meta WHERE key = 'last_applied'")
-                .execute(&mut *tx)
-                .await?;
+            tx.execute("DELETE FROM meta WHERE key = 'last_applied'", [])?;
         }
     }
-    tx.commit().await?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -549,113 +635,117 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("records serialize")
 }
 
-fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<EntryRecord> {
+fn from_json<T: serde::de::DeserializeOwned>(r: &Row<'_>, col: &str) -> Result<T> {
+    serde_json::from_str(r.get_ref(col)?.as_str()?).map_err(corrupt)
+}
+
+fn entry_from_row(r: &Row<'_>) -> Result<EntryRecord> {
     Ok(EntryRecord {
-        id: r.get("id"),
-        spiffe_id: r.get("spiffe_id"),
-        parent_id: r.get("parent_id"),
-        selectors: serde_json::from_str(r.get("selectors")).map_err(corrupt)?,
-        x509_svid_ttl: r.get("x509_svid_ttl"),
-        jwt_svid_ttl: r.get("jwt_svid_ttl"),
-        dns_names: serde_json::from_str(r.get("dns_names")).map_err(corrupt)?,
-        admin: r.get::<i64, _>("admin") != 0,
-        hint: r.get("hint"),
-        created_at: r.get("created_at"),
-        revision: r.get("revision"),
+        id: r.get("id")?,
+        spiffe_id: r.get("spiffe_id")?,
+        parent_id: r.get("parent_id")?,
+        selectors: from_json(r, "selectors")?,
+        x509_svid_ttl: r.get("x509_svid_ttl")?,
+        jwt_svid_ttl: r.get("jwt_svid_ttl")?,
+        dns_names: from_json(r, "dns_names")?,
+        admin: r.get::<_, i64>("admin")? != 0,
+        hint: r.get("hint")?,
+        created_at: r.get("created_at")?,
+        revision: r.get("revision")?,
     })
 }
 
-fn agent_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord> {
+fn agent_from_row(r: &Row<'_>) -> Result<AgentRecord> {
     Ok(AgentRecord {
-        spiffe_id: r.get("spiffe_id"),
-        attestation_type: r.get("attestation_type"),
-        x509_svid_serial: r.get("serial"),
-        x509_svid_expires_at: r.get("expires_at"),
-        previous_x509_svid_serial: r.get("prev_serial"),
-        banned: r.get::<i64, _>("banned") != 0,
-        attested_at: r.get("attested_at"),
-        selectors: serde_json::from_str(r.get("selectors")).map_err(corrupt)?,
+        spiffe_id: r.get("spiffe_id")?,
+        attestation_type: r.get("attestation_type")?,
+        x509_svid_serial: r.get("serial")?,
+        x509_svid_expires_at: r.get("expires_at")?,
+        previous_x509_svid_serial: r.get("prev_serial")?,
+        banned: r.get::<_, i64>("banned")? != 0,
+        attested_at: r.get("attested_at")?,
+        selectors: from_json(r, "selectors")?,
     })
 }
 
-fn authority_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<AuthorityRecord> {
-    let kind: String = r.get("kind");
-    let state: String = r.get("state");
+fn authority_from_row(r: &Row<'_>) -> Result<AuthorityRecord> {
+    let kind: String = r.get("kind")?;
+    let state: String = r.get("state")?;
     Ok(AuthorityRecord {
-        id: r.get("id"),
+        id: r.get("id")?,
         kind: AuthorityKind::parse(&kind)
             .ok_or_else(|| corrupt(format!("authority kind {kind}")))?,
         state: AuthorityState::parse(&state)
             .ok_or_else(|| corrupt(format!("authority state {state}")))?,
-        node_id: r.get("node_id"),
-        key_backend: r.get("key_backend"),
-        key_id: r.get("key_id"),
-        cert_der: r.get("cert_der"),
-        public_key: r.get("public_key"),
-        not_before: r.get("not_before"),
-        not_after: r.get("not_after"),
-        key_destroyed: r.get::<i64, _>("key_destroyed") != 0,
+        node_id: r.get("node_id")?,
+        key_backend: r.get("key_backend")?,
+        key_id: r.get("key_id")?,
+        cert_der: r.get("cert_der")?,
+        public_key: r.get("public_key")?,
+        not_before: r.get("not_before")?,
+        not_after: r.get("not_after")?,
+        key_destroyed: r.get::<_, i64>("key_destroyed")? != 0,
     })
 }
 
-async fn upsert_entry(tx: &mut Transaction<'_, Sqlite>, e: &EntryRecord) -> Result<()> {
-    sqlx::query(
+fn upsert_entry(tx: &Connection, e: &EntryRecord) -> Result<()> {
+    tx.prepare_cached(
         "INSERT OR REPLACE INTO entries(id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, admin, hint, created_at, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    )?
+    .execute(params![
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        json(&e.selectors),
+        e.x509_svid_ttl,
+        e.jwt_svid_ttl,
+        json(&e.dns_names),
+        e.admin as i64,
+        e.hint,
+        e.created_at,
+        e.revision,
+    ])?;
+    Ok(())
+}
+
+fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>> {
+    query_one(
+        conn,
+        "SELECT * FROM agents WHERE spiffe_id = ?",
+        [id],
+        agent_from_row,
     )
-    .bind(&e.id)
-    .bind(&e.spiffe_id)
-    .bind(&e.parent_id)
-    .bind(json(&e.selectors))
-    .bind(e.x509_svid_ttl)
-    .bind(e.jwt_svid_ttl)
-    .bind(json(&e.dns_names))
-    .bind(e.admin as i64)
-    .bind(&e.hint)
-    .bind(e.created_at)
-    .bind(e.revision)
-    .execute(&mut **tx)
-    .await?;
+}
+
+fn upsert_agent(tx: &Connection, a: &AgentRecord) -> Result<()> {
+    tx.prepare_cached("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, prev_serial) VALUES (?,?,?,?,?,?,?,?)")?
+        .execute(params![
+            a.spiffe_id,
+            a.attestation_type,
+            a.x509_svid_serial,
+            a.x509_svid_expires_at,
+            a.banned as i64,
+            a.attested_at,
+            json(&a.selectors),
+            a.previous_x509_svid_serial,
+        ])?;
     Ok(())
 }
 
-async fn get_agent(tx: &mut Transaction<'_, Sqlite>, id: &str) -> Result<Option<AgentRecord>> {
-    let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = ?")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| agent_from_row(&r)).transpose()
-}
-
-async fn upsert_agent(tx: &mut Transaction<'_, Sqlite>, a: &AgentRecord) -> Result<()> {
-    sqlx::query("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, prev_serial) VALUES (?,?,?,?,?,?,?,?)")
-        .bind(&a.spiffe_id)
-        .bind(&a.attestation_type)
-        .bind(&a.x509_svid_serial)
-        .bind(a.x509_svid_expires_at)
-        .bind(a.banned as i64)
-        .bind(a.attested_at)
-        .bind(json(&a.selectors))
-        .bind(&a.previous_x509_svid_serial)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+/// Runs a one-statement change; the number of rows it changed.
+fn change(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+    Ok(tx.prepare_cached(sql)?.execute(params)?)
 }
 
 /// The refusal for `entry` if another entry has the same SPIFFE ID, parent and selectors.
-async fn duplicate_of(
-    tx: &mut Transaction<'_, Sqlite>,
-    entry: &EntryRecord,
-) -> Result<Option<Response>> {
-    let same = sqlx::query(
+fn duplicate_of(tx: &Connection, entry: &EntryRecord) -> Result<Option<Response>> {
+    let same: Option<String> = query_one(
+        tx,
         "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ? AND id <> ?",
-    )
-    .bind(&entry.spiffe_id)
-    .bind(&entry.parent_id)
-    .bind(json(&entry.selectors))
-    .bind(&entry.id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    Ok(same.map(|row| duplicate(row.get("id"))))
+        params![entry.spiffe_id, entry.parent_id, json(&entry.selectors), entry.id],
+        |r| Ok(r.get(0)?),
+    )?;
+    Ok(same.map(|id| duplicate(&id)))
 }
 
 fn duplicate(id: &str) -> Response {
@@ -665,98 +755,100 @@ fn duplicate(id: &str) -> Response {
     )
 }
 
-async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -> Result<Response> {
+fn not_found_unless_changed(n: usize, message: impl FnOnce() -> String) -> Response {
+    if n == 0 {
+        rejected(RejectCode::NotFound, message())
+    } else {
+        Response::Ok
+    }
+}
+
+fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
     Ok(match cmd {
         Command::CreateEntry { entry } => {
             // The same ID, or the same SPIFFE ID, parent and selectors: one lookup.
-            let clash: Option<String> = sqlx::query_scalar(
-                "SELECT id FROM entries WHERE id = ?1 OR (spiffe_id = ?2 AND parent_id = ?3 AND selectors = ?4) ORDER BY id = ?1 DESC LIMIT 1",
-            )
-            .bind(&entry.id)
-            .bind(&entry.spiffe_id)
-            .bind(&entry.parent_id)
-            .bind(json(&entry.selectors))
-            .fetch_optional(&mut **tx)
-            .await?;
+            let clash = query_one(
+                tx,
+                "SELECT * FROM entries WHERE id = ?1 OR (spiffe_id = ?2 AND parent_id = ?3 AND selectors = ?4) ORDER BY id = ?1 DESC LIMIT 1",
+                params![entry.id, entry.spiffe_id, entry.parent_id, json(&entry.selectors)],
+                entry_from_row,
+            )?;
             match clash {
-                Some(id) if id == entry.id => {
+                // A retried create (the ID is new for every request): the same answer.
+                Some(existing) if existing == *entry => return Ok(Response::Entry(existing)),
+                Some(existing) if existing.id == entry.id => {
                     return Ok(rejected(
                         RejectCode::AlreadyExists,
                         format!("entry {} exists", entry.id),
                     ))
                 }
-                Some(id) => return Ok(duplicate(&id)),
+                Some(existing) => return Ok(duplicate(&existing.id)),
                 None => {}
             }
-            upsert_entry(tx, entry).await?;
+            upsert_entry(tx, entry)?;
             Response::Entry(entry.clone())
         }
         Command::UpdateEntry { entry } => {
-            let row = sqlx::query("SELECT revision, created_at FROM entries WHERE id = ?")
-                .bind(&entry.id)
-                .fetch_optional(&mut **tx)
-                .await?;
-            let Some(row) = row else {
+            let current = query_one(
+                tx,
+                "SELECT revision, created_at FROM entries WHERE id = ?",
+                [&entry.id],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )?;
+            let Some((revision, created_at)) = current else {
                 return Ok(rejected(
                     RejectCode::NotFound,
                     format!("no entry with ID {}", entry.id),
                 ));
             };
-            if let Some(r) = duplicate_of(tx, entry).await? {
+            if let Some(r) = duplicate_of(tx, entry)? {
                 return Ok(r);
             }
             let mut e = entry.clone();
-            e.revision = row.get::<i64, _>("revision") + 1;
-            e.created_at = row.get("created_at");
-            upsert_entry(tx, &e).await?;
+            e.revision = revision + 1;
+            e.created_at = created_at;
+            upsert_entry(tx, &e)?;
             Response::Entry(e)
         }
         Command::DeleteEntry { id } => {
-            let n = sqlx::query("DELETE FROM entries WHERE id = ?")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if n == 0 {
-                rejected(RejectCode::NotFound, format!("no entry with ID {id}"))
-            } else {
-                Response::Ok
-            }
+            let n = change(tx, "DELETE FROM entries WHERE id = ?", [id])?;
+            not_found_unless_changed(n, || format!("no entry with ID {id}"))
         }
         Command::CreateJoinToken { token } => {
-            let res = sqlx::query("INSERT OR IGNORE INTO join_tokens(token, spiffe_id, expires_at, used_at) VALUES (?,?,?,NULL)")
-                .bind(&token.token)
-                .bind(&token.spiffe_id)
-                .bind(token.expires_at)
-                .execute(&mut **tx)
-                .await?;
-            if res.rows_affected() == 0 {
+            let n = change(
+                tx,
+                "INSERT OR IGNORE INTO join_tokens(token, spiffe_id, expires_at, used_at) VALUES (?,?,?,NULL)",
+                params![token.token, token.spiffe_id, token.expires_at],
+            )?;
+            if n == 0 {
                 rejected(RejectCode::AlreadyExists, "that join token exists")
             } else {
                 Response::Ok
             }
         }
         Command::AttestWithJoinToken { token, now, agent } => {
-            let row = sqlx::query("SELECT expires_at, used_at FROM join_tokens WHERE token = ?")
-                .bind(token)
-                .fetch_optional(&mut **tx)
-                .await?;
-            let Some(row) = row else {
+            let row = query_one(
+                tx,
+                "SELECT expires_at, used_at FROM join_tokens WHERE token = ?",
+                [token],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )?;
+            let Some((expires_at, used_at)) = row else {
                 return Ok(rejected(RejectCode::NotFound, "unknown join token"));
             };
-            if row.get::<Option<i64>, _>("used_at").is_some() {
+            if used_at.is_some() {
                 return Ok(rejected(
                     RejectCode::FailedPrecondition,
                     "join token already used; generate a new one with `ca-node token generate`",
                 ));
             }
-            if row.get::<i64, _>("expires_at") <= *now {
+            if expires_at <= *now {
                 return Ok(rejected(
                     RejectCode::FailedPrecondition,
                     "join token expired; generate a new one with `ca-node token generate`",
                 ));
             }
-            if let Some(existing) = get_agent(tx, &agent.spiffe_id).await? {
+            if let Some(existing) = get_agent(tx, &agent.spiffe_id)? {
                 if existing.banned {
                     return Ok(rejected(
                         RejectCode::PermissionDenied,
@@ -764,16 +856,16 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                     ));
                 }
             }
-            sqlx::query("UPDATE join_tokens SET used_at = ? WHERE token = ?")
-                .bind(now)
-                .bind(token)
-                .execute(&mut **tx)
-                .await?;
-            upsert_agent(tx, agent).await?;
+            change(
+                tx,
+                "UPDATE join_tokens SET used_at = ? WHERE token = ?",
+                params![now, token],
+            )?;
+            upsert_agent(tx, agent)?;
             Response::Agent(agent.clone())
         }
         Command::RegisterAgent { agent } => {
-            if let Some(existing) = get_agent(tx, &agent.spiffe_id).await? {
+            if let Some(existing) = get_agent(tx, &agent.spiffe_id)? {
                 if existing.banned {
                     return Ok(rejected(
                         RejectCode::PermissionDenied,
@@ -781,7 +873,7 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
                     ));
                 }
             }
-            upsert_agent(tx, agent).await?;
+            upsert_agent(tx, agent)?;
             Response::Agent(agent.clone())
         }
         Command::RenewAgent {
@@ -790,7 +882,7 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
             expires_at,
             caller_serial,
         } => {
-            let Some(mut a) = get_agent(tx, spiffe_id).await? else {
+            let Some(mut a) = get_agent(tx, spiffe_id)? else {
                 return Ok(rejected(
                     RejectCode::NotFound,
                     format!("agent {spiffe_id} is not attested (evicted?)"),
@@ -814,86 +906,69 @@ async fn apply_in(tx: &mut Transaction<'_, Sqlite>, cmd: &Command, index: u64) -
             a.previous_x509_svid_serial = std::mem::take(&mut a.x509_svid_serial);
             a.x509_svid_serial = serial.clone();
             a.x509_svid_expires_at = *expires_at;
-            upsert_agent(tx, &a).await?;
+            upsert_agent(tx, &a)?;
             Response::Agent(a)
         }
         Command::EvictAgent { spiffe_id } => {
-            let n = sqlx::query("DELETE FROM agents WHERE spiffe_id = ?")
-                .bind(spiffe_id)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if n == 0 {
-                rejected(RejectCode::NotFound, format!("no agent {spiffe_id}"))
-            } else {
-                Response::Ok
-            }
+            let n = change(tx, "DELETE FROM agents WHERE spiffe_id = ?", [spiffe_id])?;
+            not_found_unless_changed(n, || format!("no agent {spiffe_id}"))
         }
         Command::BanAgent { spiffe_id } => {
-            let Some(mut a) = get_agent(tx, spiffe_id).await? else {
+            let Some(mut a) = get_agent(tx, spiffe_id)? else {
                 return Ok(rejected(
                     RejectCode::NotFound,
                     format!("no agent {spiffe_id}"),
                 ));
             };
             a.banned = true;
-            upsert_agent(tx, &a).await?;
+            upsert_agent(tx, &a)?;
             Response::Agent(a)
         }
         Command::PutAuthority { authority: a } => {
-            sqlx::query("INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after, updated=excluded.updated")
-                .bind(&a.id)
-                .bind(a.kind.as_str())
-                .bind(a.state.as_str())
-                .bind(&a.node_id)
-                .bind(&a.key_backend)
-                .bind(&a.key_id)
-                .bind(&a.cert_der)
-                .bind(&a.public_key)
-                .bind(a.not_before)
-                .bind(a.not_after)
-                .bind(index as i64)
-                .bind(index as i64)
-                .execute(&mut **tx)
-                .await?;
+            change(
+                tx,
+                "INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after, updated=excluded.updated",
+                params![
+                    a.id,
+                    a.kind.as_str(),
+                    a.state.as_str(),
+                    a.node_id,
+                    a.key_backend,
+                    a.key_id,
+                    a.cert_der,
+                    a.public_key,
+                    a.not_before,
+                    a.not_after,
+                    index as i64,
+                    index as i64,
+                ],
+            )?;
             Response::Ok
         }
         Command::KeyDestroyed { id } => {
-            let n = sqlx::query("UPDATE authorities SET key_destroyed = 1 WHERE id = ?")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if n == 0 {
-                rejected(RejectCode::NotFound, format!("no authority {id}"))
-            } else {
-                Response::Ok
-            }
+            let n = change(
+                tx,
+                "UPDATE authorities SET key_destroyed = 1 WHERE id = ?",
+                [id],
+            )?;
+            not_found_unless_changed(n, || format!("no authority {id}"))
         }
         Command::RequestRotation { request: r } => {
-            sqlx::query("INSERT OR REPLACE INTO rotation_requests(kind, node_id, requested_at, replaces) VALUES (?,?,?,?)")
-                .bind(r.kind.as_str())
-                .bind(&r.node_id)
-                .bind(r.requested_at)
-                .bind(&r.replaces)
-                .execute(&mut **tx)
-                .await?;
+            change(
+                tx,
+                "INSERT OR REPLACE INTO rotation_requests(kind, node_id, requested_at, replaces) VALUES (?,?,?,?)",
+                params![r.kind.as_str(), r.node_id, r.requested_at, r.replaces],
+            )?;
             Response::Ok
         }
         Command::SetAuthorityState { id, state } => {
-            let n = sqlx::query("UPDATE authorities SET state = ?, updated = ? WHERE id = ?")
-                .bind(state.as_str())
-                .bind(index as i64)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if n == 0 {
-                rejected(RejectCode::NotFound, format!("no authority {id}"))
-            } else {
-                Response::Ok
-            }
+            let n = change(
+                tx,
+                "UPDATE authorities SET state = ?, updated = ? WHERE id = ?",
+                params![state.as_str(), index as i64, id],
+            )?;
+            not_found_unless_changed(n, || format!("no authority {id}"))
         }
     })
 }

@@ -254,13 +254,14 @@ async fn replicates_forwards_and_survives_leader_loss() {
     create(&nodes[1].proposer, "from-2").await;
     create(&nodes[2].proposer, "from-3").await;
     create(&nodes[0].proposer, "from-1").await;
-    // A rule violation is answered, not lost, wherever it is proposed.
+    // A rule violation (the ID of another entry) is answered, not lost, wherever it is
+    // proposed.
+    let mut clash = entry("from-1");
+    clash.spiffe_id = "spiffe://td/service/another".into();
     assert!(matches!(
         nodes[2]
             .proposer
-            .propose(Command::CreateEntry {
-                entry: entry("from-1")
-            })
+            .propose(Command::CreateEntry { entry: clash })
             .await
             .unwrap(),
         Response::Rejected {

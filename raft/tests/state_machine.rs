@@ -50,6 +50,27 @@ async fn entries_tokens_agents_and_reopen() {
                 .unwrap(),
             Response::Entry(_)
         ));
+        // The same create again (a retried write, applied twice): the same answer.
+        assert_eq!(
+            p.propose(Command::CreateEntry { entry: e.clone() })
+                .await
+                .unwrap(),
+            Response::Entry(e.clone())
+        );
+        // Another entry under that ID: refused.
+        let mut other = e.clone();
+        other.spiffe_id = "spiffe://td/service/other".into();
+        match p
+            .propose(Command::CreateEntry { entry: other })
+            .await
+            .unwrap()
+        {
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                message,
+            } => assert!(message.contains("entry e1 exists"), "{message}"),
+            other => panic!("{other:?}"),
+        }
         // Same SPIFFE ID, parent and selectors under another ID: refused, nothing stored.
         let dup = entry("e2", "spiffe://td/service/metald", AGENT);
         match p
