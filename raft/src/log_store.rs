@@ -5,7 +5,8 @@
 //! asked. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
 //! disk when the commit returns; only then is openraft told that appended entries are
 //! flushed. An append is queued and `append` returns at once (openraft replicates meanwhile);
-//! reads queued after it see it. Entries are stored as JSON, keyed by index.
+//! appends that queue up while the thread syncs are written together (group commit); reads
+//! queued after an append see it. Entries are stored as JSON, keyed by index.
 
 // openraft's StorageError is what its storage traits return; boxing it is not ours to do.
 #![allow(clippy::result_large_err)]
@@ -13,6 +14,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
@@ -35,6 +37,44 @@ const LAST_PURGED: &str = "last_purged_log_id";
 #[derive(Clone, Debug)]
 pub struct LogStore {
     db: Db,
+    pending: Arc<Mutex<PendingAppends>>,
+}
+
+/// Appends waiting for the log thread: written together, in one transaction and one fsync
+/// (group commit). The leader appends every client write on its own; under load, the
+/// appends that arrive while the thread is syncing one batch make up the next.
+#[derive(Default)]
+struct PendingAppends {
+    rows: Vec<(i64, String)>,
+    callbacks: Vec<LogFlushed<TypeConfig>>,
+    /// A flush job is queued and has not yet taken `rows`.
+    flush_queued: bool,
+}
+
+impl Debug for PendingAppends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAppends")
+            .field("rows", &self.rows.len())
+            .field("flush_queued", &self.flush_queued)
+            .finish()
+    }
+}
+
+/// The log thread's flush job: takes every pending append, writes them in one
+/// transaction, then tells each appender the outcome.
+fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
+    let (rows, callbacks) = {
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.flush_queued = false;
+        (
+            std::mem::take(&mut p.rows),
+            std::mem::take(&mut p.callbacks),
+        )
+    };
+    let res = insert_entries(conn, &rows).map_err(|e| e.to_string());
+    for cb in callbacks {
+        cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+    }
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -99,7 +139,10 @@ impl LogStore {
         })
         .await
         .map_err(|e| crate::Error::Io(format!("opening the log: {e}")))??;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            pending: Arc::default(),
+        })
     }
 
     /// The last purged log ID.
@@ -209,14 +252,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let text = serde_json::to_string(&e).map_err(write_logs_err)?;
             rows.push((e.log_id.index as i64, text));
         }
-        // Queued, not awaited: the entries are readable by any later job of this one
-        // thread, and openraft hears they are on disk when the commit has returned.
-        self.db
-            .submit(move |conn| {
-                let res = insert_entries(conn, &rows);
-                callback.log_io_completed(res.map_err(|e| std::io::Error::other(e.to_string())));
-            })
-            .map_err(write_logs_err)
+        // Queued, not awaited. The entries join the pending batch; a flush job is queued
+        // unless one is queued that has not taken the batch yet. Either way a flush job
+        // that writes them is ahead of any job queued after this call, so later reads of
+        // this one thread see them. openraft calls append, truncate and purge one at a
+        // time, so a truncate never overtakes an append queued before it. openraft hears
+        // the entries are on disk when that flush's commit has returned.
+        let queue_flush = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.rows.extend(rows);
+            p.callbacks.push(callback);
+            !std::mem::replace(&mut p.flush_queued, true)
+        };
+        if queue_flush {
+            let pending = Arc::clone(&self.pending);
+            self.db
+                .submit(move |conn| flush_pending(conn, &pending))
+                .map_err(write_logs_err)?;
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
