@@ -14,9 +14,11 @@
 //! # Guide
 //! - [`types`]: the openraft [`TypeConfig`] (commands, responses, `u64` node IDs,
 //!   [`NodeInfo`] members, [`SnapshotFile`] snapshots), declared once, and aliases.
+//! - `db`: SQLite connections (rusqlite), each on its own thread; a job runs all its
+//!   statements there for one hand-off from async code.
 //! - [`log_store`]: [`LogStore`], the Raft log, vote and purge point in their own SQLite
 //!   database ([`LOG_DB_FILE`]); every write is committed (fsync) before openraft hears
-//!   it is flushed.
+//!   it is flushed; appends that queue up are committed together.
 //! - [`state_machine`]: [`StateMachine`] over [`STATE_DB_FILE`]; each batch of entries is
 //!   one transaction that also stores the last applied log ID and membership. It is also
 //!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
