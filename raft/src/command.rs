@@ -90,6 +90,34 @@ pub enum Command {
         /// The request.
         request: RotationRequest,
     },
+    /// Several commands in one log entry, applied in order in one transaction, each with its
+    /// own answer ([`Response::Batch`]). [`crate::RaftNode::write`] makes them from writes
+    /// that arrive together; only [`Command::batchable`] commands may be in one (others are
+    /// answered `Rejected` there).
+    Batch {
+        /// The commands, in order.
+        commands: Vec<Command>,
+    },
+}
+
+impl Command {
+    /// Whether the command may share a log entry with others: changes to entries, join
+    /// tokens and agents. The CA journal's commands (which record the log index they are
+    /// applied at) and batches themselves go alone.
+    pub fn batchable(&self) -> bool {
+        matches!(
+            self,
+            Command::CreateEntry { .. }
+                | Command::UpdateEntry { .. }
+                | Command::DeleteEntry { .. }
+                | Command::CreateJoinToken { .. }
+                | Command::AttestWithJoinToken { .. }
+                | Command::RegisterAgent { .. }
+                | Command::RenewAgent { .. }
+                | Command::EvictAgent { .. }
+                | Command::BanAgent { .. }
+        )
+    }
 }
 
 /// Why a command was refused.
@@ -123,4 +151,6 @@ pub enum Response {
         /// Why, for a person.
         message: String,
     },
+    /// The answers to a [`Command::Batch`], one per command, in order.
+    Batch(Vec<Response>),
 }

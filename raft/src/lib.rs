@@ -23,6 +23,7 @@
 //!   one transaction that also stores the last applied log ID and membership. It is also
 //!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
 //!   ([`snapshot`]), installed by copying their tables over in one transaction.
+//! - [`batcher`]: writes that arrive together are proposed as one log entry.
 //! - [`network`]: the client side of the gRPC transport (`ca_proto::raft`), over channels
 //!   from a caller's [`Connector`] (the node brings mutually authenticated TLS);
 //!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server.
@@ -48,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batcher;
 pub mod command;
 mod db;
 pub mod log_store;
@@ -112,5 +114,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<rusqlite::types::FromSqlError> for Error {
     fn from(e: rusqlite::types::FromSqlError) -> Self {
         Error::Corrupt(e.to_string())
+    }
+}
+
+impl Error {
+    /// The same error again, for each caller of a batched write that failed as a whole.
+    pub(crate) fn for_each_caller(&self) -> Error {
+        match self {
+            Error::Store(e) => Error::Io(e.to_string()),
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::Snapshot(m) => Error::Snapshot(m.clone()),
+            Error::NotLeader {
+                leader_id,
+                leader_addr,
+            } => Error::NotLeader {
+                leader_id: *leader_id,
+                leader_addr: leader_addr.clone(),
+            },
+            Error::Cluster(m) => Error::Cluster(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Io(m) => Error::Io(m.clone()),
+        }
     }
 }

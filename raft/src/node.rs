@@ -3,7 +3,7 @@
 //! linearizable read barriers, cluster membership, status.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ca_proto::raft as pb;
@@ -13,6 +13,7 @@ use openraft::error::{
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 
+use crate::batcher::WriteBatcher;
 use crate::command::{Command, Response};
 use crate::log_store::LogStore;
 use crate::network::{Connector, Network, Peers};
@@ -164,6 +165,7 @@ struct Inner {
     sm: StateMachine,
     peers: Peers,
     timeout: Duration,
+    batcher: WriteBatcher,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -280,16 +282,29 @@ impl RaftNode {
         )
         .await
         .map_err(|e| Error::Cluster(format!("starting raft: {e}")))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
+            // The batching task holds the node weakly: it ends with the node.
+            let me = me.clone();
+            let batcher = WriteBatcher::start(move |cmd| {
+                let me = me.upgrade();
+                async move {
+                    match me {
+                        Some(inner) => RaftNode { inner }.write_one(cmd).await,
+                        None => Err(Error::Unavailable("the node is shutting down".into())),
+                    }
+                }
+            });
+            Inner {
                 id: config.id,
                 node: config.node,
                 raft,
                 sm,
                 peers,
                 timeout: config.timeout,
-            }),
-        })
+                batcher,
+            }
+        });
+        Ok(Self { inner })
     }
 
     /// This node's Raft ID.
@@ -329,7 +344,19 @@ impl RaftNode {
     /// [`Error::Unavailable`] when there is no leader with a quorum within the timeout.
     ///
     /// After a timeout the outcome is unknown: the command may still be applied later.
+    ///
+    /// [`Command::batchable`] writes that arrive together share one log entry (see
+    /// [`crate::batcher`]); each caller gets its own command's answer.
     pub async fn write(&self, cmd: Command) -> Result<Response> {
+        if cmd.batchable() {
+            self.inner.batcher.write(cmd).await
+        } else {
+            self.write_one(cmd).await
+        }
+    }
+
+    /// [`RaftNode::write`] of one command (a single write or a batch) as one log entry.
+    async fn write_one(&self, cmd: Command) -> Result<Response> {
         let deadline = Instant::now() + self.inner.timeout;
         let mut last_err = String::from("no leader");
         loop {

@@ -765,6 +765,21 @@ fn not_found_unless_changed(n: usize, message: impl FnOnce() -> String) -> Respo
 
 fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
     Ok(match cmd {
+        Command::Batch { commands } => Response::Batch(
+            commands
+                .iter()
+                .map(|c| {
+                    if c.batchable() {
+                        apply_in(tx, c, index)
+                    } else {
+                        Ok(rejected(
+                            RejectCode::FailedPrecondition,
+                            "this command cannot be part of a batch",
+                        ))
+                    }
+                })
+                .collect::<Result<_>>()?,
+        ),
         Command::CreateEntry { entry } => {
             // The same ID, or the same SPIFFE ID, parent and selectors: one lookup.
             let clash = query_one(

@@ -502,3 +502,83 @@ async fn node_behind_the_purged_log_catches_up_by_snapshot() {
         "{files:?}"
     );
 }
+
+/// Many writes at once through every node: they share log entries (fewer entries than
+/// writes), every caller gets its own command's answer (a duplicate in the same batch is
+/// refused, its twin is not), and every node ends with exactly the acknowledged entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_log_entries_and_get_their_own_answers() {
+    init_tracing();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), raft_config(10_000)).await;
+    leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let before = nodes[0]
+        .node
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+
+    const WRITES: usize = 300;
+    let mut tasks = Vec::new();
+    for i in 0..WRITES {
+        let p = nodes[i % 3].proposer.clone();
+        // Writes 2k and 2k+1 for k < 25 are the same entry under two IDs: one is refused.
+        let mut e = entry(&format!("w{i:03}"));
+        if i < 50 {
+            e.spiffe_id = format!("spiffe://td/service/pair-{}", i / 2);
+        }
+        tasks.push(tokio::spawn(async move {
+            (
+                e.id.clone(),
+                p.propose(Command::CreateEntry { entry: e }).await,
+            )
+        }));
+    }
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (id, res) = t.await.unwrap();
+        match res.unwrap() {
+            Response::Entry(e) => {
+                assert_eq!(e.id, id, "a caller got another command's answer");
+                acked.push(id);
+            }
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                message,
+            } => {
+                assert!(
+                    message.contains("pair") || message.contains('w'),
+                    "{message}"
+                );
+                refused += 1;
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 25, "one of each of the 25 pairs is refused");
+    assert_eq!(acked.len(), WRITES - 25);
+    acked.sort();
+
+    let after = nodes[0]
+        .node
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+    assert!(
+        after - before < WRITES as u64,
+        "{WRITES} writes took {} log entries: none were batched",
+        after - before
+    );
+    for n in &nodes {
+        applied(n, after).await;
+        assert_eq!(entry_ids(n.sm()).await, acked, "node {}", n.id);
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}

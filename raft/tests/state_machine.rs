@@ -373,3 +373,60 @@ async fn applied_log_id_and_membership_are_stored_with_the_batch() {
     assert_eq!(sm.entries().await.unwrap().len(), 1);
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 3)));
 }
+
+/// A batch is applied in order, each command answered on its own; a command that may not be
+/// batched is refused inside it and the rest still apply.
+#[tokio::test]
+async fn batch_answers_each_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(&dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let p = LocalProposer::new(sm.clone());
+    let e1 = entry("e1", "spiffe://td/service/a", AGENT);
+    let e1_twin = entry("e2", "spiffe://td/service/a", AGENT);
+    let e3 = entry("e3", "spiffe://td/service/b", AGENT);
+    let resp = p
+        .propose(Command::Batch {
+            commands: vec![
+                Command::CreateEntry { entry: e1.clone() },
+                Command::CreateEntry { entry: e1_twin },
+                Command::Batch { commands: vec![] },
+                Command::CreateEntry { entry: e3.clone() },
+                Command::DeleteEntry { id: "e1".into() },
+            ],
+        })
+        .await
+        .unwrap();
+    let Response::Batch(rs) = resp else {
+        panic!("{resp:?}")
+    };
+    assert_eq!(rs.len(), 5);
+    assert_eq!(rs[0], Response::Entry(e1));
+    assert!(
+        matches!(&rs[1], Response::Rejected { code: RejectCode::AlreadyExists, message } if message.contains("e1")),
+        "{:?}",
+        rs[1]
+    );
+    assert!(
+        matches!(
+            &rs[2],
+            Response::Rejected {
+                code: RejectCode::FailedPrecondition,
+                ..
+            }
+        ),
+        "{:?}",
+        rs[2]
+    );
+    assert_eq!(rs[3], Response::Entry(e3));
+    assert_eq!(rs[4], Response::Ok);
+    let ids: Vec<String> = sm
+        .entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec!["e3"]);
+}
