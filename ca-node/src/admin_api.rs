@@ -27,6 +27,46 @@ impl std::fmt::Debug for AdminApi {
     }
 }
 
+/// The most items one page may ask for.
+pub const MAX_PAGE_SIZE: i32 = 10_000;
+
+/// A list request's page size: None (everything) for 0.
+fn page_size(n: i32) -> Result<Option<usize>, Status> {
+    match n {
+        0 => Ok(None),
+        1..=MAX_PAGE_SIZE => Ok(Some(n as usize)),
+        _ => Err(Status::invalid_argument(format!(
+            "page_size must be between 1 and {MAX_PAGE_SIZE} (or 0 for everything), not {n}"
+        ))),
+    }
+}
+
+/// The opaque token of a page that ended at the item with sort key `key`.
+fn page_token(key: &[&str]) -> String {
+    hex::encode(key.join("\n"))
+}
+
+/// The sort key (`parts` strings) a page token carries; None for no token.
+fn page_key(token: &str, parts: usize) -> Result<Option<Vec<String>>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Status::invalid_argument(
+            "page_token is not one this API gave out: pass the next_page_token of the previous page, or none to start over",
+        )
+    };
+    let text = hex::decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(bad)?;
+    let key: Vec<String> = text.split('\n').map(str::to_owned).collect();
+    if key.len() != parts {
+        return Err(bad());
+    }
+    Ok(Some(key))
+}
+
 fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
     let uid = req
         .extensions()
@@ -150,14 +190,22 @@ impl Admin for AdminApi {
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let f = req.get_ref();
-        let entries = self.core.sm.entries().await.map_err(Error::from)?;
-        let entries = entries
-            .iter()
-            .filter(|e| f.spiffe_id.is_empty() || e.spiffe_id == f.spiffe_id)
-            .filter(|e| f.parent_id.is_empty() || e.parent_id == f.parent_id)
-            .map(entry_to_proto)
-            .collect();
-        Ok(Response::new(ListEntriesResponse { entries }))
+        let limit = page_size(f.page_size)?;
+        let after = page_key(&f.page_token, 2)?.map(|mut k| (k.remove(0), k.remove(0)));
+        let entries = self
+            .core
+            .sm
+            .entries_page(&f.spiffe_id, &f.parent_id, after, limit)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = match entries.last() {
+            Some(last) if limit == Some(entries.len()) => page_token(&[&last.spiffe_id, &last.id]),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn create_join_token(
@@ -187,9 +235,22 @@ impl Admin for AdminApi {
         authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
-        let agents = self.core.sm.agents().await.map_err(Error::from)?;
+        let f = req.get_ref();
+        let limit = page_size(f.page_size)?;
+        let after = page_key(&f.page_token, 1)?.map(|mut k| k.remove(0));
+        let agents = self
+            .core
+            .sm
+            .agents_page(after, limit)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = match agents.last() {
+            Some(last) if limit == Some(agents.len()) => page_token(&[&last.spiffe_id]),
+            _ => String::new(),
+        };
         Ok(Response::new(ListAgentsResponse {
             agents: agents.iter().map(agent_to_proto).collect(),
+            next_page_token,
         }))
     }
 

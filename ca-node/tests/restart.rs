@@ -146,7 +146,7 @@ async fn acknowledged_admin_writes_survive_sigkill() {
             .entries;
         assert_eq!(sorted(listed), expected, "round {round}: entries");
         let mut listed_agents: Vec<String> = a
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest::default())
             .await
             .unwrap()
             .into_inner()

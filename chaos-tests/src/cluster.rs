@@ -727,8 +727,8 @@ impl Cluster {
             Duration::from_secs(15),
             |mut a| async move {
                 a.list_entries(ListEntriesRequest {
-                    spiffe_id: String::new(),
                     parent_id: parent,
+                    ..Default::default()
                 })
                 .await
             },
@@ -742,7 +742,7 @@ impl Cluster {
         Ok(admin_call(
             &self.nodes[i].admin_socket(),
             Duration::from_secs(15),
-            |mut a| async move { a.list_agents(ListAgentsRequest {}).await },
+            |mut a| async move { a.list_agents(ListAgentsRequest::default()).await },
         )
         .await?
         .agents)

@@ -398,6 +398,53 @@ impl StateMachine {
         .await
     }
 
+    /// One page of entries, ordered by SPIFFE ID then ID: those with the given SPIFFE ID and
+    /// parent ID (empty: any) that come after `after` (a SPIFFE ID and ID), at most `limit`
+    /// (None: all).
+    pub async fn entries_page(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        after: Option<(String, String)>,
+        limit: Option<usize>,
+    ) -> Result<Vec<EntryRecord>> {
+        let (spiffe_id, parent_id) = (spiffe_id.to_owned(), parent_id.to_owned());
+        let (after_spiffe, after_id) = after.unwrap_or_default();
+        let limit = limit.map(|l| l.min(i64::MAX as usize) as i64).unwrap_or(-1);
+        self.read(move |c| {
+            query_all(
+                c,
+                "SELECT * FROM entries
+                 WHERE (?1 = '' OR spiffe_id = ?1) AND (?2 = '' OR parent_id = ?2)
+                   AND (spiffe_id, id) > (?3, ?4)
+                 ORDER BY spiffe_id, id LIMIT ?5",
+                params![spiffe_id, parent_id, after_spiffe, after_id, limit],
+                entry_from_row,
+            )
+        })
+        .await
+    }
+
+    /// One page of agents, ordered by SPIFFE ID: those after `after`, at most `limit`
+    /// (None: all).
+    pub async fn agents_page(
+        &self,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<Vec<AgentRecord>> {
+        let after = after.unwrap_or_default();
+        let limit = limit.map(|l| l.min(i64::MAX as usize) as i64).unwrap_or(-1);
+        self.read(move |c| {
+            query_all(
+                c,
+                "SELECT * FROM agents WHERE spiffe_id > ? ORDER BY spiffe_id LIMIT ?",
+                params![after, limit],
+                agent_from_row,
+            )
+        })
+        .await
+    }
+
     /// Entries directly under `parent_id`.
     pub async fn entries_by_parent(&self, parent_id: &str) -> Result<Vec<EntryRecord>> {
         let parent_id = parent_id.to_owned();
