@@ -643,7 +643,8 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         // Besides every 5 s, a round runs as soon as the CA journal or the rotation requests
         // change (a revocation or a rotation request takes effect at once on its node).
-        let mut applied = mcore.sm.subscribe();
+        // Other writes (entries, agents) do not wake it.
+        let mut applied = mcore.sm.subscribe_ca();
         let mut seen = ca_fingerprint(&mcore.sm).await;
         loop {
             tokio::select! {

@@ -101,6 +101,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether the command changes the CA journal or the rotation requests (what a node's CA
+    /// maintenance acts on); see [`crate::StateMachine::subscribe_ca`].
+    pub fn changes_ca_journal(&self) -> bool {
+        matches!(
+            self,
+            Command::PutAuthority { .. }
+                | Command::SetAuthorityState { .. }
+                | Command::KeyDestroyed { .. }
+                | Command::RequestRotation { .. }
+        )
+    }
+
     /// Whether the command may share a log entry with others: changes to entries, join
     /// tokens and agents. The CA journal's commands (which record the log index they are
     /// applied at) and batches themselves go alone.

@@ -63,6 +63,8 @@ pub struct StateMachine {
     /// Connections for reads (and snapshot copies), so reads never wait behind an apply.
     readers: Db,
     applied: watch::Sender<u64>,
+    /// Index of the last applied change to the CA journal or the rotation requests.
+    ca_changed: watch::Sender<u64>,
     snapshots: Arc<SnapshotDir>,
 }
 
@@ -180,11 +182,12 @@ impl StateMachine {
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
             .await
             .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
-        let (tx, _) = watch::channel(last.map(|l| l.index).unwrap_or(0));
+        let last = last.map(|l| l.index).unwrap_or(0);
         Ok(Self {
             writer,
             readers,
-            applied: tx,
+            applied: watch::channel(last).0,
+            ca_changed: watch::channel(last).0,
             snapshots: Arc::new(snapshots),
         })
     }
@@ -197,6 +200,13 @@ impl StateMachine {
     /// Notifies on every applied batch of entries (the value is the last applied index).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// Notifies when an applied command changed the CA journal or the rotation requests, or
+    /// a snapshot was installed (the value is that log index). Other commands (entries,
+    /// agents, tokens) do not wake it.
+    pub fn subscribe_ca(&self) -> watch::Receiver<u64> {
+        self.ca_changed.subscribe()
     }
 
     /// The last applied log ID and the last applied membership, as stored.
@@ -223,12 +233,20 @@ impl StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        let ca_change = entries
+            .iter()
+            .rev()
+            .find(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.changes_ca_journal()))
+            .map(|e| e.log_id.index);
         let (out, applied) = self
             .writer
             .call(move |conn| apply_batch(conn, entries))
             .await?;
         if let Some(last) = applied {
             self.applied.send_replace(last.index);
+        }
+        if let Some(i) = ca_change {
+            self.ca_changed.send_replace(i);
         }
         Ok(out)
     }
@@ -330,6 +348,7 @@ impl StateMachine {
             .map_err(snap_err)?;
         if let Some(l) = &meta.last_log_id {
             self.applied.send_replace(l.index);
+            self.ca_changed.send_replace(l.index);
         }
         Ok(())
     }

@@ -430,3 +430,36 @@ async fn batch_answers_each_command() {
         .collect();
     assert_eq!(ids, vec!["e3"]);
 }
+
+/// The CA watch wakes on changes to the CA journal and rotation requests, not on entries.
+#[tokio::test]
+async fn ca_watch_ignores_entry_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(&dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let p = LocalProposer::new(sm.clone());
+    let mut ca = sm.subscribe_ca();
+    ca.mark_unchanged();
+    p.propose(Command::CreateEntry {
+        entry: entry("e1", "spiffe://td/service/a", AGENT),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ca.has_changed().unwrap(),
+        "an entry write woke the CA watch"
+    );
+    p.propose(Command::RequestRotation {
+        request: RotationRequest {
+            kind: AuthorityKind::Intermediate,
+            node_id: "ca-1".into(),
+            requested_at: 5,
+            replaces: String::new(),
+        },
+    })
+    .await
+    .unwrap();
+    assert!(ca.has_changed().unwrap());
+    assert_eq!(*ca.borrow_and_update(), sm.last_applied());
+}
