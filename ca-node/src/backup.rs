@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::Error;
 
@@ -59,11 +59,7 @@ pub async fn applied_index(p: &Path) -> Result<u64, Error> {
                 [],
                 |r| r.get(0),
             )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })
+            .optional()
             .map_err(|e| db_err("reading", &p, e))?;
         Ok(
             v.and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())

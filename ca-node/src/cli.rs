@@ -612,6 +612,25 @@ pub const ADMIN_MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// Entries or agents per page when the CLI lists them.
 const LIST_PAGE_SIZE: i32 = 1000;
 
+/// Every item of a paged admin listing: `page(token)` fetches one page (items and the next
+/// page's token, empty after the last), starting with an empty token.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, String>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await.map_err(status_msg)?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 /// Keeps `node` running until SIGINT/SIGTERM, then stops it.
 async fn run_until_signal(node: crate::NodeHandle) {
     wait_for_signal().await;
@@ -826,25 +845,24 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                             .entry
                             .unwrap_or_default()]
                     } else {
-                        let mut all = Vec::new();
-                        let mut page_token = String::new();
-                        loop {
-                            let page = c
-                                .list_entries(ListEntriesRequest {
-                                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
-                                    parent_id: parent_id.clone().unwrap_or_default(),
-                                    page_size: LIST_PAGE_SIZE,
-                                    page_token,
-                                })
-                                .await
-                                .map_err(status_msg)?
-                                .into_inner();
-                            all.extend(page.entries);
-                            if page.next_page_token.is_empty() {
-                                break all;
+                        let (spiffe_id, parent_id) = (
+                            spiffe_id.clone().unwrap_or_default(),
+                            parent_id.clone().unwrap_or_default(),
+                        );
+                        all_pages(|page_token| {
+                            let mut c = c.clone();
+                            let req = ListEntriesRequest {
+                                spiffe_id: spiffe_id.clone(),
+                                parent_id: parent_id.clone(),
+                                page_size: LIST_PAGE_SIZE,
+                                page_token,
+                            };
+                            async move {
+                                let page = c.list_entries(req).await?.into_inner();
+                                Ok((page.entries, page.next_page_token))
                             }
-                            page_token = page.next_page_token;
-                        }
+                        })
+                        .await?
                     };
                     print_entries(&entries, *output);
                 }
@@ -902,23 +920,20 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let mut c = admin(&cli).await?;
             match cmd {
                 AgentCmd::List => {
-                    let mut agents = Vec::new();
-                    let mut page_token = String::new();
-                    loop {
-                        let page = c
-                            .list_agents(ListAgentsRequest {
-                                page_size: LIST_PAGE_SIZE,
-                                page_token,
-                            })
-                            .await
-                            .map_err(status_msg)?
-                            .into_inner();
-                        agents.extend(page.agents);
-                        if page.next_page_token.is_empty() {
-                            break;
+                    let agents = all_pages(|page_token| {
+                        let mut c = c.clone();
+                        async move {
+                            let page = c
+                                .list_agents(ListAgentsRequest {
+                                    page_size: LIST_PAGE_SIZE,
+                                    page_token,
+                                })
+                                .await?
+                                .into_inner();
+                            Ok((page.agents, page.next_page_token))
                         }
-                        page_token = page.next_page_token;
-                    }
+                    })
+                    .await?;
                     println!(
                         "Found {} attested agent{}:\n",
                         agents.len(),

@@ -64,11 +64,22 @@ fn open_connection(path: &Path, opts: &DbOptions) -> Result<Connection> {
 
 impl Db {
     /// Opens `opts.connections` connections to `path` (the first one creates the file) and
-    /// runs `init` on the first before any job (schema creation). Blocking.
-    pub(crate) fn open(
+    /// runs `init` on the first before any job (schema creation), off the async runtime.
+    pub(crate) async fn open(
         path: &Path,
         opts: DbOptions,
         init: impl FnOnce(&mut Connection) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<Self> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path, opts, init))
+            .await
+            .map_err(|e| Error::Io(format!("opening {}: {e}", opts.name)))?
+    }
+
+    fn open_blocking(
+        path: &Path,
+        opts: DbOptions,
+        init: impl FnOnce(&mut Connection) -> rusqlite::Result<()>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));

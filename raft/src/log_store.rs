@@ -125,20 +125,16 @@ fn insert_entries(conn: &mut Connection, rows: &[(i64, String)]) -> Result<()> {
 impl LogStore {
     /// Opens (creating if needed) the log database at `path`.
     pub async fn open(path: &Path) -> Result<Self> {
-        let path = path.to_owned();
-        let db = tokio::task::spawn_blocking(move || {
-            Db::open(
-                &path,
-                DbOptions {
-                    name: "raft-log",
-                    connections: 1,
-                    synchronous: "FULL",
-                },
-                |conn| conn.execute_batch(SCHEMA),
-            )
-        })
-        .await
-        .map_err(|e| crate::Error::Io(format!("opening the log: {e}")))??;
+        let db = Db::open(
+            path,
+            DbOptions {
+                name: "raft-log",
+                connections: 1,
+                synchronous: "FULL",
+            },
+            |conn| conn.execute_batch(SCHEMA),
+        )
+        .await?;
         Ok(Self {
             db,
             pending: Arc::default(),

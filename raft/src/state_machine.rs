@@ -163,21 +163,13 @@ impl StateMachine {
     /// purge) covers is on disk. Snapshots live in a folder beside it
     /// (`state.snapshots/` for `state.db`).
     pub async fn open(path: &Path) -> Result<Self> {
-        let db_path = path.to_owned();
-        let (writer, readers) = tokio::task::spawn_blocking(move || -> Result<(Db, Db)> {
-            let opts = |name, connections| DbOptions {
-                name,
-                connections,
-                synchronous: "NORMAL",
-            };
-            let writer = Db::open(&db_path, opts("state-write", 1), |c| {
-                c.execute_batch(SCHEMA)
-            })?;
-            let readers = Db::open(&db_path, opts("state-read", 2), |_| Ok(()))?;
-            Ok((writer, readers))
-        })
-        .await
-        .map_err(|e| Error::Io(format!("opening the state store: {e}")))??;
+        let opts = |name, connections| DbOptions {
+            name,
+            connections,
+            synchronous: "NORMAL",
+        };
+        let writer = Db::open(path, opts("state-write", 1), |c| c.execute_batch(SCHEMA)).await?;
+        let readers = Db::open(path, opts("state-read", 2), |_| Ok(())).await?;
         let (last, _) = writer.call(|c| read_applied(c)).await?;
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
             .await
@@ -406,15 +398,7 @@ impl StateMachine {
 
     /// All entries, ordered by SPIFFE ID.
     pub async fn entries(&self) -> Result<Vec<EntryRecord>> {
-        self.read(|c| {
-            query_all(
-                c,
-                "SELECT * FROM entries ORDER BY spiffe_id, id",
-                [],
-                entry_from_row,
-            )
-        })
-        .await
+        self.entries_page("", "", None, None).await
     }
 
     /// One page of entries, ordered by SPIFFE ID then ID: those with the given SPIFFE ID and
@@ -529,15 +513,7 @@ impl StateMachine {
 
     /// All agents.
     pub async fn agents(&self) -> Result<Vec<AgentRecord>> {
-        self.read(|c| {
-            query_all(
-                c,
-                "SELECT * FROM agents ORDER BY spiffe_id",
-                [],
-                agent_from_row,
-            )
-        })
-        .await
+        self.agents_page(None, None).await
     }
 
     /// The log index of the last change to the CA journal: the trust bundle's sequence number.

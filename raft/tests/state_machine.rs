@@ -36,6 +36,13 @@ fn agent(id: &str) -> AgentRecord {
 
 const AGENT: &str = "spiffe://td/agent/join_token/t1";
 
+/// The IDs of `entries`, sorted.
+fn sorted_ids(entries: Vec<EntryRecord>) -> Vec<String> {
+    let mut ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+    ids.sort();
+    ids
+}
+
 #[tokio::test]
 async fn entries_tokens_agents_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,15 +106,10 @@ async fn entries_tokens_agents_and_reopen() {
         })
         .await
         .unwrap();
-        let mut ids: Vec<_> = sm
-            .authorized_entries(AGENT)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        ids.sort();
-        assert_eq!(ids, vec!["e1", "e3"]);
+        assert_eq!(
+            sorted_ids(sm.authorized_entries(AGENT).await.unwrap()),
+            vec!["e1", "e3"]
+        );
         // A cycle (child -> metald -> child) ends the walk instead of looping.
         p.propose(Command::CreateEntry {
             entry: entry(
@@ -118,15 +120,10 @@ async fn entries_tokens_agents_and_reopen() {
         })
         .await
         .unwrap();
-        let mut ids: Vec<_> = sm
-            .authorized_entries(AGENT)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        ids.sort();
-        assert_eq!(ids, vec!["e1", "e3", "e5"]);
+        assert_eq!(
+            sorted_ids(sm.authorized_entries(AGENT).await.unwrap()),
+            vec!["e1", "e3", "e5"]
+        );
         p.propose(Command::DeleteEntry { id: "e5".into() })
             .await
             .unwrap();
@@ -421,14 +418,7 @@ async fn batch_answers_each_command() {
     );
     assert_eq!(rs[3], Response::Entry(e3));
     assert_eq!(rs[4], Response::Ok);
-    let ids: Vec<String> = sm
-        .entries()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    assert_eq!(ids, vec!["e3"]);
+    assert_eq!(sorted_ids(sm.entries().await.unwrap()), vec!["e3"]);
 }
 
 /// The CA watch wakes on changes to the CA journal and rotation requests, not on entries.
