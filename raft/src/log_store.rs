@@ -4,13 +4,22 @@
 //! One connection on its own thread ([`crate::db`]) does all the work, in the order it is
 //! asked. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
 //! disk when the commit returns; only then is openraft told that appended entries are
-//! flushed. An append is queued and `append` returns at once (openraft replicates meanwhile);
-//! appends that queue up while the thread syncs are written together (group commit); reads
-//! queued after an append see it. Entries are stored as JSON, keyed by index.
+//! flushed. An append is queued and `append` returns at once; appends that queue up while the
+//! thread syncs are written together (group commit). Entries are stored as JSON, keyed by
+//! index.
+//!
+//! The newest entries are also kept in memory ([`Tail`]), and reads they cover are answered
+//! from there. That is what lets the leader send new entries to its followers while its own
+//! fsync of them is still running, as the Raft paper allows (openraft requires appended
+//! entries to be readable when `append` returns, not durable): a read of the database would
+//! wait on this one thread behind the flush, putting the leader's fsync and the followers'
+//! in series. Reads of older entries (a follower catching up) go to the database, queued
+//! behind any pending flush, so they see every append too.
 
 // openraft's StorageError is what its storage traits return; boxing it is not ours to do.
 #![allow(clippy::result_large_err)]
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -38,6 +47,101 @@ const LAST_PURGED: &str = "last_purged_log_id";
 pub struct LogStore {
     db: Db,
     pending: Arc<Mutex<PendingAppends>>,
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// Most entries [`Tail`] holds.
+const TAIL_MAX_ENTRIES: usize = 4096;
+/// Most bytes (of their JSON form) the entries [`Tail`] holds may take.
+const TAIL_MAX_BYTES: usize = 32 << 20;
+
+/// The newest log entries, in memory: always a contiguous run that ends at the last entry of
+/// the log (or empty), bounded by [`TAIL_MAX_ENTRIES`] and [`TAIL_MAX_BYTES`]. Every append,
+/// truncate and purge updates it before it reaches the database thread.
+#[derive(Default)]
+struct Tail {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("first", &self.first_index())
+            .field("last", &self.last_index())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Tail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Adds `entry`, the new last entry of the log. An entry that does not follow the last one
+    /// held (the log was replaced by a snapshot) starts the run afresh.
+    fn push(&mut self, entry: Entry, size: usize) {
+        if self
+            .last_index()
+            .is_some_and(|last| last.checked_add(1) != Some(entry.log_id.index))
+        {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.entries.len() > 1
+            && (self.entries.len() > TAIL_MAX_ENTRIES || self.bytes > TAIL_MAX_BYTES)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries from `index` on (openraft's truncate).
+    fn truncate(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops the entries up to `index` inclusive (openraft's purge).
+    fn purge(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries `lo..=hi` that exist, if the run covers every one of them that the log
+    /// holds; `None` sends the read to the database.
+    fn get(&self, lo: u64, hi: u64) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        if lo < first {
+            return None;
+        }
+        let skip = usize::try_from(lo - first).ok()?;
+        let take = usize::try_from(hi.saturating_sub(lo).saturating_add(1)).unwrap_or(usize::MAX);
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(take)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
 }
 
 /// Appends waiting for the log thread: written together, in one transaction and one fsync
@@ -64,7 +168,7 @@ impl Debug for PendingAppends {
 /// transaction, then tells each appender the outcome.
 fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
     let (rows, callbacks) = {
-        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = lock(pending);
         p.flush_queued = false;
         (
             std::mem::take(&mut p.rows),
@@ -75,6 +179,11 @@ fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
     for cb in callbacks {
         cb.log_io_completed(res.clone().map_err(std::io::Error::other));
     }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves data that is still whole here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -138,6 +247,7 @@ impl LogStore {
         Ok(Self {
             db,
             pending: Arc::default(),
+            tail: Arc::default(),
         })
     }
 
@@ -172,6 +282,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let hi = bound_to_i64(range.end_bound(), false);
         if hi < lo {
             return Ok(Vec::new());
+        }
+        if let Some(entries) = lock(&self.tail).get(lo as u64, hi as u64) {
+            return Ok(entries);
         }
         self.db
             .call(move |conn| {
@@ -244,9 +357,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
-        for e in entries {
-            let text = serde_json::to_string(&e).map_err(write_logs_err)?;
-            rows.push((e.log_id.index as i64, text));
+        {
+            let mut tail = lock(&self.tail);
+            for e in entries {
+                let text = serde_json::to_string(&e).map_err(write_logs_err)?;
+                rows.push((e.log_id.index as i64, text));
+                tail.push(e, rows.last().map_or(0, |(_, t)| t.len()));
+            }
         }
         // Queued, not awaited. The entries join the pending batch; a flush job is queued
         // unless one is queued that has not taken the batch yet. Either way a flush job
@@ -255,7 +372,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // time, so a truncate never overtakes an append queued before it. openraft hears
         // the entries are on disk when that flush's commit has returned.
         let queue_flush = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = lock(&self.pending);
             p.rows.extend(rows);
             p.callbacks.push(callback);
             !std::mem::replace(&mut p.flush_queued, true)
@@ -270,6 +387,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
+        lock(&self.tail).truncate(log_id.index);
         self.db
             .call(move |conn| {
                 conn.prepare_cached("DELETE FROM log WHERE idx >= ?")?
@@ -281,6 +399,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
+        lock(&self.tail).purge(log_id.index);
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -292,5 +411,91 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await
             .map_err(write_logs_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::EntryPayload;
+    use openraft::CommittedLeaderId;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    fn tail_of(range: std::ops::RangeInclusive<u64>) -> Tail {
+        let mut t = Tail::default();
+        for i in range {
+            t.push(entry(1, i), 10);
+        }
+        t
+    }
+
+    #[test]
+    fn tail_answers_only_what_it_covers() {
+        let t = tail_of(5..=9);
+        assert_eq!(indexes(t.get(5, 9)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(
+            indexes(t.get(7, 100)),
+            Some(vec![7, 8, 9]),
+            "the log ends at 9"
+        );
+        assert_eq!(
+            indexes(t.get(10, 20)),
+            Some(vec![]),
+            "nothing after the last entry"
+        );
+        assert_eq!(
+            indexes(t.get(4, 9)),
+            None,
+            "4 is older than the tail: the database"
+        );
+        assert_eq!(
+            indexes(Tail::default().get(0, 10)),
+            None,
+            "empty: the database"
+        );
+    }
+
+    #[test]
+    fn tail_follows_truncate_purge_and_gaps() {
+        let mut t = tail_of(1..=6);
+        t.truncate(4);
+        assert_eq!(indexes(t.get(1, 10)), Some(vec![1, 2, 3]));
+        t.push(entry(2, 4), 10);
+        assert_eq!(t.get(4, 4).unwrap()[0].log_id.leader_id.term, 2);
+        t.purge(2);
+        assert_eq!(indexes(t.get(3, 10)), Some(vec![3, 4]));
+        assert_eq!(indexes(t.get(2, 10)), None);
+        assert_eq!(t.bytes, 20);
+        // An entry that does not follow the last (the log replaced by a snapshot).
+        t.push(entry(3, 50), 10);
+        assert_eq!(indexes(t.get(3, 60)), None);
+        assert_eq!(indexes(t.get(50, 60)), Some(vec![50]));
+        assert_eq!(t.bytes, 10);
+        t.truncate(0);
+        assert_eq!((t.first_index(), t.bytes), (None, 0));
+    }
+
+    #[test]
+    fn tail_is_bounded() {
+        let mut t = tail_of(1..=(TAIL_MAX_ENTRIES as u64 + 10));
+        assert_eq!(t.entries.len(), TAIL_MAX_ENTRIES);
+        assert_eq!(t.first_index(), Some(11));
+        t.push(entry(1, TAIL_MAX_ENTRIES as u64 + 11), TAIL_MAX_BYTES);
+        assert_eq!(
+            t.entries.len(),
+            1,
+            "one entry over the byte bound is still held"
+        );
+        assert_eq!(t.bytes, TAIL_MAX_BYTES);
     }
 }
