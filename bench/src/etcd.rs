@@ -3,6 +3,10 @@
 //! own data directory (etcd fsyncs its WAL before acknowledging, as the CA's SQLite log does),
 //! and a gRPC client of etcd's own v3 API (`KV.Put`, `Maintenance.Status`; the subset in
 //! `proto/etcd_kv.proto`).
+//!
+//! [`PeerTransport::Tls`] has the members replicate over mutually authenticated TLS, as the
+//! CA's nodes always do (a CA made for the run, a P-256 certificate per member,
+//! `--peer-client-cert-auth`); [`PeerTransport::Plain`] is etcd's default, plain HTTP.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +26,65 @@ pub mod pb {
 
 use pb::kv_client::KvClient;
 use pb::maintenance_client::MaintenanceClient;
+
+/// How etcd's members talk to each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerTransport {
+    /// Mutually authenticated TLS between members, like the CA's Raft traffic.
+    Tls,
+    /// Plain HTTP between members (etcd's default).
+    Plain,
+}
+
+/// PEM files of one member's peer TLS: its certificate and key, and the CA of all members.
+struct PeerTlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// Makes a CA and one peer certificate per member (IP 127.0.0.1, server and client auth) in
+/// `dir`.
+fn make_peer_tls(dir: &Path, n: usize) -> anyhow::Result<Vec<PeerTlsFiles>> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let ca_path = dir.join("peer-ca.pem");
+    std::fs::write(&ca_path, ca_pem)?;
+    let issuer = Issuer::new(ca, ca_key);
+    (0..n)
+        .map(|i| {
+            let key = KeyPair::generate()?;
+            let mut p = CertificateParams::new(vec!["localhost".to_owned()])?;
+            p.subject_alt_names
+                .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &issuer)?;
+            let files = PeerTlsFiles {
+                cert: dir.join(format!("peer-{i}.pem")),
+                key: dir.join(format!("peer-{i}-key.pem")),
+                ca: ca_path.clone(),
+            };
+            std::fs::write(&files.cert, cert.pem())?;
+            std::fs::write(&files.key, key.serialize_pem())?;
+            Ok(files)
+        })
+        .collect()
+}
 
 /// How long the cluster may take to form.
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,12 +135,14 @@ pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     /// `etcd --version`'s first line.
     pub version: String,
+    /// How the members talk to each other.
+    pub peers: PeerTransport,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdCluster {
     /// Starts `n` members of `etcd` and waits until they agree on a leader.
-    pub async fn start(etcd: &Path, n: usize) -> anyhow::Result<Self> {
+    pub async fn start(etcd: &Path, n: usize, peers: PeerTransport) -> anyhow::Result<Self> {
         let version = std::process::Command::new(etcd)
             .arg("--version")
             .output()
@@ -94,16 +159,34 @@ impl EtcdCluster {
         let ports: Vec<(SocketAddr, SocketAddr)> = (0..n)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<anyhow::Result<_>>()?;
+        let scheme = match peers {
+            PeerTransport::Tls => "https",
+            PeerTransport::Plain => "http",
+        };
+        let tls = match peers {
+            PeerTransport::Tls => make_peer_tls(dir.path(), n)?,
+            PeerTransport::Plain => Vec::new(),
+        };
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://{peer}"))
+            .map(|(i, (_, peer))| format!("m{i}={scheme}://{peer}"))
             .collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let log_path = dir.path().join(format!("etcd-{i}.log"));
             let log = std::fs::File::create(&log_path)?;
-            let child = tokio::process::Command::new(etcd)
+            let mut cmd = tokio::process::Command::new(etcd);
+            if let Some(t) = tls.get(i) {
+                cmd.arg("--peer-cert-file")
+                    .arg(&t.cert)
+                    .arg("--peer-key-file")
+                    .arg(&t.key)
+                    .arg("--peer-trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--peer-client-cert-auth");
+            }
+            let child = cmd
                 .arg("--name")
                 .arg(format!("m{i}"))
                 .arg("--data-dir")
@@ -113,9 +196,9 @@ impl EtcdCluster {
                 .arg("--advertise-client-urls")
                 .arg(format!("http://{client}"))
                 .arg("--listen-peer-urls")
-                .arg(format!("http://{peer}"))
+                .arg(format!("{scheme}://{peer}"))
                 .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://{peer}"))
+                .arg(format!("{scheme}://{peer}"))
                 .arg("--initial-cluster")
                 .arg(initial.join(","))
                 .arg("--initial-cluster-token")
@@ -142,6 +225,7 @@ impl EtcdCluster {
         let cluster = EtcdCluster {
             members,
             version,
+            peers,
             _dir: dir,
         };
         cluster.wait_leader().await?;

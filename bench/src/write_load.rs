@@ -33,7 +33,7 @@ use prost::Message as _;
 use serde::Serialize;
 
 use crate::ca_cluster::CaCluster;
-use crate::etcd::{pb, EtcdCluster};
+use crate::etcd::{pb, EtcdCluster, PeerTransport};
 use crate::node::{NodeExe, TRUST_DOMAIN};
 
 /// Command line of `cluster-write-load`.
@@ -62,6 +62,10 @@ pub struct Args {
     /// The etcd executable (default: ETCD_BIN, else `etcd` on the PATH).
     #[arg(long)]
     pub etcd: Option<PathBuf>,
+    /// How etcd's members talk to each other: `tls` (mutually authenticated, as the CA's
+    /// nodes always do) or `plain` (etcd's default, plain HTTP).
+    #[arg(long, value_enum, default_value = "tls")]
+    pub etcd_peers: PeerTransport,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -111,6 +115,8 @@ pub struct Report {
     pub nodes: usize,
     /// etcd's version line.
     pub etcd_version: String,
+    /// How etcd's members talked to each other.
+    pub etcd_peers: PeerTransport,
     /// How ca-node was run.
     pub ca_node: String,
     /// Bytes of one write's value (the encoded entry).
@@ -284,7 +290,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         args.nodes,
         etcd_bin.display()
     );
-    let etcd = EtcdCluster::start(&etcd_bin, args.nodes).await?;
+    let etcd = EtcdCluster::start(&etcd_bin, args.nodes, args.etcd_peers).await?;
     let result = run_levels(args, &ca, &etcd).await;
     let (ca_dir, version) = (ca.dir().to_owned(), etcd.version.clone());
     ca.stop().await;
@@ -295,6 +301,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         machine: crate::report::Machine::detect(),
         nodes: args.nodes,
         etcd_version: version,
+        etcd_peers: args.etcd_peers,
         ca_node: exe.describe(),
         value_bytes: entry(0).encoded_len(),
         levels,
@@ -419,8 +426,14 @@ async fn run_levels(
 /// Prints the report as a table.
 pub fn print_table(r: &Report) {
     println!(
-        "cluster-write-load: {} nodes each, loopback, durable (fsync) logs; {} CPUs; {}",
-        r.nodes, r.machine.cores, r.etcd_version
+        "cluster-write-load: {} nodes each, loopback, durable (fsync) logs; {} CPUs; {}, peers over {}",
+        r.nodes,
+        r.machine.cores,
+        r.etcd_version,
+        match r.etcd_peers {
+            PeerTransport::Tls => "mutual TLS (as the CA's nodes)",
+            PeerTransport::Plain => "plain HTTP",
+        }
     );
     println!(
         "ca-node: {}; value {} bytes; verified {} CA entries and {} etcd puts",

@@ -31,6 +31,11 @@ pub(crate) struct DbOptions {
     pub connections: usize,
     /// `PRAGMA synchronous`: `"FULL"` or `"NORMAL"`.
     pub synchronous: &'static str,
+    /// `PRAGMA locking_mode=EXCLUSIVE`: the one connection keeps its file locks instead of
+    /// taking and dropping them (several `fcntl` calls) around every transaction, and keeps
+    /// the WAL index in its own memory. Only for a database with a single connection and
+    /// no other reader: anyone else gets "database is locked".
+    pub exclusive: bool,
 }
 
 /// Connections to one SQLite database, each on its own thread; see the module docs.
@@ -49,6 +54,10 @@ fn open_connection(path: &Path, opts: &DbOptions) -> Result<Connection> {
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    if opts.exclusive {
+        // Before the first access in WAL mode, so that SQLite never maps the shared WAL index.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    }
     // WAL: readers never wait for the writer; a commit appends to the WAL.
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {

@@ -2,7 +2,8 @@
 //! database (`raft-log.db` beside `state.db`), apart from the state machine.
 //!
 //! One connection on its own thread ([`crate::db`]) does all the work, in the order it is
-//! asked. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
+//! asked; it holds the database's locks for as long as it is open (exclusive locking mode),
+//! so no other process can open the log meanwhile. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
 //! disk when the commit returns; only then is openraft told that appended entries are
 //! flushed. An append is queued and `append` returns at once; appends that queue up while the
 //! thread syncs are written together (group commit). Entries are stored as JSON, keyed by
@@ -240,6 +241,7 @@ impl LogStore {
                 name: "raft-log",
                 connections: 1,
                 synchronous: "FULL",
+                exclusive: true,
             },
             |conn| conn.execute_batch(SCHEMA),
         )

@@ -167,6 +167,7 @@ impl StateMachine {
             name,
             connections,
             synchronous: "NORMAL",
+            exclusive: false,
         };
         let writer = Db::open(path, opts("state-write", 1), |c| c.execute_batch(SCHEMA)).await?;
         let readers = Db::open(path, opts("state-read", 2), |_| Ok(())).await?;
