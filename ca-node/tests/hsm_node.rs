@@ -583,3 +583,64 @@ async fn wrong_pin_at_start_is_a_clear_fatal_error() {
         stderr.trim()
     );
 }
+
+/// A locked user PIN (through the fault module in front of SoftHSM2, which cannot lock one
+/// itself): minting fails with a permission error naming the token, the node reports
+/// not-ready and says why, and it recovers by itself once the PIN is unlocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_pin_makes_the_node_unready_until_it_is_unlocked() {
+    let hsm = SoftHsm::new().await;
+    hsm.init_token("ca-lock");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = hsm_config(tmp.path(), &hsm, "ca-lock");
+    cfg.key_manager = KeyManagerConfig::Pkcs11(hsm.fault_config("ca-lock", "n1-"));
+    let node = ca_node::start(cfg).await.unwrap();
+    mint_x509(&node).await.unwrap();
+    let errors = "ca_keymanager_errors_total{backend=\"pkcs11\",kind=\"permission_denied\"}";
+    let before = series(&metrics(&node).await, errors);
+
+    // Locked, and the token's sessions logged out (as when the PIN is locked from outside).
+    hsm.set_pin_locked(true);
+    {
+        let ctx = hsm.raw();
+        let s = ctx
+            .open_ro_session(ca_test_support::softhsm::raw_slot(&ctx, "ca-lock"))
+            .unwrap();
+        s.logout().unwrap();
+    }
+    let err = mint_x509(&node).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ca_node::Error::KeyManager(ca_kms::Error::PermissionDenied(_))
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("PIN locked for token 'ca-lock'"),
+        "{err}"
+    );
+    let n = &node;
+    let body = wait_for(
+        "/readyz 503 with the PIN locked",
+        Duration::from_secs(20),
+        || async move {
+            let (code, body) = readyz(n).await;
+            (code == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("PIN locked for token 'ca-lock'"), "{body}");
+    assert!(series(&metrics(&node).await, errors) > before);
+
+    hsm.set_pin_locked(false);
+    wait_for(
+        "/readyz 200 after the PIN is unlocked",
+        Duration::from_secs(20),
+        || async move { (readyz(n).await.0 == 200).then_some(()) },
+    )
+    .await;
+    let chain = mint_x509(&node).await.unwrap();
+    verify_signed_by(&chain[0], &chain[1]);
+    node.shutdown().await;
+}

@@ -259,6 +259,43 @@ async fn recovers_when_logged_out_behind_its_back() {
     assert!(!km.protection("k").await.unwrap().extractable);
 }
 
+#[tokio::test]
+async fn locked_pin_is_permission_denied_then_recovers() {
+    // SoftHSM2 never answers CKR_PIN_LOCKED; the fault module in front of it does, when told.
+    let hsm = SoftHsm::new().await;
+    hsm.init_token("locked");
+    let cfg = hsm.fault_config("locked", "ca-");
+    hsm.set_pin_locked(true);
+    let err = Pkcs11KeyManager::open(&cfg).unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert!(
+        err.to_string().contains("PIN locked for token 'locked'"),
+        "{err}"
+    );
+
+    // Unlocked by its security officer: the same configuration works through the module.
+    hsm.set_pin_locked(false);
+    let km = Pkcs11KeyManager::open(&cfg).unwrap();
+    let key = km.generate("k", KeyAlgorithm::EcP256).await.unwrap();
+    sign_verifies(&key, b"unlocked").await;
+
+    // Locked while in use: logged out behind its back, the manager cannot log in again, and
+    // says why instead of failing some other way.
+    hsm.set_pin_locked(true);
+    session_logout(&hsm, "locked");
+    let err = key.sign(b"while locked").await.unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert!(
+        err.to_string().contains("PIN locked for token 'locked'"),
+        "{err}"
+    );
+
+    // Unlocked again: signing recovers without reopening the manager.
+    hsm.set_pin_locked(false);
+    sign_verifies(&key, b"unlocked again").await;
+    assert!(km.stats().relogins >= 1, "{:?}", km.stats());
+}
+
 fn session_logout(hsm: &SoftHsm, label: &str) {
     let ctx = hsm.raw();
     let session = ctx.open_ro_session(raw_slot(&ctx, label)).unwrap();

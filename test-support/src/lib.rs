@@ -4,7 +4,9 @@
 //! - [`softhsm`]: a SoftHSM2 PKCS#11 module with a private configuration and token directory
 //!   per test ([`softhsm::SoftHsm`]), tokens initialized with `softhsm2-util`, one
 //!   process-wide lock (PKCS#11 state and `SOFTHSM2_CONF` are per process), and a token
-//!   "unplugged" and "plugged back in" by moving its directory away and back.
+//!   "unplugged" and "plugged back in" by moving its directory away and back, and a locked
+//!   user PIN (which SoftHSM2 cannot produce) from a forwarding PKCS#11 module in front of
+//!   it (`pkcs11-fault/pkcs11_fault.c`, built by this crate's build script).
 //! - [`moto`]: the AWS KMS emulator moto started on `127.0.0.1` on a free port (killed on
 //!   drop; a clear install hint when python3 or moto is missing), one shared per test
 //!   binary ([`moto::shared`]) with dummy credentials and nothing from the machine's own

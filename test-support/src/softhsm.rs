@@ -13,6 +13,12 @@
 //! A token is "unplugged" by moving its directory out of the token directory
 //! ([`SoftHsm::remove_token`]) and "plugged back in" by moving it back
 //! ([`SoftHsm::restore_token`]).
+//!
+//! A locked user PIN is the one fault here SoftHSM2 cannot produce (its `C_Login` answers
+//! `CKR_PIN_INCORRECT` however often a wrong PIN is tried). [`SoftHsm::fault_config`] puts a
+//! small PKCS#11 module in front of SoftHSM2 (`pkcs11-fault/pkcs11_fault.c`, built by this
+//! crate's build script) that forwards every call, and answers `C_Login` with
+//! `CKR_PIN_LOCKED` while [`SoftHsm::set_pin_locked`] says so.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -28,6 +34,9 @@ use cryptoki::slot::Slot;
 pub const SO_PIN: &str = "87654321";
 /// The user PIN of every token made here.
 pub const PIN: &str = "1234";
+
+/// Read by the fault-injecting module at every `C_Login`.
+const FAULT_LOGIN_ENV: &str = "CA_PKCS11_FAULT_LOGIN";
 
 /// Held by every test using SoftHSM2 for its whole run (see the module's doc).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -98,6 +107,7 @@ impl SoftHsm {
         )
         .expect("writing softhsm2.conf");
         std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::remove_var(FAULT_LOGIN_ENV);
         SoftHsm {
             dir,
             conf,
@@ -184,6 +194,26 @@ impl SoftHsm {
             pin_file: Some(self.pin_file(PIN)),
             pin_env: None,
             key_label_prefix: prefix.into(),
+        }
+    }
+
+    /// Like [`SoftHsm::config`], with the fault-injecting module (see the module docs) in
+    /// front of SoftHSM2.
+    pub fn fault_config(&self, label: &str, prefix: &str) -> Pkcs11Config {
+        std::env::set_var("CA_PKCS11_FAULT_TARGET", &self.module);
+        Pkcs11Config {
+            module: PathBuf::from(env!("CA_PKCS11_FAULT_MODULE")),
+            ..self.config(label, prefix)
+        }
+    }
+
+    /// Whether the fault-injecting module's `C_Login` answers `CKR_PIN_LOCKED` (a token
+    /// whose user PIN its security officer has not unlocked yet) or forwards to SoftHSM2.
+    pub fn set_pin_locked(&self, locked: bool) {
+        if locked {
+            std::env::set_var(FAULT_LOGIN_ENV, "pin-locked");
+        } else {
+            std::env::remove_var(FAULT_LOGIN_ENV);
         }
     }
 
