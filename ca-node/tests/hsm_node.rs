@@ -57,6 +57,18 @@ async fn token_keys(hsm: &SoftHsm, token: &str, prefix: &str) -> (Pkcs11KeyManag
     (km, keys)
 }
 
+/// `err` is the key manager refusing access, and says `what`.
+fn assert_permission_denied(err: &ca_node::Error, what: &str) {
+    assert!(
+        matches!(
+            err,
+            ca_node::Error::KeyManager(ca_kms::Error::PermissionDenied(_))
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(what), "{err}");
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
@@ -536,17 +548,7 @@ async fn wrong_pin_at_start_is_a_clear_fatal_error() {
     p11.pin_file = Some(hsm.pin_file("999999"));
     cfg.key_manager = KeyManagerConfig::Pkcs11(p11.clone());
     let err = ca_node::start(cfg).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ca_node::Error::KeyManager(ca_kms::Error::PermissionDenied(_))
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("PIN incorrect for token 'ca-pin'"),
-        "{err}"
-    );
+    assert_permission_denied(&err, "PIN incorrect for token 'ca-pin'");
 
     let dir = tmp.path().join("proc");
     std::fs::create_dir(&dir).unwrap();
@@ -601,25 +603,9 @@ async fn locked_pin_makes_the_node_unready_until_it_is_unlocked() {
 
     // Locked, and the token's sessions logged out (as when the PIN is locked from outside).
     hsm.set_pin_locked(true);
-    {
-        let ctx = hsm.raw();
-        let s = ctx
-            .open_ro_session(ca_test_support::softhsm::raw_slot(&ctx, "ca-lock"))
-            .unwrap();
-        s.logout().unwrap();
-    }
+    hsm.logout("ca-lock");
     let err = mint_x509(&node).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ca_node::Error::KeyManager(ca_kms::Error::PermissionDenied(_))
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("PIN locked for token 'ca-lock'"),
-        "{err}"
-    );
+    assert_permission_denied(&err, "PIN locked for token 'ca-lock'");
     let n = &node;
     let body = wait_for(
         "/readyz 503 with the PIN locked",

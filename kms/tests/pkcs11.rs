@@ -251,11 +251,11 @@ async fn recovers_when_logged_out_behind_its_back() {
     sign_verifies(&key, b"after logout").await;
     assert!(km.stats().relogins >= 1, "{:?}", km.stats());
     // Private objects are invisible while logged out: not a false NotFound, nor an empty list.
-    session_logout(&hsm, "logout");
+    hsm.logout("logout");
     assert_eq!(km.list().await.unwrap(), vec!["k"]);
-    session_logout(&hsm, "logout");
+    hsm.logout("logout");
     km.get("k").await.unwrap();
-    session_logout(&hsm, "logout");
+    hsm.logout("logout");
     assert!(!km.protection("k").await.unwrap().extractable);
 }
 
@@ -282,7 +282,7 @@ async fn locked_pin_is_permission_denied_then_recovers() {
     // Locked while in use: logged out behind its back, the manager cannot log in again, and
     // says why instead of failing some other way.
     hsm.set_pin_locked(true);
-    session_logout(&hsm, "locked");
+    hsm.logout("locked");
     let err = key.sign(b"while locked").await.unwrap_err();
     assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
     assert!(
@@ -294,12 +294,6 @@ async fn locked_pin_is_permission_denied_then_recovers() {
     hsm.set_pin_locked(false);
     sign_verifies(&key, b"unlocked again").await;
     assert!(km.stats().relogins >= 1, "{:?}", km.stats());
-}
-
-fn session_logout(hsm: &SoftHsm, label: &str) {
-    let ctx = hsm.raw();
-    let session = ctx.open_ro_session(raw_slot(&ctx, label)).unwrap();
-    session.logout().unwrap();
 }
 
 #[tokio::test]

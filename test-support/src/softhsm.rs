@@ -222,6 +222,16 @@ impl SoftHsm {
         Pkcs11KeyManager::open(&self.config(label, prefix)).expect("opening the PKCS#11 token")
     }
 
+    /// Logs the user out of token `label` behind the managers' backs (a logout through any
+    /// session logs out every session of the process).
+    pub fn logout(&self, label: &str) {
+        let ctx = self.raw();
+        let session = ctx
+            .open_ro_session(raw_slot(&ctx, label))
+            .expect("a session on the token");
+        session.logout().expect("logging out");
+    }
+
     /// Another user of the same module in this process, going behind the managers' backs.
     pub fn raw(&self) -> Pkcs11 {
         let ctx = Pkcs11::new(&self.module).expect("loading the PKCS#11 module");
