@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Row};
 use tokio::sync::oneshot;
 
 use crate::{Error, Result};
@@ -149,4 +149,32 @@ impl Db {
         rx.await
             .map_err(|_| Error::Io("the database thread stopped during a call".into()))?
     }
+}
+
+/// Runs `sql` with `params` and decodes every row with `decode`.
+pub(crate) fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: impl Fn(&Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut q = conn.prepare_cached(sql)?;
+    let mut rows = q.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(decode(r)?);
+    }
+    Ok(out)
+}
+
+/// Runs `sql` with `params` and decodes the first row, if any, with `decode`.
+pub(crate) fn query_one<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: impl Fn(&Row<'_>) -> Result<T>,
+) -> Result<Option<T>> {
+    let mut q = conn.prepare_cached(sql)?;
+    let mut rows = q.query(params)?;
+    rows.next()?.map(decode).transpose()
 }

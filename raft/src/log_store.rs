@@ -30,7 +30,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::db::{Db, DbOptions};
+use crate::db::{query_all, Db, DbOptions};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::Result;
 
@@ -290,15 +290,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         self.db
             .call(move |conn| {
-                let mut q = conn.prepare_cached(
+                query_all(
+                    conn,
                     "SELECT entry FROM log WHERE idx >= ? AND idx <= ? ORDER BY idx",
-                )?;
-                let mut rows = q.query(params![lo, hi])?;
-                let mut out = Vec::new();
-                while let Some(r) = rows.next()? {
-                    out.push(decode_entry(r.get_ref(0)?.as_str()?)?);
-                }
-                Ok(out)
+                    params![lo, hi],
+                    |r| decode_entry(r.get_ref(0)?.as_str()?),
+                )
             })
             .await
             .map_err(read_logs_err)
@@ -358,13 +355,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
+        // Encoded before the tail is locked (its readers are the replication tasks), and
+        // all of them before any is added: an entry that cannot be encoded leaves no trace.
+        let encoded = entries
+            .into_iter()
+            .map(|e| Ok((serde_json::to_string(&e).map_err(write_logs_err)?, e)))
+            .collect::<std::result::Result<Vec<_>, StorageError>>()?;
+        let mut rows = Vec::with_capacity(encoded.len());
         {
             let mut tail = lock(&self.tail);
-            for e in entries {
-                let text = serde_json::to_string(&e).map_err(write_logs_err)?;
-                rows.push((e.log_id.index as i64, text));
-                tail.push(e, rows.last().map_or(0, |(_, t)| t.len()));
+            for (text, e) in encoded {
+                let index = e.log_id.index as i64;
+                tail.push(e, text.len());
+                rows.push((index, text));
             }
         }
         // Queued, not awaited. The entries join the pending batch; a flush job is queued

@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::watch;
 
 use crate::command::{Command, RejectCode, Response};
-use crate::db::{Db, DbOptions};
+use crate::db::{query_all, query_one, Db, DbOptions};
 use crate::records::*;
 use crate::snapshot::{SnapshotDir, SnapshotFile};
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
@@ -124,34 +124,6 @@ fn write_applied(
         q.execute(params![LAST_MEMBERSHIP, json(m)])?;
     }
     Ok(())
-}
-
-/// Runs `sql` with `params` and decodes every row with `decode`.
-fn query_all<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    decode: impl Fn(&Row<'_>) -> Result<T>,
-) -> Result<Vec<T>> {
-    let mut q = conn.prepare_cached(sql)?;
-    let mut rows = q.query(params)?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        out.push(decode(r)?);
-    }
-    Ok(out)
-}
-
-/// Runs `sql` with `params` and decodes the first row, if any, with `decode`.
-fn query_one<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    decode: impl Fn(&Row<'_>) -> Result<T>,
-) -> Result<Option<T>> {
-    let mut q = conn.prepare_cached(sql)?;
-    let mut rows = q.query(params)?;
-    rows.next()?.map(decode).transpose()
 }
 
 impl StateMachine {
