@@ -1,4 +1,5 @@
 use crate::core::sm;
+use crate::raft_state::io_state::log_io_id::LogIOId;
 use crate::raft::VoteResponse;
 use crate::replication;
 use crate::MessageSummary;
@@ -42,6 +43,13 @@ where C: RaftTypeConfig
     /// Result of executing a command sent from state machine worker.
     StateMachine { command_result: sm::CommandResult<C> },
 
+    /// PATCHED (third_party/openraft/PATCHED.md): the leader's own append up to `log_io_id` is
+    /// flushed (or failed to be).
+    LocalLogFlushed {
+        log_io_id: LogIOId<C::NodeId>,
+        result: Result<(), std::io::Error>,
+    },
+
     /// A tick event to wake up RaftCore to check timeout etc.
     Tick {
         /// ith tick
@@ -84,6 +92,9 @@ where C: RaftTypeConfig
             }
             Self::StateMachine { command_result } => {
                 format!("StateMachine command done: {:?}", command_result)
+            }
+            Self::LocalLogFlushed { log_io_id, result } => {
+                format!("LocalLogFlushed: {}: {:?}", log_io_id, result)
             }
             Self::Tick { i } => {
                 format!("Tick {}", i)

@@ -1278,6 +1278,20 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { log_io_id, result } => {
+                if let Err(e) = result {
+                    let e = StorageIOError::write_logs(AnyError::error(e));
+                    return Err(Fatal::from(StorageError::from(e)));
+                }
+                // A flush by an earlier leadership of this node is not this leader's progress.
+                let leading = self.engine.leader.as_ref().and_then(|l| l.vote.committed_leader_id());
+                if leading.as_ref() == Some(&log_io_id.committed_leader_id) {
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(log_io_id.log_id);
+                    }
+                }
+            }
+
             Notify::Tick { i } => {
                 // check every timer
 
@@ -1636,6 +1650,22 @@ where
             Command::AppendInputEntries { vote, entries } => {
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
+
+                // PATCHED (third_party/openraft/PATCHED.md): a leader's own entries are handed
+                // to the log store without waiting for their flush, so that the `Replicate`
+                // commands queued after this one send them to the followers while the leader's
+                // disk writes them (Raft thesis, 10.2.1). The flush comes back as
+                // `Notify::LocalLogFlushed`, and only then counts towards the leader's own
+                // match index, so an entry still needs a quorum of flushed copies to commit.
+                // The vote was saved (awaited) before the leader proposed anything. A
+                // follower's append is still awaited, before it answers the leader.
+                let leading = self.engine.leader.as_ref().is_some_and(|l| l.vote == vote);
+                if leading {
+                    let log_io_id = LogIOId::new(vote, Some(last_log_id));
+                    let callback = LogFlushed::new_notify(log_io_id, self.tx_notify.clone());
+                    self.log_store.append(entries, callback).await?;
+                    return Ok(None);
+                }
 
                 self.append_to_log(entries, vote, last_log_id.clone()).await?;
 

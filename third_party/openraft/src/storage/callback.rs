@@ -5,6 +5,7 @@ use std::io;
 use tokio::sync::oneshot;
 
 use crate::async_runtime::AsyncOneshotSendExt;
+use crate::core::notify::Notify;
 use crate::raft_state::io_state::log_io_id::LogIOId;
 use crate::type_config::alias::OneshotSenderOf;
 use crate::LogId;
@@ -16,7 +17,21 @@ pub struct LogFlushed<C>
 where C: RaftTypeConfig
 {
     log_io_id: LogIOId<C::NodeId>,
-    tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
+    tx: FlushedTx<C>,
+}
+
+/// Where a [`LogFlushed`] reports to.
+///
+/// PATCHED (third_party/openraft/PATCHED.md): a leader's own appends report to `RaftCore`'s
+/// notification channel instead of a oneshot that `RaftCore` waits on, so that `RaftCore`
+/// replicates the entries while they are being flushed.
+enum FlushedTx<C>
+where C: RaftTypeConfig
+{
+    /// `RaftCore` waits on the receiver.
+    Oneshot(OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>),
+    /// `RaftCore` hears of it as [`Notify::LocalLogFlushed`], in flush order.
+    Notify(tokio::sync::mpsc::UnboundedSender<Notify<C>>),
 }
 
 impl<C> LogFlushed<C>
@@ -26,22 +41,46 @@ where C: RaftTypeConfig
         log_io_id: LogIOId<C::NodeId>,
         tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
     ) -> Self {
-        Self { log_io_id, tx }
+        Self {
+            log_io_id,
+            tx: FlushedTx::Oneshot(tx),
+        }
+    }
+
+    /// PATCHED: a callback that reports to `RaftCore`'s notification channel.
+    pub(crate) fn new_notify(log_io_id: LogIOId<C::NodeId>, tx: tokio::sync::mpsc::UnboundedSender<Notify<C>>) -> Self {
+        Self {
+            log_io_id,
+            tx: FlushedTx::Notify(tx),
+        }
     }
 
     /// Report log io completion event.
     ///
     /// It will be called when the log is successfully appended to the storage or an error occurs.
     pub fn log_io_completed(self, result: Result<(), io::Error>) {
-        let res = if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!("LogFlush error: {}, while flushing upto {}", e, self.log_io_id);
-            self.tx.send(Err(e))
-        } else {
-            self.tx.send(Ok(self.log_io_id))
-        };
-
-        if let Err(e) = res {
-            tracing::error!("failed to send log io completion event: {:?}", e);
+        }
+        match self.tx {
+            FlushedTx::Oneshot(tx) => {
+                let res = match result {
+                    Err(e) => tx.send(Err(e)),
+                    Ok(()) => tx.send(Ok(self.log_io_id)),
+                };
+                if let Err(e) = res {
+                    tracing::error!("failed to send log io completion event: {:?}", e);
+                }
+            }
+            FlushedTx::Notify(tx) => {
+                let notify = Notify::LocalLogFlushed {
+                    log_io_id: self.log_io_id,
+                    result,
+                };
+                if tx.send(notify).is_err() {
+                    tracing::error!("failed to send log io completion event: RaftCore is gone");
+                }
+            }
         }
     }
 }
