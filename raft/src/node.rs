@@ -215,6 +215,10 @@ type WriteResult = std::result::Result<
 /// Runs `change` on this node's Raft if it is the leader; else answers who the leader is.
 /// (openraft checks a change against the local membership before it checks leadership, and
 /// a follower's membership may be behind the leader's.)
+/// How long a membership change waits for the leader to have applied the membership it took
+/// over; see [`change_membership_local`].
+const MEMBERSHIP_SETTLE: Duration = Duration::from_secs(2);
+
 pub(crate) async fn change_membership_local(raft: &Raft, change: &MembershipChange) -> WriteResult {
     let (state, leader, leader_node) = {
         let m = raft.metrics();
@@ -232,6 +236,21 @@ pub(crate) async fn change_membership_local(raft: &Raft, change: &MembershipChan
             },
         )));
     }
+    // A new leader commits the membership it took over only with its first entry, a moment
+    // after its election (the leader does not wait for its own flush before replicating, so
+    // even a one-node cluster takes that moment); until then openraft refuses a change as "in
+    // progress". The wait ends as soon as the membership is applied, or after
+    // MEMBERSHIP_SETTLE, when openraft's own answer stands.
+    let _ = raft
+        .wait(Some(MEMBERSHIP_SETTLE))
+        .metrics(
+            |m| {
+                m.state != ServerState::Leader
+                    || m.last_applied.as_ref() >= m.membership_config.log_id().as_ref()
+            },
+            "the membership is applied",
+        )
+        .await;
     match change {
         MembershipChange::AddLearner { id, node, wait } => {
             raft.add_learner(*id, node.clone(), *wait).await

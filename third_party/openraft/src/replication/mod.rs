@@ -63,6 +63,10 @@ use crate::StorageError;
 use crate::StorageIOError;
 use crate::Vote;
 
+/// PATCHED (third_party/openraft/PATCHED.md): how long a heartbeat that only carries a new
+/// commit index waits for new entries to carry it instead.
+const COMMIT_ONLY_DELAY: Duration = Duration::from_millis(2);
+
 /// The handle to a spawned replication stream.
 pub(crate) struct ReplicationHandle<C>
 where C: RaftTypeConfig
@@ -123,6 +127,10 @@ where
     /// The backoff policy if an [`Unreachable`](`crate::error::Unreachable`) error is returned.
     /// It will be reset to `None` when an successful response is received.
     backoff: Option<Backoff>,
+
+    /// PATCHED (third_party/openraft/PATCHED.md): `next_action` is a heartbeat that only carries
+    /// a new commit index, which may wait up to [`COMMIT_ONLY_DELAY`] for entries to ride with.
+    commit_only: bool,
 
     /// The `RaftLogReader` of a `RaftStorage` interface.
     log_reader: LS::LogReader,
@@ -188,6 +196,7 @@ where
             snapshot_network: Arc::new(Mutex::new(snapshot_network)),
             snapshot_state: None,
             backoff: None,
+            commit_only: false,
             log_reader,
             snapshot_reader,
             config,
@@ -217,6 +226,15 @@ where
                 self.drain_events_with_backoff().await?;
                 continue;
             };
+
+            // PATCHED: a commit index alone waits a moment for the next entries, which carry it
+            // anyway; under steady writes that saves the follower an RPC per write, and the
+            // replication stream stays free for the next entries.
+            if self.commit_only {
+                self.next_action = Some(d);
+                self.delay_commit_only().await?;
+                continue;
+            }
 
             // Backup the log data for retrying.
             let mut log_data = None;
@@ -620,6 +638,25 @@ where
         }
     }
 
+    /// PATCHED: waits until [`COMMIT_ONLY_DELAY`] has passed or an event makes `next_action` more
+    /// than a commit index, whichever is first; then `next_action` is sent.
+    async fn delay_commit_only(&mut self) -> Result<(), ReplicationClosed> {
+        let until = C::now() + COMMIT_ONLY_DELAY;
+        while self.commit_only {
+            let sleep = C::sleep(until - C::now());
+            let recv = self.rx_event.recv();
+            select! {
+                _ = sleep => break,
+                recv_res = recv => {
+                    let event = recv_res.ok_or(ReplicationClosed::new("RaftCore closed replication"))?;
+                    self.process_event(event);
+                }
+            }
+        }
+        self.commit_only = false;
+        Ok(())
+    }
+
     /// Receive and process events from RaftCore, until `next_action` is filled.
     ///
     /// It blocks until at least one event is received.
@@ -682,15 +719,19 @@ where
                 // If there is no action, fill in an heartbeat action to send committed index.
                 if self.next_action.is_none() {
                     self.next_action = Some(Data::new_heartbeat());
+                    self.commit_only = true;
                 }
             }
             Replicate::Heartbeat => {
+                // PATCHED: a heartbeat the core asks for goes at once.
+                self.commit_only = false;
                 // Never overwrite action with payload.
                 if self.next_action.is_none() {
                     self.next_action = Some(Data::new_heartbeat());
                 }
             }
             Replicate::Data(d) => {
+                self.commit_only = false;
                 // TODO: Currently there is at most 1 in flight data. But in future RaftCore may send next data
                 //       actions without waiting for the previous to finish.
                 debug_assert!(
