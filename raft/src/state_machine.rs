@@ -3,7 +3,8 @@
 //! a crash is idempotent and openraft finds its applied state where the data is).
 //!
 //! One connection, on its own thread, writes: a whole applied batch is one job there
-//! ([`crate::db`]). Two more connections, on their own threads, serve the reads.
+//! ([`crate::db`]). Two more connections, on their own threads, serve the reads, and a fourth
+//! checkpoints the WAL every 50 ms beside the writer (`run_checkpoints`).
 //!
 //! It also builds snapshots of itself (`VACUUM INTO`, a consistent copy of the database) and
 //! installs received ones (their tables copied over its own in one transaction).
