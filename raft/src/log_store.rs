@@ -154,6 +154,10 @@ struct PendingAppends {
     callbacks: Vec<LogFlushed<TypeConfig>>,
     /// A flush job is queued and has not yet taken `rows`.
     flush_queued: bool,
+    /// Why a flush failed. From then on nothing more is written and every append fails: the
+    /// leader does not wait for one flush before the next append, so writing later entries
+    /// after a failed batch would leave a hole in the log.
+    failed: Option<String>,
 }
 
 impl Debug for PendingAppends {
@@ -168,15 +172,22 @@ impl Debug for PendingAppends {
 /// The log thread's flush job: takes every pending append, writes them in one
 /// transaction, then tells each appender the outcome.
 fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
-    let (rows, callbacks) = {
+    let (rows, callbacks, failed) = {
         let mut p = lock(pending);
         p.flush_queued = false;
         (
             std::mem::take(&mut p.rows),
             std::mem::take(&mut p.callbacks),
+            p.failed.clone(),
         )
     };
-    let res = insert_entries(conn, &rows).map_err(|e| e.to_string());
+    let res = match failed {
+        Some(why) => Err(format!("an earlier log write failed: {why}")),
+        None => insert_entries(conn, &rows).map_err(|e| e.to_string()),
+    };
+    if let Err(why) = &res {
+        lock(pending).failed.get_or_insert_with(|| why.clone());
+    }
     for cb in callbacks {
         cb.log_io_completed(res.clone().map_err(std::io::Error::other));
     }
@@ -355,6 +366,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        if let Some(why) = lock(&self.pending).failed.clone() {
+            return Err(write_logs_err(format!(
+                "an earlier log write failed: {why}"
+            )));
+        }
         // Encoded before the tail is locked (its readers are the replication tasks), and
         // all of them before any is added: an entry that cannot be encoded leaves no trace.
         let encoded = entries
@@ -488,6 +504,26 @@ mod tests {
         assert_eq!(t.bytes, 10);
         t.truncate(0);
         assert_eq!((t.first_index(), t.bytes), (None, 0));
+    }
+
+    #[test]
+    fn a_failed_flush_stops_every_later_write() {
+        let pending = Mutex::new(PendingAppends::default());
+        // No `log` table: the insert fails.
+        let mut broken = Connection::open_in_memory().unwrap();
+        lock(&pending).rows.push((1, "{}".into()));
+        flush_pending(&mut broken, &pending);
+        assert!(lock(&pending).failed.is_some(), "the failure is kept");
+
+        let mut healthy = Connection::open_in_memory().unwrap();
+        healthy.execute_batch(SCHEMA).unwrap();
+        lock(&pending).rows.push((2, "{}".into()));
+        flush_pending(&mut healthy, &pending);
+        let rows: i64 = healthy
+            .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "entry 2 must not be written after entry 1 failed");
+        assert!(lock(&pending).rows.is_empty());
     }
 
     #[test]

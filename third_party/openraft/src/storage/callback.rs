@@ -17,7 +17,8 @@ pub struct LogFlushed<C>
 where C: RaftTypeConfig
 {
     log_io_id: LogIOId<C::NodeId>,
-    tx: FlushedTx<C>,
+    /// PATCHED: an `Option` so that `Drop` can tell a callback that was never completed.
+    tx: Option<FlushedTx<C>>,
 }
 
 /// Where a [`LogFlushed`] reports to.
@@ -43,7 +44,7 @@ where C: RaftTypeConfig
     ) -> Self {
         Self {
             log_io_id,
-            tx: FlushedTx::Oneshot(tx),
+            tx: Some(FlushedTx::Oneshot(tx)),
         }
     }
 
@@ -51,36 +52,52 @@ where C: RaftTypeConfig
     pub(crate) fn new_notify(log_io_id: LogIOId<C::NodeId>, tx: tokio::sync::mpsc::UnboundedSender<Notify<C>>) -> Self {
         Self {
             log_io_id,
-            tx: FlushedTx::Notify(tx),
+            tx: Some(FlushedTx::Notify(tx)),
         }
     }
 
     /// Report log io completion event.
     ///
     /// It will be called when the log is successfully appended to the storage or an error occurs.
-    pub fn log_io_completed(self, result: Result<(), io::Error>) {
+    pub fn log_io_completed(mut self, result: Result<(), io::Error>) {
         if let Err(e) = &result {
             tracing::error!("LogFlush error: {}, while flushing upto {}", e, self.log_io_id);
         }
-        match self.tx {
-            FlushedTx::Oneshot(tx) => {
+        let log_io_id = self.log_io_id.clone();
+        match self.tx.take() {
+            None => {}
+            Some(FlushedTx::Oneshot(tx)) => {
                 let res = match result {
                     Err(e) => tx.send(Err(e)),
-                    Ok(()) => tx.send(Ok(self.log_io_id)),
+                    Ok(()) => tx.send(Ok(log_io_id)),
                 };
                 if let Err(e) = res {
                     tracing::error!("failed to send log io completion event: {:?}", e);
                 }
             }
-            FlushedTx::Notify(tx) => {
-                let notify = Notify::LocalLogFlushed {
-                    log_io_id: self.log_io_id,
-                    result,
-                };
+            Some(FlushedTx::Notify(tx)) => {
+                let notify = Notify::LocalLogFlushed { log_io_id, result };
                 if tx.send(notify).is_err() {
                     tracing::error!("failed to send log io completion event: RaftCore is gone");
                 }
             }
+        }
+    }
+}
+
+/// PATCHED: a notify callback dropped without being completed (the log store failed in a way
+/// it could not report) is reported as a failed flush, which stops `RaftCore`, instead of
+/// leaving the leader waiting for a flush that never comes. (A dropped oneshot callback
+/// already reads as an error on the waiting side.)
+impl<C> Drop for LogFlushed<C>
+where C: RaftTypeConfig
+{
+    fn drop(&mut self) {
+        if let Some(FlushedTx::Notify(tx)) = self.tx.take() {
+            let _ = tx.send(Notify::LocalLogFlushed {
+                log_io_id: self.log_io_id.clone(),
+                result: Err(io::Error::other("the log store dropped a flush callback without completing it")),
+            });
         }
     }
 }
