@@ -3,11 +3,11 @@
 //!
 //! One connection on its own thread ([`crate::db`]) does all the work, in the order it is
 //! asked; it holds the database's locks for as long as it is open (exclusive locking mode),
-//! so no other process can open the log meanwhile. Every write is one transaction in WAL mode with `synchronous=FULL`, so it is on
-//! disk when the commit returns; only then is openraft told that appended entries are
-//! flushed. An append is queued and `append` returns at once; appends that queue up while the
-//! thread syncs are written together (group commit). Entries are stored as JSON, keyed by
-//! index.
+//! so no other process can open the log meanwhile. Every write is one transaction in WAL
+//! mode with `synchronous=FULL`, so it is on disk when the commit returns; only then is
+//! openraft told that appended entries are flushed. An append is queued and `append` returns
+//! at once; appends that queue up while the thread syncs are written together (group
+//! commit). Entries are stored as JSON, keyed by index.
 //!
 //! The newest entries are also kept in memory ([`Tail`]), and reads they cover are answered
 //! from there. That is what lets the leader send new entries to its followers while its own
@@ -154,9 +154,10 @@ struct PendingAppends {
     callbacks: Vec<LogFlushed<TypeConfig>>,
     /// A flush job is queued and has not yet taken `rows`.
     flush_queued: bool,
-    /// Why a flush failed. From then on nothing more is written and every append fails: the
-    /// leader does not wait for one flush before the next append, so writing later entries
-    /// after a failed batch would leave a hole in the log.
+    /// What an append or flush is answered once a flush has failed. From then on nothing
+    /// more is written and every append fails: the leader does not wait for one flush before
+    /// the next append, so writing later entries after a failed batch would leave a hole in
+    /// the log.
     failed: Option<String>,
 }
 
@@ -182,11 +183,13 @@ fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
         )
     };
     let res = match failed {
-        Some(why) => Err(format!("an earlier log write failed: {why}")),
+        Some(refusal) => Err(refusal),
         None => insert_entries(conn, &rows).map_err(|e| e.to_string()),
     };
     if let Err(why) = &res {
-        lock(pending).failed.get_or_insert_with(|| why.clone());
+        lock(pending)
+            .failed
+            .get_or_insert_with(|| format!("an earlier log write failed: {why}"));
     }
     for cb in callbacks {
         cb.log_io_completed(res.clone().map_err(std::io::Error::other));
@@ -366,10 +369,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        if let Some(why) = lock(&self.pending).failed.clone() {
-            return Err(write_logs_err(format!(
-                "an earlier log write failed: {why}"
-            )));
+        if let Some(refusal) = lock(&self.pending).failed.clone() {
+            return Err(write_logs_err(refusal));
         }
         // Encoded before the tail is locked (its readers are the replication tasks), and
         // all of them before any is added: an entry that cannot be encoded leaves no trace.

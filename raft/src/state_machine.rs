@@ -4,13 +4,14 @@
 //!
 //! One connection, on its own thread, writes: a whole applied batch is one job there
 //! ([`crate::db`]). Two more connections, on their own threads, serve the reads, and a fourth
-//! checkpoints the WAL every 50 ms beside the writer (`run_checkpoints`).
+//! checkpoints the WAL beside the writer, every 50 ms in which something was applied
+//! (`run_checkpoints`).
 //!
 //! It also builds snapshots of itself (`VACUUM INTO`, a consistent copy of the database) and
 //! installs received ones (their tables copied over its own in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
@@ -68,8 +69,6 @@ pub struct StateMachine {
     /// Index of the last applied change to the CA journal or the rotation requests.
     ca_changed: watch::Sender<u64>,
     snapshots: Arc<SnapshotDir>,
-    /// Held by every clone; the checkpoint task ends once the last one is dropped.
-    _alive: Arc<()>,
 }
 
 /// How often a connection of its own checkpoints the state's WAL (see [`run_checkpoints`]).
@@ -78,8 +77,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// The writer's own checkpoint threshold, in WAL pages (SQLite's default is 1000).
 const WRITER_AUTOCHECKPOINT: i64 = 4096;
 
-/// Checkpoints the WAL (`PASSIVE`: never waits for the writer or the readers) every
-/// [`CHECKPOINT_EVERY`] on `db`, until `alive` has no strong count left.
+/// Checkpoints the WAL (`PASSIVE`: never waits for the writer or the readers) on `db` every
+/// [`CHECKPOINT_EVERY`] in which something was applied (`applied` changed), until the state
+/// machine is dropped (the sender of `applied` with it).
 ///
 /// SQLite's automatic checkpoints run inside the commit that crosses the threshold, on the
 /// writer: with the default threshold, about every 170 single-write applies copied 4 MiB and
@@ -88,13 +88,17 @@ const WRITER_AUTOCHECKPOINT: i64 = 4096;
 /// the writer keeps appending, though, so the writer keeps a higher threshold,
 /// [`WRITER_AUTOCHECKPOINT`]: when it is crossed, what is left to copy is small, and the
 /// writer's checkpoint lets the WAL start over, which bounds its size.
-async fn run_checkpoints(db: Db, alive: Weak<()>) {
+async fn run_checkpoints(db: Db, mut applied: watch::Receiver<u64>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if alive.strong_count() == 0 {
-            return;
+        match applied.has_changed() {
+            Err(_) => return,
+            Ok(false) => continue,
+            Ok(true) => {
+                applied.borrow_and_update();
+            }
         }
         let res = db
             .call(|c| Ok(c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?))
@@ -185,20 +189,19 @@ impl StateMachine {
         .await?;
         let readers = Db::open(path, opts("state-read", 2), |_| Ok(())).await?;
         let checkpointer = Db::open(path, opts("state-ckpt", 1), |_| Ok(())).await?;
-        let alive = Arc::new(());
-        tokio::spawn(run_checkpoints(checkpointer, Arc::downgrade(&alive)));
         let (last, _) = writer.call(|c| read_applied(c)).await?;
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
             .await
             .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
         let last = last.map(|l| l.index).unwrap_or(0);
+        let (applied, applied_rx) = watch::channel(last);
+        tokio::spawn(run_checkpoints(checkpointer, applied_rx));
         Ok(Self {
             writer,
             readers,
-            applied: watch::channel(last).0,
+            applied,
             ca_changed: watch::channel(last).0,
             snapshots: Arc::new(snapshots),
-            _alive: alive,
         })
     }
 
