@@ -8,11 +8,15 @@
 //! async driver pays that hand-off per statement and per row, which made thread switching
 //! the largest cost of a replicated write.)
 //!
+//! A job short enough not to hold up an async runtime worker can also run on the caller's
+//! own thread ([`Db::call_here`]), which saves the two hand-offs when they would cost more
+//! than the job.
+//!
 //! The threads end when the last clone of the [`Db`] is dropped.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use rusqlite::{Connection, Row};
@@ -42,6 +46,8 @@ pub(crate) struct DbOptions {
 #[derive(Clone, Debug)]
 pub(crate) struct Db {
     jobs: mpsc::Sender<Job>,
+    /// The first connection, which its thread locks while it runs a job.
+    first: Arc<Mutex<Connection>>,
 }
 
 /// How long a connection waits for a lock held by another connection before failing.
@@ -97,11 +103,14 @@ impl Db {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let mut init = Some(init);
+        let mut first = None;
         for i in 0..opts.connections.max(1) {
             let mut conn = open_connection(path, &opts)?;
             if let Some(init) = init.take() {
                 init(&mut conn)?;
             }
+            let conn = Arc::new(Mutex::new(conn));
+            first.get_or_insert_with(|| Arc::clone(&conn));
             let rx = Arc::clone(&rx);
             std::thread::Builder::new()
                 .name(format!("{}-{i}", opts.name))
@@ -118,11 +127,15 @@ impl Db {
                     // A panicking job drops its reply channel (its caller gets an error);
                     // the connection stays usable: an open transaction rolls back when
                     // its guard unwinds.
+                    let mut conn = relock(conn.lock());
                     let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
                 })
                 .map_err(|e| Error::Io(format!("starting the {} thread: {e}", opts.name)))?;
         }
-        Ok(Self { jobs: tx })
+        Ok(Self {
+            jobs: tx,
+            first: first.expect("at least one connection"),
+        })
     }
 
     /// Queues `f` to run with a connection on its thread, without waiting for it. Jobs of a
@@ -149,6 +162,33 @@ impl Db {
         rx.await
             .map_err(|_| Error::Io("the database thread stopped during a call".into()))?
     }
+
+    /// Runs `f` with the first connection on the calling thread, blocking it, if that
+    /// connection is not running a job; otherwise as [`Db::call`]. Only for a one-connection
+    /// [`Db`] whose jobs all come through [`Db::call`] or this (so none queued earlier is
+    /// overtaken), and only for jobs of well under a millisecond: it holds up an async
+    /// runtime worker meanwhile.
+    pub(crate) async fn call_here<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        let f = match self.first.try_lock() {
+            Ok(mut conn) => return f(&mut conn),
+            // A job that panicked here left the connection usable (see the thread loop).
+            Err(TryLockError::Poisoned(p)) => return f(&mut p.into_inner()),
+            Err(TryLockError::WouldBlock) => f,
+        };
+        self.call(f).await
+    }
+}
+
+/// The guard of a connection's lock, also when a job panicked while holding it (the
+/// connection is still consistent: an open transaction rolled back as it unwound).
+fn relock<'a, T>(
+    r: std::result::Result<MutexGuard<'a, T>, std::sync::PoisonError<MutexGuard<'a, T>>>,
+) -> MutexGuard<'a, T> {
+    r.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs `sql` with `params` and decodes every row with `decode`.
@@ -177,4 +217,64 @@ pub(crate) fn query_one<T>(
     let mut q = conn.prepare_cached(sql)?;
     let mut rows = q.query(params)?;
     rows.next()?.map(decode).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn one_connection(dir: &Path) -> Db {
+        let opts = DbOptions {
+            name: "test-db",
+            connections: 1,
+            synchronous: "NORMAL",
+            exclusive: false,
+        };
+        Db::open(&dir.join("t.db"), opts, |c| {
+            c.execute_batch("CREATE TABLE t (x INTEGER)")
+        })
+        .await
+        .expect("open")
+    }
+
+    fn rows(c: &mut Connection) -> Result<(i64, Option<String>)> {
+        let n = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?;
+        Ok((n, std::thread::current().name().map(str::to_owned)))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn call_here_runs_on_the_callers_thread_when_the_connection_is_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = one_connection(dir.path()).await;
+        let (n, thread) = db.call_here(rows).await.expect("call_here");
+        assert_eq!(n, 0);
+        assert_ne!(thread.as_deref(), Some("test-db-0"));
+        let (_, thread) = db.call(rows).await.expect("call");
+        assert_eq!(thread.as_deref(), Some("test-db-0"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn call_here_waits_behind_a_running_job_and_sees_what_it_wrote() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = one_connection(dir.path()).await;
+        let (started_tx, started_rx) = oneshot::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        db.submit(move |c| {
+            let _ = started_tx.send(());
+            let _ = go_rx.recv();
+            c.execute("INSERT INTO t VALUES (1)", []).expect("insert");
+        })
+        .expect("submit");
+        started_rx.await.expect("the job started");
+        let here = tokio::spawn({
+            let db = db.clone();
+            async move { db.call_here(rows).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!here.is_finished(), "call_here overtook the running job");
+        go_tx.send(()).expect("release the job");
+        let (n, thread) = here.await.expect("join").expect("call_here");
+        assert_eq!(n, 1, "call_here ran before the job it queued behind");
+        assert_eq!(thread.as_deref(), Some("test-db-0"));
+    }
 }
