@@ -6,9 +6,12 @@
 //! warm-up and then a measured period: `CreateEntry` on the CA leader's admin API (every
 //! entry a new SPIFFE ID), `KV.Put` on the etcd leader (a new key; the value is the same
 //! entry, protobuf-encoded, so both store the same bytes). Both systems answer only once the
-//! write is committed by a majority and on disk. The two are measured one after the other,
-//! alternating which goes first from one level to the next, so that neither always gets the
-//! warmer machine.
+//! write is committed by a majority and on disk. The two take turns: each level's measured
+//! period is cut into `--slices` slices per system, run CA, etcd, etcd, CA, CA, etcd, ...
+//! (which goes first also alternates from one level to the next), so that a machine whose
+//! speed drifts over seconds (a shared VM) slows both alike instead of whichever ran in the
+//! slower stretch. Each slice after a system's first at a level gets [`SLICE_WARMUP`] of
+//! unmeasured load first, so its pipeline is full when measuring starts.
 //!
 //! Every acknowledged write is checked afterwards: the CA's entry count on a follower (a
 //! linearizable read) and etcd's revision must both equal the number of acknowledged writes.
@@ -49,9 +52,12 @@ pub struct Args {
     /// Measured seconds per level and system.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Warm-up seconds before each measured period.
+    /// Warm-up seconds before each system's first slice at a level.
     #[arg(long, default_value_t = 2)]
     pub warmup: u64,
+    /// Slices the measured period of each level is cut into, per system (alternating).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slices: u32,
     /// Cluster size (both systems).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
@@ -121,11 +127,16 @@ pub struct Report {
     pub ca_node: String,
     /// Bytes of one write's value (the encoded entry).
     pub value_bytes: usize,
+    /// Measured seconds per level and system, and the alternating slices they were cut into.
+    pub measured: (f64, u32),
     /// Per level.
     pub levels: Vec<Level>,
     /// Writes acknowledged in all (verified against each system's state).
     pub verified: (u64, u64),
 }
+
+/// Unmeasured load before every slice but a system's first at a level.
+pub const SLICE_WARMUP: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Tally {
@@ -202,6 +213,19 @@ where
         .expect("tasks done")
         .into_inner()
         .expect("tally")
+}
+
+impl Tally {
+    /// Adds the tally of another slice.
+    fn add(&mut self, other: Tally) {
+        self.latencies.extend(other.latencies);
+        self.measured += other.measured;
+        self.acked += other.acked;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
 }
 
 /// [`drive`], and the CPU the processes `pids` used meanwhile, scaled to the measured share
@@ -304,6 +328,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         etcd_peers: args.etcd_peers,
         ca_node: exe.describe(),
         value_bytes: entry(0).encoded_len(),
+        measured: (
+            (Duration::from_secs(args.duration) / args.slices * args.slices).as_secs_f64(),
+            args.slices,
+        ),
         levels,
         verified,
     })
@@ -316,6 +344,7 @@ async fn run_levels(
 ) -> anyhow::Result<(Vec<Level>, (u64, u64))> {
     let warmup = Duration::from_secs(args.warmup);
     let duration = Duration::from_secs(args.duration);
+    let slice = duration / args.slices;
     let ca_leader = ca.leader().await?;
     let ca_client = ca.nodes[ca_leader].admin().await?;
     let etcd_leader = etcd.leader().await?;
@@ -328,12 +357,12 @@ async fn run_levels(
     let max_revision = Arc::new(AtomicU64::new(0));
     let mut levels = Vec::new();
     for (li, &c) in args.concurrency.iter().enumerate() {
-        let run_ca = || {
+        let run_ca = |warmup| {
             let client = ca_client.clone();
             let seq = ca_seq.clone();
             let pids = ca_pids.clone();
             async move {
-                drive_with_cpu(&pids, c, warmup, duration, seq, move |s| {
+                drive_with_cpu(&pids, c, warmup, slice, seq, move |s| {
                     let mut client = client.clone();
                     async move {
                         client
@@ -348,13 +377,13 @@ async fn run_levels(
                 .await
             }
         };
-        let run_etcd = || {
+        let run_etcd = |warmup| {
             let kv = kv.clone();
             let seq = etcd_seq.clone();
             let pids = etcd_pids.clone();
             let maxrev = max_revision.clone();
             async move {
-                drive_with_cpu(&pids, c, warmup, duration, seq, move |s| {
+                drive_with_cpu(&pids, c, warmup, slice, seq, move |s| {
                     let mut kv = kv.clone();
                     let maxrev = maxrev.clone();
                     async move {
@@ -376,17 +405,27 @@ async fn run_levels(
             }
         };
         eprintln!("concurrency {c}: measuring");
-        let ((ct, ccpu), (et, ecpu)) = if li % 2 == 0 {
-            let a = run_ca().await;
-            (a, run_etcd().await)
-        } else {
-            let b = run_etcd().await;
-            (run_ca().await, b)
-        };
+        let (mut ct, mut et) = (Tally::default(), Tally::default());
+        let (mut ccpu, mut ecpu) = (Duration::ZERO, Duration::ZERO);
+        for s in 0..args.slices as usize {
+            let warm = if s == 0 { warmup } else { SLICE_WARMUP };
+            for ca_turn in [true, false].map(|first| first == ((li + s) % 2 == 0)) {
+                if ca_turn {
+                    let (t, cpu) = run_ca(warm).await;
+                    ct.add(t);
+                    ccpu += cpu;
+                } else {
+                    let (t, cpu) = run_etcd(warm).await;
+                    et.add(t);
+                    ecpu += cpu;
+                }
+            }
+        }
         ca_acked += ct.acked;
         etcd_acked += et.acked;
-        let cam = measured(ct, duration, ccpu);
-        let etm = measured(et, duration, ecpu);
+        let measured_for = slice * args.slices;
+        let cam = measured(ct, measured_for, ccpu);
+        let etm = measured(et, measured_for, ecpu);
         levels.push(Level {
             concurrency: c,
             ratio: if etm.per_second > 0.0 {
@@ -438,6 +477,10 @@ pub fn print_table(r: &Report) {
     println!(
         "ca-node: {}; value {} bytes; verified {} CA entries and {} etcd puts",
         r.ca_node, r.value_bytes, r.verified.0, r.verified.1
+    );
+    println!(
+        "each level: {} s measured per system, in {} slices taking turns",
+        r.measured.0, r.measured.1
     );
     println!(
         "{:>5} | {:>9} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} {:>8} | {:>6}",
