@@ -195,14 +195,7 @@ where
                     }
                 }
             }
-            let mut t = tally.lock().expect("tally");
-            t.latencies.extend(local.latencies);
-            t.measured += local.measured;
-            t.acked += local.acked;
-            t.errors += local.errors;
-            if t.first_error.is_none() {
-                t.first_error = local.first_error;
-            }
+            tally.lock().expect("tally").add(local);
         }));
     }
     for t in tasks {
@@ -216,7 +209,7 @@ where
 }
 
 impl Tally {
-    /// Adds the tally of another slice.
+    /// Adds another tally (of a client task, or of a slice).
     fn add(&mut self, other: Tally) {
         self.latencies.extend(other.latencies);
         self.measured += other.measured;
