@@ -127,7 +127,7 @@ impl Db {
                     // A panicking job drops its reply channel (its caller gets an error);
                     // the connection stays usable: an open transaction rolls back when
                     // its guard unwinds.
-                    let mut conn = relock(conn.lock());
+                    let mut conn = lock(&conn);
                     let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
                 })
                 .map_err(|e| Error::Io(format!("starting the {} thread: {e}", opts.name)))?;
@@ -183,12 +183,11 @@ impl Db {
     }
 }
 
-/// The guard of a connection's lock, also when a job panicked while holding it (the
-/// connection is still consistent: an open transaction rolled back as it unwound).
-fn relock<'a, T>(
-    r: std::result::Result<MutexGuard<'a, T>, std::sync::PoisonError<MutexGuard<'a, T>>>,
-) -> MutexGuard<'a, T> {
-    r.unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Locks `m`, also when a panic elsewhere poisoned it: what it guards here stays whole (a
+/// connection whose job panicked rolled its open transaction back as it unwound; the log
+/// store's pending appends are changed only in single steps).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs `sql` with `params` and decodes every row with `decode`.

@@ -30,7 +30,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::db::{query_all, Db, DbOptions};
+use crate::db::{lock, query_all, Db, DbOptions};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::Result;
 
@@ -194,11 +194,6 @@ fn flush_pending(conn: &mut Connection, pending: &Mutex<PendingAppends>) {
     for cb in callbacks {
         cb.log_io_completed(res.clone().map_err(std::io::Error::other));
     }
-}
-
-/// Locks `m`; a panic elsewhere while it was held leaves data that is still whole here.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
