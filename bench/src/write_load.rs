@@ -80,6 +80,13 @@ pub struct Args {
     pub check_target: bool,
 }
 
+impl Args {
+    /// One slice of a level's measured period; a system is measured `slices` of them.
+    fn slice(&self) -> Duration {
+        Duration::from_secs(self.duration) / self.slices
+    }
+}
+
 /// One system at one concurrency level.
 #[derive(Clone, Debug, Serialize)]
 pub struct Measured {
@@ -321,10 +328,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         etcd_peers: args.etcd_peers,
         ca_node: exe.describe(),
         value_bytes: entry(0).encoded_len(),
-        measured: (
-            (Duration::from_secs(args.duration) / args.slices * args.slices).as_secs_f64(),
-            args.slices,
-        ),
+        measured: ((args.slice() * args.slices).as_secs_f64(), args.slices),
         levels,
         verified,
     })
@@ -336,8 +340,7 @@ async fn run_levels(
     etcd: &EtcdCluster,
 ) -> anyhow::Result<(Vec<Level>, (u64, u64))> {
     let warmup = Duration::from_secs(args.warmup);
-    let duration = Duration::from_secs(args.duration);
-    let slice = duration / args.slices;
+    let slice = args.slice();
     let ca_leader = ca.leader().await?;
     let ca_client = ca.nodes[ca_leader].admin().await?;
     let etcd_leader = etcd.leader().await?;
