@@ -442,8 +442,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }
     }));
     let node_api = NodeServer::new(NodeApi::new(core.clone()));
-    let raft_api =
-        InterceptedService::new(raft.grpc_service(), raft_tls::only_ca_nodes(td.clone()));
+    let raft_api = InterceptedService::new(
+        raft.grpc_service(shutdown.subscribe()),
+        raft_tls::only_ca_nodes(td.clone()),
+    );
     let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {

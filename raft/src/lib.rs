@@ -41,7 +41,7 @@
 //! let log = LogStore::open(&dir.join(LOG_DB_FILE)).await?;
 //! let me = NodeInfo { addr: "10.0.0.1:7443".into(), node_id: "ca-1".into() };
 //! let node = RaftNode::start(RaftNodeConfig::new(1, me), log, sm, Arc::new(PlaintextConnector::default())).await?;
-//! // Mount node.grpc_service() on the node's (TLS) gRPC server, then, on the first node only:
+//! // Mount node.grpc_service(stop) on the node's (TLS) gRPC server, then, on the first node only:
 //! node.initialize().await?;
 //! let proposer = RaftProposer::new(node.clone());
 //! # let _ = proposer; Ok(()) }

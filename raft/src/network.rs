@@ -21,6 +21,8 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::pb::{from_json, FromPb, IntoPb};
@@ -149,16 +151,34 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             target,
             node: node.clone(),
+            append_stream: None,
+            streaming: true,
         }
     }
 }
 
 /// openraft's connection to one node.
+///
+/// AppendEntries (replication and heartbeats: openraft sends one at a time per follower)
+/// go over one long-lived `AppendEntriesStream`, opened on first use and dropped on any
+/// failure or timeout, so that a reply never answers the wrong request; the next request
+/// opens a new one. A node without that RPC gets unary `AppendEntries` instead.
 #[derive(Debug)]
 pub struct Connection {
     peers: Peers,
     target: NodeId,
     node: NodeInfo,
+    append_stream: Option<AppendStream>,
+    /// False once the node answered `AppendEntriesStream` with `Unimplemented`.
+    streaming: bool,
+}
+
+/// An open `AppendEntriesStream`: requests go in through `requests`, each answered in order
+/// on `replies`.
+#[derive(Debug)]
+struct AppendStream {
+    requests: mpsc::Sender<pb::AppendEntriesRequest>,
+    replies: tonic::Streaming<pb::AppendEntriesReply>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
@@ -205,20 +225,73 @@ fn bad_reply<E: std::error::Error>(s: tonic::Status) -> RpcErr<E> {
     RPCError::Network(NetworkError::new(&s))
 }
 
+impl Connection {
+    /// The open `AppendEntriesStream`, opened if needed; `None` if the node does not have
+    /// the RPC (it gets unary `AppendEntries` from then on).
+    async fn append_stream(&mut self) -> Result<Option<&mut AppendStream>, RpcErr> {
+        if self.append_stream.is_none() && self.streaming {
+            let mut client = self.client().await?;
+            let (requests, rx) = mpsc::channel(1);
+            match client.append_entries_stream(ReceiverStream::new(rx)).await {
+                Ok(replies) => {
+                    self.append_stream = Some(AppendStream {
+                        requests,
+                        replies: replies.into_inner(),
+                    })
+                }
+                Err(s) if s.code() == tonic::Code::Unimplemented => self.streaming = false,
+                Err(s) => return Err(self.status_err(s)),
+            }
+        }
+        Ok(self.append_stream.as_mut())
+    }
+
+    /// One AppendEntries exchange: on the stream if the node has it, else unary.
+    async fn exchange_append(
+        &mut self,
+        req: pb::AppendEntriesRequest,
+        option: &RPCOption,
+    ) -> Result<pb::AppendEntriesReply, RpcErr> {
+        let Some(stream) = self.append_stream().await? else {
+            let mut client = self.client().await?;
+            return Ok(client
+                .append_entries(request(req, option))
+                .await
+                .map_err(|s| self.status_err(s))?
+                .into_inner());
+        };
+        let closed = || bad_reply(tonic::Status::unavailable("AppendEntriesStream closed"));
+        stream.requests.send(req).await.map_err(|_| closed())?;
+        match stream.replies.message().await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(closed()),
+            Err(s) => Err(status_to_rpc_error(s)),
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Connection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let mut client = self.client().await?;
-        let reply = client
-            .append_entries(request(rpc.into_pb(), &option))
-            .await
-            .map_err(|s| self.status_err(s))?
-            .into_inner();
+        let ttl = option.hard_ttl();
+        let exchanged = tokio::time::timeout(ttl, self.exchange_append(rpc.into_pb(), &option));
+        let reply = match exchanged.await {
+            Ok(reply) => reply,
+            Err(_) => Err(bad_reply(tonic::Status::deadline_exceeded(format!(
+                "no AppendEntries reply within {ttl:?}"
+            )))),
+        };
+        let reply = reply.inspect_err(|_| {
+            // A reply still on its way would answer the next request: start afresh.
+            self.append_stream = None;
+        })?;
         match reply.result {
             Some(pb::append_entries_reply::Result::Error(e)) => {
+                // The node ends the stream after such a reply.
+                self.append_stream = None;
                 let fatal: Fatal<NodeId> = from_json("remote error", &e).map_err(bad_reply)?;
                 Err(self.remote(RaftError::Fatal(fatal)))
             }

@@ -341,9 +341,13 @@ impl RaftNode {
         &self.inner.sm
     }
 
-    /// The Raft transport's gRPC service over this node, to mount on the node's server.
-    pub fn grpc_service(&self) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
-        RaftGrpc::new(self.inner.raft.clone()).into_server()
+    /// The Raft transport's gRPC service over this node, to mount on the node's server;
+    /// `stop` is the server's shutdown signal (see [`RaftGrpc::new`]).
+    pub fn grpc_service(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
+        RaftGrpc::new(self.inner.raft.clone(), stop).into_server()
     }
 
     /// Stops Raft. The stores stay as they are; start again to rejoin.

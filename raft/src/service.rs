@@ -6,7 +6,11 @@ use ca_proto::raft as pb;
 use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::command::Command;
 use crate::network::MAX_MESSAGE_SIZE;
@@ -18,6 +22,7 @@ use crate::types::{NodeId, Raft, TypeConfig};
 #[derive(Clone)]
 pub struct RaftGrpc {
     raft: Raft,
+    stop: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for RaftGrpc {
@@ -27,9 +32,11 @@ impl std::fmt::Debug for RaftGrpc {
 }
 
 impl RaftGrpc {
-    /// The service over `raft`.
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    /// The service over `raft`. Its `AppendEntriesStream`s end once `stop` turns true (or
+    /// its sender is dropped), so that a graceful shutdown of the server, which waits for
+    /// open streams, is not held up by a leader's long-lived one.
+    pub fn new(raft: Raft, stop: watch::Receiver<bool>) -> Self {
+        Self { raft, stop }
     }
 
     /// The tonic service, with message size limits fit for snapshot chunks.
@@ -47,20 +54,63 @@ fn fatal_json(e: RaftError<NodeId>) -> Vec<u8> {
     }
 }
 
+/// Hands one AppendEntries to `raft`; a failure of the node itself is the reply's `error`.
+async fn append_entries(
+    raft: &Raft,
+    request: pb::AppendEntriesRequest,
+) -> Result<pb::AppendEntriesReply, Status> {
+    let req = AppendEntriesRequest::<TypeConfig>::from_pb(request)?;
+    Ok(match raft.append_entries(req).await {
+        Ok(resp) => resp.into_pb(),
+        Err(e) => pb::AppendEntriesReply {
+            result: Some(pb::append_entries_reply::Result::Error(fatal_json(e))),
+        },
+    })
+}
+
+/// The replies of an `AppendEntriesStream`, one per request, in order.
+type AppendEntriesReplies =
+    Pin<Box<dyn Stream<Item = Result<pb::AppendEntriesReply, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
     async fn append_entries(
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
-        let req = AppendEntriesRequest::<TypeConfig>::from_pb(request.into_inner())?;
-        let reply = match self.raft.append_entries(req).await {
-            Ok(resp) => resp.into_pb(),
-            Err(e) => pb::AppendEntriesReply {
-                result: Some(pb::append_entries_reply::Result::Error(fatal_json(e))),
-            },
+        Ok(Response::new(
+            append_entries(&self.raft, request.into_inner()).await?,
+        ))
+    }
+
+    type AppendEntriesStreamStream = AppendEntriesReplies;
+
+    /// Each request is handed to Raft only once the previous one is answered, so replies
+    /// come back in the order of the requests. The stream ends after a request that does not
+    /// decode (with its error), after a reply that reports this node failed or stopped, and
+    /// when the server stops; the leader then opens a new one.
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<pb::AppendEntriesRequest>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let open = Some((self.raft.clone(), request.into_inner()));
+        let replies = futures::stream::unfold(open, |open| async move {
+            let (raft, mut requests) = open?;
+            let reply = match requests.next().await? {
+                Ok(req) => append_entries(&raft, req).await,
+                Err(s) => Err(s),
+            };
+            let failed = !matches!(&reply, Ok(pb::AppendEntriesReply {
+                result: Some(r),
+            }) if !matches!(r, pb::append_entries_reply::Result::Error(_)));
+            let next = if failed { None } else { Some((raft, requests)) };
+            Some((reply, next))
+        });
+        let mut stop = self.stop.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
         };
-        Ok(Response::new(reply))
+        Ok(Response::new(Box::pin(replies.take_until(stopped))))
     }
 
     async fn vote(

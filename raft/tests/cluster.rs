@@ -6,13 +6,13 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ca_raft::*;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,8 +31,62 @@ struct TestNode {
     dir: PathBuf,
     node: RaftNode,
     proposer: RaftProposer,
-    stop: Option<oneshot::Sender<()>>,
+    stop: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
+    /// The gRPC paths its server was called on, in order.
+    calls: Calls,
+}
+
+type Calls = Arc<Mutex<Vec<String>>>;
+
+/// Records the path of every call to the server it wraps and, if `old_node`, answers
+/// `AppendEntriesStream` as a node built before that RPC does (tonic's `Unimplemented`).
+#[derive(Clone)]
+struct Gate<S> {
+    inner: S,
+    calls: Calls,
+    old_node: bool,
+}
+
+type HttpReq = http::Request<tonic::body::Body>;
+type HttpResp = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<HttpReq> for Gate<S>
+where
+    S: tower::Service<HttpReq, Response = HttpResp> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResp;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<HttpResp, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpReq) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        let refuse = self.old_node && path.ends_with("/AppendEntriesStream");
+        self.calls.lock().unwrap().push(path);
+        if refuse {
+            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// How many calls `n`'s server got on RaftService method `method`.
+fn calls_to(n: &TestNode, method: &str) -> usize {
+    let path = format!("/spiffeca.raft.v1.RaftService/{method}");
+    n.calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| **p == path)
+        .count()
 }
 
 fn raft_config(snapshot_every: u64) -> openraft::Config {
@@ -49,6 +103,18 @@ fn raft_config(snapshot_every: u64) -> openraft::Config {
 impl TestNode {
     /// Starts node `id` over the stores in `dir`, serving on `addr` (port 0: any).
     async fn start(id: NodeId, dir: &Path, addr: SocketAddr, config: openraft::Config) -> Self {
+        Self::start_as(id, dir, addr, config, false).await
+    }
+
+    /// [`TestNode::start`]; `old_node`: its server refuses `AppendEntriesStream` as a node
+    /// built before that RPC would.
+    async fn start_as(
+        id: NodeId,
+        dir: &Path,
+        addr: SocketAddr,
+        config: openraft::Config,
+        old_node: bool,
+    ) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let sm = StateMachine::open(&dir.join(STATE_DB_FILE)).await.unwrap();
@@ -65,15 +131,25 @@ impl TestNode {
         let node = RaftNode::start(cfg, log, sm, Arc::new(PlaintextConnector::default()))
             .await
             .unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let svc = node.grpc_service();
+        let (stop, mut stopped) = watch::channel(false);
+        let svc = node.grpc_service(stop.subscribe());
+        let calls = Calls::default();
+        let gate = {
+            let calls = calls.clone();
+            tower::layer::layer_fn(move |inner| Gate {
+                inner,
+                calls: calls.clone(),
+                old_node,
+            })
+        };
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .layer(gate)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = rx.await;
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
                     },
                 )
                 .await
@@ -85,8 +161,9 @@ impl TestNode {
             dir: dir.to_owned(),
             proposer: RaftProposer::new(node.clone()),
             node,
-            stop: Some(tx),
+            stop,
             server: Some(server),
+            calls,
         }
     }
 
@@ -100,16 +177,19 @@ impl TestNode {
     /// Stops Raft and the server (the stores stay).
     async fn stop(&mut self) {
         self.node.shutdown().await.unwrap();
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.stop_server().await;
+    }
+
+    /// Stops the server only (Raft runs on).
+    async fn stop_server(&mut self) {
+        let _ = self.stop.send(true);
         if let Some(h) = self.server.take() {
-            if tokio::time::timeout(Duration::from_secs(5), &mut Box::pin(h))
+            // A graceful shutdown waits for open streams: the leader's AppendEntriesStream
+            // must end with it rather than hold it up.
+            tokio::time::timeout(Duration::from_secs(5), h)
                 .await
-                .is_err()
-            {
-                // Graceful shutdown waits on open connections; it has had its chance.
-            }
+                .unwrap_or_else(|_| panic!("node {}'s server did not stop", self.id))
+                .unwrap();
         }
     }
 
@@ -120,11 +200,21 @@ impl TestNode {
 
 /// Three nodes, node 1 initialized and 2 and 3 added and promoted.
 async fn cluster(root: &Path, config: openraft::Config) -> Vec<TestNode> {
+    cluster_with_old_nodes(root, config, &[]).await
+}
+
+/// [`cluster`], the nodes in `old` without `AppendEntriesStream`.
+async fn cluster_with_old_nodes(
+    root: &Path,
+    config: openraft::Config,
+    old: &[NodeId],
+) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for id in 1..=3u64 {
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        nodes.push(TestNode::start(id, &dir, "127.0.0.1:0".parse().unwrap(), config.clone()).await);
+        let addr = "127.0.0.1:0".parse().unwrap();
+        nodes.push(TestNode::start_as(id, &dir, addr, config.clone(), old.contains(&id)).await);
     }
     let n1 = &nodes[0].node;
     n1.initialize().await.unwrap();
@@ -568,6 +658,46 @@ async fn concurrent_writes_share_log_entries_and_get_their_own_answers() {
         applied(n, after).await;
         assert_eq!(entry_ids(n.sm()).await, acked, "node {}", n.id);
     }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_streams_to_new_nodes_and_falls_back_for_old_ones() {
+    init_tracing();
+    let root = tempfile::tempdir().unwrap();
+    // Node 3 answers AppendEntriesStream as a node from before that RPC does.
+    let nodes = cluster_with_old_nodes(root.path(), raft_config(10_000), &[3]).await;
+    assert_eq!(leader(&nodes.iter().collect::<Vec<_>>()).await, 1);
+    // The leader opens a new stream when it (re)starts replicating to a node, as it does on
+    // each membership change; the writes then all go on the streams already open.
+    let streams_before = calls_to(&nodes[1], "AppendEntriesStream");
+    let unary_before = calls_to(&nodes[2], "AppendEntries");
+    assert!(streams_before >= 1);
+    for i in 0..20 {
+        create(&nodes[0].proposer, &format!("e{i}")).await;
+    }
+    let last = last_log_index(&nodes[0]);
+    for n in &nodes {
+        applied(n, last).await;
+        assert_eq!(entry_ids(n.sm()).await.len(), 20, "node {}", n.id);
+    }
+    assert_eq!(calls_to(&nodes[1], "AppendEntriesStream"), streams_before);
+    assert_eq!(
+        calls_to(&nodes[1], "AppendEntries"),
+        0,
+        "node 2 got unary calls"
+    );
+    // Node 3 refused the stream and was replicated to with unary AppendEntries (openraft
+    // may send several entries in one while node 3 lags: the quorum does not wait for it),
+    // asked for a stream again only when a replication (re)started.
+    assert!(calls_to(&nodes[2], "AppendEntries") > unary_before);
+    assert!(calls_to(&nodes[2], "AppendEntriesStream") <= streams_before);
+    // Node 2's server stops promptly though the leader's stream to it is open and in use
+    // (heartbeats) and its Raft still runs.
+    let mut nodes = nodes;
+    nodes[1].stop_server().await;
     for n in &mut nodes {
         n.stop().await;
     }
