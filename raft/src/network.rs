@@ -226,47 +226,54 @@ fn bad_reply<E: std::error::Error>(s: tonic::Status) -> RpcErr<E> {
 }
 
 impl Connection {
-    /// The open `AppendEntriesStream`, opened if needed; `None` if the node does not have
-    /// the RPC (it gets unary `AppendEntries` from then on).
-    async fn append_stream(&mut self) -> Result<Option<&mut AppendStream>, RpcErr> {
-        if self.append_stream.is_none() && self.streaming {
-            let mut client = self.client().await?;
-            let (requests, rx) = mpsc::channel(1);
-            match client.append_entries_stream(ReceiverStream::new(rx)).await {
-                Ok(replies) => {
-                    self.append_stream = Some(AppendStream {
-                        requests,
-                        replies: replies.into_inner(),
-                    })
-                }
-                Err(s) if s.code() == tonic::Code::Unimplemented => self.streaming = false,
-                Err(s) => return Err(self.status_err(s)),
-            }
-        }
-        Ok(self.append_stream.as_mut())
-    }
-
-    /// One AppendEntries exchange: on the stream if the node has it, else unary.
+    /// One AppendEntries exchange: on the open stream; else on a new stream that `req` opens
+    /// (sent with the stream's headers, so that opening costs no extra round trip: openraft
+    /// also makes a `Connection` for a single heartbeat, to confirm leadership for a read);
+    /// unary if the node does not have the RPC.
     async fn exchange_append(
         &mut self,
         req: pb::AppendEntriesRequest,
         option: &RPCOption,
     ) -> Result<pb::AppendEntriesReply, RpcErr> {
-        let Some(stream) = self.append_stream().await? else {
-            let mut client = self.client().await?;
-            return Ok(client
-                .append_entries(request(req, option))
-                .await
-                .map_err(|s| self.status_err(s))?
-                .into_inner());
-        };
         let closed = || bad_reply(tonic::Status::unavailable("AppendEntriesStream closed"));
-        stream.requests.send(req).await.map_err(|_| closed())?;
-        match stream.replies.message().await {
-            Ok(Some(reply)) => Ok(reply),
-            Ok(None) => Err(closed()),
-            Err(s) => Err(status_to_rpc_error(s)),
+        if let Some(stream) = self.append_stream.as_mut() {
+            stream.requests.send(req).await.map_err(|_| closed())?;
+            return next_reply(stream).await;
         }
+        let mut client = self.client().await?;
+        if self.streaming {
+            let (requests, rx) = mpsc::channel(1);
+            // Kept for the unary retry below; a stream is opened once per replication.
+            let first = req.clone();
+            requests.try_send(first).map_err(|_| closed())?;
+            match client.append_entries_stream(ReceiverStream::new(rx)).await {
+                Ok(replies) => {
+                    let stream = self.append_stream.insert(AppendStream {
+                        requests,
+                        replies: replies.into_inner(),
+                    });
+                    return next_reply(stream).await;
+                }
+                Err(s) if s.code() == tonic::Code::Unimplemented => self.streaming = false,
+                Err(s) => return Err(self.status_err(s)),
+            }
+        }
+        Ok(client
+            .append_entries(request(req, option))
+            .await
+            .map_err(|s| self.status_err(s))?
+            .into_inner())
+    }
+}
+
+/// The reply to the request just sent on `stream`.
+async fn next_reply(stream: &mut AppendStream) -> Result<pb::AppendEntriesReply, RpcErr> {
+    match stream.replies.message().await {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err(bad_reply(tonic::Status::unavailable(
+            "AppendEntriesStream ended by the node",
+        ))),
+        Err(s) => Err(status_to_rpc_error(s)),
     }
 }
 

@@ -694,6 +694,18 @@ async fn replication_streams_to_new_nodes_and_falls_back_for_old_ones() {
     // asked for a stream again only when a replication (re)started.
     assert!(calls_to(&nodes[2], "AppendEntries") > unary_before);
     assert!(calls_to(&nodes[2], "AppendEntriesStream") <= streams_before);
+    // A linearizable read on the leader confirms its leadership with a heartbeat on a
+    // connection of its own (a stream of its own to node 2, unary to node 3); replication
+    // goes on beside them.
+    for i in 0..5 {
+        nodes[0].node.ensure_linearizable().await.unwrap();
+        create(&nodes[0].proposer, &format!("after-read-{i}")).await;
+    }
+    let last = last_log_index(&nodes[0]);
+    for n in &nodes {
+        applied(n, last).await;
+        assert_eq!(entry_ids(n.sm()).await.len(), 25, "node {}", n.id);
+    }
     // Node 2's server stops promptly though the leader's stream to it is open and in use
     // (heartbeats) and its Raft still runs.
     let mut nodes = nodes;
