@@ -2,13 +2,13 @@
 //! `RaftService` over a local [`Raft`]. The node mounts it on its own (TLS) server, e.g.
 //! with [`crate::RaftNode::grpc_service`]; only other ca-nodes may be let through.
 
-use ca_proto::raft as pb;
-use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use std::pin::Pin;
 
+use ca_proto::raft as pb;
+use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
 use futures::{Stream, StreamExt};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 

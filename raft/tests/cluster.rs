@@ -714,3 +714,65 @@ async fn replication_streams_to_new_nodes_and_falls_back_for_old_ones() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_request_ends_its_stream_with_a_clear_error_and_harms_nothing() {
+    use ca_proto::raft as pb;
+    init_tracing();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), raft_config(10_000)).await;
+    assert_eq!(leader(&nodes.iter().collect::<Vec<_>>()).await, 1);
+    create(&nodes[0].proposer, "before").await;
+
+    // Someone (with a ca-node's credentials: the node checks those at the TLS layer) sends
+    // node 2 an AppendEntries whose entry is not an openraft entry, on a stream.
+    let mut client =
+        pb::raft_service_client::RaftServiceClient::connect(format!("http://{}", nodes[1].addr))
+            .await
+            .unwrap();
+    let bad = pb::AppendEntriesRequest {
+        vote: Some(pb::Vote {
+            term: 1,
+            node_id: 1,
+            committed: true,
+        }),
+        prev_log_id: None,
+        entries: vec![b"{not an entry".to_vec()],
+        leader_commit: None,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(bad).await.unwrap();
+    let mut replies = client
+        .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = replies.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("malformed log entry"),
+        "{}",
+        err.message()
+    );
+    // The stream is over (though our side of it is still open); node 2's log and the
+    // cluster are as they were.
+    let after = tokio::time::timeout(Duration::from_secs(5), replies.message())
+        .await
+        .expect("the stream ended");
+    assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
+    drop(tx);
+    create(&nodes[0].proposer, "after").await;
+    let last = last_log_index(&nodes[0]);
+    for n in &nodes {
+        applied(n, last).await;
+        assert_eq!(
+            entry_ids(n.sm()).await,
+            ["after", "before"],
+            "node {}",
+            n.id
+        );
+    }
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
