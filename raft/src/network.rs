@@ -161,8 +161,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 ///
 /// AppendEntries (replication and heartbeats: openraft sends one at a time per follower)
 /// go over one long-lived `AppendEntriesStream`, opened on first use and dropped on any
-/// failure or timeout, so that a reply never answers the wrong request; the next request
-/// opens a new one. A node without that RPC gets unary `AppendEntries` instead.
+/// failure, timeout or cancelled call, so that a reply never answers the wrong request; the
+/// next request opens a new one. A node without that RPC gets unary `AppendEntries` instead.
 #[derive(Debug)]
 pub struct Connection {
     peers: Peers,
@@ -235,10 +235,15 @@ impl Connection {
         req: pb::AppendEntriesRequest,
         option: &RPCOption,
     ) -> Result<pb::AppendEntriesReply, RpcErr> {
-        let closed = || bad_reply(tonic::Status::unavailable("AppendEntriesStream closed"));
-        if let Some(stream) = self.append_stream.as_mut() {
+        // The stream is taken out for the exchange and put back only once its reply has been
+        // read. If this future is dropped midway (openraft puts its own timeout around each
+        // call), the stream is dropped with it, so a late reply can never be read as the
+        // answer to a later request.
+        if let Some(mut stream) = self.append_stream.take() {
             stream.requests.send(req).await.map_err(|_| closed())?;
-            return next_reply(stream).await;
+            let reply = next_reply(&mut stream).await?;
+            self.append_stream = Some(stream);
+            return Ok(reply);
         }
         let mut client = self.client().await?;
         if self.streaming {
@@ -248,11 +253,13 @@ impl Connection {
             requests.try_send(first).map_err(|_| closed())?;
             match client.append_entries_stream(ReceiverStream::new(rx)).await {
                 Ok(replies) => {
-                    let stream = self.append_stream.insert(AppendStream {
+                    let mut stream = AppendStream {
                         requests,
                         replies: replies.into_inner(),
-                    });
-                    return next_reply(stream).await;
+                    };
+                    let reply = next_reply(&mut stream).await?;
+                    self.append_stream = Some(stream);
+                    return Ok(reply);
                 }
                 Err(s) if s.code() == tonic::Code::Unimplemented => self.streaming = false,
                 Err(s) => return Err(self.status_err(s)),
@@ -264,6 +271,10 @@ impl Connection {
             .map_err(|s| self.status_err(s))?
             .into_inner())
     }
+}
+
+fn closed() -> RpcErr {
+    bad_reply(tonic::Status::unavailable("AppendEntriesStream closed"))
 }
 
 /// The reply to the request just sent on `stream`.
@@ -291,10 +302,7 @@ impl RaftNetwork<TypeConfig> for Connection {
                 "no AppendEntries reply within {ttl:?}"
             )))),
         };
-        let reply = reply.inspect_err(|_| {
-            // A reply still on its way would answer the next request: start afresh.
-            self.append_stream = None;
-        })?;
+        let reply = reply?;
         match reply.result {
             Some(pb::append_entries_reply::Result::Error(e)) => {
                 // The node ends the stream after such a reply.
@@ -350,5 +358,141 @@ impl RaftNetwork<TypeConfig> for Connection {
     fn backoff(&self) -> openraft::network::Backoff {
         // An unreachable node is retried every 200 ms.
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
+    use futures::{Stream, StreamExt};
+    use std::pin::Pin;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// Answers each streamed AppendEntries with a "higher vote" of the request's term + 100
+    /// (so a reply tells which request it answers), after 500 ms when the term is 1.
+    struct Echo;
+
+    type Replies = Pin<Box<dyn Stream<Item = Result<pb::AppendEntriesReply, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl RaftService for Echo {
+        type AppendEntriesStreamStream = Replies;
+
+        async fn append_entries_stream(
+            &self,
+            request: Request<Streaming<pb::AppendEntriesRequest>>,
+        ) -> Result<Response<Replies>, Status> {
+            let replies = request.into_inner().then(|req| async move {
+                let term = req?.vote.map(|v| v.term).unwrap_or(0);
+                if term == 1 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(pb::AppendEntriesReply {
+                    result: Some(pb::append_entries_reply::Result::HigherVote(pb::Vote {
+                        term: term + 100,
+                        node_id: 9,
+                        committed: false,
+                    })),
+                })
+            });
+            Ok(Response::new(Box::pin(replies)))
+        }
+
+        async fn append_entries(
+            &self,
+            _: Request<pb::AppendEntriesRequest>,
+        ) -> Result<Response<pb::AppendEntriesReply>, Status> {
+            Err(Status::unimplemented("streams only"))
+        }
+
+        async fn vote(
+            &self,
+            _: Request<pb::VoteRequest>,
+        ) -> Result<Response<pb::VoteReply>, Status> {
+            Err(Status::unimplemented(""))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: Request<pb::InstallSnapshotRequest>,
+        ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
+            Err(Status::unimplemented(""))
+        }
+
+        async fn propose(
+            &self,
+            _: Request<pb::ProposeRequest>,
+        ) -> Result<Response<pb::ProposeReply>, Status> {
+            Err(Status::unimplemented(""))
+        }
+
+        async fn read_index(
+            &self,
+            _: Request<pb::ReadIndexRequest>,
+        ) -> Result<Response<pb::ReadIndexReply>, Status> {
+            Err(Status::unimplemented(""))
+        }
+
+        async fn change_membership(
+            &self,
+            _: Request<pb::ChangeMembershipRequest>,
+        ) -> Result<Response<pb::ChangeMembershipReply>, Status> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    fn heartbeat(term: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new(term, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        }
+    }
+
+    /// The term of the "higher vote" a reply carries.
+    fn answered(r: Result<AppendEntriesResponse<NodeId>, RpcErr>) -> u64 {
+        match r {
+            Ok(AppendEntriesResponse::HigherVote(v)) => v.leader_id().term,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_midway_leaves_no_reply_for_the_next_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServiceServer::new(Echo))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut network = Network::new(Peers::new(Arc::new(PlaintextConnector::default())));
+        let node = NodeInfo {
+            addr: addr.to_string(),
+            node_id: "n2".into(),
+        };
+        let mut conn = network.new_client(2, &node).await;
+        let option = || RPCOption::new(Duration::from_secs(5));
+        assert_eq!(
+            answered(conn.append_entries(heartbeat(5), option()).await),
+            105
+        );
+        // openraft puts its own timeout around each call: here it drops the call while the
+        // request is out and its reply is not yet back.
+        let slow = conn.append_entries(heartbeat(1), option());
+        assert!(tokio::time::timeout(Duration::from_millis(100), slow)
+            .await
+            .is_err());
+        // The next call gets its own answer, not the late one.
+        assert_eq!(
+            answered(conn.append_entries(heartbeat(7), option()).await),
+            107
+        );
+        assert_eq!(
+            answered(conn.append_entries(heartbeat(8), option()).await),
+            108
+        );
     }
 }
