@@ -239,37 +239,53 @@ impl Connection {
         // read. If this future is dropped midway (openraft puts its own timeout around each
         // call), the stream is dropped with it, so a late reply can never be read as the
         // answer to a later request.
-        if let Some(mut stream) = self.append_stream.take() {
-            stream.requests.send(req).await.map_err(|_| closed())?;
-            let reply = next_reply(&mut stream).await?;
-            self.append_stream = Some(stream);
-            return Ok(reply);
+        let mut stream = match self.append_stream.take() {
+            Some(stream) => {
+                stream.requests.send(req).await.map_err(|_| closed())?;
+                stream
+            }
+            None => match self.open_stream(&req).await? {
+                Some(stream) => stream,
+                None => {
+                    let mut client = self.client().await?;
+                    return Ok(client
+                        .append_entries(request(req, option))
+                        .await
+                        .map_err(|s| self.status_err(s))?
+                        .into_inner());
+                }
+            },
+        };
+        let reply = next_reply(&mut stream).await?;
+        self.append_stream = Some(stream);
+        Ok(reply)
+    }
+
+    /// A new `AppendEntriesStream` whose first request is `first`; `None` if the node does
+    /// not have the RPC (or answered so before).
+    async fn open_stream(
+        &mut self,
+        first: &pb::AppendEntriesRequest,
+    ) -> Result<Option<AppendStream>, RpcErr> {
+        if !self.streaming {
+            return Ok(None);
         }
         let mut client = self.client().await?;
-        if self.streaming {
-            let (requests, rx) = mpsc::channel(1);
-            // Kept for the unary retry below; a stream is opened once per replication.
-            let first = req.clone();
-            requests.try_send(first).map_err(|_| closed())?;
-            match client.append_entries_stream(ReceiverStream::new(rx)).await {
-                Ok(replies) => {
-                    let mut stream = AppendStream {
-                        requests,
-                        replies: replies.into_inner(),
-                    };
-                    let reply = next_reply(&mut stream).await?;
-                    self.append_stream = Some(stream);
-                    return Ok(reply);
-                }
-                Err(s) if s.code() == tonic::Code::Unimplemented => self.streaming = false,
-                Err(s) => return Err(self.status_err(s)),
+        let (requests, rx) = mpsc::channel(1);
+        // A copy: the original goes unary if the node turns out not to have the RPC. A stream
+        // is opened once per replication.
+        requests.try_send(first.clone()).map_err(|_| closed())?;
+        match client.append_entries_stream(ReceiverStream::new(rx)).await {
+            Ok(replies) => Ok(Some(AppendStream {
+                requests,
+                replies: replies.into_inner(),
+            })),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                self.streaming = false;
+                Ok(None)
             }
+            Err(s) => Err(self.status_err(s)),
         }
-        Ok(client
-            .append_entries(request(req, option))
-            .await
-            .map_err(|s| self.status_err(s))?
-            .into_inner())
     }
 }
 

@@ -100,9 +100,13 @@ impl RaftService for RaftGrpc {
                 Ok(req) => append_entries(&raft, req).await,
                 Err(s) => Err(s),
             };
-            let failed = !matches!(&reply, Ok(pb::AppendEntriesReply {
-                result: Some(r),
-            }) if !matches!(r, pb::append_entries_reply::Result::Error(_)));
+            let failed = matches!(
+                &reply,
+                Err(_)
+                    | Ok(pb::AppendEntriesReply {
+                        result: Some(pb::append_entries_reply::Result::Error(_)) | None,
+                    })
+            );
             let next = if failed { None } else { Some((raft, requests)) };
             Some((reply, next))
         });
