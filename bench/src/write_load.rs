@@ -85,6 +85,12 @@ impl Args {
     fn slice(&self) -> Duration {
         Duration::from_secs(self.duration) / self.slices
     }
+
+    /// What each system is measured per level: its slices together (`--duration`, less
+    /// what does not divide into whole slices).
+    fn measured_per_level(&self) -> Duration {
+        self.slice() * self.slices
+    }
 }
 
 /// One system at one concurrency level.
@@ -328,7 +334,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         etcd_peers: args.etcd_peers,
         ca_node: exe.describe(),
         value_bytes: entry(0).encoded_len(),
-        measured: ((args.slice() * args.slices).as_secs_f64(), args.slices),
+        measured: (args.measured_per_level().as_secs_f64(), args.slices),
         levels,
         verified,
     })
@@ -341,6 +347,7 @@ async fn run_levels(
 ) -> anyhow::Result<(Vec<Level>, (u64, u64))> {
     let warmup = Duration::from_secs(args.warmup);
     let slice = args.slice();
+    let measured_for = args.measured_per_level();
     let ca_leader = ca.leader().await?;
     let ca_client = ca.nodes[ca_leader].admin().await?;
     let etcd_leader = etcd.leader().await?;
@@ -419,7 +426,6 @@ async fn run_levels(
         }
         ca_acked += ct.acked;
         etcd_acked += et.acked;
-        let measured_for = slice * args.slices;
         let cam = measured(ct, measured_for, ccpu);
         let etm = measured(et, measured_for, ecpu);
         levels.push(Level {
