@@ -29,6 +29,9 @@ pub struct Metrics {
     pub authority_expiry: IntGaugeVec,
     /// Node API requests, by method and gRPC code.
     pub node_api_requests: IntCounterVec,
+    /// Replication links from other ca-nodes, by result (`served`: accepted and served
+    /// until they closed; `refused`: the caller was not a ca-node).
+    pub raft_links: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +104,11 @@ impl Metrics {
             "Node API requests, by method and code",
             &["method", "code"],
         );
+        let raft_links = counter(
+            "ca_raft_links_total",
+            "Replication links from other ca-nodes, by result (served, refused)",
+            &["result"],
+        );
         let km_in_flight = IntGauge::new(
             "ca_keymanager_in_flight",
             "Key-manager operations in flight",
@@ -143,6 +151,7 @@ impl Metrics {
             km_in_flight,
             authority_expiry,
             node_api_requests,
+            raft_links,
         }
     }
 

@@ -1,11 +1,14 @@
 //! Mutually authenticated TLS between ca-nodes.
 //!
 //! The Raft transport and the [`crate::cluster`] service are served on the node API's TLS
-//! port. Client side: [`TlsConnector`] makes channels that present this node's own SVID
-//! (`spiffe://TD/ca-node/<id>`) and accept only the peer whose SPIFFE ID is exactly
-//! `spiffe://TD/ca-node/<its node id>`, verified against the live trust bundle. Server side:
-//! [`ca_node_caller`] / [`only_ca_nodes`] let through only callers whose client certificate
-//! (verified at the handshake against the same bundle) carries a `spiffe://TD/ca-node/*` ID.
+//! port, and so are replication links ([`ca_raft::link`]): a connection whose handshake
+//! negotiated the ALPN protocol [`LINK_ALPN`] is one (see [`link_caller`]), any other is
+//! HTTP/2 for the gRPC server. Client side: [`TlsConnector`] makes channels and links that
+//! present this node's own SVID (`spiffe://TD/ca-node/<id>`) and accept only the peer whose
+//! SPIFFE ID is exactly `spiffe://TD/ca-node/<its node id>`, verified against the live trust
+//! bundle. Server side: [`ca_node_caller`] / [`only_ca_nodes`] / [`link_caller`] let through
+//! only callers whose client certificate (verified at the handshake against the same
+//! bundle) carries a `spiffe://TD/ca-node/*` ID.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +16,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ca_identity::tls::{Authorizer, LiveRoots, SvidResolver};
 use ca_identity::{SpiffeId, TrustDomain};
+use ca_raft::link::{BoxLink, LINK_ALPN};
 use ca_raft::network::BoxError;
 use ca_raft::{Connector, NodeId, NodeInfo};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -50,27 +54,66 @@ pub fn tls_channel(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel
     let connector = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
         let tls = tls.clone();
         let addr = addr.clone();
-        async move {
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
-            tcp.set_nodelay(true)?;
-            // Peers are authenticated by SPIFFE ID, not by name; the name only fills SNI.
-            let name = ServerName::try_from("ca-node").expect("valid name");
-            let stream = tokio::time::timeout(
-                CONNECT_TIMEOUT * 3,
-                tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-            )
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-            })??;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
+        async move { Ok::<_, std::io::Error>(TokioIo::new(tls_connect(&addr, tls).await?)) }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// A TCP connection to `addr` and a TLS handshake with `tls` on it, each within its time.
+async fn tls_connect(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    // Peers are authenticated by SPIFFE ID, not by name; the name only fills SNI.
+    let name = ServerName::try_from("ca-node").expect("valid name");
+    tokio::time::timeout(
+        CONNECT_TIMEOUT * 3,
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// A replication link to `addr` over TLS with `tls` (its ALPN protocols are replaced by
+/// [`LINK_ALPN`]); `Ok(None)` if the node there does not have links: it refused the
+/// protocol (a node built before links) or negotiated none.
+pub async fn link_connect(
+    addr: &str,
+    tls: &rustls::ClientConfig,
+) -> Result<Option<BoxLink>, BoxError> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    match tls_connect(addr, Arc::new(tls)).await {
+        Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(LINK_ALPN) => {
+            Ok(Some(Box::new(stream)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if refused_protocol(&e) => Ok(None),
+        Err(e) => Err(Box::new(e)),
+    }
+}
+
+/// Whether a handshake failed because the server has none of the offered ALPN protocols.
+fn refused_protocol(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription::NoApplicationProtocol;
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(
+            rustls::Error::AlertReceived(NoApplicationProtocol)
+                | rustls::Error::NoApplicationProtocol
+        )
+    )
+}
+
+/// The node ID of the ca-node on the other end of a replication link, from the client
+/// certificate it presented at the handshake (verified there against the trust bundle);
+/// refused, with a message saying why, unless it is `spiffe://TD/ca-node/<id>`.
+pub fn link_caller(td: &TrustDomain, conn: &rustls::ServerConnection) -> Result<String, Status> {
+    node_of_certs(td, conn.peer_certificates())
 }
 
 /// A client TLS config presenting `svid` and accepting only the server `expected`.
@@ -124,6 +167,15 @@ impl Connector for TlsConnector {
         let expected = ca_node_id(&self.td, &node.node_id)?;
         tls_channel(&node.addr, client_tls(&self.svid, &self.roots, expected))
     }
+
+    async fn connect_link(
+        &self,
+        _id: NodeId,
+        node: &NodeInfo,
+    ) -> Result<Option<BoxLink>, BoxError> {
+        let expected = ca_node_id(&self.td, &node.node_id)?;
+        link_connect(&node.addr, &client_tls(&self.svid, &self.roots, expected)).await
+    }
 }
 
 /// The node ID of the ca-node calling, from its client certificate (verified at the
@@ -132,11 +184,16 @@ pub fn ca_node_caller<T>(td: &TrustDomain, req: &Request<T>) -> Result<String, S
     let certs = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs())
-        .ok_or_else(|| {
-            Status::unauthenticated("only ca-nodes may call this: present a ca-node SVID")
-        })?;
-    let id = ca_identity::tls::peer_id(&certs)
+        .and_then(|i| i.peer_certs());
+    node_of_certs(td, certs.as_deref().map(|c| c.as_slice()))
+}
+
+/// The node ID in a verified client certificate chain (leaf first), if it is a ca-node's.
+fn node_of_certs(td: &TrustDomain, certs: Option<&[CertificateDer<'_>]>) -> Result<String, Status> {
+    let certs = certs.ok_or_else(|| {
+        Status::unauthenticated("only ca-nodes may call this: present a ca-node SVID")
+    })?;
+    let id = ca_identity::tls::peer_id(certs)
         .ok_or_else(|| Status::unauthenticated("the client certificate has no SPIFFE ID"))?;
     node_id_of(td, &id).ok_or_else(|| {
         Status::permission_denied(format!(

@@ -411,30 +411,46 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let (shutdown, _) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    // The node API, the Raft transport and the cluster service, over TLS. Served before
-    // the CA is ready: a member's peers need its Raft service first.
-    let tls = Arc::new(ca_identity::tls::server_config(
-        svid.clone(),
-        roots.clone(),
-        false,
-    ));
+    // The node API, the Raft transport and the cluster service, over TLS, and replication
+    // links beside them (told apart by ALPN). Served before the CA is ready: a member's
+    // peers need its Raft service first.
+    let mut tls = ca_identity::tls::server_config(svid.clone(), roots.clone(), false);
+    tls.alpn_protocols.push(ca_raft::link::LINK_ALPN.to_vec());
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
+    let links = (raft.clone(), td.clone(), shutdown.subscribe(), core.clone());
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 accepted = listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
+                    let Ok((tcp, peer)) = accepted else { continue };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let tx = conn_tx.clone();
+                    let (raft, td, stop, core) = links.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => { let _ = tx.send(Ok::<_, std::io::Error>(tls)).await; }
-                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => return tracing::debug!("TLS handshake timed out"),
+                        };
+                        let conn = tls.get_ref().1;
+                        if conn.alpn_protocol() != Some(ca_raft::link::LINK_ALPN) {
+                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            return;
+                        }
+                        let links = &core.metrics.raft_links;
+                        match raft_tls::link_caller(&td, conn) {
+                            Ok(_) => {
+                                links.with_label_values(&["served"]).inc();
+                                raft.serve_link(tls, stop).await
+                            }
+                            Err(refused) => {
+                                links.with_label_values(&["refused"]).inc();
+                                tracing::warn!(%peer, reason = refused.message(), "replication link refused");
+                            }
                         }
                     });
                 }

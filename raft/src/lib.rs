@@ -27,6 +27,9 @@
 //! - [`network`]: the client side of the gRPC transport (`ca_proto::raft`), over channels
 //!   from a caller's [`Connector`] (the node brings mutually authenticated TLS);
 //!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server.
+//! - [`link`]: replication links, AppendEntries on a connection of their own (no HTTP/2),
+//!   preferred where the connector and the peer have them; served by
+//!   [`RaftNode::serve_link`].
 //! - [`node`]: [`RaftNode`], a running member: writes forwarded to the leader, the
 //!   linearizable read barrier [`RaftNode::ensure_linearizable`], `init`/`add`/`promote`/
 //!   `remove`, [`ClusterStatus`].
@@ -52,6 +55,7 @@
 pub mod batcher;
 pub mod command;
 mod db;
+pub mod link;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -1,14 +1,17 @@
 //! The client side of the Raft transport: openraft's RPCs to other nodes over gRPC
-//! (`ca_proto::raft`), on channels made by a caller-provided [`Connector`].
+//! (`ca_proto::raft`), on channels made by a caller-provided [`Connector`], and
+//! AppendEntries over replication links ([`crate::link`]) where the connector and the node
+//! have them.
 //!
-//! The node decides how channels are made (mutually authenticated TLS with SPIFFE IDs
-//! `spiffe://TD/ca-node/<id>` in production); [`PlaintextConnector`] is for tests and
-//! development only. Channels are cached per node ([`Peers`]) and shared by openraft's
-//! replication, the write forwarding of [`crate::RaftProposer`] and read barriers.
+//! The node decides how channels and links are made (mutually authenticated TLS with SPIFFE
+//! IDs `spiffe://TD/ca-node/<id>` in production); [`PlaintextConnector`] is for tests and
+//! development only, without links. Channels are cached per node ([`Peers`]) and shared by
+//! openraft's replication, the write forwarding of [`crate::RaftProposer`] and read
+//! barriers; idle links are kept per node in [`Peers`] too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ca_proto::raft as pb;
@@ -25,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::link::{self, BoxLink, Frame};
 use crate::pb::{from_json, FromPb, IntoPb};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
@@ -44,6 +48,14 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub trait Connector: Send + Sync + 'static {
     /// A channel to node `id`, reachable at `node.addr`, whose identity is `node.node_id`.
     async fn connect(&self, id: NodeId, node: &NodeInfo) -> Result<Channel, BoxError>;
+
+    /// A new replication link ([`crate::link`]) to node `id`, connected and authenticated
+    /// the same way as [`Connector::connect`]'s channels; `Ok(None)` if this connector or
+    /// that node does not have links (AppendEntries then go over gRPC). The default: none.
+    async fn connect_link(&self, id: NodeId, node: &NodeInfo) -> Result<Option<BoxLink>, BoxError> {
+        let _ = (id, node);
+        Ok(None)
+    }
 }
 
 /// Plain HTTP/2 without TLS: for tests and development only.
@@ -73,11 +85,38 @@ impl Connector for PlaintextConnector {
     }
 }
 
-/// Cached channels to the other members, made by a [`Connector`].
+/// Cached channels and idle replication links to the other members, made by a
+/// [`Connector`].
 #[derive(Clone)]
 pub struct Peers {
     connector: Arc<dyn Connector>,
     cache: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    links: Arc<Mutex<HashMap<NodeId, LinkPool>>>,
+}
+
+/// Idle links to one node at one address.
+#[derive(Default)]
+struct LinkPool {
+    addr: String,
+    idle: Vec<BoxLink>,
+    /// When the node (or the connector) last answered that it has no links.
+    unsupported_since: Option<Instant>,
+}
+
+/// Idle links kept per node: one for replication, the rest for the heartbeats openraft
+/// sends beside it to confirm leadership for linearizable reads.
+const IDLE_LINKS_PER_NODE: usize = 4;
+
+/// How long a node that answered it has no links is reached over gRPC before links are
+/// tried again (it may have been upgraded in a rolling upgrade).
+const LINK_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A link checked out of [`Peers`] for one exchange.
+struct CheckedOut {
+    link: BoxLink,
+    /// Taken from the idle ones rather than opened for this exchange: it may have been
+    /// closed by the node meanwhile (e.g. by a restart).
+    reused: bool,
 }
 
 impl std::fmt::Debug for Peers {
@@ -92,6 +131,56 @@ impl Peers {
         Self {
             connector,
             cache: Arc::default(),
+            links: Arc::default(),
+        }
+    }
+
+    /// A link to node `id`: an idle one, else a new one; `None` if the node or the
+    /// connector has no links.
+    async fn take_link(&self, id: NodeId, node: &NodeInfo) -> Result<Option<CheckedOut>, BoxError> {
+        {
+            let mut links = self.links.lock().expect("link pool lock");
+            let pool = links.entry(id).or_default();
+            if pool.addr != node.addr {
+                *pool = LinkPool {
+                    addr: node.addr.clone(),
+                    ..LinkPool::default()
+                };
+            }
+            if pool
+                .unsupported_since
+                .is_some_and(|since| since.elapsed() < LINK_RETRY_AFTER)
+            {
+                return Ok(None);
+            }
+            if let Some(link) = pool.idle.pop() {
+                return Ok(Some(CheckedOut { link, reused: true }));
+            }
+        }
+        self.open_link(id, node).await
+    }
+
+    /// A new link to node `id` (see [`Peers::take_link`]).
+    async fn open_link(&self, id: NodeId, node: &NodeInfo) -> Result<Option<CheckedOut>, BoxError> {
+        let link = self.connector.connect_link(id, node).await?;
+        let mut links = self.links.lock().expect("link pool lock");
+        let pool = links.entry(id).or_default();
+        if pool.addr == node.addr {
+            pool.unsupported_since = link.is_none().then(Instant::now);
+        }
+        Ok(link.map(|link| CheckedOut {
+            link,
+            reused: false,
+        }))
+    }
+
+    /// Puts back a link whose last exchange was answered in full.
+    fn put_link(&self, id: NodeId, node: &NodeInfo, link: BoxLink) {
+        let mut links = self.links.lock().expect("link pool lock");
+        if let Some(pool) = links.get_mut(&id) {
+            if pool.addr == node.addr && pool.idle.len() < IDLE_LINKS_PER_NODE {
+                pool.idle.push(link);
+            }
         }
     }
 
@@ -124,9 +213,10 @@ impl Peers {
             .max_encoding_message_size(MAX_MESSAGE_SIZE))
     }
 
-    /// Drops the channel to `id` (the next call makes a new one).
+    /// Drops the channel and the idle links to `id` (the next call makes new ones).
     pub fn forget(&self, id: NodeId) {
         self.cache.lock().expect("peer cache lock").remove(&id);
+        self.links.lock().expect("link pool lock").remove(&id);
     }
 }
 
@@ -160,9 +250,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// openraft's connection to one node.
 ///
 /// AppendEntries (replication and heartbeats: openraft sends one at a time per follower)
-/// go over one long-lived `AppendEntriesStream`, opened on first use and dropped on any
-/// failure, timeout or cancelled call, so that a reply never answers the wrong request; the
-/// next request opens a new one. A node without that RPC gets unary `AppendEntries` instead.
+/// go over a replication link ([`crate::link`]) checked out of [`Peers`] for the exchange.
+/// Where there are no links, they go over one long-lived `AppendEntriesStream`, opened on
+/// first use. Either is dropped on any failure, timeout or cancelled call, so that a reply
+/// never answers the wrong request; the next request opens a new one. A node without that
+/// RPC gets unary `AppendEntries` instead.
 #[derive(Debug)]
 pub struct Connection {
     peers: Peers,
@@ -226,7 +318,8 @@ fn bad_reply<E: std::error::Error>(s: tonic::Status) -> RpcErr<E> {
 }
 
 impl Connection {
-    /// One AppendEntries exchange: on the open stream; else on a new stream that `req` opens
+    /// One AppendEntries exchange: on a replication link if the node has them; else on the
+    /// open stream; else on a new stream that `req` opens
     /// (sent with the stream's headers, so that opening costs no extra round trip: openraft
     /// also makes a `Connection` for a single heartbeat, to confirm leadership for a read);
     /// unary if the node does not have the RPC.
@@ -235,6 +328,11 @@ impl Connection {
         req: pb::AppendEntriesRequest,
         option: &RPCOption,
     ) -> Result<pb::AppendEntriesReply, RpcErr> {
+        if self.append_stream.is_none() {
+            if let Some(reply) = self.exchange_on_link(&req).await? {
+                return Ok(reply);
+            }
+        }
         // The stream is taken out for the exchange and put back only once its reply has been
         // read. If this future is dropped midway (openraft puts its own timeout around each
         // call), the stream is dropped with it, so a late reply can never be read as the
@@ -259,6 +357,64 @@ impl Connection {
         let reply = next_reply(&mut stream).await?;
         self.append_stream = Some(stream);
         Ok(reply)
+    }
+
+    /// One exchange on a replication link; `None` if the node (or the connector) has none.
+    /// A link that was idle and turns out closed is replaced by a new one, once: the node
+    /// may have restarted since. AppendEntries is idempotent, so sending it again is safe.
+    async fn exchange_on_link(
+        &mut self,
+        req: &pb::AppendEntriesRequest,
+    ) -> Result<Option<pb::AppendEntriesReply>, RpcErr> {
+        let unreachable = |e: BoxError| {
+            RPCError::Unreachable(Unreachable::from(openraft::AnyError::error(e.to_string())))
+        };
+        let Some(mut out) = self
+            .peers
+            .take_link(self.target, &self.node)
+            .await
+            .map_err(unreachable)?
+        else {
+            return Ok(None);
+        };
+        loop {
+            match link_exchange(&mut out.link, req).await {
+                Ok(reply) => {
+                    // Only a link in a known state goes back: after a reply that ends it
+                    // (error, rejected), the node closes its end.
+                    if matches!(
+                        reply.result,
+                        Some(
+                            pb::append_entries_reply::Result::Success(_)
+                                | pb::append_entries_reply::Result::PartialSuccess(_)
+                                | pb::append_entries_reply::Result::Conflict(_)
+                                | pb::append_entries_reply::Result::HigherVote(_)
+                        )
+                    ) {
+                        self.peers.put_link(self.target, &self.node, out.link);
+                    }
+                    return Ok(Some(reply));
+                }
+                Err(e) if out.reused => {
+                    tracing::debug!(target = self.target, error = %e, "idle replication link was closed; opening a new one");
+                    match self
+                        .peers
+                        .open_link(self.target, &self.node)
+                        .await
+                        .map_err(unreachable)?
+                    {
+                        Some(fresh) => out = fresh,
+                        None => return Ok(None),
+                    }
+                }
+                Err(e) => {
+                    return Err(bad_reply(tonic::Status::unavailable(format!(
+                        "replication link to node {}: {e}",
+                        self.target
+                    ))))
+                }
+            }
+        }
     }
 
     /// A new `AppendEntriesStream` whose first request is `first`; `None` if the node does
@@ -286,6 +442,25 @@ impl Connection {
             }
             Err(s) => Err(self.status_err(s)),
         }
+    }
+}
+
+/// Sends `req` on `link` and reads its reply.
+async fn link_exchange(
+    link: &mut BoxLink,
+    req: &pb::AppendEntriesRequest,
+) -> std::io::Result<pb::AppendEntriesReply> {
+    link::write_frame(link, req).await?;
+    match link::read_frame(link).await? {
+        Frame::Message(reply) => Ok(reply),
+        Frame::Closed => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed by the node",
+        )),
+        Frame::Malformed(why) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unreadable reply: {why}"),
+        )),
     }
 }
 
@@ -326,6 +501,9 @@ impl RaftNetwork<TypeConfig> for Connection {
                 let fatal: Fatal<NodeId> = from_json("remote error", &e).map_err(bad_reply)?;
                 Err(self.remote(RaftError::Fatal(fatal)))
             }
+            Some(pb::append_entries_reply::Result::Rejected(why)) => Err(bad_reply(
+                tonic::Status::invalid_argument(format!("node {} refused: {why}", self.target)),
+            )),
             Some(r) => AppendEntriesResponse::from_pb(r).map_err(bad_reply),
             None => Err(bad_reply(tonic::Status::internal(
                 "empty AppendEntries reply",

@@ -350,6 +350,15 @@ impl RaftNode {
         RaftGrpc::new(self.inner.raft.clone(), stop).into_server()
     }
 
+    /// Serves one replication link ([`crate::link`]) from a peer the caller has
+    /// authenticated as a ca-node, until it closes or `stop` turns true.
+    pub async fn serve_link<IO>(&self, io: IO, stop: tokio::sync::watch::Receiver<bool>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        crate::link::serve_link(self.inner.raft.clone(), io, stop).await
+    }
+
     /// Stops Raft. The stores stay as they are; start again to rejoin.
     pub async fn shutdown(&self) -> Result<()> {
         self.inner

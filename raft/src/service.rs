@@ -55,7 +55,7 @@ fn fatal_json(e: RaftError<NodeId>) -> Vec<u8> {
 }
 
 /// Hands one AppendEntries to `raft`; a failure of the node itself is the reply's `error`.
-async fn append_entries(
+pub(crate) async fn append_entries(
     raft: &Raft,
     request: pb::AppendEntriesRequest,
 ) -> Result<pb::AppendEntriesReply, Status> {
