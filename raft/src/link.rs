@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::network::MAX_MESSAGE_SIZE;
-use crate::service::append_entries;
+use crate::service::{append_entries, ends_exchange};
 use crate::types::Raft;
 
 /// The ALPN protocol name of a replication link on a node's TLS port.
@@ -135,10 +135,7 @@ pub async fn serve_link<IO: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        let last = !matches!(
-            reply.result,
-            Some(R::Success(_) | R::PartialSuccess(_) | R::Conflict(_) | R::HigherVote(_))
-        );
+        let last = ends_exchange(&reply);
         if let Err(e) = write_frame(&mut io, &reply).await {
             tracing::debug!(error = %e, "replication link write failed");
             return;

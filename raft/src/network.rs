@@ -30,6 +30,7 @@ use tonic::transport::Channel;
 
 use crate::link::{self, BoxLink, Frame};
 use crate::pb::{from_json, FromPb, IntoPb};
+use crate::service::ends_exchange;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// A boxed error, as a [`Connector`] reports it.
@@ -280,9 +281,7 @@ impl Connection {
         self.peers
             .client(self.target, &self.node)
             .await
-            .map_err(|e| {
-                RPCError::Unreachable(Unreachable::from(openraft::AnyError::error(e.to_string())))
-            })
+            .map_err(unreachable)
     }
 
     fn status_err<E: std::error::Error>(&self, s: tonic::Status) -> RpcErr<E> {
@@ -296,6 +295,11 @@ impl Connection {
             e,
         ))
     }
+}
+
+/// A node that could not be connected to (openraft backs off).
+fn unreachable<E: std::error::Error>(e: BoxError) -> RpcErr<E> {
+    RPCError::Unreachable(Unreachable::from(openraft::AnyError::error(e.to_string())))
 }
 
 /// A transport failure as openraft classifies it: a node that cannot be reached is
@@ -366,9 +370,6 @@ impl Connection {
         &mut self,
         req: &pb::AppendEntriesRequest,
     ) -> Result<Option<pb::AppendEntriesReply>, RpcErr> {
-        let unreachable = |e: BoxError| {
-            RPCError::Unreachable(Unreachable::from(openraft::AnyError::error(e.to_string())))
-        };
         let Some(mut out) = self
             .peers
             .take_link(self.target, &self.node)
@@ -382,15 +383,7 @@ impl Connection {
                 Ok(reply) => {
                     // Only a link in a known state goes back: after a reply that ends it
                     // (error, rejected), the node closes its end.
-                    if matches!(
-                        reply.result,
-                        Some(
-                            pb::append_entries_reply::Result::Success(_)
-                                | pb::append_entries_reply::Result::PartialSuccess(_)
-                                | pb::append_entries_reply::Result::Conflict(_)
-                                | pb::append_entries_reply::Result::HigherVote(_)
-                        )
-                    ) {
+                    if !ends_exchange(&reply) {
                         self.peers.put_link(self.target, &self.node, out.link);
                     }
                     return Ok(Some(reply));

@@ -68,6 +68,13 @@ pub(crate) async fn append_entries(
     })
 }
 
+/// Whether the node ends the stream or link that carried `reply` after sending it: a reply
+/// that reports this node failed or stopped, refuses a malformed request, or is empty.
+pub(crate) fn ends_exchange(reply: &pb::AppendEntriesReply) -> bool {
+    use pb::append_entries_reply::Result as R;
+    matches!(reply.result, None | Some(R::Error(_) | R::Rejected(_)))
+}
+
 /// The replies of an `AppendEntriesStream`, one per request, in order.
 type AppendEntriesReplies =
     Pin<Box<dyn Stream<Item = Result<pb::AppendEntriesReply, Status>> + Send + 'static>>;
@@ -100,13 +107,7 @@ impl RaftService for RaftGrpc {
                 Ok(req) => append_entries(&raft, req).await,
                 Err(s) => Err(s),
             };
-            let failed = matches!(
-                &reply,
-                Err(_)
-                    | Ok(pb::AppendEntriesReply {
-                        result: Some(pb::append_entries_reply::Result::Error(_)) | None,
-                    })
-            );
+            let failed = reply.as_ref().map_or(true, ends_exchange);
             let next = if failed { None } else { Some((raft, requests)) };
             Some((reply, next))
         });

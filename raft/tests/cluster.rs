@@ -761,7 +761,7 @@ async fn concurrent_writes_share_log_entries_and_get_their_own_answers() {
 async fn replication_goes_over_links_and_reads_reuse_idle_ones() {
     init_tracing();
     let root = tempfile::tempdir().unwrap();
-    let nodes = cluster(root.path(), raft_config(10_000)).await;
+    let mut nodes = cluster(root.path(), raft_config(10_000)).await;
     assert_eq!(leader(&nodes.iter().collect::<Vec<_>>()).await, 1);
     let links_before: Vec<usize> = nodes
         .iter()
@@ -797,7 +797,6 @@ async fn replication_goes_over_links_and_reads_reuse_idle_ones() {
         );
     }
     // The servers stop promptly though the leader's links to them are open (heartbeats).
-    let mut nodes = nodes;
     for n in &mut nodes {
         n.stop().await;
     }
