@@ -644,6 +644,8 @@ impl Admin for AdminApi {
             // The copy holds at least everything acknowledged before the call.
             self.core.read_barrier().await?;
         }
+        // Applied writes still in the state store's open transaction go into the copy.
+        self.core.sm.commit_applied().await.map_err(Error::from)?;
         let dir = &self.core.config.data_dir;
         let tmp = dir.join(format!("backup-{}.db", uuid::Uuid::new_v4().simple()));
         crate::backup::save_copy(&dir.join(ca_raft::STATE_DB_FILE), &tmp).await?;

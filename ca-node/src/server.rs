@@ -59,6 +59,11 @@ impl NodeHandle {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         let _ = self.core.raft.shutdown().await;
+        // Applied writes still in the state store's open transaction: on disk now rather
+        // than applied again from the log at the next start.
+        if let Err(e) = self.core.sm.commit_applied().await {
+            tracing::warn!(error = %e, "committing applied writes at shutdown failed; the next start applies them again from the log");
+        }
         let _ = std::fs::remove_file(&self.admin_socket);
     }
 

@@ -125,8 +125,8 @@ impl Db {
                         return; // every Db clone dropped
                     };
                     // A panicking job drops its reply channel (its caller gets an error);
-                    // the connection stays usable: an open transaction rolls back when
-                    // its guard unwinds.
+                    // the connection stays usable: what the job left half-done rolls back
+                    // as its guard (a transaction, or an applied batch's savepoint) unwinds.
                     let mut conn = lock(&conn);
                     let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
                 })
@@ -184,7 +184,7 @@ impl Db {
 }
 
 /// Locks `m`, also when a panic elsewhere poisoned it: what it guards here stays whole (a
-/// connection whose job panicked rolled its open transaction back as it unwound; the log
+/// connection whose job panicked rolled its half-done work back as it unwound; the log
 /// store's pending appends are changed only in single steps).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -1,5 +1,5 @@
-//! The state machine: applies log entries to SQLite, one transaction per batch of entries,
-//! together with the ID of the last applied entry and the last membership (so a replay after
+//! The state machine: applies log entries to SQLite, each batch of entries together with
+//! the ID of the last applied entry and the last membership (so a replay after
 //! a crash is idempotent and openraft finds its applied state where the data is).
 //!
 //! One connection, on its own thread, writes: a whole applied batch is one job there
@@ -9,18 +9,28 @@
 //! checkpoints the WAL beside the writer, every 50 ms in which something was applied
 //! (`run_checkpoints`).
 //!
+//! Applied batches are not committed one by one. They accumulate in one open transaction
+//! on the writer, each batch inside a savepoint (a batch that fails leaves nothing, the ones
+//! before it stay), which is committed by the first of: an apply once the transaction is
+//! [`COMMIT_AFTER`] old or holds [`COMMIT_AFTER_COMMANDS`] commands, any read (a read first
+//! commits whatever is applied, so it sees every write that was answered), a snapshot build
+//! or install, and the checkpoint timer. Nothing is lost by waiting: the Raft log holds
+//! every applied entry (and is only purged below a snapshot, which commits first), and
+//! after a crash openraft applies it again from the last committed batch.
+//!
 //! It also builds snapshots of itself (`VACUUM INTO`, a consistent copy of the database) and
 //! installs received ones (their tables copied over its own in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::watch;
 
 use crate::command::{Command, RejectCode, Response};
-use crate::db::{query_all, query_one, Db, DbOptions};
+use crate::db::{lock, query_all, query_one, Db, DbOptions};
 use crate::records::*;
 use crate::snapshot::{SnapshotDir, SnapshotFile};
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
@@ -32,6 +42,80 @@ use crate::{Error, Result};
 /// (at higher load) would hold up an async runtime worker for longer, and pays the
 /// hand-offs once for all its commands.
 pub const APPLY_HERE_MAX: usize = 4;
+
+/// How long applied batches may wait in the writer's open transaction before the next apply
+/// commits them (reads, snapshots and the checkpoint timer commit them earlier).
+pub const COMMIT_AFTER: Duration = Duration::from_millis(5);
+
+/// How many applied commands the writer's open transaction holds at most before an apply
+/// commits it.
+pub const COMMIT_AFTER_COMMANDS: usize = 1024;
+
+/// The writer's open transaction of applied but uncommitted batches (see the module docs).
+#[derive(Debug, Default)]
+struct OpenWrites {
+    /// Something is applied that other connections cannot see yet.
+    dirty: AtomicBool,
+    /// When the open transaction began and how many commands it holds. Only jobs on the
+    /// writer's connection touch it.
+    open: Mutex<Option<(Instant, usize)>>,
+    /// Why committing applied batches failed, after which they are gone from the database:
+    /// every later apply and read fails with it, so the node stops (openraft) rather than go
+    /// on from a state behind what it answered. A restart applies the log again.
+    failed: Mutex<Option<String>>,
+}
+
+impl OpenWrites {
+    fn check(&self) -> Result<()> {
+        match &*lock(&self.failed) {
+            Some(why) => Err(Error::Io(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `sql` on the writer; when it fails, the open transaction is given up for good
+    /// (see `failed`).
+    fn control(&self, conn: &Connection, sql: &str) -> Result<()> {
+        conn.execute_batch(sql).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            self.dirty.store(false, Ordering::Release);
+            *lock(&self.open) = None;
+            let why = format!(
+                "the state store could not commit applied log entries ({sql}: {e}); \
+                 restart the node: it applies them again from its log"
+            );
+            let mut failed = lock(&self.failed);
+            Error::Io(failed.get_or_insert(why).clone())
+        })
+    }
+
+    /// Commits the writer's open transaction, if there is one.
+    fn commit(&self, conn: &Connection) -> Result<()> {
+        if !conn.is_autocommit() {
+            self.control(conn, "COMMIT")?;
+        }
+        *lock(&self.open) = None;
+        self.dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Rolls a batch's savepoint back unless the batch finished: a batch that fails or panics
+/// midway leaves nothing in the open transaction.
+struct BatchSavepoint<'a> {
+    conn: &'a Connection,
+    done: bool,
+}
+
+impl Drop for BatchSavepoint<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self
+                .conn
+                .execute_batch("ROLLBACK TO apply_batch; RELEASE apply_batch");
+        }
+    }
+}
 
 /// The commands `entries` carry (those of a batch counted one by one).
 fn command_count(entries: &[Entry]) -> usize {
@@ -85,6 +169,8 @@ pub struct StateMachine {
     writer: Db,
     /// Connections for reads (and snapshot copies), so reads never wait behind an apply.
     readers: Db,
+    /// The writer's applied but uncommitted batches.
+    writes: Arc<OpenWrites>,
     applied: watch::Sender<u64>,
     /// Index of the last applied change to the CA journal or the rotation requests.
     ca_changed: watch::Sender<u64>,
@@ -108,7 +194,12 @@ const WRITER_AUTOCHECKPOINT: i64 = 4096;
 /// the writer keeps appending, though, so the writer keeps a higher threshold,
 /// [`WRITER_AUTOCHECKPOINT`]: when it is crossed, what is left to copy is small, and the
 /// writer's checkpoint lets the WAL start over, which bounds its size.
-async fn run_checkpoints(db: Db, mut applied: watch::Receiver<u64>) {
+async fn run_checkpoints(
+    db: Db,
+    writer: Db,
+    writes: Arc<OpenWrites>,
+    mut applied: watch::Receiver<u64>,
+) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -118,6 +209,14 @@ async fn run_checkpoints(db: Db, mut applied: watch::Receiver<u64>) {
             Ok(false) => continue,
             Ok(true) => {
                 applied.borrow_and_update();
+            }
+        }
+        // Applied batches still waiting for the next apply or read are committed here at
+        // the latest.
+        if writes.dirty.load(Ordering::Acquire) {
+            let w = Arc::clone(&writes);
+            if let Err(e) = writer.call(move |c| w.commit(c)).await {
+                tracing::error!(error = %e, "committing applied log entries failed");
             }
         }
         let res = db
@@ -215,10 +314,17 @@ impl StateMachine {
             .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
         let last = last.map(|l| l.index).unwrap_or(0);
         let (applied, applied_rx) = watch::channel(last);
-        tokio::spawn(run_checkpoints(checkpointer, applied_rx));
+        let writes = Arc::new(OpenWrites::default());
+        tokio::spawn(run_checkpoints(
+            checkpointer,
+            writer.clone(),
+            Arc::clone(&writes),
+            applied_rx,
+        ));
         Ok(Self {
             writer,
             readers,
+            writes,
             applied,
             ca_changed: watch::channel(last).0,
             snapshots: Arc::new(snapshots),
@@ -255,11 +361,13 @@ impl StateMachine {
             payload: EntryPayload::Normal(cmd.clone()),
         };
         let mut out = self.apply_entries(vec![entry]).await?;
+        self.commit_applied().await?;
         Ok(out.pop().unwrap_or(Response::Ok))
     }
 
-    /// Applies log entries in order, in one transaction that also records the last applied
-    /// log ID and membership. Entries at or below the last applied index are skipped
+    /// Applies log entries in order, in one savepoint of the writer's open transaction that
+    /// also records the last applied log ID and membership (committed in a group, see the
+    /// module docs). Entries at or below the last applied index are skipped
     /// (replay) and answered `Response::Ok`; blank and membership entries are answered
     /// `Response::Ok` too. One response per entry.
     pub async fn apply_entries(&self, entries: Vec<Entry>) -> Result<Vec<Response>> {
@@ -272,7 +380,8 @@ impl StateMachine {
             .find(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.changes_ca_journal()))
             .map(|e| e.log_id.index);
         let here = command_count(&entries) <= APPLY_HERE_MAX;
-        let job = move |conn: &mut Connection| apply_batch(conn, entries);
+        let writes = Arc::clone(&self.writes);
+        let job = move |conn: &mut Connection| apply_batch(conn, entries, &writes);
         let (out, applied) = if here {
             self.writer.call_here(job).await?
         } else {
@@ -285,6 +394,18 @@ impl StateMachine {
             self.ca_changed.send_replace(i);
         }
         Ok(out)
+    }
+
+    /// Commits every applied batch still waiting in the writer's open transaction, so that
+    /// other connections (readers, snapshot copies, backups) see them. Cheap when there is
+    /// none.
+    pub async fn commit_applied(&self) -> Result<()> {
+        self.writes.check()?;
+        if !self.writes.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let w = Arc::clone(&self.writes);
+        self.writer.call_here(move |c| w.commit(c)).await
     }
 
     // ---- snapshots ----
@@ -307,6 +428,7 @@ impl StateMachine {
             .to_owned();
         // A consistent copy, read on a reader: applies go on meanwhile. What the copy
         // holds is read from the copy itself.
+        self.commit_applied().await?;
         let (last, membership) = self
             .readers
             .call(move |conn| {
@@ -321,8 +443,12 @@ impl StateMachine {
             .await?;
         // Everything the copy holds on disk here too before the log below it may be purged:
         // a FULL checkpoint syncs the WAL and the database. On the writer: applies wait.
+        // A checkpoint cannot run inside a transaction: what was applied since the copy is
+        // committed first.
+        let writes = Arc::clone(&self.writes);
         self.writer
-            .call(|conn| {
+            .call(move |conn| {
+                writes.commit(conn)?;
                 conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
                 Ok(())
             })
@@ -395,8 +521,11 @@ impl StateMachine {
             .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", path.display())))?
             .to_owned();
         let meta = meta.clone();
+        let writes = Arc::clone(&self.writes);
         self.writer
             .call(move |conn| {
+                // ATTACH needs no open transaction; what it replaces is committed first.
+                writes.commit(conn)?;
                 // The installed state is on disk when the install returns: openraft then
                 // purges the log it replaces.
                 conn.pragma_update(None, "synchronous", "FULL")?;
@@ -423,6 +552,8 @@ impl StateMachine {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        // Every write answered so far is visible to the reader.
+        self.commit_applied().await?;
         self.readers.call(move |c| f(c)).await
     }
 
@@ -609,14 +740,57 @@ impl StateMachine {
 
 /// Applies `entries` in one IMMEDIATE transaction (see [`StateMachine::apply_entries`]);
 /// returns the responses and the last log ID applied (None if all were replays).
+/// Applies `entries` in the writer's open transaction (opening one if needed), inside a
+/// savepoint of their own, and commits the transaction when it is old or big enough (see
+/// the module docs).
 fn apply_batch(
     conn: &mut Connection,
     entries: Vec<Entry>,
+    writes: &OpenWrites,
 ) -> Result<(Vec<Response>, Option<LogId>)> {
-    // IMMEDIATE: the write lock is taken before the first read, so nothing can make the
-    // later write fail with SQLITE_BUSY, which would stop the Raft core.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (last, _) = read_applied(&tx)?;
+    writes.check()?;
+    if conn.is_autocommit() {
+        // IMMEDIATE: the write lock is taken before the first read, so nothing can make
+        // the later write fail with SQLITE_BUSY, which would stop the Raft core.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        *lock(&writes.open) = Some((Instant::now(), 0));
+    }
+    let commands = command_count(&entries);
+    writes.control(conn, "SAVEPOINT apply_batch")?;
+    let mut savepoint = BatchSavepoint { conn, done: false };
+    let res = apply_in_savepoint(savepoint.conn, entries);
+    match res {
+        Ok(done) => {
+            savepoint.done = true;
+            drop(savepoint);
+            writes.control(conn, "RELEASE apply_batch")?;
+            writes.dirty.store(true, Ordering::Release);
+            let due = {
+                let mut open = lock(&writes.open);
+                let (since, n) = open.get_or_insert((Instant::now(), 0));
+                *n += commands;
+                since.elapsed() >= COMMIT_AFTER || *n >= COMMIT_AFTER_COMMANDS
+            };
+            if due {
+                writes.commit(conn)?;
+            }
+            Ok(done)
+        }
+        Err(e) => {
+            // Rolled back to before this batch; what was applied before it stays, and is
+            // committed now.
+            drop(savepoint);
+            writes.commit(conn)?;
+            Err(e)
+        }
+    }
+}
+
+fn apply_in_savepoint(
+    tx: &Connection,
+    entries: Vec<Entry>,
+) -> Result<(Vec<Response>, Option<LogId>)> {
+    let (last, _) = read_applied(tx)?;
     let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
     let mut applied: Option<LogId> = None;
     let mut membership: Option<StoredMembership> = None;
@@ -629,7 +803,7 @@ fn apply_batch(
         }
         let resp = match e.payload {
             EntryPayload::Blank => Response::Ok,
-            EntryPayload::Normal(cmd) => apply_in(&tx, &cmd, index)?,
+            EntryPayload::Normal(cmd) => apply_in(tx, &cmd, index)?,
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(e.log_id), m));
                 Response::Ok
@@ -640,9 +814,8 @@ fn apply_batch(
         applied = Some(e.log_id);
     }
     if let Some(last) = &applied {
-        write_applied(&tx, last, membership.as_ref())?;
+        write_applied(tx, last, membership.as_ref())?;
     }
-    tx.commit()?;
     Ok((out, applied))
 }
 

@@ -358,8 +358,9 @@ async fn applied_log_id_and_membership_are_stored_with_the_batch() {
         assert!(matches!(out[1], Response::Entry(_)));
         assert_eq!(out[2], Response::Ok);
         assert_eq!(sm.last_applied(), 3);
+        sm.commit_applied().await.unwrap();
     }
-    // Durable, and a replay of the same entries changes nothing.
+    // Committed with the batch, and a replay of the same entries changes nothing.
     let sm = StateMachine::open(&path).await.unwrap();
     let (last, stored) = sm.applied_state().await.unwrap();
     assert_eq!(last, Some(log_id(2, 3)));
@@ -452,4 +453,94 @@ async fn ca_watch_ignores_entry_writes() {
     .unwrap();
     assert!(ca.has_changed().unwrap());
     assert_eq!(*ca.borrow_and_update(), sm.last_applied());
+}
+
+/// Applied batches are committed in groups (see `ca_raft::state_machine`): a read sees every
+/// batch applied before it, other connections (a backup copy, the next start) get them from
+/// the checkpoint timer at the latest, and batches lost with the process are applied again
+/// from the log to the same state.
+#[tokio::test]
+async fn grouped_commits_are_read_at_once_reach_the_disk_and_replay_to_the_same_state() {
+    use ca_raft::types::{Entry, EntryPayload, LogId};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+    let create = |i: u64| Entry {
+        log_id: log_id(i),
+        payload: EntryPayload::Normal(Command::CreateEntry {
+            entry: entry(
+                &format!("e{i}"),
+                &format!("spiffe://td/service/s{i}"),
+                AGENT,
+            ),
+        }),
+    };
+    let on_disk = || -> i64 {
+        let c = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
+            .unwrap()
+    };
+
+    let sm = StateMachine::open(&path).await.unwrap();
+    // Each read right after its write sees it.
+    for i in 1..=40 {
+        sm.apply_entries(vec![create(i)]).await.unwrap();
+        let id = format!("e{i}");
+        assert!(sm.entry(&id).await.unwrap().is_some(), "{id} read back");
+    }
+    // With no read at all, another connection sees the rest soon.
+    for i in 41..=60 {
+        sm.apply_entries(vec![create(i)]).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_disk() != 60 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 60 on disk",
+            on_disk()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before_crash = sm.entries().await.unwrap();
+
+    // A "crash" with batches applied but not committed: the process drops them, and the
+    // log applies them again. Here the store is copied as it is on disk while batches are
+    // open, which is what a SIGKILL leaves.
+    for i in 61..=70 {
+        sm.apply_entries(vec![create(i)]).await.unwrap();
+    }
+    let crashed = dir.path().join("crashed.db");
+    {
+        let c = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.execute("VACUUM INTO ?", [crashed.to_str().unwrap()])
+            .unwrap();
+    }
+    sm.commit_applied().await.unwrap();
+    let expected = sm.entries().await.unwrap();
+    assert_eq!(expected.len(), 70);
+    drop(sm);
+
+    let sm = StateMachine::open(&crashed).await.unwrap();
+    let (last, _) = sm.applied_state().await.unwrap();
+    let last = last.map(|l| l.index).unwrap_or(0);
+    assert!((60..=70).contains(&last), "the copy holds up to {last}");
+    assert!(sm.entries().await.unwrap().len() >= before_crash.len());
+    // openraft applies the log from the last applied entry on; an overlap is skipped.
+    let replay: Vec<Entry> = (last.saturating_sub(3).max(1)..=70).map(create).collect();
+    sm.apply_entries(replay).await.unwrap();
+    assert_eq!(
+        sorted_ids(sm.entries().await.unwrap()),
+        sorted_ids(expected)
+    );
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(70)));
 }
