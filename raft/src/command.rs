@@ -90,7 +90,7 @@ pub enum Command {
         /// The request.
         request: RotationRequest,
     },
-    /// Several commands in one log entry, applied in order in one transaction, each with its
+    /// Several commands in one log entry, applied in order all or none, each with its
     /// own answer ([`Response::Batch`]). [`crate::RaftNode::write`] makes them from writes
     /// that arrive together; only [`Command::batchable`] commands may be in one (others are
     /// answered `Rejected` there).

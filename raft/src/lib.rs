@@ -20,7 +20,8 @@
 //!   database ([`LOG_DB_FILE`]); every write is committed (fsync) before openraft hears
 //!   it is flushed; appends that queue up are committed together.
 //! - [`state_machine`]: [`StateMachine`] over [`STATE_DB_FILE`]; each batch of entries is
-//!   one transaction that also stores the last applied log ID and membership. It is also
+//!   applied together with the last applied log ID and membership, and applied batches are
+//!   committed in groups (any read commits first; the log holds the rest). It is also
 //!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
 //!   ([`snapshot`]), installed by copying their tables over in one transaction.
 //! - [`batcher`]: writes that arrive together are proposed as one log entry.
