@@ -544,3 +544,66 @@ async fn grouped_commits_are_read_at_once_reach_the_disk_and_replay_to_the_same_
     );
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(70)));
 }
+
+/// A batch that fails midway (here a trigger refuses one row, as a full disk or a damaged
+/// page would) leaves nothing of itself in the group of uncommitted batches, the batches
+/// applied before it stay, and the next batch applies on top of them.
+#[tokio::test]
+async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it() {
+    use ca_raft::types::{Entry, EntryPayload, LogId};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+    let create = |i: u64, id: &str| Entry {
+        log_id: log_id(i),
+        payload: EntryPayload::Normal(Command::CreateEntry {
+            entry: entry(id, &format!("spiffe://td/service/{id}"), AGENT),
+        }),
+    };
+    let sm = StateMachine::open(&path).await.unwrap();
+    sm.apply_entries(vec![create(1, "a")]).await.unwrap();
+    sm.commit_applied().await.unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON entries WHEN NEW.id = 'boom'
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
+        )
+        .unwrap();
+
+    // Two batches in the open group, then one that fails after its first command applied.
+    sm.apply_entries(vec![create(2, "b")]).await.unwrap();
+    sm.apply_entries(vec![create(3, "c")]).await.unwrap();
+    let err = sm
+        .apply_entries(vec![create(4, "d"), create(5, "boom")])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refused for the test"), "{err}");
+
+    assert_eq!(
+        sorted_ids(sm.entries().await.unwrap()),
+        vec!["a", "b", "c"],
+        "nothing of the failed batch, everything before it"
+    );
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(3)));
+    // On disk as well, for other connections.
+    let on_disk: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(on_disk, 3);
+
+    // The log applies it again (openraft would, after a restart); the next batch goes on top.
+    sm.apply_entries(vec![create(4, "d"), create(5, "e")])
+        .await
+        .unwrap();
+    sm.commit_applied().await.unwrap();
+    drop(sm);
+    let sm = StateMachine::open(&path).await.unwrap();
+    assert_eq!(
+        sorted_ids(sm.entries().await.unwrap()),
+        vec!["a", "b", "c", "d", "e"]
+    );
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(5)));
+}
