@@ -122,6 +122,19 @@ fn sorted(mut v: Vec<Entry>) -> BTreeMap<String, Entry> {
     v.drain(..).map(|e| (e.id.clone(), e)).collect()
 }
 
+/// Every entry the node lists, by ID.
+async fn listed_entries(
+    a: &mut ca_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+) -> BTreeMap<String, Entry> {
+    sorted(
+        a.list_entries(ListEntriesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_admin_writes_survive_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
@@ -138,13 +151,11 @@ async fn acknowledged_admin_writes_survive_sigkill() {
         let mut a = admin(&sock).await;
 
         // Everything acknowledged before the last SIGKILL is there.
-        let listed = a
-            .list_entries(ListEntriesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .entries;
-        assert_eq!(sorted(listed), expected, "round {round}: entries");
+        assert_eq!(
+            listed_entries(&mut a).await,
+            expected,
+            "round {round}: entries"
+        );
         let mut listed_agents: Vec<String> = a
             .list_agents(ListAgentsRequest::default())
             .await
@@ -257,14 +268,11 @@ async fn acknowledged_admin_writes_survive_sigkill() {
     let port = free_port();
     let (cfg, sock) = write_config(tmp.path(), &format!("127.0.0.1:{port}"), "");
     let mut node = NodeProcess::start(&cfg, &sock, &log).await;
-    let listed = admin(&sock)
-        .await
-        .list_entries(ListEntriesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(sorted(listed), expected, "after the last restart: entries");
+    assert_eq!(
+        listed_entries(&mut admin(&sock).await).await,
+        expected,
+        "after the last restart: entries"
+    );
     node.kill_hard();
 
     // The state on disk, read directly after that kill.

@@ -22,7 +22,6 @@
 //! installs received ones (their tables copied over its own in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,10 +53,8 @@ pub const COMMIT_AFTER_COMMANDS: usize = 1024;
 /// The writer's open transaction of applied but uncommitted batches (see the module docs).
 #[derive(Debug, Default)]
 struct OpenWrites {
-    /// Something is applied that other connections cannot see yet.
-    dirty: AtomicBool,
-    /// When the open transaction began and how many commands it holds. Only jobs on the
-    /// writer's connection touch it.
+    /// When the open transaction began and how many commands it holds; `None` when nothing
+    /// applied is waiting to be committed. Only jobs on the writer's connection change it.
     open: Mutex<Option<(Instant, usize)>>,
     /// Why committing applied batches failed, after which they are gone from the database:
     /// every later apply and read fails with it, so the node stops (openraft) rather than go
@@ -78,7 +75,6 @@ impl OpenWrites {
     fn control(&self, conn: &Connection, sql: &str) -> Result<()> {
         conn.execute_batch(sql).map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            self.dirty.store(false, Ordering::Release);
             *lock(&self.open) = None;
             let why = format!(
                 "the state store could not commit applied log entries ({sql}: {e}); \
@@ -95,8 +91,18 @@ impl OpenWrites {
             self.control(conn, "COMMIT")?;
         }
         *lock(&self.open) = None;
-        self.dirty.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// Commits, on `writer`, whatever applied batches are waiting; fails once a commit has
+    /// failed (see `failed`).
+    async fn commit_on(self: &Arc<Self>, writer: &Db) -> Result<()> {
+        self.check()?;
+        if lock(&self.open).is_none() {
+            return Ok(());
+        }
+        let w = Arc::clone(self);
+        writer.call_here(move |c| w.commit(c)).await
     }
 }
 
@@ -213,11 +219,8 @@ async fn run_checkpoints(
         }
         // Applied batches still waiting for the next apply or read are committed here at
         // the latest.
-        if writes.dirty.load(Ordering::Acquire) {
-            let w = Arc::clone(&writes);
-            if let Err(e) = writer.call(move |c| w.commit(c)).await {
-                tracing::error!(error = %e, "committing applied log entries failed");
-            }
+        if let Err(e) = writes.commit_on(&writer).await {
+            tracing::error!(error = %e, "committing applied log entries failed");
         }
         let res = db
             .call(|c| Ok(c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?))
@@ -400,12 +403,7 @@ impl StateMachine {
     /// other connections (readers, snapshot copies, backups) see them. Cheap when there is
     /// none.
     pub async fn commit_applied(&self) -> Result<()> {
-        self.writes.check()?;
-        if !self.writes.dirty.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let w = Arc::clone(&self.writes);
-        self.writer.call_here(move |c| w.commit(c)).await
+        self.writes.commit_on(&self.writer).await
     }
 
     // ---- snapshots ----
@@ -426,12 +424,10 @@ impl StateMachine {
             .to_str()
             .ok_or_else(|| Error::Snapshot(format!("non-UTF-8 path {}", tmp.display())))?
             .to_owned();
-        // A consistent copy, read on a reader: applies go on meanwhile. What the copy
-        // holds is read from the copy itself.
-        self.commit_applied().await?;
+        // A consistent copy, read on a reader (after what is applied is committed): applies
+        // go on meanwhile. What the copy holds is read from the copy itself.
         let (last, membership) = self
-            .readers
-            .call(move |conn| {
+            .read(move |conn| {
                 conn.execute("VACUUM INTO ?", [&tmp_str])?;
                 let copy = Connection::open_with_flags(
                     format!("file:{tmp_str}?immutable=1"),
@@ -738,11 +734,10 @@ impl StateMachine {
     }
 }
 
-/// Applies `entries` in one IMMEDIATE transaction (see [`StateMachine::apply_entries`]);
-/// returns the responses and the last log ID applied (None if all were replays).
-/// Applies `entries` in the writer's open transaction (opening one if needed), inside a
-/// savepoint of their own, and commits the transaction when it is old or big enough (see
-/// the module docs).
+/// Applies `entries` (see [`StateMachine::apply_entries`]) in the writer's open transaction
+/// (opening one if needed), inside a savepoint of their own, and commits the transaction when
+/// it is old or big enough (see the module docs). Returns the responses and the last log ID
+/// applied (None if all were replays).
 fn apply_batch(
     conn: &mut Connection,
     entries: Vec<Entry>,
@@ -764,7 +759,6 @@ fn apply_batch(
             savepoint.done = true;
             drop(savepoint);
             writes.control(conn, "RELEASE apply_batch")?;
-            writes.dirty.store(true, Ordering::Release);
             let due = {
                 let mut open = lock(&writes.open);
                 let (since, n) = open.get_or_insert((Instant::now(), 0));

@@ -455,37 +455,42 @@ async fn ca_watch_ignores_entry_writes() {
     assert_eq!(*ca.borrow_and_update(), sm.last_applied());
 }
 
+/// Log ID `index` of term 1, leader 1.
+fn log_id_at(index: u64) -> ca_raft::types::LogId {
+    ca_raft::types::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
+}
+
+/// The log entry at `index` that creates the entry `id`.
+fn create_at(index: u64, id: &str) -> ca_raft::types::Entry {
+    ca_raft::types::Entry {
+        log_id: log_id_at(index),
+        payload: ca_raft::types::EntryPayload::Normal(Command::CreateEntry {
+            entry: entry(id, &format!("spiffe://td/service/{id}"), AGENT),
+        }),
+    }
+}
+
+/// How many entries the state file at `path` holds for another connection.
+fn entries_on_disk(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Applied batches are committed in groups (see `ca_raft::state_machine`): a read sees every
 /// batch applied before it, other connections (a backup copy, the next start) get them from
 /// the checkpoint timer at the latest, and batches lost with the process are applied again
 /// from the log to the same state.
 #[tokio::test]
 async fn grouped_commits_are_read_at_once_reach_the_disk_and_replay_to_the_same_state() {
-    use ca_raft::types::{Entry, EntryPayload, LogId};
+    use ca_raft::types::Entry;
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
-    let create = |i: u64| Entry {
-        log_id: log_id(i),
-        payload: EntryPayload::Normal(Command::CreateEntry {
-            entry: entry(
-                &format!("e{i}"),
-                &format!("spiffe://td/service/s{i}"),
-                AGENT,
-            ),
-        }),
-    };
-    let on_disk = || -> i64 {
-        let c = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        c.query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
-            .unwrap()
-    };
+    let create = |i: u64| create_at(i, &format!("e{i}"));
+    let on_disk = || entries_on_disk(&path);
 
     let sm = StateMachine::open(&path).await.unwrap();
     // Each read right after its write sees it.
@@ -542,7 +547,7 @@ async fn grouped_commits_are_read_at_once_reach_the_disk_and_replay_to_the_same_
         sorted_ids(sm.entries().await.unwrap()),
         sorted_ids(expected)
     );
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(70)));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id_at(70)));
 }
 
 /// A batch that fails midway (here a trigger refuses one row, as a full disk or a damaged
@@ -550,19 +555,10 @@ async fn grouped_commits_are_read_at_once_reach_the_disk_and_replay_to_the_same_
 /// applied before it stay, and the next batch applies on top of them.
 #[tokio::test]
 async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it() {
-    use ca_raft::types::{Entry, EntryPayload, LogId};
-
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
-    let create = |i: u64, id: &str| Entry {
-        log_id: log_id(i),
-        payload: EntryPayload::Normal(Command::CreateEntry {
-            entry: entry(id, &format!("spiffe://td/service/{id}"), AGENT),
-        }),
-    };
     let sm = StateMachine::open(&path).await.unwrap();
-    sm.apply_entries(vec![create(1, "a")]).await.unwrap();
+    sm.apply_entries(vec![create_at(1, "a")]).await.unwrap();
     sm.commit_applied().await.unwrap();
     rusqlite::Connection::open(&path)
         .unwrap()
@@ -573,10 +569,10 @@ async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it()
         .unwrap();
 
     // Two batches in the open group, then one that fails after its first command applied.
-    sm.apply_entries(vec![create(2, "b")]).await.unwrap();
-    sm.apply_entries(vec![create(3, "c")]).await.unwrap();
+    sm.apply_entries(vec![create_at(2, "b")]).await.unwrap();
+    sm.apply_entries(vec![create_at(3, "c")]).await.unwrap();
     let err = sm
-        .apply_entries(vec![create(4, "d"), create(5, "boom")])
+        .apply_entries(vec![create_at(4, "d"), create_at(5, "boom")])
         .await
         .unwrap_err();
     assert!(err.to_string().contains("refused for the test"), "{err}");
@@ -586,16 +582,12 @@ async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it()
         vec!["a", "b", "c"],
         "nothing of the failed batch, everything before it"
     );
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(3)));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id_at(3)));
     // On disk as well, for other connections.
-    let on_disk: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(on_disk, 3);
+    assert_eq!(entries_on_disk(&path), 3);
 
     // The log applies it again (openraft would, after a restart); the next batch goes on top.
-    sm.apply_entries(vec![create(4, "d"), create(5, "e")])
+    sm.apply_entries(vec![create_at(4, "d"), create_at(5, "e")])
         .await
         .unwrap();
     sm.commit_applied().await.unwrap();
@@ -605,5 +597,5 @@ async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it()
         sorted_ids(sm.entries().await.unwrap()),
         vec!["a", "b", "c", "d", "e"]
     );
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(5)));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id_at(5)));
 }
