@@ -429,6 +429,15 @@ pub fn check_intermediate_tbs(
     Ok(())
 }
 
+/// The SubjectPublicKeyInfo (DER) of a DER TBSCertificate.
+pub fn tbs_public_key(tbs: &[u8]) -> Result<Vec<u8>, Error> {
+    use x509_parser::prelude::*;
+    let (_, tbs) = TbsCertificate::from_der(tbs).map_err(|e| {
+        Error::PermissionDenied(format!("refusing to sign: not a TBSCertificate: {e}"))
+    })?;
+    Ok(tbs.subject_pki.raw.to_vec())
+}
+
 // ---------------------------------------------------------------------------------------
 // The cluster service (server side)
 
@@ -504,7 +513,7 @@ impl ClusterService {
                 now,
                 agent: AgentRecord {
                     spiffe_id: id.to_string(),
-                    attestation_type: "ca_node_join".into(),
+                    attestation_type: ca_raft::CA_NODE_JOIN.into(),
                     x509_svid_serial: info.serial_hex,
                     x509_svid_expires_at: info.not_after,
                     previous_x509_svid_serial: String::new(),
@@ -627,6 +636,29 @@ impl ClusterService {
             &node_id,
             core.config.ttl.intermediate,
         )?;
+        // Only a key the journal holds as this node's prepared, not yet certified
+        // intermediate: whatever the root signs is in the journal (`ca show`) and revocable.
+        let spki = tbs_public_key(&r.tbs_certificate)?;
+        core.read_barrier().await?;
+        let recorded = core.sm.authorities().await?.into_iter().find(|a| {
+            a.kind == AuthorityKind::Intermediate && a.node_id == node_id && a.public_key == spki
+        });
+        match recorded {
+            Some(a) if a.state == AuthorityState::Prepared && a.cert_der.is_empty() => {}
+            Some(a) => {
+                return Err(Error::PermissionDenied(format!(
+                    "refusing to sign: intermediate {} of node {node_id} is {} and {}",
+                    a.id,
+                    a.state.as_str(),
+                    if a.cert_der.is_empty() { "uncertified" } else { "certified already" }
+                )))
+            }
+            None => {
+                return Err(Error::PermissionDenied(format!(
+                    "refusing to sign: the journal holds no prepared intermediate of node {node_id} with this key (record the key first)"
+                )))
+            }
+        }
         let sig = key.sign(&r.tbs_certificate).await?;
         tracing::info!(node = %node_id, root = %root.id, "signed an intermediate CA certificate for a member");
         Ok(sig)
@@ -655,8 +687,34 @@ pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<u
     Ok(n)
 }
 
+/// Revokes every intermediate and JWT key of node `node_id` that is not revoked or expired:
+/// a removed node's keys are out of the cluster's hands, so nothing they signed is trusted
+/// any more (agents re-mint such SVIDs at their next sync).
+pub async fn revoke_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
+    let t = ca_identity::unix_now();
+    let mut n = 0;
+    for a in core.sm.authorities().await? {
+        if a.node_id == node_id
+            && matches!(a.kind, AuthorityKind::Intermediate | AuthorityKind::Jwt)
+            && a.state != AuthorityState::Revoked
+            && a.not_after > t
+        {
+            propose(
+                core.proposer.as_ref(),
+                Command::SetAuthorityState {
+                    id: a.id.clone(),
+                    state: AuthorityState::Revoked,
+                },
+            )
+            .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Removes member `raft_id`: out of the membership, its ca-node identity evicted (it must
-/// join again with a new token), its intermediate and JWT key retired.
+/// join again with a new token), its intermediates and JWT keys revoked.
 pub async fn remove_member(core: &NodeCore, raft_id: NodeId) -> Result<u64, Error> {
     let status = core.raft.status();
     let member = status.members.get(&raft_id).cloned().ok_or_else(|| {
@@ -676,8 +734,8 @@ pub async fn remove_member(core: &NodeCore, raft_id: NodeId) -> Result<u64, Erro
         Ok(_) | Err(Error::NotFound(_)) => {}
         Err(e) => return Err(e),
     }
-    retire_node_authorities(core, &node_id).await?;
-    tracing::info!(raft_id, node = %node_id, "removed a member");
+    let revoked = revoke_node_authorities(core, &node_id).await?;
+    tracing::info!(raft_id, node = %node_id, revoked, "removed a member; revoked its intermediates and JWT keys");
     Ok(log.index)
 }
 
@@ -709,10 +767,11 @@ impl Cluster for ClusterService {
         &self,
         req: Request<SignIntermediateRequest>,
     ) -> Result<Response<SignIntermediateResponse>, Status> {
-        let node_id = raft_tls::ca_node_caller(&self.core.config.trust_domain(), &req)?;
+        let caller = self.core.gate.admit_request(req.extensions())?;
+        let node_id = caller.node_id().to_owned();
         let r = ClusterService::sign_intermediate(self, node_id, req.into_inner()).await;
         if let Err(e) = &r {
-            tracing::debug!(error = %e, "SignIntermediate refused");
+            tracing::warn!(error = %e, "SignIntermediate refused");
         }
         into_status(r.map(|signature| SignIntermediateResponse { signature }))
     }
@@ -721,7 +780,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<IssuedCountsRequest>,
     ) -> Result<Response<IssuedCountsResponse>, Status> {
-        raft_tls::ca_node_caller(&self.core.config.trust_domain(), &req)?;
+        self.core.gate.admit_request(req.extensions())?;
         Ok(Response::new(IssuedCountsResponse {
             valid_svids: self.core.ca.valid_issued_counts().into_iter().collect(),
         }))

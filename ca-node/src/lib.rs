@@ -29,6 +29,7 @@ pub mod dev;
 pub mod error;
 pub mod metrics;
 pub mod node_api;
+pub mod peer_gate;
 pub mod raft_tls;
 pub mod server;
 

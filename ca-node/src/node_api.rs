@@ -58,6 +58,11 @@ impl NodeApi {
         let id = ca_identity::tls::peer_id(&certs).ok_or_else(|| {
             Error::Unauthenticated("the client certificate has no SPIFFE ID".into())
         })?;
+        if ca_raft::is_ca_node_id(id.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "{id} is a ca-node identity; the node API serves agents only"
+            )));
+        }
         let agent = self.core.sm.agent(id.as_str()).await?.ok_or_else(|| {
             Error::PermissionDenied(format!(
                 "agent {id} is not attested (it was evicted or never attested); attest again"
@@ -118,6 +123,11 @@ impl NodeApi {
         id: &SpiffeId,
         csr: &CertificateSigningRequestParams,
     ) -> Result<(Vec<Vec<u8>>, String, i64), Error> {
+        if ca_raft::is_ca_node_id(id.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "{id}: the /ca-node/ path is reserved for ca-nodes; no agent SVID carries it"
+            )));
+        }
         let chain = self
             .core
             .ca
@@ -138,6 +148,13 @@ impl NodeApi {
                 "unknown join token; generate one with `ca-node token generate`".into(),
             )
         })?;
+        if ca_raft::is_ca_node_id(&rec.spiffe_id) {
+            // Not consumed: the token stays usable by the ca-node it was made for.
+            return Err(Error::PermissionDenied(format!(
+                "this join token is for a ca-node ({}); it is redeemed only by `ca-node join`, never by an agent",
+                rec.spiffe_id
+            )));
+        }
         let id = SpiffeId::parse(&rec.spiffe_id)?;
         let (chain, serial, expires) = self.mint_agent_svid(&id, &csr).await?;
         let now = ca_identity::unix_now();

@@ -6,9 +6,9 @@
 //! HTTP/2 for the gRPC server. Client side: [`TlsConnector`] makes channels and links that
 //! present this node's own SVID (`spiffe://TD/ca-node/<id>`) and accept only the peer whose
 //! SPIFFE ID is exactly `spiffe://TD/ca-node/<its node id>`, verified against the live trust
-//! bundle. Server side: [`ca_node_caller`] / [`only_ca_nodes`] / [`link_caller`] let through
-//! only callers whose client certificate (verified at the handshake against the same
-//! bundle) carries a `spiffe://TD/ca-node/*` ID.
+//! bundle. Server side: [`ca_node_caller`] reads the `spiffe://TD/ca-node/*` ID of a client
+//! certificate (verified at the handshake against the same bundle); whether that node may
+//! use the Raft transport or the cluster service is [`crate::peer_gate`]'s decision.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,13 +109,6 @@ fn refused_protocol(e: &std::io::Error) -> bool {
     )
 }
 
-/// The node ID of the ca-node on the other end of a replication link, from the client
-/// certificate it presented at the handshake (verified there against the trust bundle);
-/// refused, with a message saying why, unless it is `spiffe://TD/ca-node/<id>`.
-pub fn link_caller(td: &TrustDomain, conn: &rustls::ServerConnection) -> Result<String, Status> {
-    node_of_certs(td, conn.peer_certificates())
-}
-
 /// A client TLS config presenting `svid` and accepting only the server `expected`.
 pub fn client_tls(
     svid: &SvidResolver,
@@ -189,7 +182,10 @@ pub fn ca_node_caller<T>(td: &TrustDomain, req: &Request<T>) -> Result<String, S
 }
 
 /// The node ID in a verified client certificate chain (leaf first), if it is a ca-node's.
-fn node_of_certs(td: &TrustDomain, certs: Option<&[CertificateDer<'_>]>) -> Result<String, Status> {
+pub(crate) fn node_of_certs(
+    td: &TrustDomain,
+    certs: Option<&[CertificateDer<'_>]>,
+) -> Result<String, Status> {
     let certs = certs.ok_or_else(|| {
         Status::unauthenticated("only ca-nodes may call this: present a ca-node SVID")
     })?;
@@ -212,16 +208,6 @@ pub fn caller_serial<T>(req: &Request<T>) -> Option<String> {
     ca_identity::x509::cert_info(leaf.as_ref())
         .ok()
         .map(|i| i.serial_hex)
-}
-
-/// A tonic interceptor letting through only ca-nodes of `td` (see [`ca_node_caller`]).
-pub fn only_ca_nodes(
-    td: TrustDomain,
-) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |req: Request<()>| {
-        ca_node_caller(&td, &req)?;
-        Ok(req)
-    }
 }
 
 #[cfg(test)]
@@ -252,6 +238,5 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let err = ca_node_caller(&td, &Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        assert!(only_ca_nodes(td)(Request::new(())).is_err());
     }
 }

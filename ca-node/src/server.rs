@@ -18,7 +18,6 @@ use ca_raft::{
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::service::interceptor::InterceptedService;
 
 use crate::admin_api::AdminApi;
 use crate::ca::keys::KeyManagers;
@@ -28,7 +27,8 @@ use crate::config::{KeyManagerConfig, NodeConfig};
 use crate::core::NodeCore;
 use crate::metrics::Metrics;
 use crate::node_api::NodeApi;
-use crate::raft_tls::{self, TlsConnector};
+use crate::peer_gate::{CheckedProposer, PeerGate};
+use crate::raft_tls::TlsConnector;
 use crate::Error;
 
 /// A running node.
@@ -370,7 +370,18 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         )?;
     }
 
-    let proposer = Arc::new(RaftProposer::new(raft.clone()));
+    let gate = match PeerGate::new(config.clone(), raft.clone(), sm.clone()).await {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
+    };
+    let proposer: Arc<dyn ca_raft::Proposer> = Arc::new(CheckedProposer::new(
+        Arc::new(RaftProposer::new(raft.clone())),
+        gate.clone(),
+        config.node_id.clone(),
+    ));
     let [local_root, intermediate_km, jwt_km] = match open_key_managers(&config).await {
         Ok(k) => k,
         Err(e) => {
@@ -412,9 +423,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         roots: roots.clone(),
         local_root_km: local_root,
         advertise_addr: advertise.clone(),
+        gate: gate.clone(),
     });
     let (shutdown, _) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(gate.clone().run(shutdown.subscribe()))];
 
     // The node API, the Raft transport and the cluster service, over TLS, and replication
     // links beside them (told apart by ALPN). Served before the CA is ready: a member's
@@ -424,7 +436,12 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
-    let links = (raft.clone(), td.clone(), shutdown.subscribe(), core.clone());
+    let links = (
+        raft.clone(),
+        gate.clone(),
+        shutdown.subscribe(),
+        core.clone(),
+    );
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -434,7 +451,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let tx = conn_tx.clone();
-                    let (raft, td, stop, core) = links.clone();
+                    let (raft, gate, stop, core) = links.clone();
                     tokio::spawn(async move {
                         let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
@@ -447,10 +464,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                             return;
                         }
                         let links = &core.metrics.raft_links;
-                        match raft_tls::link_caller(&td, conn) {
-                            Ok(_) => {
+                        match gate.admit_certs(conn.peer_certificates()) {
+                            Ok(caller) => {
                                 links.with_label_values(&["served"]).inc();
-                                raft.serve_link(tls, stop).await
+                                raft.serve_link(tls, stop, caller).await
                             }
                             Err(refused) => {
                                 links.with_label_values(&["refused"]).inc();
@@ -463,10 +480,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }
     }));
     let node_api = NodeServer::new(NodeApi::new(core.clone()));
-    let raft_api = InterceptedService::new(
-        raft.grpc_service(shutdown.subscribe()),
-        raft_tls::only_ca_nodes(td.clone()),
-    );
+    let raft_api = raft.grpc_service(shutdown.subscribe(), Arc::new(gate.clone()));
     let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {

@@ -234,17 +234,24 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
     assert!(err.to_string().contains("already a member"), "{err}");
 
     // The Raft service and the members-only cluster calls: an agent's SVID is refused, so
-    // is a caller without a certificate; the new ca-node SVID gets through.
+    // is a caller without a certificate, and so is the new ca-node SVID while its node is
+    // not a member (it only may ask to be added); a member's SVID gets through.
     let agent = new_agent(&env.nodes[0], "spiffe://dev.example.org/agent/intruder").await;
     let agent_svid = SvidResolver::default();
     agent_svid.set(&agent.chain, &agent.key_pkcs8).unwrap();
     let node_svid = SvidResolver::default();
     node_svid.set(&chain, &key.serialize_der()).unwrap();
     let td = ca_identity::TrustDomain::new(TD).unwrap();
+    let member_svid = env.nodes[1].core.svid.clone();
     for (who, svid, code) in [
         ("no certificate", &none, Some(Code::Unauthenticated)),
         ("an agent", &agent_svid, Some(Code::PermissionDenied)),
-        ("a ca-node", &node_svid, None),
+        (
+            "a ca-node that is no member",
+            &node_svid,
+            Some(Code::PermissionDenied),
+        ),
+        ("a member", &member_svid, None),
     ] {
         let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.clone()), td.clone());
         let ch = ca_node::raft_tls::tls_channel(&env.nodes[0].node_addr.to_string(), tls).unwrap();
@@ -256,7 +263,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
             None => assert!(r.is_ok(), "{who}: {r:?}"),
         }
         // A replication link: the node negotiates the protocol with anyone who has a
-        // certificate from the trust bundle or none, then serves only a ca-node, which gets
+        // certificate from the trust bundle or none, then serves only a member, which gets
         // an answer (a stale vote: it does not change anything), and drops anyone else.
         let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.clone()), td.clone());
         let addr = env.nodes[0].node_addr.to_string();
@@ -303,7 +310,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
         .raft_links
         .with_label_values(&["refused"])
         .get();
-    assert_eq!(refused, 2, "the links without a ca-node SVID");
+    assert_eq!(refused, 3, "the links without a member's SVID");
 
     // A node built before replication links (its TLS port offers only HTTP/2) is told
     // apart from one that cannot be reached: the leader uses gRPC with it instead.
@@ -336,14 +343,14 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
         .find(|a| a.kind == AuthorityKind::Root)
         .unwrap();
     let leaf_tbs = {
-        // The TBS of dev-2's own intermediate, asked for by dev-4: refused.
-        let int = env.nodes[1].core.ca.intermediate().unwrap();
+        // The TBS of dev-3's own intermediate, asked for by member dev-2: refused.
+        let int = env.nodes[2].core.ca.intermediate().unwrap();
         let cert = x509_parser::parse_x509_certificate(&int.record.cert_der)
             .unwrap()
             .1;
         cert.tbs_certificate.as_ref().to_vec()
     };
-    let err = cluster_client(&env.nodes[0].node_addr.to_string(), &roots, &node_svid)
+    let err = cluster_client(&env.nodes[0].node_addr.to_string(), &roots, &member_svid)
         .sign_intermediate(SignIntermediateRequest {
             root_id: root.id.clone(),
             tbs_certificate: leaf_tbs,
@@ -352,7 +359,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(
-        err.message().contains("not an intermediate of node dev-4"),
+        err.message().contains("not an intermediate of node dev-2"),
         "{err:?}"
     );
 
@@ -374,7 +381,7 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     .await
     .unwrap();
 
-    // Remove node 3: out of the membership, its identity evicted, its authorities retired.
+    // Remove node 3: out of the membership, its identity evicted, its authorities revoked.
     a.remove_member(RemoveMemberRequest { raft_id: 3 })
         .await
         .expect("removed");
@@ -384,7 +391,7 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     assert!(auths
         .iter()
         .filter(|a| a.node_id == "dev-3")
-        .all(|a| a.state == AuthorityState::Retired));
+        .all(|a| a.state == AuthorityState::Revoked));
     assert!(env.nodes[0]
         .core
         .sm

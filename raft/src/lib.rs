@@ -27,7 +27,8 @@
 //! - [`batcher`]: writes that arrive together are proposed as one log entry.
 //! - [`network`]: the client side of the gRPC transport (`ca_proto::raft`), over channels
 //!   from a caller's [`Connector`] (the node brings mutually authenticated TLS);
-//!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server.
+//!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server;
+//!   [`policy`]: the [`PeerPolicy`] it and the links check every caller and proposal with.
 //! - [`link`]: replication links, AppendEntries on a connection of their own (no HTTP/2),
 //!   preferred where the connector and the peer have them; served by
 //!   [`RaftNode::serve_link`].
@@ -45,7 +46,7 @@
 //! let log = LogStore::open(&dir.join(LOG_DB_FILE)).await?;
 //! let me = NodeInfo { addr: "10.0.0.1:7443".into(), node_id: "ca-1".into() };
 //! let node = RaftNode::start(RaftNodeConfig::new(1, me), log, sm, Arc::new(PlaintextConnector::default())).await?;
-//! // Mount node.grpc_service(stop) on the node's (TLS) gRPC server, then, on the first node only:
+//! // Mount node.grpc_service(stop, policy) on the node's (TLS) gRPC server, then, on the first node only:
 //! node.initialize().await?;
 //! let proposer = RaftProposer::new(node.clone());
 //! # let _ = proposer; Ok(()) }
@@ -61,6 +62,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 mod pb;
+pub mod policy;
 pub mod proposer;
 pub mod records;
 pub mod service;
@@ -73,11 +75,12 @@ pub use command::{Command, RejectCode, Response};
 pub use log_store::LogStore;
 pub use network::{Connector, PlaintextConnector};
 pub use node::{ClusterStatus, RaftNode, RaftNodeConfig, Role, LOG_DB_FILE, STATE_DB_FILE};
+pub use policy::{Admitted, PeerPolicy};
 pub use proposer::{LocalProposer, Proposer, RaftProposer};
 pub use records::*;
 pub use service::RaftGrpc;
 pub use snapshot::SnapshotFile;
-pub use state_machine::StateMachine;
+pub use state_machine::{is_ca_node_id, StateMachine, CA_NODE_JOIN};
 pub use types::{NodeId, NodeInfo, TypeConfig};
 
 /// Errors of the store (not rule violations: those are [`Response::Rejected`]).

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::network::MAX_MESSAGE_SIZE;
+use crate::policy::Admitted;
 use crate::service::{append_entries, ends_exchange};
 use crate::types::Raft;
 
@@ -105,11 +106,14 @@ pub(crate) async fn read_frame<M: Message + Default>(
 /// or stopped (answered with that error), or `stop` turns true (or its sender is dropped).
 /// Requests are handed to `raft` one at a time, each answered before the next is read.
 ///
-/// The caller authenticates the peer first: only other ca-nodes may send log entries.
+/// The caller authenticates the peer first (`caller`, from the node's
+/// [`crate::policy::PeerPolicy`]); each request is served only while `caller` still passes
+/// [`Admitted::recheck`], else it is answered `rejected` with the reason and the link ends.
 pub async fn serve_link<IO: AsyncRead + AsyncWrite + Unpin>(
     raft: Raft,
     mut io: IO,
     mut stop: watch::Receiver<bool>,
+    caller: Admitted,
 ) {
     use pb::append_entries_reply::Result as R;
     loop {
@@ -118,12 +122,18 @@ pub async fn serve_link<IO: AsyncRead + AsyncWrite + Unpin>(
             _ = stop.wait_for(|stop| *stop) => return,
         };
         let reply = match frame {
-            Ok(Frame::Message(req)) => match append_entries(&raft, req).await {
-                Ok(reply) => reply,
-                Err(status) => pb::AppendEntriesReply {
-                    result: Some(R::Rejected(status.message().to_owned())),
-                },
-            },
+            Ok(Frame::Message(req)) => {
+                let served = match caller.recheck() {
+                    Ok(()) => append_entries(&raft, req).await,
+                    Err(refused) => Err(refused),
+                };
+                match served {
+                    Ok(reply) => reply,
+                    Err(status) => pb::AppendEntriesReply {
+                        result: Some(R::Rejected(status.message().to_owned())),
+                    },
+                }
+            }
             Ok(Frame::Malformed(why)) => pb::AppendEntriesReply {
                 result: Some(R::Rejected(format!(
                     "malformed AppendEntries request: {why}"

@@ -342,21 +342,28 @@ impl RaftNode {
     }
 
     /// The Raft transport's gRPC service over this node, to mount on the node's server;
-    /// `stop` is the server's shutdown signal (see [`RaftGrpc::new`]).
+    /// `stop` is the server's shutdown signal, `policy` who may call and propose (see
+    /// [`RaftGrpc::new`]).
     pub fn grpc_service(
         &self,
         stop: tokio::sync::watch::Receiver<bool>,
+        policy: Arc<dyn crate::policy::PeerPolicy>,
     ) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
-        RaftGrpc::new(self.inner.raft.clone(), stop).into_server()
+        RaftGrpc::new(self.inner.raft.clone(), stop, policy).into_server()
     }
 
-    /// Serves one replication link ([`crate::link`]) from a peer the caller has
-    /// authenticated as a ca-node, until it closes or `stop` turns true.
-    pub async fn serve_link<IO>(&self, io: IO, stop: tokio::sync::watch::Receiver<bool>)
-    where
+    /// Serves one replication link ([`crate::link`]) from `caller`, a peer the node's
+    /// policy admitted, until it closes, `caller` is no longer admitted, or `stop` turns
+    /// true.
+    pub async fn serve_link<IO>(
+        &self,
+        io: IO,
+        stop: tokio::sync::watch::Receiver<bool>,
+        caller: crate::policy::Admitted,
+    ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        crate::link::serve_link(self.inner.raft.clone(), io, stop).await
+        crate::link::serve_link(self.inner.raft.clone(), io, stop, caller).await
     }
 
     /// Stops Raft. The stores stay as they are; start again to rejoin.

@@ -1,8 +1,10 @@
 //! The server side of the Raft transport: [`RaftGrpc`] implements the generated
 //! `RaftService` over a local [`Raft`]. The node mounts it on its own (TLS) server, e.g.
-//! with [`crate::RaftNode::grpc_service`]; only other ca-nodes may be let through.
+//! with [`crate::RaftNode::grpc_service`]; every call (and every message of a stream) is
+//! checked against the node's [`PeerPolicy`] first, and every proposal too.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use ca_proto::raft as pb;
 use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
@@ -16,6 +18,7 @@ use crate::command::Command;
 use crate::network::MAX_MESSAGE_SIZE;
 use crate::node::{change_membership_local, MembershipChange};
 use crate::pb::{from_json, to_json, FromPb, IntoPb};
+use crate::policy::PeerPolicy;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 /// The Raft transport's server: hands each RPC to the local Raft.
@@ -23,6 +26,7 @@ use crate::types::{NodeId, Raft, TypeConfig};
 pub struct RaftGrpc {
     raft: Raft,
     stop: watch::Receiver<bool>,
+    policy: Arc<dyn PeerPolicy>,
 }
 
 impl std::fmt::Debug for RaftGrpc {
@@ -34,9 +38,10 @@ impl std::fmt::Debug for RaftGrpc {
 impl RaftGrpc {
     /// The service over `raft`. Its `AppendEntriesStream`s end once `stop` turns true (or
     /// its sender is dropped), so that a graceful shutdown of the server, which waits for
-    /// open streams, is not held up by a leader's long-lived one.
-    pub fn new(raft: Raft, stop: watch::Receiver<bool>) -> Self {
-        Self { raft, stop }
+    /// open streams, is not held up by a leader's long-lived one. Callers and proposals
+    /// are checked against `policy`.
+    pub fn new(raft: Raft, stop: watch::Receiver<bool>, policy: Arc<dyn PeerPolicy>) -> Self {
+        Self { raft, stop, policy }
     }
 
     /// The tonic service, with message size limits fit for snapshot chunks.
@@ -85,6 +90,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
+        self.policy.admit(request.extensions())?;
         Ok(Response::new(
             append_entries(&self.raft, request.into_inner()).await?,
         ))
@@ -94,22 +100,30 @@ impl RaftService for RaftGrpc {
 
     /// Each request is handed to Raft only once the previous one is answered, so replies
     /// come back in the order of the requests. The stream ends after a request that does not
-    /// decode (with its error), after a reply that reports this node failed or stopped, and
-    /// when the server stops; the leader then opens a new one.
+    /// decode (with its error), after a reply that reports this node failed or stopped, after
+    /// a request from a caller the policy no longer admits, and when the server stops; the
+    /// leader then opens a new one.
     async fn append_entries_stream(
         &self,
         request: Request<Streaming<pb::AppendEntriesRequest>>,
     ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let caller = self.policy.admit(request.extensions())?;
         let open = Some((self.raft.clone(), request.into_inner()));
-        let replies = futures::stream::unfold(open, |open| async move {
-            let (raft, mut requests) = open?;
-            let reply = match requests.next().await? {
-                Ok(req) => append_entries(&raft, req).await,
-                Err(s) => Err(s),
-            };
-            let failed = reply.as_ref().map_or(true, ends_exchange);
-            let next = if failed { None } else { Some((raft, requests)) };
-            Some((reply, next))
+        let replies = futures::stream::unfold(open, move |open| {
+            let caller = caller.clone();
+            async move {
+                let (raft, mut requests) = open?;
+                let reply = match requests.next().await? {
+                    Ok(req) => match caller.recheck() {
+                        Ok(()) => append_entries(&raft, req).await,
+                        Err(s) => Err(s),
+                    },
+                    Err(s) => Err(s),
+                };
+                let failed = reply.as_ref().map_or(true, ends_exchange);
+                let next = if failed { None } else { Some((raft, requests)) };
+                Some((reply, next))
+            }
         });
         let mut stop = self.stop.clone();
         let stopped = async move {
@@ -122,6 +136,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteReply>, Status> {
+        self.policy.admit(request.extensions())?;
         let req = VoteRequest::<NodeId>::from_pb(request.into_inner())?;
         let reply = match self.raft.vote(req).await {
             Ok(resp) => resp.into_pb(),
@@ -137,6 +152,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
+        self.policy.admit(request.extensions())?;
         let req = InstallSnapshotRequest::<TypeConfig>::from_pb(request.into_inner())?;
         let reply = match self.raft.install_snapshot(req).await {
             Ok(resp) => resp.into_pb(),
@@ -153,7 +169,14 @@ impl RaftService for RaftGrpc {
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeReply>, Status> {
         use pb::propose_reply::Result as R;
+        let caller = self.policy.admit(request.extensions())?;
         let cmd: Command = from_json("command", &request.into_inner().command)?;
+        if let Err(why) = self.policy.check_proposal(caller.node_id(), &cmd) {
+            tracing::warn!(caller = caller.node_id(), %why, "a forwarded proposal was refused");
+            return Err(Status::permission_denied(format!(
+                "proposal refused: {why}"
+            )));
+        }
         let result = match self.raft.client_write(cmd).await {
             Ok(resp) => R::Response(to_json(&resp.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -171,6 +194,7 @@ impl RaftService for RaftGrpc {
         request: Request<pb::ChangeMembershipRequest>,
     ) -> Result<Response<pb::ChangeMembershipReply>, Status> {
         use pb::change_membership_reply::Result as R;
+        self.policy.admit(request.extensions())?;
         let change = MembershipChange::from_pb(request.into_inner())?;
         let result = match change_membership_local(&self.raft, &change).await {
             Ok(resp) => R::LogId(resp.log_id.into_pb()),
@@ -186,9 +210,10 @@ impl RaftService for RaftGrpc {
 
     async fn read_index(
         &self,
-        _request: Request<pb::ReadIndexRequest>,
+        request: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
         use pb::read_index_reply::Result as R;
+        self.policy.admit(request.extensions())?;
         let result = match self.raft.get_read_log_id().await {
             Ok((read, _applied)) => R::ReadIndex(pb::ReadIndex {
                 read_log_id: read.into_pb(),

@@ -970,6 +970,28 @@ fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>> {
     )
 }
 
+/// The state of authority `id`, if it exists.
+fn authority_state(conn: &Connection, id: &str) -> Result<Option<AuthorityState>> {
+    let state: Option<String> = query_one(
+        conn,
+        "SELECT state FROM authorities WHERE id = ?",
+        [id],
+        |r| Ok(r.get(0)?),
+    )?;
+    Ok(state.and_then(|s| AuthorityState::parse(&s)))
+}
+
+/// The attestation type of a ca-node's identity, issued by `ca-node join`.
+pub const CA_NODE_JOIN: &str = "ca_node_join";
+
+/// Whether `spiffe_id` is a ca-node's, `spiffe://TD/ca-node/<node id>`.
+pub fn is_ca_node_id(spiffe_id: &str) -> bool {
+    spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, path)| path.starts_with("ca-node/"))
+}
+
 fn upsert_agent(tx: &Connection, a: &AgentRecord) -> Result<()> {
     tx.prepare_cached("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, prev_serial) VALUES (?,?,?,?,?,?,?,?)")?
         .execute(params![
@@ -1097,13 +1119,41 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
         Command::AttestWithJoinToken { token, now, agent } => {
             let row = query_one(
                 tx,
-                "SELECT expires_at, used_at FROM join_tokens WHERE token = ?",
+                "SELECT expires_at, used_at, spiffe_id FROM join_tokens WHERE token = ?",
                 [token],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
             )?;
-            let Some((expires_at, used_at)) = row else {
+            let Some((expires_at, used_at, token_id)) = row else {
                 return Ok(rejected(RejectCode::NotFound, "unknown join token"));
             };
+            // Two kinds of token: one for a ca-node (`spiffe://TD/ca-node/<id>`, redeemed
+            // only by `ca-node join`) and one for an agent; neither is redeemed as the other.
+            let node_token = is_ca_node_id(&token_id);
+            if node_token != (agent.attestation_type == CA_NODE_JOIN) {
+                return Ok(rejected(
+                    RejectCode::PermissionDenied,
+                    if node_token {
+                        "this join token is for a ca-node (`ca-node join`), not for an agent"
+                    } else {
+                        "this join token is for an agent, not for a ca-node"
+                    },
+                ));
+            }
+            if agent.spiffe_id != token_id {
+                return Ok(rejected(
+                    RejectCode::PermissionDenied,
+                    format!(
+                        "this join token is for {token_id}, not for {}",
+                        agent.spiffe_id
+                    ),
+                ));
+            }
             if used_at.is_some() {
                 return Ok(rejected(
                     RejectCode::FailedPrecondition,
@@ -1193,6 +1243,12 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
             Response::Agent(a)
         }
         Command::PutAuthority { authority: a } => {
+            if authority_state(tx, &a.id)? == Some(AuthorityState::Revoked) {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    format!("authority {} is revoked; revocation is final", a.id),
+                ));
+            }
             change(
                 tx,
                 "INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
@@ -1231,6 +1287,14 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
             Response::Ok
         }
         Command::SetAuthorityState { id, state } => {
+            if *state != AuthorityState::Revoked
+                && authority_state(tx, id)? == Some(AuthorityState::Revoked)
+            {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    format!("authority {id} is revoked; revocation is final"),
+                ));
+            }
             let n = change(
                 tx,
                 "UPDATE authorities SET state = ?, updated = ? WHERE id = ?",

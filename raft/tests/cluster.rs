@@ -201,7 +201,7 @@ impl TestNode {
             LINK_ADDRS.lock().unwrap().remove(&addr.to_string());
             None
         };
-        let svc = node.grpc_service(stop.subscribe());
+        let svc = node.grpc_service(stop.subscribe(), Arc::new(Plaintext));
         let calls = Calls::default();
         let gate = {
             let calls = calls.clone();
@@ -272,6 +272,19 @@ impl TestNode {
     }
 }
 
+/// These tests run the transport on plain TCP between nodes of one process: every caller
+/// is a member and may propose anything (the node's own policy is tested in ca-node).
+struct Plaintext;
+
+impl ca_raft::PeerPolicy for Plaintext {
+    fn admit(&self, _: &tonic::Extensions) -> Result<ca_raft::Admitted, tonic::Status> {
+        Ok(ca_raft::Admitted::new("peer".into(), || Ok(())))
+    }
+    fn check_proposal(&self, _: &str, _: &ca_raft::Command) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Serves the replication links `listener` accepts until `stop`, then waits for them.
 async fn serve_links(
     node: RaftNode,
@@ -289,7 +302,8 @@ async fn serve_links(
                 tcp.set_nodelay(true).unwrap();
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let (node, stop) = (node.clone(), link_stop.clone());
-                links.spawn(async move { node.serve_link(tcp, stop).await });
+                let caller = ca_raft::Admitted::new("peer".into(), || Ok(()));
+                links.spawn(async move { node.serve_link(tcp, stop, caller).await });
             }
         }
     }

@@ -1064,25 +1064,43 @@ impl Ca {
             t - BACKDATE,
             not_after,
         )?;
-        let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
-        let issuer = IssuerKey {
-            cert_der: Some(root.record.cert_der.clone()),
-            key: root.key.clone(),
-        };
-        let cert = make_cert(&params, &public, &issuer).await?;
-        let record = AuthorityRecord {
+        let mut record = AuthorityRecord {
             id: id.clone(),
             kind: AuthorityKind::Intermediate,
-            state,
+            state: AuthorityState::Prepared,
             node_id: self.settings.node_id.clone(),
             key_backend: backend.to_owned(),
             key_id: id.clone(),
-            cert_der: cert,
+            cert_der: Vec::new(),
             public_key: key.public_key_spki().to_vec(),
             not_before: t - BACKDATE,
             not_after,
             key_destroyed: false,
         };
+        // The key is in the journal before the root certifies it (a member holding the root
+        // signs only a key recorded so), so every intermediate the root ever signed is there.
+        propose_ok(
+            self.proposer.as_ref(),
+            Command::PutAuthority {
+                authority: record.clone(),
+            },
+        )
+        .await?;
+        let public = RawPublicKey::from_spki(key.public_key_spki(), key.algorithm())?;
+        let issuer = IssuerKey {
+            cert_der: Some(root.record.cert_der.clone()),
+            key: root.key.clone(),
+        };
+        let cert = match make_cert(&params, &public, &issuer).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Never certified: out of the way of the next attempt.
+                let _ = set_state(self.proposer.as_ref(), &id, AuthorityState::Retired).await;
+                return Err(e);
+            }
+        };
+        record.cert_der = cert;
+        record.state = state;
         propose_ok(
             self.proposer.as_ref(),
             Command::PutAuthority {
