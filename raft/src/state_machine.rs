@@ -1132,6 +1132,18 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
             let Some((expires_at, used_at, token_id)) = row else {
                 return Ok(rejected(RejectCode::NotFound, "unknown join token"));
             };
+            if used_at.is_some() {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    "join token already used; generate a new one with `ca-node token generate`",
+                ));
+            }
+            if expires_at <= *now {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    "join token expired; generate a new one with `ca-node token generate`",
+                ));
+            }
             // Two kinds of token: one for a ca-node (`spiffe://TD/ca-node/<id>`, redeemed
             // only by `ca-node join`) and one for an agent; neither is redeemed as the other.
             let node_token = is_ca_node_id(&token_id);
@@ -1152,18 +1164,6 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
                         "this join token is for {token_id}, not for {}",
                         agent.spiffe_id
                     ),
-                ));
-            }
-            if used_at.is_some() {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    "join token already used; generate a new one with `ca-node token generate`",
-                ));
-            }
-            if expires_at <= *now {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    "join token expired; generate a new one with `ca-node token generate`",
                 ));
             }
             if let Some(existing) = get_agent(tx, &agent.spiffe_id)? {

@@ -500,7 +500,11 @@ async fn replicates_forwards_and_survives_leader_loss() {
             p.propose(Command::AttestWithJoinToken {
                 token: "tok".into(),
                 now: 10,
-                agent: agent(&format!("spiffe://td/agent/via-{id}")),
+                // One ID (the token's), a serial telling the attempts apart.
+                agent: AgentRecord {
+                    x509_svid_serial: format!("via-{id}"),
+                    ..agent("spiffe://td/agent/join_token/tok")
+                },
             })
             .await
             .unwrap()
@@ -510,7 +514,7 @@ async fn replicates_forwards_and_survives_leader_loss() {
     let mut refused = 0;
     for a in attempts {
         match a.await.unwrap() {
-            Response::Agent(a) => won.push(a.spiffe_id),
+            Response::Agent(a) => won.push(a.x509_svid_serial),
             Response::Rejected {
                 code: RejectCode::FailedPrecondition,
                 message,
@@ -531,7 +535,7 @@ async fn replicates_forwards_and_survives_leader_loss() {
             .await
             .unwrap()
             .into_iter()
-            .map(|a| a.spiffe_id)
+            .map(|a| a.x509_svid_serial)
             .collect();
         assert_eq!(agents, won, "node {} agrees on the winner", n.id);
         assert!(n

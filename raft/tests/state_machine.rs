@@ -599,3 +599,110 @@ async fn a_failed_batch_in_a_group_leaves_nothing_and_keeps_the_ones_before_it()
     );
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id_at(5)));
 }
+
+#[tokio::test]
+async fn join_token_kinds_and_final_revocation_hold_in_the_state_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(&dir.path().join("s.db")).await.unwrap();
+    let p = LocalProposer::new(sm.clone());
+    let token = |t: &str, id: &str| Command::CreateJoinToken {
+        token: JoinTokenRecord {
+            token: t.into(),
+            spiffe_id: id.into(),
+            expires_at: 1_000,
+            used_at: None,
+        },
+    };
+    const NODE: &str = "spiffe://td/ca-node/n-4";
+    p.propose(token("node", NODE)).await.unwrap();
+    p.propose(token("agent", AGENT)).await.unwrap();
+    let attest = |t: &str, a: AgentRecord| Command::AttestWithJoinToken {
+        token: t.into(),
+        now: 10,
+        agent: a,
+    };
+    let refused = |r: Response, want: &str| match r {
+        Response::Rejected {
+            code: RejectCode::PermissionDenied,
+            message,
+        } => assert!(message.contains(want), "{message}"),
+        other => panic!("{other:?}"),
+    };
+    // A ca-node's token redeemed as an agent, an agent's as a ca-node, a token for another
+    // ID: refused, and nothing consumed.
+    refused(
+        p.propose(attest("node", agent(NODE))).await.unwrap(),
+        "for a ca-node",
+    );
+    let as_node = |id: &str| AgentRecord {
+        attestation_type: CA_NODE_JOIN.into(),
+        ..agent(id)
+    };
+    refused(
+        p.propose(attest("agent", as_node(AGENT))).await.unwrap(),
+        "for an agent",
+    );
+    refused(
+        p.propose(attest("agent", agent("spiffe://td/agent/other")))
+            .await
+            .unwrap(),
+        "not for spiffe://td/agent/other",
+    );
+    for t in ["node", "agent"] {
+        assert_eq!(sm.join_token(t).await.unwrap().unwrap().used_at, None);
+    }
+    assert!(sm.agents().await.unwrap().is_empty());
+    // Each for its own kind and ID: redeemed.
+    assert!(matches!(
+        p.propose(attest("node", as_node(NODE))).await.unwrap(),
+        Response::Agent(_)
+    ));
+    assert!(matches!(
+        p.propose(attest("agent", agent(AGENT))).await.unwrap(),
+        Response::Agent(_)
+    ));
+
+    // Revocation is final: neither a state change nor a replacement undoes it.
+    let a = AuthorityRecord {
+        id: "int-1".into(),
+        kind: AuthorityKind::Intermediate,
+        state: AuthorityState::Active,
+        node_id: "n-1".into(),
+        key_backend: "soft".into(),
+        key_id: "int-1".into(),
+        cert_der: vec![1],
+        public_key: vec![2],
+        not_before: 1,
+        not_after: 2,
+        key_destroyed: false,
+    };
+    p.propose(Command::PutAuthority {
+        authority: a.clone(),
+    })
+    .await
+    .unwrap();
+    p.propose(Command::SetAuthorityState {
+        id: "int-1".into(),
+        state: AuthorityState::Revoked,
+    })
+    .await
+    .unwrap();
+    for cmd in [
+        Command::SetAuthorityState {
+            id: "int-1".into(),
+            state: AuthorityState::Active,
+        },
+        Command::PutAuthority { authority: a },
+    ] {
+        match p.propose(cmd).await.unwrap() {
+            Response::Rejected { message, .. } => {
+                assert!(message.contains("revocation is final"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        sm.authorities().await.unwrap()[0].state,
+        AuthorityState::Revoked
+    );
+}
