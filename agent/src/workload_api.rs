@@ -25,8 +25,7 @@ use ca_proto::workload::{
 use futures::Stream;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
@@ -417,6 +416,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
+/// At most this many Workload API connections at once (fewer if `RLIMIT_NOFILE` is lower;
+/// 256 descriptors are kept for everything else).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// At most this many Workload API connections at once from one user ID, so that one local
+/// user cannot take every connection.
+pub const MAX_CONNECTIONS_PER_UID: usize = 128;
+/// Concurrent streams (calls) per Workload API connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Largest request header block a workload may send.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// Binds the Workload API socket: creates the parent directory (0755) if missing, removes
 /// a stale socket file, refuses to take over a socket another process still answers on,
 /// and makes the socket connectable by every local user (0777).
@@ -463,12 +473,145 @@ pub async fn serve(
     api: WorkloadApi,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    use ca_identity::serve::{accept_backoff, ConnectionLimit, Permitted};
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let limit = ConnectionLimit::new(
+        ca_identity::connection_cap(MAX_CONNECTIONS, nofile, 256),
+        "Workload API",
+    );
+    let errors = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let per_uid = UidLimit::new(MAX_CONNECTIONS_PER_UID);
+    // Over a limit a connection is closed at once; an accept error pauses accepts.
+    let incoming = futures::stream::unfold(listener, move |listener| {
+        let (limit, errors, per_uid) = (limit.clone(), errors.clone(), per_uid.clone());
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((conn, _)) => {
+                        let uid = conn.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+                        let Some(mine) = per_uid.admit(uid) else {
+                            continue;
+                        };
+                        if let Some(permit) = limit.try_admit() {
+                            let conn = Permitted::new(AuthorityFix::new(conn), permit);
+                            return Some((
+                                Ok::<_, std::io::Error>(PerUid { conn, _slot: mine }),
+                                listener,
+                            ));
+                        }
+                    }
+                    Err(e) => accept_backoff("Workload API", &e, &errors).await,
+                }
+            }
+        }
+    });
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(api.into_service())
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::WorkloadApi(format!("the Workload API server failed: {e}")))
+}
+
+/// Connections open per user ID; see [`MAX_CONNECTIONS_PER_UID`].
+#[derive(Clone, Debug)]
+struct UidLimit {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+    max: usize,
+}
+
+/// One connection of a user ID, counted until it is dropped.
+#[derive(Debug)]
+struct UidSlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UidLimit {
+    fn new(max: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    fn admit(&self, uid: u32) -> Option<UidSlot> {
+        let mut open = self.open.lock().expect("uid limit lock");
+        let n = open.entry(uid).or_default();
+        if *n >= self.max {
+            tracing::debug!(
+                uid,
+                max = self.max,
+                "Workload API: this user has too many connections open; closing the new one"
+            );
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            open: self.open.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("uid limit lock");
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A Workload API connection holding its user ID's slot.
+struct PerUid<T> {
+    conn: T,
+    _slot: UidSlot,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PerUid<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PerUid<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for PerUid<T> {
+    type ConnectInfo = T::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.conn.connect_info()
+    }
 }

@@ -339,3 +339,90 @@ async fn bind_refuses_a_non_socket_file() {
     let err = workload_api::bind(&p).await.unwrap_err().to_string();
     assert!(err.contains("not a socket"), "{err}");
 }
+
+/// Idle connections from one user ID take at most `MAX_CONNECTIONS_PER_UID` slots: the
+/// next one is closed at once (it holds no descriptor and no memory), and a slot comes back
+/// as soon as one of them closes. Before the limit, 450 idle connections exhausted the
+/// agent's file descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_take_every_connection() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let ca = Arc::new(TestCa::new(TD));
+    let cache = Cache::new();
+    cache.set_bundle(ca.bundle());
+    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+    let minter = CaMinter {
+        ca: ca.clone(),
+        ids: Default::default(),
+    };
+    let api = WorkloadApi::new(
+        TrustDomain::new(TD).unwrap(),
+        cache.subscribe(),
+        Arc::new(WorkloadAttestor::new()),
+        Arc::new(JwtCache::new(Arc::new(minter))),
+        shutdown_rx.clone(),
+    );
+    let listener = workload_api::bind(&sock).await.unwrap();
+    let mut stop = shutdown_rx.clone();
+    tokio::spawn(workload_api::serve(listener, api, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+
+    let mut idle = Vec::new();
+    for _ in 0..workload_api::MAX_CONNECTIONS_PER_UID {
+        idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    }
+    // The next one is accepted by the kernel, then closed by the agent: EOF, no answer.
+    let mut extra = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the connection over the limit is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no HTTP/2 server on a connection over the limit");
+    // The idle ones are still served (the server sent its SETTINGS on each).
+    let n = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
+        .await
+        .expect("an admitted connection gets the server's preface")
+        .unwrap();
+    assert!(n > 0);
+
+    // One closes: a real client gets its slot.
+    drop(idle.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let p = sock.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await;
+        let Ok(channel) = channel else {
+            assert!(std::time::Instant::now() < deadline, "no slot came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut c = SpiffeWorkloadApiClient::new(channel);
+        // An answer (here: the token is not a JWT) proves the connection is served.
+        let mut req = tonic::Request::new(ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "not-a-jwt".into(),
+        });
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        match tokio::time::timeout(Duration::from_secs(2), c.validate_jwtsvid(req)).await {
+            Ok(Err(s)) if s.code() == Code::InvalidArgument => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "no slot came back: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -160,6 +160,21 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
     Ok(ca_identity::x509::cert_info(&chain[0])?.not_after)
 }
 
+/// At most this many connections on the node port at once (fewer if `RLIMIT_NOFILE` is
+/// lower; 512 descriptors are kept for everything else). An agent holds one.
+pub const MAX_NODE_CONNECTIONS: usize = 16_384;
+/// Concurrent HTTP/2 streams per node-port connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Largest request header block on the node port.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// The soft limit on open file descriptors.
+fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
+}
+
 /// How a node's Raft membership begins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -434,6 +449,11 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let mut tls = ca_identity::tls::server_config(svid.clone(), roots.clone(), false);
     tls.alpn_protocols.push(ca_raft::link::LINK_ALPN.to_vec());
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
+    let conn_limit = ca_identity::serve::ConnectionLimit::new(
+        ca_identity::connection_cap(MAX_NODE_CONNECTIONS, nofile_limit(), 512),
+        "node API",
+    );
+    let accept_errors = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
     let links = (
@@ -447,7 +467,15 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             tokio::select! {
                 _ = stop.changed() => break,
                 accepted = listener.accept() => {
-                    let Ok((tcp, peer)) = accepted else { continue };
+                    let (tcp, peer) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => {
+                            ca_identity::serve::accept_backoff("node API", &e, &accept_errors).await;
+                            continue;
+                        }
+                    };
+                    // Over the limit: closed at once (unauthenticated callers hold nothing).
+                    let Some(permit) = conn_limit.try_admit() else { continue };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let tx = conn_tx.clone();
@@ -460,9 +488,11 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                         };
                         let conn = tls.get_ref().1;
                         if conn.alpn_protocol() != Some(ca_raft::link::LINK_ALPN) {
-                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            let conn = ca_identity::serve::Permitted::new(tls, permit);
+                            let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
                             return;
                         }
+                        let _permit = permit;
                         let links = &core.metrics.raft_links;
                         match gate.admit_certs(conn.peer_certificates()) {
                             Ok(caller) => {
@@ -487,6 +517,8 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         let r = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
             .add_service(node_api)
             .add_service(raft_api)
             .add_service(cluster_api)

@@ -7,6 +7,7 @@
 //! - [`jwt`]: building and validating JWT-SVIDs.
 //! - [`bundle`]: trust bundles as PEM, DER and SPIFFE bundle (JWKS) documents.
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a live bundle.
+//! - [`serve`]: connection limits and accept back-off for servers facing untrusted callers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod bundle;
 pub mod jwt;
 pub mod pubkey;
 pub mod selector;
+pub mod serve;
 pub mod spiffe_id;
 pub mod tls;
 pub mod x509;
@@ -21,6 +23,14 @@ pub mod x509;
 pub use bundle::{JwtAuthority, TrustBundle};
 pub use selector::Selector;
 pub use spiffe_id::{SpiffeId, TrustDomain};
+
+/// At most `wanted` connections, and never so many that the process would run out of file
+/// descriptors: `headroom` below the soft `RLIMIT_NOFILE` (`nofile`) is kept for everything
+/// else the process opens.
+pub fn connection_cap(wanted: usize, nofile: u64, headroom: u64) -> usize {
+    let fit = nofile.saturating_sub(headroom).max(16);
+    wanted.min(usize::try_from(fit).unwrap_or(usize::MAX))
+}
 
 /// Everything that can go wrong in this crate; messages say what to fix.
 #[derive(Debug, thiserror::Error)]
