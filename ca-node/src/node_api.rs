@@ -30,6 +30,8 @@ use crate::Error;
 /// key-manager signatures can be in flight together. A PKCS#11 manager's session pool caps
 /// them further; the bound keeps one big batch (agents send up to 100) from flooding a KMS.
 pub const BATCH_MINT_CONCURRENCY: usize = 32;
+/// At most this many CSRs in one `BatchNewX509Svid` (agents send 100 at a time).
+pub const MAX_BATCH_CSRS: usize = 500;
 
 /// The node API service.
 #[derive(Clone, Debug)]
@@ -442,6 +444,12 @@ impl Node for NodeApi {
         &self,
         req: Request<BatchNewX509SvidRequest>,
     ) -> Result<Response<BatchNewX509SvidResponse>, Status> {
+        let n = req.get_ref().params.len();
+        if n > MAX_BATCH_CSRS {
+            return Err(Status::invalid_argument(format!(
+                "{n} CSRs in one BatchNewX509Svid; send at most {MAX_BATCH_CSRS} per call"
+            )));
+        }
         let agent = self.caller(&req).await.map_err(Status::from)?.agent;
         let entries: Vec<EntryRecord> = self
             .core

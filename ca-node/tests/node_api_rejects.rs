@@ -912,3 +912,40 @@ async fn a_weak_rsa_key_is_refused_for_its_size() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_oversized_batch_is_refused_before_any_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |_| {}).await;
+    let agent = new_agent(&node, "").await;
+    let mut c = agent_client(&node, &agent);
+    let max = ca_node::node_api::MAX_BATCH_CSRS;
+    let params = vec![
+        NewX509SvidParams {
+            entry_id: "x".into(),
+            csr: good_csr(),
+        };
+        max + 1
+    ];
+    assert_status(
+        c.batch_new_x509_svid(BatchNewX509SvidRequest { params })
+            .await,
+        Code::InvalidArgument,
+        &["at most 500 per call"],
+    );
+    // At the limit the call is answered item by item (here: no such entry).
+    let params = vec![
+        NewX509SvidParams {
+            entry_id: "x".into(),
+            csr: good_csr(),
+        };
+        max
+    ];
+    let r = c
+        .batch_new_x509_svid(BatchNewX509SvidRequest { params })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), max);
+    node.shutdown().await;
+}
