@@ -767,7 +767,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<SignIntermediateRequest>,
     ) -> Result<Response<SignIntermediateResponse>, Status> {
-        let caller = self.core.gate.admit_request(req.extensions())?;
+        let caller = self.core.gate.admit_request(req.extensions()).await?;
         let node_id = caller.node_id().to_owned();
         let r = ClusterService::sign_intermediate(self, node_id, req.into_inner()).await;
         if let Err(e) = &r {
@@ -780,7 +780,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<IssuedCountsRequest>,
     ) -> Result<Response<IssuedCountsResponse>, Status> {
-        self.core.gate.admit_request(req.extensions())?;
+        self.core.gate.admit_request(req.extensions()).await?;
         Ok(Response::new(IssuedCountsResponse {
             valid_svids: self.core.ca.valid_issued_counts().into_iter().collect(),
         }))

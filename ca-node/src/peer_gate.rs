@@ -46,6 +46,9 @@ use crate::Error;
 const JOIN_SLACK: i64 = 120;
 /// How often the view is rebuilt even without a change.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// At most one rebuild per this period on behalf of a refusal (so refused callers cannot
+/// make the node read its state on every call).
+const FORCED_REFRESH_EVERY: Duration = Duration::from_millis(200);
 
 /// What this node's state says about other ca-nodes; see the module docs.
 #[derive(Debug, Default)]
@@ -80,6 +83,8 @@ struct Inner {
     raft: RaftNode,
     sm: StateMachine,
     view: RwLock<View>,
+    /// When a refusal last rebuilt the view (see [`PeerGate::confirm`]).
+    last_forced: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for PeerGate {
@@ -99,6 +104,7 @@ impl PeerGate {
                 raft,
                 sm,
                 view: RwLock::default(),
+                last_forced: tokio::sync::Mutex::new(None),
             }),
         };
         gate.refresh().await?;
@@ -216,12 +222,49 @@ impl PeerGate {
         Ok(Admitted::new(node_id, move || gate.check(&cred)))
     }
 
+    /// Runs `check`; if it refuses, rebuilds the view (at most once per 200 ms, whoever
+    /// asks) and runs it again, so that a view a few milliseconds behind the state (a root
+    /// or a member just added) never refuses what the state allows.
+    async fn confirm<T, E>(&self, check: impl Fn() -> Result<T, E>) -> Result<T, E> {
+        let first = check();
+        if first.is_ok() {
+            return first;
+        }
+        {
+            let mut last = self.inner.last_forced.lock().await;
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < FORCED_REFRESH_EVERY) {
+                return first;
+            }
+            *last = Some(now);
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "could not refresh the view of cluster members");
+                return first;
+            }
+        }
+        check()
+    }
+
+    /// Like [`PeerGate::admit_certs`], the view confirmed before a refusal.
+    pub async fn admit_certs_confirmed(
+        &self,
+        certs: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Admitted, Status> {
+        self.confirm(|| self.admit_certs(certs)).await
+    }
+
+    /// Like [`PeerGate::check_command`], the view confirmed before a refusal.
+    pub async fn check_command_confirmed(&self, caller: &str, cmd: &Command) -> Result<(), String> {
+        self.confirm(|| self.check_command(caller, cmd)).await
+    }
+
     /// Like [`PeerGate::admit_certs`], from a gRPC request's extensions.
-    pub fn admit_request(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
+    pub async fn admit_request(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
         let certs = extensions
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
-        self.admit_certs(certs.as_deref().map(|c| c.as_slice()))
+        self.admit_certs_confirmed(certs.as_deref().map(|c| c.as_slice()))
+            .await
     }
 
     /// Refuses a command that member `caller` may not propose; see the module docs.
@@ -429,12 +472,13 @@ fn ca_node_of(id: &SpiffeId) -> Option<&str> {
         .filter(|n| valid_node_id(n))
 }
 
+#[async_trait]
 impl PeerPolicy for PeerGate {
-    fn admit(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
-        self.admit_request(extensions)
+    async fn admit(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
+        self.admit_request(extensions).await
     }
-    fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String> {
-        self.check_command(caller, cmd)
+    async fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String> {
+        self.check_command_confirmed(caller, cmd).await
     }
 }
 
@@ -457,7 +501,7 @@ impl CheckedProposer {
 #[async_trait]
 impl Proposer for CheckedProposer {
     async fn propose(&self, cmd: Command) -> ca_raft::Result<Response> {
-        if let Err(message) = self.gate.check_command(&self.me, &cmd) {
+        if let Err(message) = self.gate.check_command_confirmed(&self.me, &cmd).await {
             tracing::warn!(%message, "refused a proposal of this node");
             return Ok(Response::Rejected {
                 code: RejectCode::PermissionDenied,

@@ -494,7 +494,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                         }
                         let _permit = permit;
                         let links = &core.metrics.raft_links;
-                        match gate.admit_certs(conn.peer_certificates()) {
+                        match gate.admit_certs_confirmed(conn.peer_certificates()).await {
                             Ok(caller) => {
                                 links.with_label_values(&["served"]).inc();
                                 raft.serve_link(tls, stop, caller).await

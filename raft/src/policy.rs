@@ -54,12 +54,13 @@ impl Admitted {
 }
 
 /// The rules for callers of the Raft transport; see the module docs.
+#[async_trait::async_trait]
 pub trait PeerPolicy: Send + Sync + 'static {
     /// The caller of a gRPC call, from the request's extensions (its TLS peer
     /// certificates); refused with a status saying why.
-    fn admit(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status>;
+    async fn admit(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status>;
 
     /// Refuses (with a reason a person can act on) a command that `caller` may not
-    /// propose. Called on the leader for every forwarded proposal, before it is appended.
-    fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String>;
+    /// propose. Called on every node for every forwarded proposal, before it is appended.
+    async fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String>;
 }

@@ -276,11 +276,12 @@ impl TestNode {
 /// is a member and may propose anything (the node's own policy is tested in ca-node).
 struct Plaintext;
 
+#[async_trait::async_trait]
 impl ca_raft::PeerPolicy for Plaintext {
-    fn admit(&self, _: &tonic::Extensions) -> Result<ca_raft::Admitted, tonic::Status> {
+    async fn admit(&self, _: &tonic::Extensions) -> Result<ca_raft::Admitted, tonic::Status> {
         Ok(ca_raft::Admitted::new("peer".into(), || Ok(())))
     }
-    fn check_proposal(&self, _: &str, _: &ca_raft::Command) -> Result<(), String> {
+    async fn check_proposal(&self, _: &str, _: &ca_raft::Command) -> Result<(), String> {
         Ok(())
     }
 }
