@@ -55,8 +55,8 @@ const FORCED_REFRESH_EVERY: Duration = Duration::from_millis(200);
 struct View {
     /// Node IDs in the effective membership.
     members: HashSet<String>,
-    /// Public keys (SPKI DER) of revoked authorities, and their IDs.
-    revoked: HashMap<Vec<u8>, String>,
+    /// Public keys (SPKI DER) of revoked authorities, and their IDs and nodes.
+    revoked: HashMap<Vec<u8>, (String, String)>,
     /// The CA journal, by authority ID.
     authorities: HashMap<String, AuthorityRecord>,
     /// When each member's current ca-node identity was issued by a Join.
@@ -159,7 +159,7 @@ impl PeerGate {
             revoked: auths
                 .iter()
                 .filter(|a| a.state == AuthorityState::Revoked)
-                .map(|a| (a.public_key.clone(), a.id.clone()))
+                .map(|a| (a.public_key.clone(), (a.id.clone(), a.node_id.clone())))
                 .collect(),
             authorities: auths.into_iter().map(|a| (a.id.clone(), a)).collect(),
             joined_at,
@@ -195,7 +195,15 @@ impl PeerGate {
                 c.node_id
             ));
         }
-        if let Some(id) = c.issuer_keys.iter().find_map(|k| v.revoked.get(k)) {
+        // A member whose own intermediate was revoked still holds an SVID issued by it until
+        // it has a new one, and needs the cluster to get one; another node's revoked
+        // authority vouches for nothing.
+        if let Some((id, _)) = c
+            .issuer_keys
+            .iter()
+            .filter_map(|k| v.revoked.get(k))
+            .find(|(_, owner)| *owner != c.node_id)
+        {
             return Err(format!(
                 "the certificate of ca-node {} was issued by revoked authority {id}",
                 c.node_id
