@@ -168,7 +168,8 @@ pub struct Peers {
     svid: SvidResolver,
     roots: LiveRoots,
     td: TrustDomain,
-    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+    /// By member, address and the leaf certificate this node presented on it.
+    channels: Arc<Mutex<HashMap<(NodeId, String, Vec<u8>), Channel>>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -204,8 +205,15 @@ impl Peers {
 
     /// A cluster-service client for member `id`.
     pub fn client(&self, id: NodeId, node: &NodeInfo) -> Result<ClusterClient<Channel>, Error> {
-        let key = (id, node.addr.clone());
+        // A connection keeps the certificate it was opened with: a renewed SVID gets new ones.
+        let leaf = self
+            .svid
+            .current()
+            .and_then(|k| k.cert.first().map(|c| c.to_vec()))
+            .unwrap_or_default();
+        let key = (id, node.addr.clone(), leaf);
         let mut map = self.channels.lock().expect("channels lock");
+        map.retain(|(i, a, l), _| *i != id || *a != node.addr || *l == key.2);
         let ch = match map.get(&key) {
             Some(c) => c.clone(),
             None => {

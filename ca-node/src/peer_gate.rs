@@ -187,7 +187,9 @@ impl PeerGate {
         })
     }
 
-    fn check(&self, c: &Credential) -> Result<(), String> {
+    /// The caller's standing: `Ok(true)` in full, `Ok(false)` only to replace its own revoked
+    /// intermediate (its SVID was issued by it).
+    fn check(&self, c: &Credential) -> Result<bool, String> {
         let v = self.inner.view.read().expect("view lock");
         if !v.members.is_empty() && !v.members.contains(&c.node_id) {
             return Err(format!(
@@ -195,19 +197,15 @@ impl PeerGate {
                 c.node_id
             ));
         }
-        // A member whose own intermediate was revoked still holds an SVID issued by it until
-        // it has a new one, and needs the cluster to get one; another node's revoked
-        // authority vouches for nothing.
-        if let Some((id, _)) = c
-            .issuer_keys
-            .iter()
-            .filter_map(|k| v.revoked.get(k))
-            .find(|(_, owner)| *owner != c.node_id)
-        {
-            return Err(format!(
-                "the certificate of ca-node {} was issued by revoked authority {id}",
-                c.node_id
-            ));
+        let mut full = true;
+        for (id, owner) in c.issuer_keys.iter().filter_map(|k| v.revoked.get(k)) {
+            if *owner != c.node_id {
+                return Err(format!(
+                    "the certificate of ca-node {} was issued by revoked authority {id}",
+                    c.node_id
+                ));
+            }
+            full = false;
         }
         if let Some(since) = v.joined_at.get(&c.node_id) {
             if c.not_before < since - JOIN_SLACK {
@@ -217,17 +215,29 @@ impl PeerGate {
                 ));
             }
         }
-        Ok(())
+        Ok(full)
     }
 
     /// The caller presenting `certs` (verified at the handshake, leaf first), if it may use
     /// the Raft transport or the cluster service now.
     pub fn admit_certs(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Admitted, Status> {
         let cred = self.credential(certs)?;
-        self.check(&cred).map_err(Status::permission_denied)?;
+        let full = self.check(&cred).map_err(Status::permission_denied)?;
+        if !full {
+            // A member whose own intermediate was revoked holds only SVIDs it issued until
+            // it has a replacement, which it needs the cluster for (see `Admitted::recovering`).
+            return Ok(Admitted::recovering(cred.node_id));
+        }
         let gate = self.clone();
         let node_id = cred.node_id.clone();
-        Ok(Admitted::new(node_id, move || gate.check(&cred)))
+        Ok(Admitted::new(node_id, move || match gate.check(&cred) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "the intermediate that issued the certificate of ca-node {} was revoked",
+                cred.node_id
+            )),
+            Err(e) => Err(e),
+        }))
     }
 
     /// Runs `check`; if it refuses, rebuilds the view (at most once per 200 ms, whoever
@@ -264,6 +274,31 @@ impl PeerGate {
     /// Like [`PeerGate::check_command`], the view confirmed before a refusal.
     pub async fn check_command_confirmed(&self, caller: &str, cmd: &Command) -> Result<(), String> {
         self.confirm(|| self.check_command(caller, cmd)).await
+    }
+
+    /// What a caller admitted only to replace its revoked intermediate may propose: its own
+    /// intermediates (a new key, then its certificate) and their states.
+    fn check_recovery_command(&self, caller: &str, cmd: &Command) -> Result<(), String> {
+        let own = match cmd {
+            Command::PutAuthority { authority } => {
+                authority.kind == AuthorityKind::Intermediate && authority.node_id == caller
+            }
+            Command::SetAuthorityState { id, .. } => self
+                .inner
+                .view
+                .read()
+                .expect("view lock")
+                .authorities
+                .get(id)
+                .is_none_or(|a| a.kind == AuthorityKind::Intermediate && a.node_id == caller),
+            _ => false,
+        };
+        if !own {
+            return Err(format!(
+                "ca-node {caller} presents an SVID of its own revoked intermediate: it may only record and activate its new intermediate"
+            ));
+        }
+        self.check_command(caller, cmd)
     }
 
     /// Like [`PeerGate::admit_certs`], from a gRPC request's extensions.
@@ -485,8 +520,13 @@ impl PeerPolicy for PeerGate {
     async fn admit(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
         self.admit_request(extensions).await
     }
-    async fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String> {
-        self.check_command_confirmed(caller, cmd).await
+    async fn check_proposal(&self, caller: &Admitted, cmd: &Command) -> Result<(), String> {
+        if caller.is_recovering() {
+            return self
+                .confirm(|| self.check_recovery_command(caller.node_id(), cmd))
+                .await;
+        }
+        self.check_command_confirmed(caller.node_id(), cmd).await
     }
 }
 

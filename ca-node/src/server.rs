@@ -152,6 +152,9 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
         .await?;
     let key_der = key.serialize_der();
     resolver.set(&chain, &key_der)?;
+    // Connections to other members keep the certificate they were opened with: open new
+    // ones, so that peers see this one (an older one may come from a revoked intermediate).
+    core.raft.reconnect();
     // Kept for the next start: a restarted node talks to its peers with it before its CA is
     // ready (a memory-mode intermediate, for one, needs the cluster to be replaced).
     if let Err(e) = cluster::save_node_svid(&core.config.data_dir, &chain, &key_der) {
@@ -494,7 +497,8 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                         }
                         let _permit = permit;
                         let links = &core.metrics.raft_links;
-                        match gate.admit_certs_confirmed(conn.peer_certificates()).await {
+                        let admitted = gate.admit_certs_confirmed(conn.peer_certificates()).await;
+                        match admitted.and_then(|a| a.full()) {
                             Ok(caller) => {
                                 links.with_label_values(&["served"]).inc();
                                 raft.serve_link(tls, stop, caller).await

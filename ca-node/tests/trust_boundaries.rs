@@ -532,6 +532,25 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
     )
     .await
     .unwrap();
+    // And one for dev-2 itself, under its own intermediate.
+    let own_leaf = make_cert(
+        &svid_params(
+            &format!("spiffe://{TD}/ca-node/dev-2"),
+            &[],
+            t - 10,
+            t + 600,
+            false,
+        )
+        .unwrap(),
+        &leaf_public,
+        &IssuerKey {
+            cert_der: Some(int_cert.clone()),
+            key: key.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let own = svid_of(&[own_leaf, int_cert.clone()], &leaf_pkcs8);
     let forged = svid_of(&[leaf, int_cert], &leaf_pkcs8);
     for n in &env.nodes {
         raft_client(&n.node_addr.to_string(), &roots, &forged)
@@ -565,6 +584,35 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    // Its own node, holding an SVID of its own revoked intermediate, may only replace that
+    // intermediate: no replication, no votes, no other proposals, no links.
+    let addr = leader_addr(&env);
+    let err = raft_client(&addr, &roots, &own)
+        .vote(ca_proto::raft::VoteRequest::default())
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("may only replace"), "{err:?}");
+    let err = raft_client(&addr, &roots, &own)
+        .append_entries(ca_proto::raft::AppendEntriesRequest::default())
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("may only replace"), "{err:?}");
+    let err = propose_raw(
+        &addr,
+        &roots,
+        &own,
+        &Command::DeleteEntry { id: "x".into() },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message().contains("may only record"), "{err:?}");
+    let tls = ca_node::raft_tls::any_node_tls(&own, &LiveRoots::new(roots.clone()), td());
+    let mut link = ca_node::raft_tls::link_connect(&addr, &tls)
+        .await
+        .unwrap()
+        .expect("links are offered");
+    assert!(link_exchange(&mut link, &Default::default()).await.is_err());
 
     env.shutdown().await;
 }

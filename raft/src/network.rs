@@ -219,6 +219,13 @@ impl Peers {
         self.cache.lock().expect("peer cache lock").remove(&id);
         self.links.lock().expect("link pool lock").remove(&id);
     }
+
+    /// Drops every cached channel and idle link, so that the next calls connect anew (with
+    /// the node's current certificate: a TLS connection keeps the one it was opened with).
+    pub fn forget_all(&self) {
+        self.cache.lock().expect("peer cache lock").clear();
+        self.links.lock().expect("link pool lock").clear();
+    }
 }
 
 /// openraft's network factory over [`Peers`].

@@ -366,6 +366,12 @@ impl RaftNode {
         crate::link::serve_link(self.inner.raft.clone(), io, stop, caller).await
     }
 
+    /// Makes later calls to other members open new connections (see
+    /// [`crate::network::Peers::forget_all`]); calls under way finish on theirs.
+    pub fn reconnect(&self) {
+        self.inner.peers.forget_all();
+    }
+
     /// Stops Raft. The stores stay as they are; start again to rejoin.
     pub async fn shutdown(&self) -> Result<()> {
         self.inner

@@ -19,6 +19,7 @@ use crate::command::Command;
 #[derive(Clone)]
 pub struct Admitted {
     node_id: String,
+    recovering: bool,
     recheck: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
@@ -26,6 +27,7 @@ impl std::fmt::Debug for Admitted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admitted")
             .field("node_id", &self.node_id)
+            .field("recovering", &self.recovering)
             .finish_non_exhaustive()
     }
 }
@@ -38,8 +40,36 @@ impl Admitted {
     ) -> Self {
         Self {
             node_id,
+            recovering: false,
             recheck: Arc::new(recheck),
         }
+    }
+
+    /// Member `node_id` admitted only to replace its own revoked intermediate: it holds no
+    /// other certificate until it has a new one. It may propose what the policy allows it
+    /// and read, but not replicate, vote, install snapshots or change the membership.
+    pub fn recovering(node_id: String) -> Self {
+        Self {
+            node_id,
+            recovering: true,
+            recheck: Arc::new(|| Err("admitted only to replace a revoked intermediate".into())),
+        }
+    }
+
+    /// Whether the caller was admitted only to replace its revoked intermediate.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering
+    }
+
+    /// The caller, if it has full standing (see [`Admitted::recovering`]).
+    pub fn full(self) -> Result<Self, Status> {
+        if self.recovering {
+            return Err(Status::permission_denied(format!(
+                "ca-node {} presents an SVID of its own revoked intermediate: it may only replace that intermediate until it has a new SVID",
+                self.node_id
+            )));
+        }
+        Ok(self)
     }
 
     /// The caller's node ID (its `NodeInfo::node_id`).
@@ -62,5 +92,5 @@ pub trait PeerPolicy: Send + Sync + 'static {
 
     /// Refuses (with a reason a person can act on) a command that `caller` may not
     /// propose. Called on every node for every forwarded proposal, before it is appended.
-    async fn check_proposal(&self, caller: &str, cmd: &Command) -> Result<(), String>;
+    async fn check_proposal(&self, caller: &Admitted, cmd: &Command) -> Result<(), String>;
 }

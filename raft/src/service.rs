@@ -90,7 +90,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
-        self.policy.admit(request.extensions()).await?;
+        self.policy.admit(request.extensions()).await?.full()?;
         Ok(Response::new(
             append_entries(&self.raft, request.into_inner()).await?,
         ))
@@ -107,7 +107,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<Streaming<pb::AppendEntriesRequest>>,
     ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
-        let caller = self.policy.admit(request.extensions()).await?;
+        let caller = self.policy.admit(request.extensions()).await?.full()?;
         let open = Some((self.raft.clone(), request.into_inner()));
         let replies = futures::stream::unfold(open, move |open| {
             let caller = caller.clone();
@@ -136,7 +136,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteReply>, Status> {
-        self.policy.admit(request.extensions()).await?;
+        self.policy.admit(request.extensions()).await?.full()?;
         let req = VoteRequest::<NodeId>::from_pb(request.into_inner())?;
         let reply = match self.raft.vote(req).await {
             Ok(resp) => resp.into_pb(),
@@ -152,7 +152,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
-        self.policy.admit(request.extensions()).await?;
+        self.policy.admit(request.extensions()).await?.full()?;
         let req = InstallSnapshotRequest::<TypeConfig>::from_pb(request.into_inner())?;
         let reply = match self.raft.install_snapshot(req).await {
             Ok(resp) => resp.into_pb(),
@@ -171,7 +171,7 @@ impl RaftService for RaftGrpc {
         use pb::propose_reply::Result as R;
         let caller = self.policy.admit(request.extensions()).await?;
         let cmd: Command = from_json("command", &request.into_inner().command)?;
-        if let Err(why) = self.policy.check_proposal(caller.node_id(), &cmd).await {
+        if let Err(why) = self.policy.check_proposal(&caller, &cmd).await {
             tracing::warn!(caller = caller.node_id(), %why, "a forwarded proposal was refused");
             return Err(Status::permission_denied(format!(
                 "proposal refused: {why}"
@@ -194,7 +194,7 @@ impl RaftService for RaftGrpc {
         request: Request<pb::ChangeMembershipRequest>,
     ) -> Result<Response<pb::ChangeMembershipReply>, Status> {
         use pb::change_membership_reply::Result as R;
-        self.policy.admit(request.extensions()).await?;
+        self.policy.admit(request.extensions()).await?.full()?;
         let change = MembershipChange::from_pb(request.into_inner())?;
         let result = match change_membership_local(&self.raft, &change).await {
             Ok(resp) => R::LogId(resp.log_id.into_pb()),

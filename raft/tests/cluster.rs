@@ -281,7 +281,11 @@ impl ca_raft::PeerPolicy for Plaintext {
     async fn admit(&self, _: &tonic::Extensions) -> Result<ca_raft::Admitted, tonic::Status> {
         Ok(ca_raft::Admitted::new("peer".into(), || Ok(())))
     }
-    async fn check_proposal(&self, _: &str, _: &ca_raft::Command) -> Result<(), String> {
+    async fn check_proposal(
+        &self,
+        _: &ca_raft::Admitted,
+        _: &ca_raft::Command,
+    ) -> Result<(), String> {
         Ok(())
     }
 }
