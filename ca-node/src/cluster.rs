@@ -161,6 +161,9 @@ fn valid_addr(a: &str) -> bool {
 // ---------------------------------------------------------------------------------------
 // Reaching other members
 
+/// A cached channel's member, address and the leaf certificate this node presented on it.
+type ChannelKey = (NodeId, String, Vec<u8>);
+
 /// Channels to other members' cluster service, over mutually authenticated TLS.
 #[derive(Clone)]
 pub struct Peers {
@@ -168,8 +171,7 @@ pub struct Peers {
     svid: SvidResolver,
     roots: LiveRoots,
     td: TrustDomain,
-    /// By member, address and the leaf certificate this node presented on it.
-    channels: Arc<Mutex<HashMap<(NodeId, String, Vec<u8>), Channel>>>,
+    channels: Arc<Mutex<HashMap<ChannelKey, Channel>>>,
 }
 
 impl std::fmt::Debug for Peers {
