@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_node::dev::DevCluster;
-use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;
 use ca_raft::{AuthorityKind, AuthorityState};
@@ -29,17 +28,6 @@ async fn start_cluster(dir: &std::path::Path) -> DevCluster {
     DevCluster::start_with(dir, 3, quiet)
         .await
         .expect("the cluster starts")
-}
-
-/// A cluster-service client to `addr` presenting `svid` (none if empty).
-fn cluster_client(
-    addr: &str,
-    roots: &[Vec<u8>],
-    svid: &SvidResolver,
-) -> ClusterClient<tonic::transport::Channel> {
-    let td = ca_identity::TrustDomain::new(TD).unwrap();
-    let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.to_vec()), td);
-    ClusterClient::new(ca_node::raft_tls::tls_channel(addr, tls).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -502,23 +490,4 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already holds"), "{err}");
-}
-
-/// Sends `req` on a replication link (a 4-byte big-endian length, then the message) and
-/// reads the reply the same way.
-async fn link_exchange(
-    link: &mut ca_raft::link::BoxLink,
-    req: &ca_proto::raft::AppendEntriesRequest,
-) -> std::io::Result<ca_proto::raft::AppendEntriesReply> {
-    use prost::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = req.encode_to_vec();
-    link.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    link.write_all(&body).await?;
-    link.flush().await?;
-    let mut len = [0u8; 4];
-    link.read_exact(&mut len).await?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    link.read_exact(&mut reply).await?;
-    ca_proto::raft::AppendEntriesReply::decode(reply.as_slice()).map_err(std::io::Error::other)
 }

@@ -44,11 +44,6 @@ fn raft_client(addr: &str, roots: &[Vec<u8>], svid: &SvidResolver) -> RaftServic
     RaftServiceClient::new(ca_node::raft_tls::tls_channel(addr, tls).unwrap())
 }
 
-fn cluster_client(addr: &str, roots: &[Vec<u8>], svid: &SvidResolver) -> ClusterClient<Channel> {
-    let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.to_vec()), td());
-    ClusterClient::new(ca_node::raft_tls::tls_channel(addr, tls).unwrap())
-}
-
 /// Proposes `cmd` straight to the Raft service of the node at `addr`, as `svid`: what a
 /// hostile holder of that certificate can do without any ca-node code.
 async fn propose_raw(
@@ -454,7 +449,9 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
         &leader_addr(&env),
         &roots,
         &member,
-        &Command::PutAuthority { authority: rec },
+        &Command::PutAuthority {
+            authority: rec.clone(),
+        },
     )
     .await
     .expect("a member records its own prepared key");
@@ -462,37 +459,20 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
         .await
         .expect("a recorded key is certified");
     // Once: a second certificate for the same recorded key is refused.
-    let params2 = ca_params(
-        &format!("spiffe://{TD}"),
-        "dev.example.org intermediate int-dev-2-evil",
-        0,
-        t - 60,
-        t + 3600,
-    )
-    .unwrap();
     propose_raw(
         &leader_addr(&env),
         &roots,
         &member,
         &Command::PutAuthority {
             authority: AuthorityRecord {
-                id: id.into(),
-                kind: AuthorityKind::Intermediate,
-                state: AuthorityState::Prepared,
-                node_id: "dev-2".into(),
-                key_backend: "memory".into(),
-                key_id: id.into(),
                 cert_der: int_cert.clone(),
-                public_key: key.public_key_spki().to_vec(),
-                not_before: t - 60,
-                not_after: t + 3600,
-                key_destroyed: false,
+                ..rec
             },
         },
     )
     .await
     .expect("its certificate is recorded");
-    let err = make_cert(&params2, &public, &issuer).await.unwrap_err();
+    let err = make_cert(&params, &public, &issuer).await.unwrap_err();
     assert!(err.to_string().contains("certified already"), "{err}");
 
     // `ca show` lists it.
@@ -515,41 +495,25 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
         MemoryKey::generate("leaf", KeyAlgorithm::EcP256, "memory").unwrap();
     let leaf_public =
         RawPublicKey::from_spki(leaf_key.public_key_spki(), KeyAlgorithm::EcP256).unwrap();
-    let leaf = make_cert(
-        &svid_params(
-            &format!("spiffe://{TD}/ca-node/dev-3"),
+    let leaf_under_int = |node: &str| {
+        let params = svid_params(
+            &format!("spiffe://{TD}/ca-node/{node}"),
             &[],
             t - 10,
             t + 600,
             false,
         )
-        .unwrap(),
-        &leaf_public,
-        &IssuerKey {
+        .unwrap();
+        let issuer = IssuerKey {
             cert_der: Some(int_cert.clone()),
             key: key.clone(),
-        },
-    )
-    .await
-    .unwrap();
+        };
+        let public = leaf_public.clone();
+        async move { make_cert(&params, &public, &issuer).await.unwrap() }
+    };
+    let leaf = leaf_under_int("dev-3").await;
     // And one for dev-2 itself, under its own intermediate.
-    let own_leaf = make_cert(
-        &svid_params(
-            &format!("spiffe://{TD}/ca-node/dev-2"),
-            &[],
-            t - 10,
-            t + 600,
-            false,
-        )
-        .unwrap(),
-        &leaf_public,
-        &IssuerKey {
-            cert_der: Some(int_cert.clone()),
-            key: key.clone(),
-        },
-    )
-    .await
-    .unwrap();
+    let own_leaf = leaf_under_int("dev-2").await;
     let own = svid_of(&[own_leaf, int_cert.clone()], &leaf_pkcs8);
     let forged = svid_of(&[leaf, int_cert], &leaf_pkcs8);
     for n in &env.nodes {
@@ -749,21 +713,4 @@ async fn a_ca_node_join_token_is_never_redeemed_by_an_agent() {
     .expect("the ca-node token joins its node");
 
     env.shutdown().await;
-}
-
-async fn link_exchange(
-    link: &mut ca_raft::link::BoxLink,
-    req: &ca_proto::raft::AppendEntriesRequest,
-) -> std::io::Result<ca_proto::raft::AppendEntriesReply> {
-    use prost::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = req.encode_to_vec();
-    link.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    link.write_all(&body).await?;
-    link.flush().await?;
-    let mut len = [0u8; 4];
-    link.read_exact(&mut len).await?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    link.read_exact(&mut reply).await?;
-    ca_proto::raft::AppendEntriesReply::decode(reply.as_slice()).map_err(std::io::Error::other)
 }

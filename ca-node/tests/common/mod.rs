@@ -547,3 +547,36 @@ pub fn run_cli(args: &[&str]) -> Output {
         stderr: t_err.join().expect("stderr thread"),
     }
 }
+
+/// A cluster-service client to `addr` presenting `svid` (none if empty), the server
+/// verified as a ca-node of [`TD`] against `roots`.
+pub fn cluster_client(
+    addr: &str,
+    roots: &[Vec<u8>],
+    svid: &SvidResolver,
+) -> ca_proto::admin::cluster_client::ClusterClient<Channel> {
+    let td = ca_identity::TrustDomain::new(TD).unwrap();
+    let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.to_vec()), td);
+    ca_proto::admin::cluster_client::ClusterClient::new(
+        ca_node::raft_tls::tls_channel(addr, tls).unwrap(),
+    )
+}
+
+/// Sends `req` on a replication link (a 4-byte big-endian length, then the message) and
+/// reads the reply the same way.
+pub async fn link_exchange(
+    link: &mut ca_raft::link::BoxLink,
+    req: &ca_proto::raft::AppendEntriesRequest,
+) -> std::io::Result<ca_proto::raft::AppendEntriesReply> {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = req.encode_to_vec();
+    link.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    link.write_all(&body).await?;
+    link.flush().await?;
+    let mut len = [0u8; 4];
+    link.read_exact(&mut len).await?;
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    link.read_exact(&mut reply).await?;
+    ca_proto::raft::AppendEntriesReply::decode(reply.as_slice()).map_err(std::io::Error::other)
+}
