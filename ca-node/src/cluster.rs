@@ -675,20 +675,23 @@ impl ClusterService {
     }
 }
 
-/// Retires the active (or prepared) intermediates and JWT keys of node `node_id`.
-pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
+/// Moves node `node_id`'s intermediates and JWT keys that `pick` selects to `state`;
+/// returns how many.
+async fn set_node_authorities(
+    core: &NodeCore,
+    node_id: &str,
+    pick: impl Fn(&ca_raft::AuthorityRecord) -> bool,
+    state: AuthorityState,
+) -> Result<usize, Error> {
     let mut n = 0;
     for a in core.sm.authorities().await? {
         if a.node_id == node_id
             && matches!(a.kind, AuthorityKind::Intermediate | AuthorityKind::Jwt)
-            && matches!(a.state, AuthorityState::Active | AuthorityState::Prepared)
+            && pick(&a)
         {
             propose(
                 core.proposer.as_ref(),
-                Command::SetAuthorityState {
-                    id: a.id.clone(),
-                    state: AuthorityState::Retired,
-                },
+                Command::SetAuthorityState { id: a.id, state },
             )
             .await?;
             n += 1;
@@ -697,30 +700,22 @@ pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<u
     Ok(n)
 }
 
+/// Retires the active (or prepared) intermediates and JWT keys of node `node_id`.
+pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
+    let live = |a: &ca_raft::AuthorityRecord| {
+        matches!(a.state, AuthorityState::Active | AuthorityState::Prepared)
+    };
+    set_node_authorities(core, node_id, live, AuthorityState::Retired).await
+}
+
 /// Revokes every intermediate and JWT key of node `node_id` that is not revoked or expired:
 /// a removed node's keys are out of the cluster's hands, so nothing they signed is trusted
 /// any more (agents re-mint such SVIDs at their next sync).
 pub async fn revoke_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
     let t = ca_identity::unix_now();
-    let mut n = 0;
-    for a in core.sm.authorities().await? {
-        if a.node_id == node_id
-            && matches!(a.kind, AuthorityKind::Intermediate | AuthorityKind::Jwt)
-            && a.state != AuthorityState::Revoked
-            && a.not_after > t
-        {
-            propose(
-                core.proposer.as_ref(),
-                Command::SetAuthorityState {
-                    id: a.id.clone(),
-                    state: AuthorityState::Revoked,
-                },
-            )
-            .await?;
-            n += 1;
-        }
-    }
-    Ok(n)
+    let valid =
+        |a: &ca_raft::AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
+    set_node_authorities(core, node_id, valid, AuthorityState::Revoked).await
 }
 
 /// Removes member `raft_id`: out of the membership, its ca-node identity evicted (it must
