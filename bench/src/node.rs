@@ -144,6 +144,11 @@ pub fn build_config(
     cfg.insert("log_level".into(), "warn".into());
     cfg.insert("intermediate_mode".into(), "key_manager".into());
     cfg.insert("key_manager".into(), km.into());
+    // The load is one agent asking for as many SVIDs as the node can sign: the per-agent
+    // signing limit would measure itself (an overlay may set `[limits]` back).
+    let mut limits = toml::Table::new();
+    limits.insert("signings_per_second".into(), 0.0.into());
+    cfg.insert("limits".into(), limits.into());
     if let Some(overlay) = &settings.overlay {
         for (k, v) in overlay {
             if MANAGED_KEYS.contains(&k.as_str()) {

@@ -101,6 +101,9 @@ pub struct NodeConfig {
     /// Raft timings.
     #[serde(default)]
     pub raft: RaftConfig,
+    /// What callers of the node port may use: rate limits and connection bounds.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// PEM file of provisioning CA certificates for x509pop node attestation (optional).
     #[serde(default)]
     pub x509pop_ca_bundle: Option<PathBuf>,
@@ -208,6 +211,113 @@ impl Default for RaftConfig {
     }
 }
 
+/// Rate limits and connection bounds of the node port. SPIRE's defaults where it has one
+/// (one attestation per second per source address); a rate of 0 turns that limit off.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Agent attestations per second per source IP address.
+    pub attestations_per_second: f64,
+    /// Attestations one address may make at once after a quiet period.
+    pub attestation_burst: u32,
+    /// Signatures (X.509-SVID CSRs, JWT-SVIDs, agent renewals) per second per agent.
+    pub signings_per_second: f64,
+    /// Signatures one agent may ask for at once; at least the largest batch (500 CSRs).
+    pub signing_burst: u32,
+    /// Connections without a client certificate (agents attesting, nodes joining) open at
+    /// once, from all addresses together.
+    pub unauthenticated_connections: usize,
+    /// Connections without a client certificate open at once per source IP address.
+    pub unauthenticated_connections_per_address: usize,
+    /// Seconds a connection without a client certificate may stay open (attesting takes
+    /// well under a second); it is closed at this age whatever it does.
+    pub unauthenticated_max_age_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            attestations_per_second: 1.0,
+            attestation_burst: 10,
+            signings_per_second: 500.0,
+            signing_burst: 1000,
+            unauthenticated_connections: 1024,
+            unauthenticated_connections_per_address: 32,
+            unauthenticated_max_age_secs: 60,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The attestation rate per source address.
+    pub fn attestation_rate(&self) -> ca_identity::rate_limit::Rate {
+        ca_identity::rate_limit::Rate {
+            per_second: self.attestations_per_second,
+            burst: self.attestation_burst,
+        }
+    }
+
+    /// The signing rate per agent.
+    pub fn signing_rate(&self) -> ca_identity::rate_limit::Rate {
+        ca_identity::rate_limit::Rate {
+            per_second: self.signings_per_second,
+            burst: self.signing_burst,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let c = |m: String| Err(Error::Config(m));
+        for (name, rate, burst) in [
+            (
+                "attestations",
+                self.attestations_per_second,
+                self.attestation_burst,
+            ),
+            ("signings", self.signings_per_second, self.signing_burst),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return c(format!(
+                    "limits.{name}_per_second = {rate}: use a number of at least 0 (0 turns the limit off)"
+                ));
+            }
+            if rate > 0.0 && burst == 0 {
+                return c(format!(
+                    "limits.{}_burst = 0 refuses every call; use at least 1",
+                    name.trim_end_matches('s')
+                ));
+            }
+        }
+        let batch = crate::node_api::MAX_BATCH_CSRS;
+        if self.signings_per_second > 0.0 && (self.signing_burst as usize) < batch {
+            return c(format!(
+                "limits.signing_burst = {} is below the largest batch an agent sends ({batch} CSRs), so such batches could never pass; use at least {batch}",
+                self.signing_burst
+            ));
+        }
+        for (name, v) in [
+            (
+                "unauthenticated_connections",
+                self.unauthenticated_connections,
+            ),
+            (
+                "unauthenticated_connections_per_address",
+                self.unauthenticated_connections_per_address,
+            ),
+            (
+                "unauthenticated_max_age_secs",
+                self.unauthenticated_max_age_secs as usize,
+            ),
+        ] {
+            if v == 0 {
+                return c(format!(
+                    "limits.{name} = 0 would refuse every agent attestation and node join; use at least 1"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl RaftConfig {
     fn validate(&self) -> Result<(), Error> {
         let c = |m: String| Err(Error::Config(m));
@@ -290,6 +400,7 @@ impl NodeConfig {
             ttl: TtlConfig::default(),
             rotation: RotationConfig::default(),
             raft: RaftConfig::default(),
+            limits: LimitsConfig::default(),
             x509pop_ca_bundle: None,
             log_level: default_log(),
             raft_id: default_raft_id(),
@@ -356,6 +467,7 @@ impl NodeConfig {
             return c("data_dir is empty".into());
         }
         self.raft.validate()?;
+        self.limits.validate()?;
         let t = &self.ttl;
         for (name, v) in [
             ("ttl.root", t.root),
@@ -579,6 +691,31 @@ mod tests {
                 "lower rotation.activate_fraction",
             ),
             ("bogus = 1\n", "unknown field"),
+            (
+                "[limits]\nattestations_per_second = -1\n",
+                "limits.attestations_per_second = -1: use a number of at least 0",
+            ),
+            (
+                "[limits]\nsignings_per_second = nan\n",
+                "limits.signings_per_second = NaN",
+            ),
+            (
+                "[limits]\nattestation_burst = 0\n",
+                "limits.attestation_burst = 0 refuses every call",
+            ),
+            (
+                "[limits]\nsigning_burst = 499\n",
+                "below the largest batch an agent sends (500 CSRs)",
+            ),
+            (
+                "[limits]\nunauthenticated_connections_per_address = 0\n",
+                "would refuse every agent attestation",
+            ),
+            (
+                "[limits]\nunauthenticated_max_age_secs = 0\n",
+                "limits.unauthenticated_max_age_secs = 0",
+            ),
+            ("[limits]\nattestations = 3\n", "unknown field"),
             ("intermediate_mode = \"disk\"\n", "unknown variant"),
             ("node_listen = \"nope\"\n", "node_listen"),
             (

@@ -25,6 +25,9 @@ pub enum Error {
     /// The caller did not authenticate.
     #[error("{0}")]
     Unauthenticated(String),
+    /// A rate limit or bound refused the call; the message says which and when to retry.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Not available right now; retry.
     #[error("{0}")]
     Unavailable(String),
@@ -56,6 +59,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::KeyManager(ca_kms::Error::Unavailable(_)) => Status::unavailable(msg),
             // No leader with a quorum within the timeout: retry (the write may still land).
@@ -78,6 +82,7 @@ impl Error {
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::PermissionDenied(_) => "permission_denied",
             Error::Unauthenticated(_) => "unauthenticated",
+            Error::ResourceExhausted(_) => "resource_exhausted",
             Error::Unavailable(_)
             | Error::KeyManager(ca_kms::Error::Unavailable(_))
             | Error::State(ca_raft::Error::Unavailable(_)) => "unavailable",

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub authority_expiry: IntGaugeVec,
     /// Node API requests, by method and gRPC code.
     pub node_api_requests: IntCounterVec,
+    /// Node API calls refused by a rate limit or a connection bound, by limit.
+    pub rate_limited: IntCounterVec,
     /// Replication links from other ca-nodes, by result (`served`: accepted and served
     /// until they closed; `refused`: the caller was not a ca-node).
     pub raft_links: IntCounterVec,
@@ -104,6 +106,14 @@ impl Metrics {
             "Node API requests, by method and code",
             &["method", "code"],
         );
+        let rate_limited = counter(
+            "ca_node_api_rate_limited_total",
+            "Node API calls and connections refused by a limit (attestation, signing, unauthenticated_connections)",
+            &["limit"],
+        );
+        for limit in ["attestation", "signing", "unauthenticated_connections"] {
+            rate_limited.with_label_values(&[limit]);
+        }
         let raft_links = counter(
             "ca_raft_links_total",
             "Replication links from other ca-nodes, by result (served, refused)",
@@ -151,6 +161,7 @@ impl Metrics {
             km_in_flight,
             authority_expiry,
             node_api_requests,
+            rate_limited,
             raft_links,
         }
     }

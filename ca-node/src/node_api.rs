@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ca_identity::rate_limit::{refusal, RateLimiter};
 use ca_identity::SpiffeId;
 use ca_proto::node::node_server::Node;
 use ca_proto::node::*;
@@ -37,12 +38,56 @@ pub const MAX_BATCH_CSRS: usize = 500;
 #[derive(Clone, Debug)]
 pub struct NodeApi {
     core: Arc<NodeCore>,
+    limits: Arc<Limits>,
 }
+
+/// The node API's rate limits (`[limits]` in the config).
+#[derive(Debug)]
+struct Limits {
+    /// Attestations per source IP address.
+    attestation: RateLimiter<std::net::IpAddr>,
+    /// Signatures per agent SPIFFE ID.
+    signing: RateLimiter<String>,
+}
+
+/// How long an attesting agent has to send its parameters, and to answer the x509pop
+/// challenge.
+const CHALLENGE_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Callers remembered per rate limit (about 100 bytes each).
+const RATE_LIMIT_KEYS: usize = 65_536;
 
 impl NodeApi {
     /// A service over the node core.
     pub fn new(core: Arc<NodeCore>) -> Self {
-        Self { core }
+        let l = &core.config.limits;
+        let limits = Arc::new(Limits {
+            attestation: RateLimiter::new(l.attestation_rate(), RATE_LIMIT_KEYS),
+            signing: RateLimiter::new(l.signing_rate(), RATE_LIMIT_KEYS),
+        });
+        Self { core, limits }
+    }
+
+    /// Takes `cost` signatures from `agent`'s signing budget.
+    fn spend_signing(&self, agent: &str, cost: usize) -> Result<(), Error> {
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        self.limits
+            .signing
+            .check(&agent.to_owned(), cost)
+            .map_err(|wait| {
+                self.core
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&["signing"])
+                    .inc();
+                tracing::warn!(%agent, cost, "signing rate limit reached");
+                Error::ResourceExhausted(refusal(
+                    "signatures",
+                    self.limits.signing.rate(),
+                    &format!("agent {agent}"),
+                    wait,
+                ))
+            })
     }
 
     /// The attested, unbanned agent calling with its SVID as client certificate.
@@ -306,10 +351,37 @@ impl Node for NodeApi {
         &self,
         req: Request<Streaming<AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let source = req
+            .remote_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        if let Err(wait) = self.limits.attestation.check(&source, 1) {
+            self.core
+                .metrics
+                .rate_limited
+                .with_label_values(&["attestation"])
+                .inc();
+            tracing::warn!(%source, "agent attestation refused: rate limit reached");
+            return Err(Error::ResourceExhausted(refusal(
+                "attestations",
+                self.limits.attestation.rate(),
+                &format!("address {source}"),
+                wait,
+            ))
+            .into());
+        }
         let mut inbound = req.into_inner();
-        let first = inbound.next().await.ok_or_else(|| {
-            Status::invalid_argument("the stream closed before the attestation parameters")
-        })??;
+        let first = tokio::time::timeout(CHALLENGE_RESPONSE_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "no attestation parameters within {}s",
+                    CHALLENGE_RESPONSE_TIMEOUT.as_secs()
+                ))
+            })?
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream closed before the attestation parameters")
+            })??;
         let Some(attest_agent_request::Step::Params(params)) = first.step else {
             return Err(Status::invalid_argument(
                 "the first message must carry the attestation parameters",
@@ -336,9 +408,9 @@ impl Node for NodeApi {
                             tx.send(Ok(AttestAgentResponse { step: Some(attest_agent_response::Step::Challenge(challenge.to_vec())) }))
                                 .await
                                 .map_err(|_| Error::InvalidArgument("the agent went away".into()))?;
-                            let resp = inbound
-                                .next()
+                            let resp = tokio::time::timeout(CHALLENGE_RESPONSE_TIMEOUT, inbound.next())
                                 .await
+                                .map_err(|_| Error::InvalidArgument(format!("x509pop: no challenge response within {}s", CHALLENGE_RESPONSE_TIMEOUT.as_secs())))?
                                 .ok_or_else(|| Error::InvalidArgument("x509pop: no challenge response".into()))?
                                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
                             let Some(attest_agent_request::Step::ChallengeResponse(sig)) = resp.step else {
@@ -373,7 +445,7 @@ impl Node for NodeApi {
             .await;
             match result {
                 Ok(r) => {
-                    tracing::info!(agent = %r.spiffe_id, "agent attested");
+                    tracing::info!(agent = %r.spiffe_id, %source, "agent attested");
                     let _ = tx
                         .send(Ok(AttestAgentResponse {
                             step: Some(attest_agent_response::Step::Result(r)),
@@ -381,7 +453,7 @@ impl Node for NodeApi {
                         .await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent attestation refused");
+                    tracing::warn!(error = %e, %source, "agent attestation refused");
                     let _ = tx.send(Err(e.into())).await;
                 }
             }
@@ -400,6 +472,7 @@ impl Node for NodeApi {
                 agent,
                 serial: caller_serial,
             } = self.caller(&req).await?;
+            self.spend_signing(&agent.spiffe_id, 1)?;
             let csr = Self::parse_csr(&req.get_ref().csr)?;
             let id = SpiffeId::parse(&agent.spiffe_id)?;
             let (chain, serial, expires_at) = self.mint_agent_svid(&id, &csr).await?;
@@ -451,6 +524,7 @@ impl Node for NodeApi {
             )));
         }
         let agent = self.caller(&req).await.map_err(Status::from)?.agent;
+        self.spend_signing(&agent.spiffe_id, n)?;
         let entries: Vec<EntryRecord> = self
             .core
             .sm
@@ -478,6 +552,7 @@ impl Node for NodeApi {
     ) -> Result<Response<NewJwtSvidResponse>, Status> {
         let r = async {
             let agent = self.caller(&req).await?.agent;
+            self.spend_signing(&agent.spiffe_id, 1)?;
             let p = req.get_ref();
             if p.audience.is_empty() || p.audience.iter().any(|a| a.is_empty()) {
                 return Err(Error::InvalidArgument(

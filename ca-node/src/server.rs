@@ -171,6 +171,26 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Largest request header block on the node port.
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
+/// How long a TLS handshake on the node port may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once from one source address (many agents behind one
+/// NAT address reconnecting together stay well below it).
+pub const HANDSHAKES_PER_ADDRESS: usize = 256;
+/// Concurrent streams on a connection without a client certificate.
+pub const ANONYMOUS_STREAMS_PER_CONNECTION: u32 = 4;
+/// Longest call (until the response starts) on a connection without a client certificate.
+pub const ANONYMOUS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header list size on a connection without a client certificate.
+pub const ANONYMOUS_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+fn refuse_anonymous(core: &NodeCore, peer: SocketAddr, why: &str) {
+    core.metrics
+        .rate_limited
+        .with_label_values(&["unauthenticated_connections"])
+        .inc();
+    tracing::debug!(%peer, "{why}; closing the connection");
+}
+
 /// The soft limit on open file descriptors.
 fn nofile_limit() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -452,10 +472,20 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let mut tls = ca_identity::tls::server_config(svid.clone(), roots.clone(), false);
     tls.alpn_protocols.push(ca_raft::link::LINK_ALPN.to_vec());
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
+    let (anon_tx, anon_rx) = tokio::sync::mpsc::channel(128);
     let conn_limit = ca_identity::serve::ConnectionLimit::new(
         ca_identity::connection_cap(MAX_NODE_CONNECTIONS, nofile_limit(), 512),
         "node API",
     );
+    let limits = &config.limits;
+    let anon_limit = ca_identity::serve::ConnectionLimit::new(
+        limits.unauthenticated_connections,
+        "node API (no client certificate)",
+    );
+    let per_address =
+        ca_identity::serve::KeyedLimit::new(limits.unauthenticated_connections_per_address);
+    let handshaking = ca_identity::serve::KeyedLimit::new(HANDSHAKES_PER_ADDRESS);
+    let anon_max_age = Duration::from_secs(limits.unauthenticated_max_age_secs);
     let accept_errors = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
@@ -477,19 +507,42 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                             continue;
                         }
                     };
-                    // Over the limit: closed at once (unauthenticated callers hold nothing).
+                    // Over a limit: closed at once (unauthenticated callers hold nothing).
+                    // Handshakes in progress are bounded per source address and in time.
                     let Some(permit) = conn_limit.try_admit() else { continue };
+                    let Some(handshake) = handshaking.admit(peer.ip()) else {
+                        refuse_anonymous(&links.3, peer, "too many TLS handshakes in progress from this address");
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
-                    let tx = conn_tx.clone();
+                    let (tx, anon_tx, anon_limit) = (conn_tx.clone(), anon_tx.clone(), anon_limit.clone());
+                    let per_address = per_address.clone();
                     let (raft, gate, stop, core) = links.clone();
                     tokio::spawn(async move {
-                        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => return tracing::debug!("TLS handshake timed out"),
+                            Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                         };
+                        drop(handshake);
                         let conn = tls.get_ref().1;
+                        let authenticated = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                        if !authenticated {
+                            // Attesting agents and joining nodes: served apart, with few
+                            // streams, short calls and a maximum age, and a share per
+                            // source address (an agent with its SVID never counts here).
+                            let Some(slot) = per_address.admit(peer.ip()) else {
+                                return refuse_anonymous(&core, peer, "too many connections without a client certificate from this address");
+                            };
+                            let Some(anon) = anon_limit.try_admit() else {
+                                return refuse_anonymous(&core, peer, "the node's limit of connections without a client certificate is reached");
+                            };
+                            let conn = ca_identity::serve::Permitted::new(tls, (permit, anon, slot))
+                                .with_max_age(anon_max_age);
+                            let _ = anon_tx.send(Ok::<_, std::io::Error>(conn)).await;
+                            return;
+                        }
                         if conn.alpn_protocol() != Some(ca_raft::link::LINK_ALPN) {
                             let conn = ca_identity::serve::Permitted::new(tls, permit);
                             let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
@@ -516,6 +569,30 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let node_api = NodeServer::new(NodeApi::new(core.clone()));
     let raft_api = raft.grpc_service(shutdown.subscribe(), Arc::new(gate.clone()));
     let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
+    // Callers without a client certificate reach only what they can use (attestation,
+    // join; every other call needs an SVID and is refused there anyway), each call bounded.
+    let mut stop = shutdown.subscribe();
+    let (anon_node_api, anon_cluster_api) = (node_api.clone(), cluster_api.clone());
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .timeout(ANONYMOUS_CALL_TIMEOUT)
+            .max_concurrent_streams(Some(ANONYMOUS_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(ANONYMOUS_HEADER_LIST_BYTES))
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(anon_node_api)
+            .add_service(anon_cluster_api)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(anon_rx),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "node API server (no client certificate) stopped");
+        }
+    }));
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()

@@ -949,3 +949,192 @@ async fn an_oversized_batch_is_refused_before_any_signing() {
     assert_eq!(r.results.len(), max);
     node.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Limits: what a caller without a client certificate can hold, and rate limits
+
+/// A TLS connection to the node port without a client certificate that sends nothing after
+/// its handshake.
+async fn silent_anonymous_connection(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let provider = ca_identity::tls::provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
+/// Whether the node closes `conn` within `limit` (reads until EOF or an error; the node
+/// may first send its HTTP/2 settings).
+async fn closed_within(
+    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    limit: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn silent_connections_without_a_certificate_are_bounded_per_address_and_in_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |c| {
+        c.limits.unauthenticated_connections_per_address = 8;
+        c.limits.unauthenticated_max_age_secs = 3;
+    })
+    .await;
+    let agent = new_agent(&node, "").await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let conn = silent_anonymous_connection(node.node_addr).await;
+        held.push(conn.expect("within the address's share"));
+    }
+    // Over the address's share: closed at once, before or after the TLS handshake.
+    for _ in 0..12 {
+        if let Ok(mut extra) = silent_anonymous_connection(node.node_addr).await {
+            assert!(
+                closed_within(&mut extra, Duration::from_secs(2)).await,
+                "a 9th silent connection from one address must be closed"
+            );
+        }
+    }
+    // An agent with its SVID is not affected by the anonymous ones.
+    agent_client(&node, &agent)
+        .sync_entries(SyncEntriesRequest {})
+        .await
+        .expect("an authenticated agent is served while anonymous slots are full");
+    // The 8 held ones are closed at their maximum age although they never misbehave.
+    for c in &mut held {
+        assert!(
+            closed_within(c, Duration::from_secs(10)).await,
+            "a silent connection without a certificate must be closed at its maximum age"
+        );
+    }
+    // With the slots free again, anonymous callers are served.
+    node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify)
+        .get_bundle(GetBundleRequest {})
+        .await
+        .expect("served once the slots are free");
+    let m = node.core.metrics.render();
+    assert!(
+        m.contains("ca_node_api_rate_limited_total{limit=\"unauthenticated_connections\"} 12"),
+        "{m}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn attestation_is_rate_limited_per_source_address_without_consuming_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |c| {
+        c.limits.attestations_per_second = 0.5;
+        c.limits.attestation_burst = 3;
+    })
+    .await;
+    let t = node.core.create_join_token("", 600).await.unwrap();
+    // An attacker guessing tokens spends the address's budget.
+    for i in 0..3 {
+        let r = attest_join_token(&node, &format!("guess-{i}")).await;
+        assert_status(r, Code::PermissionDenied, &[]);
+    }
+    let before = snapshot(&node.core.sm).await;
+    let r = attest_join_token(&node, &t.token).await;
+    assert_status(
+        r,
+        Code::ResourceExhausted,
+        &[
+            "rate limit",
+            "attestations per second",
+            "address 127.0.0.1",
+            "retry in",
+        ],
+    );
+    assert_eq!(
+        snapshot(&node.core.sm).await,
+        before,
+        "no agent was created"
+    );
+    let m = node.core.metrics.render();
+    assert!(
+        m.contains("ca_node_api_rate_limited_total{limit=\"attestation\"} 1"),
+        "{m}"
+    );
+    // Refused before anything was read: once the address's budget refills (0.5/s), the
+    // same token still attests.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    attest_join_token(&node, &t.token)
+        .await
+        .expect("the refused attempt did not consume the token");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn signing_is_rate_limited_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |c| {
+        c.limits.signings_per_second = 0.01;
+        c.limits.signing_burst = ca_node::node_api::MAX_BATCH_CSRS as u32;
+    })
+    .await;
+    let (greedy, entry) = agent_with_entry(&node, "greedy").await;
+    let (other, other_entry) = agent_with_entry(&node, "other").await;
+    let mut c = agent_client(&node, &greedy);
+    // One full batch (every item costs, even those that fail) spends the whole budget.
+    let params = vec![
+        NewX509SvidParams {
+            entry_id: "no-such-entry".into(),
+            csr: vec![],
+        };
+        ca_node::node_api::MAX_BATCH_CSRS
+    ];
+    c.batch_new_x509_svid(BatchNewX509SvidRequest { params })
+        .await
+        .expect("within the budget");
+    let jwt = NewJwtSvidRequest {
+        entry_id: entry.clone(),
+        audience: vec!["a".into()],
+    };
+    assert_status(
+        c.new_jwt_svid(jwt).await,
+        Code::ResourceExhausted,
+        &["rate limit", "signatures per second", "/agent/greedy"],
+    );
+    assert_status(
+        c.batch_new_x509_svid(BatchNewX509SvidRequest {
+            params: vec![NewX509SvidParams {
+                entry_id: entry,
+                csr: good_csr(),
+            }],
+        })
+        .await,
+        Code::ResourceExhausted,
+        &["rate limit"],
+    );
+    // Another agent has its own budget.
+    agent_client(&node, &other)
+        .new_jwt_svid(NewJwtSvidRequest {
+            entry_id: other_entry,
+            audience: vec!["a".into()],
+        })
+        .await
+        .expect("another agent is not limited by the first");
+    node.shutdown().await;
+}

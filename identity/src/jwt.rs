@@ -56,12 +56,24 @@ pub type JsonObject = Map<String, Value>;
 /// The JWT signing keys of a trust domain: key ID -> SPKI DER.
 pub type JwtKeys = BTreeMap<String, Vec<u8>>;
 
+/// Clock skew tolerated for `nbf` and `iat` (a token from a node whose clock runs this
+/// much ahead is still accepted); `exp` is enforced exactly.
+pub const LEEWAY_SECS: i64 = 60;
+/// The longest token accepted (a JWT-SVID minted here is well under 1 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
 fn bad(why: impl Into<String>) -> Error {
     Error::InvalidJwtSvid(why.into())
 }
 
 /// Reads header and claims without verifying anything (to find `kid` and `sub`).
 pub fn decode_unverified(token: &str) -> Result<(JsonObject, JsonObject), Error> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(bad(format!(
+            "the token is {} bytes; at most {MAX_TOKEN_LEN} are accepted",
+            token.len()
+        )));
+    }
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
         return Err(bad(
@@ -91,24 +103,38 @@ pub fn validate(
     now: i64,
 ) -> Result<ValidatedJwt, Error> {
     let (header, claims) = decode_unverified(token)?;
-    let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
-    if alg.is_empty() || alg.eq_ignore_ascii_case("none") {
-        return Err(bad("the header has no signature algorithm (alg)"));
+    if let Some(crit) = header.get("crit") {
+        return Err(bad(format!(
+            "the header marks extensions as critical (crit {crit}); none is understood here"
+        )));
     }
+    let alg = match header.get("alg") {
+        Some(Value::String(a)) if !a.is_empty() && !a.eq_ignore_ascii_case("none") => a.as_str(),
+        Some(Value::String(_)) | None => {
+            return Err(bad("the header has no signature algorithm (alg)"))
+        }
+        Some(other) => return Err(bad(format!("the header's alg {other} is not a string"))),
+    };
     if let Some(typ) = header.get("typ") {
         if !matches!(typ.as_str(), Some("JWT" | "JOSE")) {
             return Err(bad("the header's typ must be JWT or JOSE"));
         }
     }
-    let kid = header
-        .get("kid")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("the header has no key ID (kid)"))?;
+    let kid = match header.get("kid") {
+        Some(Value::String(k)) => k.as_str(),
+        None => return Err(bad("the header has no key ID (kid)")),
+        Some(other) => return Err(bad(format!("the header's kid {other} is not a string"))),
+    };
     let sub = claims
         .get("sub")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("the token has no sub claim"))?;
     let spiffe_id = SpiffeId::parse(sub).map_err(|e| bad(format!("sub: {e}")))?;
+    if spiffe_id.path().is_empty() {
+        return Err(bad(format!(
+            "sub {spiffe_id} has no path: a JWT-SVID names a workload, not a trust domain"
+        )));
+    }
     if spiffe_id.trust_domain_name() != trust_domain {
         return Err(bad(format!(
             "sub {spiffe_id} is not in trust domain {trust_domain}"
@@ -133,12 +159,30 @@ pub fn validate(
     if !verify_jws_signature(&info, signing_input.as_bytes(), &sig) {
         return Err(bad("the signature does not verify"));
     }
-    let exp = claims
-        .get("exp")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| bad("the token has no exp claim"))?;
-    if exp <= now {
-        return Err(bad(format!("the token expired {}s ago", now - exp)));
+    let exp = numeric_date(&claims, "exp")?.ok_or_else(|| bad("the token has no exp claim"))?;
+    let now_f = now as f64;
+    if exp <= now_f {
+        return Err(bad(format!(
+            "the token expired {}s ago",
+            (now_f - exp) as i64
+        )));
+    }
+    if let Some(nbf) = numeric_date(&claims, "nbf")? {
+        if nbf > now_f + LEEWAY_SECS as f64 {
+            return Err(bad(format!(
+                "the token is not valid before {} ({} s from now)",
+                nbf as i64,
+                (nbf - now_f) as i64
+            )));
+        }
+    }
+    if let Some(iat) = numeric_date(&claims, "iat")? {
+        if iat > now_f + LEEWAY_SECS as f64 {
+            return Err(bad(format!(
+                "the token says it was issued {} s in the future",
+                (iat - now_f) as i64
+            )));
+        }
     }
     let auds: Vec<&str> = match claims.get("aud") {
         Some(Value::String(s)) => vec![s.as_str()],
@@ -153,8 +197,25 @@ pub fn validate(
     Ok(ValidatedJwt {
         spiffe_id,
         claims,
-        expires_at: exp,
+        // Saturates for dates beyond i64 seconds.
+        expires_at: exp as i64,
     })
+}
+
+/// A NumericDate claim (RFC 7519: seconds since the epoch, possibly non-integer), if present.
+fn numeric_date(claims: &JsonObject, name: &str) -> Result<Option<f64>, Error> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(v) if v.is_finite() => Ok(Some(v)),
+            _ => Err(bad(format!(
+                "the {name} claim {n} is not a usable NumericDate"
+            ))),
+        },
+        Some(other) => Err(bad(format!(
+            "the {name} claim {other} is not a NumericDate (a number of seconds)"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -191,12 +252,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejections() {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
-        let mut keys = JwtKeys::new();
-        keys.insert("k1".into(), spki_p256(kp.public_key().as_ref()));
+        let Signer { kp, keys } = signer();
         let sub = "spiffe://example.org/service/metald";
         let ok = token(&kp, "k1", sub, &["billaged"], 2000);
         let v = validate(&ok, "example.org", &keys, "billaged", 1000).unwrap();
@@ -221,5 +277,179 @@ mod tests {
         tampered.insert(ok.find('.').unwrap() + 2, 'x');
         assert!(validate(&tampered, "example.org", &keys, "billaged", 1000).is_err());
         assert!(err("a.b", "a", 1).contains("three"));
+    }
+
+    struct Signer {
+        kp: EcdsaKeyPair,
+        keys: JwtKeys,
+    }
+
+    fn signer() -> Signer {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let mut keys = JwtKeys::new();
+        keys.insert("k1".into(), spki_p256(kp.public_key().as_ref()));
+        Signer { kp, keys }
+    }
+
+    impl Signer {
+        /// A token with exactly this header and these claims, correctly signed by `k1`.
+        fn sign(&self, header: &Value, claims: &Value) -> String {
+            let input = format!(
+                "{}.{}",
+                B64.encode(header.to_string()),
+                B64.encode(claims.to_string())
+            );
+            let der = self
+                .kp
+                .sign(&SystemRandom::new(), input.as_bytes())
+                .unwrap();
+            assemble(&input, &ecdsa_der_to_fixed(der.as_ref(), 32).unwrap())
+        }
+
+        fn check(&self, token: &str, now: i64) -> Result<ValidatedJwt, Error> {
+            validate(token, "example.org", &self.keys, "aud", now)
+        }
+
+        fn refused(&self, header: &Value, claims: &Value, now: i64) -> String {
+            match self.check(&self.sign(header, claims), now) {
+                Ok(v) => panic!("accepted {header} {claims}: {v:?}"),
+                Err(e) => e.to_string(),
+            }
+        }
+    }
+
+    fn header() -> Value {
+        json!({ "alg": "ES256", "kid": "k1", "typ": "JWT" })
+    }
+
+    fn claims() -> Value {
+        json!({ "sub": "spiffe://example.org/w", "aud": "aud", "exp": 2000, "iat": 1000 })
+    }
+
+    fn with(mut v: Value, key: &str, val: Value) -> Value {
+        v[key] = val;
+        v
+    }
+
+    #[test]
+    fn the_test_signer_makes_tokens_that_pass() {
+        let s = signer();
+        s.check(&s.sign(&header(), &claims()), 1000).unwrap();
+        let c = with(claims(), "nbf", json!(1000));
+        s.check(&s.sign(&header(), &c), 1000).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_token_not_yet_valid() {
+        let s = signer();
+        let c = with(claims(), "nbf", json!(1500));
+        let e = s.refused(&header(), &c, 1000);
+        assert!(e.contains("not valid before") && e.contains("500 s"), "{e}");
+        // Within the leeway for clock skew it passes; just past it, not.
+        s.check(&s.sign(&header(), &c), 1500 - LEEWAY_SECS).unwrap();
+        let e = s.refused(&header(), &c, 1500 - LEEWAY_SECS - 1);
+        assert!(e.contains("not valid before"), "{e}");
+        // A NumericDate that is not a number is refused, not ignored.
+        let e = s.refused(&header(), &with(claims(), "nbf", json!("1500")), 1000);
+        assert!(e.contains("nbf") && e.contains("NumericDate"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_token_issued_in_the_future() {
+        let s = signer();
+        let c = with(claims(), "iat", json!(1000 + LEEWAY_SECS + 1));
+        let e = s.refused(&header(), &c, 1000);
+        assert!(e.contains("issued") && e.contains("in the future"), "{e}");
+        let c = with(claims(), "iat", json!(1000 + LEEWAY_SECS));
+        s.check(&s.sign(&header(), &c), 1000).unwrap();
+        let e = s.refused(&header(), &with(claims(), "iat", json!([1])), 1000);
+        assert!(e.contains("iat") && e.contains("NumericDate"), "{e}");
+    }
+
+    #[test]
+    fn refuses_critical_header_extensions() {
+        let s = signer();
+        let h = with(header(), "crit", json!(["exp"]));
+        let e = s.refused(&h, &claims(), 1000);
+        assert!(e.contains("crit") && e.contains("\"exp\""), "{e}");
+        // Whatever its form: an empty list or a non-list is not understood either.
+        for crit in [json!([]), json!("b64"), json!(null)] {
+            let e = s.refused(&with(header(), "crit", crit), &claims(), 1000);
+            assert!(e.contains("crit"), "{e}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_sub_without_a_path() {
+        let s = signer();
+        let c = with(claims(), "sub", json!("spiffe://example.org"));
+        let e = s.refused(&header(), &c, 1000);
+        assert!(e.contains("no path") && e.contains("workload"), "{e}");
+    }
+
+    #[test]
+    fn numeric_dates_as_floats_strings_and_extremes() {
+        let s = signer();
+        // RFC 7519: a NumericDate may be non-integer.
+        s.check(
+            &s.sign(&header(), &with(claims(), "exp", json!(2000.5))),
+            1000,
+        )
+        .unwrap();
+        let e = s.refused(&header(), &with(claims(), "exp", json!("2000")), 1000);
+        assert!(e.contains("exp") && e.contains("NumericDate"), "{e}");
+        let e = s.refused(&header(), &with(claims(), "exp", json!(-1e300)), 1000);
+        assert!(e.contains("expired"), "{e}");
+        let e = s.refused(&header(), &with(claims(), "exp", json!(i64::MIN)), 1000);
+        assert!(e.contains("expired"), "{e}");
+        s.check(
+            &s.sign(&header(), &with(claims(), "exp", json!(u64::MAX))),
+            1000,
+        )
+        .unwrap();
+        let e = s.refused(&header(), &with(claims(), "nbf", json!(1e300)), 1000);
+        assert!(e.contains("not valid before"), "{e}");
+        let c = with(
+            with(claims(), "exp", json!(u64::MAX)),
+            "iat",
+            json!(u64::MAX),
+        );
+        let e = s.refused(&header(), &c, i64::MAX);
+        assert!(e.contains("in the future"), "{e}");
+    }
+
+    #[test]
+    fn refuses_oversized_and_malformed_tokens_without_panicking() {
+        let s = signer();
+        let big = with(claims(), "pad", json!("x".repeat(MAX_TOKEN_LEN)));
+        let e = s.refused(&header(), &big, 1000);
+        assert!(e.contains("16384"), "{e}");
+        let e = s.check(&"a".repeat(10 * 1024 * 1024), 1000).unwrap_err();
+        assert!(e.to_string().contains("16384"), "{e}");
+        for (h, c) in [
+            (json!(["alg"]), claims()),
+            (json!("ES256"), claims()),
+            (header(), json!(7)),
+            (header(), json!(null)),
+            (header(), json!([claims()])),
+        ] {
+            let e = s.refused(&h, &c, 1000);
+            assert!(e.contains("not a JSON object"), "{e}");
+        }
+        for (h, what) in [
+            (with(header(), "alg", json!(1)), "alg"),
+            (with(header(), "kid", json!(1)), "kid"),
+            (with(header(), "alg", json!("none")), "alg"),
+            (with(header(), "alg", json!("HS256")), "HS256"),
+        ] {
+            let e = s.refused(&h, &claims(), 1000);
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        for bad in ["", ".", "..", "...", "a.b.c", "\u{0}.\u{0}.\u{0}", "é.é.é"] {
+            assert!(s.check(bad, 1000).is_err(), "{bad:?}");
+        }
     }
 }

@@ -14,6 +14,7 @@
 pub mod bundle;
 pub mod jwt;
 pub mod pubkey;
+pub mod rate_limit;
 pub mod selector;
 pub mod serve;
 pub mod spiffe_id;

@@ -110,7 +110,7 @@ impl Svid {
 /// Accepts any server certificate. Only for tests that must isolate what the *server*
 /// decides about the client's certificate from what the client decides about the server's.
 #[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAnyServer(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AcceptAnyServer {
     fn verify_server_cert(
