@@ -109,6 +109,11 @@ enum ValidateCommand {
 /// Parses the command line, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // No core dumps and no ptrace by other processes of the same user: this process holds
+    // private keys (and join tokens) in memory.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("warning: cannot disable core dumps (PR_SET_DUMPABLE): {e}");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1069,6 +1069,11 @@ pub async fn wait_for_signal() {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // No core dumps and no ptrace by other processes of the same user: this process holds
+    // private keys (and join tokens) in memory.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("warning: cannot disable core dumps (PR_SET_DUMPABLE): {e}");
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run_cli(cli)) {
         Ok(()) => ExitCode::SUCCESS,
