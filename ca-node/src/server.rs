@@ -528,6 +528,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                         drop(handshake);
                         let conn = tls.get_ref().1;
                         let authenticated = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                        if !authenticated && conn.alpn_protocol() == Some(ca_raft::link::LINK_ALPN) {
+                            core.metrics.raft_links.with_label_values(&["refused"]).inc();
+                            return tracing::warn!(%peer, "replication link without a client certificate refused");
+                        }
                         if !authenticated {
                             // Attesting agents and joining nodes: served apart, with few
                             // streams, short calls and a maximum age, and a share per
@@ -573,6 +577,8 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     // join; every other call needs an SVID and is refused there anyway), each call bounded.
     let mut stop = shutdown.subscribe();
     let (anon_node_api, anon_cluster_api) = (node_api.clone(), cluster_api.clone());
+    // The Raft service only to refuse such callers with a clear UNAUTHENTICATED.
+    let anon_raft_api = raft_api.clone();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .timeout(ANONYMOUS_CALL_TIMEOUT)
@@ -582,6 +588,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(anon_node_api)
             .add_service(anon_cluster_api)
+            .add_service(anon_raft_api)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(anon_rx),
                 async move {
