@@ -82,12 +82,7 @@ pub async fn spawn(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!("health endpoint failed: {e}");
-        }
+        ca_identity::http_probe::serve(listener, app, "agent health", stop).await;
     });
     Ok((bound, task))
 }

@@ -738,11 +738,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             );
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
+            let stop = async move {
+                let _ = stop.changed().await;
+            };
+            ca_identity::http_probe::serve(l, app, "node HTTP (metrics, health)", stop).await;
         }));
     }
 

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+pub mod http_probe;
 pub mod jwt;
 pub mod pubkey;
 pub mod rate_limit;
