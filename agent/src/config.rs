@@ -275,12 +275,7 @@ impl AgentConfig {
             return Ok(Some(AttestationMethod::JoinToken(t.trim().to_owned())));
         }
         if let Some(p) = &self.join_token_file {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                cfg(format!(
-                    "join_token_file {}: {e}; write the join token to that file or set join_token",
-                    p.display()
-                ))
-            })?;
+            let text = ca_identity::private_file::read(p, "join_token_file").map_err(cfg)?;
             let token = text.lines().next().unwrap_or("").trim().to_owned();
             if token.is_empty() {
                 return Err(cfg(format!(
@@ -429,6 +424,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("token");
         std::fs::write(&f, "tok-123\n").unwrap();
+        let mode = |m| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        mode(0o644);
+        let readable = AgentConfig::from_toml(&base(&format!(
+            "join_token_file = {:?}",
+            f.display().to_string()
+        )))
+        .unwrap();
+        let e = readable.attestation_method().unwrap_err().to_string();
+        assert!(
+            e.contains("join_token_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        mode(0o600);
         let c = AgentConfig::from_toml(&base(&format!(
             "join_token_file = {:?}",
             f.display().to_string()

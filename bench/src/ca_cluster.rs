@@ -119,6 +119,10 @@ impl CaCluster {
             };
             let token_path = cluster.dir.path().join(format!("token-{i}"));
             std::fs::write(&token_path, token)?;
+            std::fs::set_permissions(
+                &token_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
             let peer = cluster.nodes[0].node_addr.to_string();
             let args = [
                 "--peer".to_string(),

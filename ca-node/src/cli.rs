@@ -678,8 +678,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             init_logging(&cfg.log_level);
             let token = match (token, token_file) {
                 (Some(t), None) => t.trim().to_owned(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                (None, Some(f)) => ca_identity::private_file::read(f, "--token-file")?
                     .trim()
                     .to_owned(),
                 _ => return Err(

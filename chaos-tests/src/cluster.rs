@@ -285,6 +285,10 @@ impl Cluster {
         let token = self.ca_node_token(via, &self.nodes[i].spiffe_id()).await?;
         let token_file = self.nodes[i].dir.join("join-token");
         std::fs::write(&token_file, &token)?;
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         self.spawn_join(i, via, &token_file)?;
         self.wait_ready(i, START_TIMEOUT).await?;
         self.wait_voter(i, START_TIMEOUT).await

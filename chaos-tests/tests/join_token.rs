@@ -111,6 +111,11 @@ async fn one_join_token_presented_to_three_nodes_at_once_is_used_once() {
         .expect("token");
     let token_file = c.dir.join("n4-token");
     std::fs::write(&token_file, &token).expect("token file");
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("token file mode");
     let mut joiners = Vec::new();
     for k in 0..3 {
         let i = c

@@ -14,6 +14,7 @@
 pub mod bundle;
 pub mod http_probe;
 pub mod jwt;
+pub mod private_file;
 pub mod pubkey;
 pub mod rate_limit;
 pub mod selector;

@@ -204,32 +204,8 @@ impl Pkcs11Config {
 }
 
 fn read_pin_file(path: &Path) -> Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read PIN file {} (pin_file): {e}",
-            path.display()
-        ))
-    })?;
-    if !meta.is_file() {
-        return Err(Error::Config(format!(
-            "PIN file {} (pin_file) is not a regular file",
-            path.display()
-        )));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "PIN file {} (pin_file) is accessible by group or others (mode {mode:04o}); refusing it: chmod 600 it",
-            path.display()
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read PIN file {} (pin_file): {e}",
-            path.display()
-        ))
-    })?;
+    let text =
+        ca_identity::private_file::read(path, "PIN file (pin_file)").map_err(Error::Config)?;
     let pin = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))
