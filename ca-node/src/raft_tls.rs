@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ca_identity::serve::ConnectionInfo;
 use ca_identity::tls::{Authorizer, LiveRoots, SvidResolver};
 use ca_identity::{SpiffeId, TrustDomain};
 use ca_raft::link::{BoxLink, LINK_ALPN};
@@ -171,13 +172,29 @@ impl Connector for TlsConnector {
     }
 }
 
+/// The TLS connection a node-port request came on.
+fn tls_info(ext: &tonic::Extensions) -> Option<&TlsConnectInfo<TcpConnectInfo>> {
+    ext.get::<ConnectionInfo<TlsConnectInfo<TcpConnectInfo>>>()
+        .map(|c| &c.transport)
+}
+
+/// The client certificate chain (leaf first) a node-port request came with, verified at
+/// the handshake against the trust bundle.
+pub(crate) fn peer_certs(
+    ext: &tonic::Extensions,
+) -> Option<std::sync::Arc<Vec<CertificateDer<'static>>>> {
+    tls_info(ext).and_then(|i| i.peer_certs())
+}
+
+/// The network address a node-port request came from.
+pub(crate) fn remote_addr(ext: &tonic::Extensions) -> Option<std::net::SocketAddr> {
+    tls_info(ext).and_then(|i| i.get_ref().remote_addr())
+}
+
 /// The node ID of the ca-node calling, from its client certificate (verified at the
 /// handshake against the trust bundle); refused unless it is `spiffe://TD/ca-node/<id>`.
 pub fn ca_node_caller<T>(td: &TrustDomain, req: &Request<T>) -> Result<String, Status> {
-    let certs = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs());
+    let certs = peer_certs(req.extensions());
     node_of_certs(td, certs.as_deref().map(|c| c.as_slice()))
 }
 
@@ -200,10 +217,7 @@ pub(crate) fn node_of_certs(
 
 /// The serial (hex) of the caller's client certificate.
 pub fn caller_serial<T>(req: &Request<T>) -> Option<String> {
-    let certs = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs())?;
+    let certs = peer_certs(req.extensions())?;
     let leaf = certs.first()?;
     ca_identity::x509::cert_info(leaf.as_ref())
         .ok()

@@ -191,13 +191,6 @@ fn refuse_anonymous(core: &NodeCore, peer: SocketAddr, why: &str) {
     tracing::debug!(%peer, "{why}; closing the connection");
 }
 
-/// The soft limit on open file descriptors.
-fn nofile_limit() -> u64 {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1024)
-}
-
 /// How a node's Raft membership begins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -474,7 +467,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     let (anon_tx, anon_rx) = tokio::sync::mpsc::channel(128);
     let conn_limit = ca_identity::serve::ConnectionLimit::new(
-        ca_identity::connection_cap(MAX_NODE_CONNECTIONS, nofile_limit(), 512),
+        ca_identity::connection_cap(MAX_NODE_CONNECTIONS, ca_identity::nofile_limit(), 512),
         "node API",
     );
     let limits = &config.limits;

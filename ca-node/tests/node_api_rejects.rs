@@ -823,7 +823,14 @@ async fn new_jwt_svid_refuses_unauthorized_entries_and_empty_audiences() {
     assert_status(
         c.new_jwt_svid(jwt(&mine, &["svc", ""])).await,
         Code::InvalidArgument,
-        &["non-empty audience"],
+        &["an audience is empty"],
+    );
+    let many: Vec<String> = (0..17).map(|i| format!("svc{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_status(
+        c.new_jwt_svid(jwt(&mine, &many)).await,
+        Code::InvalidArgument,
+        &["17 audiences requested; at most 16"],
     );
     // Control.
     let ok = c

@@ -62,6 +62,43 @@ pub const LEEWAY_SECS: i64 = 60;
 /// The longest token accepted (a JWT-SVID minted here is well under 1 KiB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
+/// Most audiences one JWT-SVID may name.
+pub const MAX_AUDIENCES: usize = 16;
+/// The longest audience value, in bytes.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+
+/// Checks the audiences a JWT-SVID is asked for: one to [`MAX_AUDIENCES`] values, each
+/// non-empty, at most [`MAX_AUDIENCE_LEN`] bytes and free of control characters.
+pub fn check_audience(audience: &[String]) -> Result<(), Error> {
+    let bad = |why: String| Err(Error::InvalidAudience(why));
+    if audience.is_empty() {
+        return bad("a JWT-SVID needs at least one audience".into());
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return bad(format!(
+            "{} audiences requested; at most {MAX_AUDIENCES} are allowed",
+            audience.len()
+        ));
+    }
+    for a in audience {
+        if a.is_empty() {
+            return bad(
+                "an audience is empty; every audience must name the token's receiver".into(),
+            );
+        }
+        if a.len() > MAX_AUDIENCE_LEN {
+            return bad(format!(
+                "an audience is {} bytes long; at most {MAX_AUDIENCE_LEN} are allowed",
+                a.len()
+            ));
+        }
+        if a.chars().any(char::is_control) {
+            return bad(format!("the audience {a:?} has control characters"));
+        }
+    }
+    Ok(())
+}
+
 fn bad(why: impl Into<String>) -> Error {
     Error::InvalidJwtSvid(why.into())
 }
@@ -419,6 +456,24 @@ mod tests {
         );
         let e = s.refused(&header(), &c, i64::MAX);
         assert!(e.contains("in the future"), "{e}");
+    }
+
+    #[test]
+    fn audience_lists_are_bounded() {
+        let many: Vec<String> = (0..=MAX_AUDIENCES).map(|i| format!("a{i}")).collect();
+        for (aud, want) in [
+            (vec![], "at least one audience"),
+            (vec!["ok".to_string(), String::new()], "is empty"),
+            (vec!["x".repeat(MAX_AUDIENCE_LEN + 1)], "at most 256"),
+            (vec!["a\nb".to_string()], "control characters"),
+            (many, "at most 16"),
+        ] {
+            let err = check_audience(&aud).expect_err(want).to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        let most: Vec<String> = (0..MAX_AUDIENCES).map(|i| format!("a{i}")).collect();
+        check_audience(&most).unwrap();
+        check_audience(&["x".repeat(MAX_AUDIENCE_LEN)]).unwrap();
     }
 
     #[test]

@@ -27,6 +27,14 @@ pub use bundle::{JwtAuthority, TrustBundle};
 pub use selector::Selector;
 pub use spiffe_id::{SpiffeId, TrustDomain};
 
+/// The soft limit on this process's open file descriptors (`RLIMIT_NOFILE`; 1024 if it
+/// cannot be read).
+pub fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
+}
+
 /// At most `wanted` connections, and never so many that the process would run out of file
 /// descriptors: `headroom` below the soft `RLIMIT_NOFILE` (`nofile`) is kept for everything
 /// else the process opens.
@@ -61,6 +69,9 @@ pub enum Error {
     /// A JWT-SVID that is malformed, badly signed, expired or for another audience.
     #[error("invalid JWT-SVID: {0}")]
     InvalidJwtSvid(String),
+    /// A JWT-SVID audience list that cannot be minted.
+    #[error("invalid JWT-SVID audience: {0}")]
+    InvalidAudience(String),
     /// A public key of a kind this crate does not handle.
     #[error("unsupported public key: {0}")]
     UnsupportedKey(String),

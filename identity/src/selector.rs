@@ -108,16 +108,31 @@ impl Selector {
             return Err(bad(&input, "the value is empty"));
         }
         let problem = match (self.kind.as_str(), key) {
-            ("unix", "uid" | "gid") if val.parse::<u32>().is_err() => {
-                Some(format!("{key} must be a number, got {val:?}"))
-            }
-            ("unix", "path") if !val.starts_with('/') => {
-                Some("path must be absolute (start with '/')".to_string())
-            }
+            ("unix", "uid" | "gid") => match val.parse::<u32>() {
+                Err(_) => Some(format!("{key} must be a number, got {val:?}")),
+                Ok(n) if n.to_string() != val => Some(format!(
+                    "{key} must be written as the agent reports it: {}:{key}:{n}",
+                    self.kind
+                )),
+                Ok(_) => None,
+            },
+            ("unix", "path") => path_problem(val),
             ("unix", "sha256")
                 if val.len() != 64 || !val.chars().all(|c| c.is_ascii_hexdigit()) =>
             {
                 Some("sha256 must be 64 hex characters".to_string())
+            }
+            ("unix", "sha256") if val.chars().any(|c| c.is_ascii_uppercase()) => Some(format!(
+                "sha256 must be lower-case hex, as the agent reports it: unix:sha256:{}",
+                val.to_ascii_lowercase()
+            )),
+            ("systemd", "id") if val.contains('/') => Some(format!(
+                "a systemd unit name has no '/', got {val:?} (write the unit, e.g. metald.service)"
+            )),
+            ("systemd", "id") if !(val.ends_with(".service") || val.ends_with(".scope")) => {
+                Some(format!(
+                    "the agent reports .service and .scope units only: write {val}.service (or .scope)"
+                ))
             }
             _ => None,
         };
@@ -126,6 +141,37 @@ impl Selector {
         }
         Ok(())
     }
+}
+
+/// Why a `unix:path` value can never match what the agent reports (the resolved absolute
+/// path of the binary), if it cannot.
+fn path_problem(val: &str) -> Option<String> {
+    if !val.starts_with('/') {
+        return Some("path must be absolute (start with '/')".to_string());
+    }
+    if val == "/" {
+        return Some("path '/' names no file: write the binary's absolute path".to_string());
+    }
+    let normal = std::path::Path::new(val)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect::<std::path::PathBuf>();
+    if val
+        .split('/')
+        .skip(1)
+        .any(|c| c == "." || c == ".." || c.is_empty())
+    {
+        if val.split('/').any(|c| c == "..") {
+            return Some(format!(
+                "path must not contain '..': the agent reports the binary's resolved path, so {val:?} never matches"
+            ));
+        }
+        return Some(format!(
+            "path must be normalized (no '.', empty or trailing components): write {}",
+            normal.display()
+        ));
+    }
+    None
 }
 
 /// Whether a workload with `have` selectors matches an entry requiring `need`.
@@ -171,6 +217,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_selectors_with_a_reason() {
+        let upper = format!("unix:sha256:{}", "A".repeat(64));
         for (input, expect) in [
             ("unix", "expected TYPE:KEY:VALUE"),
             ("unix:uid", "expected TYPE:KEY:VALUE"),
@@ -178,6 +225,19 @@ mod tests {
             ("unix:uid:abc", "must be a number"),
             ("unix:path:usr/bin/x", "absolute"),
             ("unix:sha256:xyz", "64 hex"),
+            (
+                upper.as_str(),
+                "lower-case hex, as the agent reports it: unix:sha256:aaaa",
+            ),
+            ("unix:uid:007", "unix:uid:7"),
+            ("unix:gid:+5", "unix:gid:5"),
+            ("unix:path:/usr/bin/../sbin/x", "must not contain '..'"),
+            ("unix:path:/usr//bin/x", "write /usr/bin/x"),
+            ("unix:path:/usr/./bin/x", "write /usr/bin/x"),
+            ("unix:path:/usr/bin/", "normalized"),
+            ("unix:path:/", "names no file"),
+            ("systemd:id:metald", "write metald.service"),
+            ("systemd:id:system.slice/metald.service", "has no '/'"),
             ("k8s:ns:default", "not a selector this CA's agents produce"),
             ("unix:pid:12", "not a selector"),
             (":uid:1", "type is empty"),

@@ -5,6 +5,11 @@
 //! over the limit is closed as soon as it is accepted (logged at most once a second), so
 //! idle or silent callers cannot exhaust file descriptors or memory. [`accept_backoff`]
 //! turns an accept error (EMFILE, ENFILE, ...) into a logged pause instead of a busy loop.
+//!
+//! Each [`Permitted`] connection counts the calls it carries ([`CallTracker`], handed to
+//! requests in [`ConnectionInfo`] and held by [`TrackCallsLayer`] until the response ends),
+//! so a connection with no call open can be closed after an idle period
+//! ([`Permitted::with_idle_timeout`]), as gRPC's `MAX_CONNECTION_IDLE` does.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -12,7 +17,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -133,12 +138,203 @@ impl<K: Eq + Hash> Drop for KeySlot<K> {
     }
 }
 
+/// The calls open on one connection; see the module docs.
+#[derive(Clone, Debug, Default)]
+pub struct CallTracker(Arc<CallCounts>);
+
+#[derive(Debug, Default)]
+struct CallCounts {
+    open: AtomicUsize,
+    /// Bumped whenever a call starts or ends, so an idle timer restarts from the last one.
+    changes: AtomicU64,
+}
+
+/// One call in progress on its connection, counted until dropped.
+#[derive(Debug)]
+pub struct CallGuard(CallTracker);
+
+impl CallTracker {
+    /// Counts one more call until the guard is dropped.
+    pub fn begin(&self) -> CallGuard {
+        self.0.open.fetch_add(1, Ordering::SeqCst);
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
+        CallGuard(self.clone())
+    }
+
+    /// Calls open now.
+    pub fn open(&self) -> usize {
+        self.0.open.load(Ordering::SeqCst)
+    }
+
+    fn changes(&self) -> u64 {
+        self.0.changes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0 .0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0 .0.changes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// What a request learns about its [`Permitted`] connection (in its extensions): the
+/// transport's own info (`UdsConnectInfo`, `TlsConnectInfo`, ...) and the call tracker.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo<I> {
+    /// The transport's connection info.
+    pub transport: I,
+    /// The connection's calls.
+    pub calls: CallTracker,
+}
+
+/// A tower layer that counts every request as a call on its connection (found through
+/// [`ConnectionInfo<I>`]) until its response body is finished or dropped.
+#[derive(Debug)]
+pub struct TrackCallsLayer<I>(std::marker::PhantomData<fn() -> I>);
+
+impl<I> TrackCallsLayer<I> {
+    /// The layer, for connections whose transport info is `I`.
+    pub fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<I> Default for TrackCallsLayer<I> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<I> Clone for TrackCallsLayer<I> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<S, I> tower::Layer<S> for TrackCallsLayer<I> {
+    type Service = TrackCalls<S, I>;
+    fn layer(&self, inner: S) -> TrackCalls<S, I> {
+        TrackCalls {
+            inner,
+            _info: std::marker::PhantomData,
+        }
+    }
+}
+
+/// The service [`TrackCallsLayer`] makes.
+#[derive(Debug)]
+pub struct TrackCalls<S, I> {
+    inner: S,
+    _info: std::marker::PhantomData<fn() -> I>,
+}
+
+impl<S: Clone, I> Clone for TrackCalls<S, I> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _info: std::marker::PhantomData,
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, I, B> tower::Service<http::Request<B>> for TrackCalls<S, I>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    I: Clone + Send + Sync + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = <S as tower::Service<http::Request<B>>>::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let guard = req
+            .extensions()
+            .get::<ConnectionInfo<I>>()
+            .map(|c| c.calls.begin());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(match guard {
+                Some(guard) => resp.map(|body| {
+                    tonic::body::Body::new(GuardedBody {
+                        inner: body,
+                        _guard: guard,
+                    })
+                }),
+                None => resp,
+            })
+        })
+    }
+}
+
+/// A response body that keeps its call counted until it ends or is dropped.
+struct GuardedBody {
+    inner: tonic::body::Body,
+    _guard: CallGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Closes a connection that has had no call open for `timeout`.
+struct IdleClose {
+    calls: CallTracker,
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The tracker's change count when the timer was last set (`None`: never set).
+    armed_at: Option<u64>,
+}
+
+impl IdleClose {
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.calls.open() > 0 {
+            return false;
+        }
+        let changes = self.calls.changes();
+        if self.armed_at != Some(changes) {
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.timeout);
+            self.armed_at = Some(changes);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// A connection that holds its permits (any guards: a [`ConnectionLimit`] permit, a
-/// [`KeySlot`]) until it is dropped, and optionally ends at a deadline.
+/// [`KeySlot`]) until it is dropped, optionally ends at a deadline, and optionally closes
+/// when idle.
 pub struct Permitted<T> {
     inner: T,
     _guard: Box<dyn Any + Send + Sync>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    calls: CallTracker,
+    idle: Option<IdleClose>,
 }
 
 impl<T: std::fmt::Debug> std::fmt::Debug for Permitted<T> {
@@ -157,7 +353,22 @@ impl<T> Permitted<T> {
             inner,
             _guard: Box::new(guard),
             deadline: None,
+            calls: CallTracker::default(),
+            idle: None,
         }
+    }
+
+    /// The same connection, closed once no call has been open on it for `timeout`
+    /// (calls are counted by [`TrackCallsLayer`]; a connection that never makes a call is
+    /// closed `timeout` after it was accepted).
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle = Some(IdleClose {
+            calls: self.calls.clone(),
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            armed_at: None,
+        });
+        self
     }
 
     /// The same connection, failing every read and write after `max_age`: the server
@@ -176,13 +387,14 @@ impl<T> Permitted<T> {
         self.deadline
             .as_mut()
             .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+            || self.idle.as_mut().is_some_and(|i| i.expired(cx))
     }
 }
 
 fn max_age_reached() -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        "the connection reached its maximum age",
+        "the server closed the connection (its maximum age or idle time was reached)",
     )
 }
 
@@ -232,9 +444,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Permitted<T> {
 }
 
 impl<T: Connected> Connected for Permitted<T> {
-    type ConnectInfo = T::ConnectInfo;
+    type ConnectInfo = ConnectionInfo<T::ConnectInfo>;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ConnectionInfo {
+            transport: self.inner.connect_info(),
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -283,5 +498,54 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(a.write_all(b"y").await.is_err());
+    }
+
+    /// The idle timer runs only while no call is open, and restarts when the last one
+    /// ends: a connection is closed `timeout` after its last call, never during one.
+    #[tokio::test]
+    async fn an_idle_connection_closes_only_when_no_call_is_open() {
+        use tokio::io::AsyncReadExt;
+        let (a, _b) = tokio::io::duplex(64);
+        let mut a = Permitted::new(a, ()).with_idle_timeout(Duration::from_millis(100));
+        let calls = a.calls.clone();
+        let call = calls.begin();
+        let mut buf = [0u8; 1];
+        let busy = tokio::time::timeout(Duration::from_millis(400), a.read(&mut buf)).await;
+        assert!(busy.is_err(), "closed while a call was open: {busy:?}");
+        drop(call);
+        assert_eq!(calls.open(), 0);
+        let err = tokio::time::timeout(Duration::from_secs(5), a.read(&mut buf))
+            .await
+            .expect("the idle timer wakes the reader")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// The layer counts a request as a call until its response body is dropped.
+    #[tokio::test]
+    async fn the_layer_counts_a_call_until_its_body_is_dropped() {
+        use tower::{Layer, Service, ServiceExt};
+        let calls = CallTracker::default();
+        let svc = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let mut svc = TrackCallsLayer::<u8>::new().layer(svc);
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(ConnectionInfo {
+            transport: 7u8,
+            calls: calls.clone(),
+        });
+        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(calls.open(), 1);
+        drop(resp);
+        assert_eq!(calls.open(), 0);
+        // A request without connection info is served, uncounted.
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await;
+        assert!(resp.is_ok());
     }
 }
