@@ -17,11 +17,12 @@
 //! cert_path = "/etc/spiffe-agent/node.pem"
 //! key_path = "/etc/spiffe-agent/node.key"
 //!
-//! [workload_api]                 # limits on local callers; these are the defaults
+//! [workload_api]                 # local callers; these are the defaults
 //! requests_per_second = 50       # per user ID (0: no limit)
 //! request_burst = 250
 //! idle_timeout_secs = 300        # close a connection with no call open for this long
 //! jwt_svid_cache_size = 1000     # JWT-SVIDs kept for reuse
+//! allow_other_pid_namespaces = false  # serve callers inside containers
 //! ```
 
 use std::net::SocketAddr;
@@ -74,16 +75,16 @@ pub struct AgentConfig {
     /// Log filter, e.g. `info` or `ca_agent=debug,info`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
-    /// Limits on Workload API callers.
+    /// How the Workload API treats local callers (limits, PID namespaces).
     #[serde(default)]
-    pub workload_api: WorkloadApiLimits,
+    pub workload_api: WorkloadApiConfig,
 }
 
-/// What local callers of the Workload API may use. Every local user can reach the socket,
-/// so each user ID gets its own request budget.
+/// How the Workload API treats local callers. Every local user can reach the socket, so
+/// each user ID gets its own request budget.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct WorkloadApiLimits {
+pub struct WorkloadApiConfig {
     /// Calls (each unary call and each stream opened) per second per user ID; 0 means no
     /// limit. Over it a call gets `RESOURCE_EXHAUSTED` with the time to retry.
     pub requests_per_second: u32,
@@ -94,20 +95,25 @@ pub struct WorkloadApiLimits {
     /// JWT-SVIDs (per entry and audience list) kept for reuse; the least recently used go
     /// first.
     pub jwt_svid_cache_size: usize,
+    /// Serve callers in a child PID namespace (containers). Their binary path and hash are
+    /// read through their own mount namespace, which whoever controls the container
+    /// controls, so they are refused unless this is set.
+    pub allow_other_pid_namespaces: bool,
 }
 
-impl Default for WorkloadApiLimits {
+impl Default for WorkloadApiConfig {
     fn default() -> Self {
         Self {
             requests_per_second: 50,
             request_burst: 250,
             idle_timeout_secs: 300,
             jwt_svid_cache_size: 1000,
+            allow_other_pid_namespaces: false,
         }
     }
 }
 
-impl WorkloadApiLimits {
+impl WorkloadApiConfig {
     /// The per-user-ID call rate.
     pub fn rate(&self) -> ca_identity::rate_limit::Rate {
         ca_identity::rate_limit::Rate {
@@ -172,7 +178,7 @@ impl Default for AgentConfig {
             health_addr: None,
             sync_interval_secs: default_sync_interval(),
             log_level: default_log_level(),
-            workload_api: WorkloadApiLimits::default(),
+            workload_api: WorkloadApiConfig::default(),
         }
     }
 }
@@ -404,7 +410,7 @@ mod tests {
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.sync_interval_secs, 5);
         assert_eq!(c.log_level, "info");
-        assert_eq!(c.workload_api, WorkloadApiLimits::default());
+        assert_eq!(c.workload_api, WorkloadApiConfig::default());
         let off = AgentConfig::from_toml(&base(
             "[workload_api]\nrequests_per_second = 0\nrequest_burst = 0",
         ))

@@ -300,7 +300,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
     let api = workload_api::WorkloadApi::new(
         td,
         cache.subscribe(),
-        Arc::new(workload_attestor::WorkloadAttestor::new()),
+        Arc::new(
+            workload_attestor::WorkloadAttestor::new()
+                .allow_other_pid_namespaces(config.workload_api.allow_other_pid_namespaces),
+        ),
         Arc::new(
             JwtCache::new(node.clone())
                 .with_capacity(config.workload_api.jwt_svid_cache_size)

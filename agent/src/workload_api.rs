@@ -9,7 +9,7 @@
 //! Every local user can reach the socket, so callers are bounded: connections (in all and
 //! per user ID), streams per connection, header size, calls per second per user ID
 //! (`ResourceExhausted` over it), and a connection with no call open is closed after the
-//! idle timeout ([`WorkloadApiLimits`]).
+//! idle timeout ([`WorkloadApiConfig`]).
 //!
 //! Bundle maps are keyed by the trust domain's SPIFFE ID (`spiffe://example.org`), as
 //! SPIRE does; go-spiffe and py-spiffe both accept this form.
@@ -34,13 +34,12 @@ use futures::Stream;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{CacheState, JwtCache};
-use crate::config::WorkloadApiLimits;
+use crate::config::WorkloadApiConfig;
 use crate::h2_authority::AuthorityFix;
-use crate::workload_attestor::WorkloadAttestor;
+use crate::workload_attestor::{Peer, WorkloadAttestor};
 use crate::Error;
 
 /// The metadata key every Workload API call must carry with value `true`.
@@ -133,7 +132,7 @@ impl WorkloadApi {
         attestor: Arc<WorkloadAttestor>,
         jwt: Arc<JwtCache>,
         shutdown: watch::Receiver<bool>,
-        limits: &WorkloadApiLimits,
+        limits: &WorkloadApiConfig,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -163,34 +162,37 @@ impl WorkloadApi {
                 )))
             }
         }
-        let cred = req
+        let peer = req
             .extensions()
-            .get::<ConnectionInfo<UdsConnectInfo>>()
-            .and_then(|i| i.transport.peer_cred)
+            .get::<ConnectionInfo<Arc<Peer>>>()
+            .map(|i| i.transport.clone())
             .ok_or_else(|| {
                 Status::permission_denied("cannot read the caller's Unix socket credentials")
             })?;
         // Before attestation, which reads /proc and may hash a binary.
-        if let Err(retry) = self.inner.calls.check(&cred.uid(), 1) {
+        if let Err(retry) = self.inner.calls.check(&peer.uid, 1) {
             let now = ca_identity::unix_now();
             let last = &self.inner.last_refusal_log;
             if last.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
-                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "Workload API call refused: rate limit of this user ID reached");
+                tracing::warn!(uid = peer.uid, pid = ?peer.pid, "Workload API call refused: rate limit of this user ID reached");
             }
             return Err(Status::resource_exhausted(refusal(
                 "Workload API calls",
                 self.inner.calls.rate(),
-                &format!("user ID {}", cred.uid()),
+                &format!("user ID {}", peer.uid),
                 retry,
             )));
         }
         let attestor = self.inner.attestor.clone();
-        let sels = tokio::task::spawn_blocking(move || {
-            attestor.attest(cred.pid(), cred.uid(), cred.gid())
-        })
-        .await
-        .map_err(|e| Status::internal(format!("workload attestation failed: {e}")))?;
-        tracing::debug!(pid = ?cred.pid(), selectors = ?sels.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
+        let pid = peer.pid;
+        let sels = tokio::task::spawn_blocking(move || attestor.attest(&peer))
+            .await
+            .map_err(|e| Status::internal(format!("workload attestation failed: {e}")))?
+            .map_err(|refused| {
+                tracing::info!(?pid, reason = %refused, "Workload API caller refused");
+                Status::permission_denied(format!("workload attestation refused: {refused}"))
+            })?;
+        tracing::debug!(?pid, selectors = ?sels.iter().map(ToString::to_string).collect::<Vec<_>>(), "workload attested");
         Ok(sels)
     }
 
@@ -449,8 +451,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-/// At most this many Workload API connections at once (fewer if `RLIMIT_NOFILE` is lower;
-/// 256 descriptors are kept for everything else).
+/// At most this many Workload API connections at once (fewer if `RLIMIT_NOFILE` is lower:
+/// each takes two descriptors, and 256 are kept for everything else).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// At most this many Workload API connections at once from one user ID, so that one local
 /// user cannot take every connection.
@@ -509,21 +511,28 @@ pub async fn serve(
     use ca_identity::serve::{
         accept_backoff, ConnectionLimit, KeyedLimit, Permitted, TrackCallsLayer,
     };
+    // Two descriptors per connection (the socket and the caller's pidfd).
+    let spare_fds = ca_identity::nofile_limit().saturating_sub(256);
     let limit = ConnectionLimit::new(
-        ca_identity::connection_cap(MAX_CONNECTIONS, ca_identity::nofile_limit(), 256),
+        ca_identity::connection_cap(MAX_CONNECTIONS, spare_fds / 2, 0),
         "Workload API",
     );
     let errors = Arc::new(AtomicI64::new(0));
     let per_uid = KeyedLimit::<u32>::new(MAX_CONNECTIONS_PER_UID);
     let idle = api.inner.idle_timeout;
+    let attestor = api.inner.attestor.clone();
     // Over a limit a connection is closed at once; an accept error pauses accepts.
     let incoming = futures::stream::unfold(listener, move |listener| {
         let (limit, errors, per_uid) = (limit.clone(), errors.clone(), per_uid.clone());
+        let attestor = attestor.clone();
         async move {
             loop {
                 match listener.accept().await {
                     Ok((conn, _)) => {
-                        let uid = conn.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+                        let Ok(cred) = conn.peer_cred() else {
+                            continue;
+                        };
+                        let uid = cred.uid();
                         let Some(slot) = per_uid.admit(uid) else {
                             tracing::debug!(
                                 uid,
@@ -533,6 +542,8 @@ pub async fn serve(
                             continue;
                         };
                         if let Some(permit) = limit.try_admit() {
+                            let peer = Arc::new(attestor.peer(cred.pid(), uid, cred.gid()));
+                            let conn = PeerStream { conn, peer };
                             let conn = Permitted::new(AuthorityFix::new(conn), (permit, slot))
                                 .with_idle_timeout(idle);
                             return Some((Ok::<_, std::io::Error>(conn), listener));
@@ -548,9 +559,54 @@ pub async fn serve(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(TrackCallsLayer::<UdsConnectInfo>::new())
+        .layer(TrackCallsLayer::<Arc<Peer>>::new())
         .add_service(api.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::WorkloadApi(format!("the Workload API server failed: {e}")))
+}
+
+/// A Workload API connection and the process that opened it, pinned at accept.
+struct PeerStream {
+    conn: tokio::net::UnixStream,
+    peer: Arc<Peer>,
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = Arc<Peer>;
+    fn connect_info(&self) -> Arc<Peer> {
+        self.peer.clone()
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ca_agent::cache::{Cache, CachedSvid, JwtCache, JwtMinter, WorkloadEntry};
-use ca_agent::config::WorkloadApiLimits;
+use ca_agent::config::WorkloadApiConfig;
 use ca_agent::testing::TestCa;
 use ca_agent::workload_api::{self, WorkloadApi};
 use ca_agent::workload_attestor::WorkloadAttestor;
@@ -119,7 +119,7 @@ async fn workload_api_over_a_unix_socket() {
         Arc::new(WorkloadAttestor::new()),
         Arc::new(JwtCache::new(Arc::new(minter))),
         shutdown_rx.clone(),
-        &WorkloadApiLimits::default(),
+        &WorkloadApiConfig::default(),
     );
     let listener = workload_api::bind(&sock).await.unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
@@ -349,7 +349,7 @@ async fn bind_refuses_a_non_socket_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_take_every_connection() {
     use tokio::io::AsyncReadExt;
-    let agent = start(WorkloadApiLimits::default()).await;
+    let agent = start(WorkloadApiConfig::default()).await;
     let sock = agent.sock.clone();
 
     let mut idle = Vec::new();
@@ -418,7 +418,7 @@ struct TestAgent {
     _cache: Cache,
 }
 
-async fn start(limits: WorkloadApiLimits) -> TestAgent {
+async fn start(limits: WorkloadApiConfig) -> TestAgent {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let ca = Arc::new(TestCa::new(TD));
@@ -474,10 +474,10 @@ async fn validate_garbage(c: &mut ca_agent::workload_client::Client) -> Result<(
 /// bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_the_user_rate_are_refused() {
-    let agent = start(WorkloadApiLimits {
+    let agent = start(WorkloadApiConfig {
         requests_per_second: 2,
         request_burst: 5,
-        ..WorkloadApiLimits::default()
+        ..WorkloadApiConfig::default()
     })
     .await;
     let uid = nix::unistd::getuid().as_raw();
@@ -517,9 +517,9 @@ async fn calls_over_the_user_rate_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_but_open_streams_stay() {
     use tokio::io::AsyncReadExt;
-    let agent = start(WorkloadApiLimits {
+    let agent = start(WorkloadApiConfig {
         idle_timeout_secs: 1,
-        ..WorkloadApiLimits::default()
+        ..WorkloadApiConfig::default()
     })
     .await;
     // A silent connection: the server's preface, then EOF once the timeout passes.
