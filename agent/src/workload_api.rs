@@ -65,8 +65,6 @@ struct Inner {
     /// Calls per user ID.
     calls: RateLimiter<u32>,
     idle_timeout: Duration,
-    /// When a rate-limit refusal was last logged (unix seconds): at most once a second.
-    last_refusal_log: AtomicI64,
 }
 
 /// User IDs whose call rate is remembered at once (the least recently seen go first).
@@ -143,7 +141,6 @@ impl WorkloadApi {
                 shutdown,
                 calls: RateLimiter::new(limits.rate(), MAX_RATE_KEYS),
                 idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
-                last_refusal_log: AtomicI64::new(0),
             }),
         }
     }
@@ -171,9 +168,7 @@ impl WorkloadApi {
             })?;
         // Before attestation, which reads /proc and may hash a binary.
         if let Err(retry) = self.inner.calls.check(&peer.uid, 1) {
-            let now = ca_identity::unix_now();
-            let last = &self.inner.last_refusal_log;
-            if last.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+            if self.inner.calls.log_refusal() {
                 tracing::warn!(uid = peer.uid, pid = ?peer.pid, "Workload API call refused: rate limit of this user ID reached");
             }
             return Err(Status::resource_exhausted(refusal(

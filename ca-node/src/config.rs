@@ -380,6 +380,22 @@ pub fn valid_node_id(s: &str) -> bool {
             .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
 }
 
+/// The SPIFFE ID path prefix reserved for ca-nodes: `spiffe://TD/ca-node/<node id>`.
+pub const CA_NODE_PATH: &str = "/ca-node/";
+
+/// Whether `id` lies in the reserved `/ca-node/` space (a ca-node's ID or not).
+pub fn is_reserved_path(id: &ca_identity::SpiffeId) -> bool {
+    id.path().starts_with(CA_NODE_PATH)
+}
+
+/// The node ID in `spiffe://TD/ca-node/<node id>` (any trust domain), if `id` is exactly
+/// that with a valid node ID.
+pub fn node_id_in(id: &ca_identity::SpiffeId) -> Option<&str> {
+    id.path()
+        .strip_prefix(CA_NODE_PATH)
+        .filter(|n| valid_node_id(n))
+}
+
 impl NodeConfig {
     /// A configuration with every optional value at its default (not yet validated).
     pub fn with_defaults(node_id: &str, trust_domain: &str, data_dir: PathBuf) -> Self {

@@ -91,7 +91,7 @@ pub fn validate_entry(
             "spiffe_id: a workload SPIFFE ID needs a path, e.g. spiffe://TD/service/name".into(),
         ));
     }
-    if spiffe_id.path().starts_with("/ca-node/") {
+    if crate::config::is_reserved_path(&spiffe_id) {
         return Err(Error::InvalidArgument(
             "spiffe_id: the /ca-node/ path is reserved for CA nodes".into(),
         ));
@@ -208,17 +208,13 @@ impl NodeCore {
             let id = self.parse_local_id("spiffe_id", spiffe_id)?;
             // A token for spiffe://TD/ca-node/<node id> lets a new ca-node join the cluster
             // (`ca-node join`); any other /ca-node/ path is reserved.
-            let node_token = id
-                .path()
-                .strip_prefix("/ca-node/")
-                .is_some_and(crate::config::valid_node_id);
-            if id.path().is_empty() || (id.path().starts_with("/ca-node/") && !node_token) {
+            let node_id = crate::config::node_id_in(&id);
+            if id.path().is_empty() || (crate::config::is_reserved_path(&id) && node_id.is_none()) {
                 return Err(Error::InvalidArgument(
                     "spiffe_id: an agent ID needs a path outside /ca-node/ (or, to let a new ca-node join, exactly spiffe://TD/ca-node/<node id>)".into(),
                 ));
             }
-            if node_token {
-                let node_id = id.path().trim_start_matches("/ca-node/");
+            if let Some(node_id) = node_id {
                 if let Some((raft_id, _)) = self
                     .raft
                     .status()

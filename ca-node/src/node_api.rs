@@ -70,23 +70,45 @@ impl NodeApi {
     /// Takes `cost` signatures from `agent`'s signing budget.
     fn spend_signing(&self, agent: &str, cost: usize) -> Result<(), Error> {
         let cost = u32::try_from(cost).unwrap_or(u32::MAX);
-        self.limits
-            .signing
-            .check(&agent.to_owned(), cost)
-            .map_err(|wait| {
-                self.core
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&["signing"])
-                    .inc();
-                tracing::warn!(%agent, cost, "signing rate limit reached");
-                Error::ResourceExhausted(refusal(
-                    "signatures",
-                    self.limits.signing.rate(),
-                    &format!("agent {agent}"),
-                    wait,
-                ))
-            })
+        let who = format!("agent {agent}");
+        self.spend(
+            &self.limits.signing,
+            &agent.to_owned(),
+            cost,
+            "signing",
+            "signatures",
+            &who,
+        )
+    }
+
+    /// Takes `cost` from `key`'s bucket, or refuses: counted in
+    /// `ca_node_api_rate_limited_total{limit=label}`, logged (at most once a second per
+    /// limit) and answered with the time to retry.
+    fn spend<K: Eq + std::hash::Hash + Clone>(
+        &self,
+        limiter: &RateLimiter<K>,
+        key: &K,
+        cost: u32,
+        label: &'static str,
+        what: &str,
+        who: &str,
+    ) -> Result<(), Error> {
+        limiter.check(key, cost).map_err(|wait| {
+            self.core
+                .metrics
+                .rate_limited
+                .with_label_values(&[label])
+                .inc();
+            if limiter.log_refusal() {
+                tracing::warn!(
+                    limit = label,
+                    caller = who,
+                    cost,
+                    "rate limit reached: refusing (logged at most once a second)"
+                );
+            }
+            Error::ResourceExhausted(refusal(what, limiter.rate(), who, wait))
+        })
     }
 
     /// The attested, unbanned agent calling with its SVID as client certificate.
@@ -349,21 +371,15 @@ impl Node for NodeApi {
         let source = crate::raft_tls::remote_addr(req.extensions())
             .map(|a| a.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        if let Err(wait) = self.limits.attestation.check(&source, 1) {
-            self.core
-                .metrics
-                .rate_limited
-                .with_label_values(&["attestation"])
-                .inc();
-            tracing::warn!(%source, "agent attestation refused: rate limit reached");
-            return Err(Error::ResourceExhausted(refusal(
-                "attestations",
-                self.limits.attestation.rate(),
-                &format!("address {source}"),
-                wait,
-            ))
-            .into());
-        }
+        let who = format!("address {source}");
+        self.spend(
+            &self.limits.attestation,
+            &source,
+            1,
+            "attestation",
+            "attestations",
+            &who,
+        )?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(CHALLENGE_RESPONSE_TIMEOUT, inbound.next())
             .await

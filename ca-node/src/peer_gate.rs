@@ -37,7 +37,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::config::{valid_node_id, NodeConfig};
+use crate::config::{is_reserved_path, node_id_in, valid_node_id, NodeConfig};
 use crate::raft_tls;
 use crate::Error;
 
@@ -219,7 +219,7 @@ impl PeerGate {
 
     /// The caller presenting `certs` (verified at the handshake, leaf first), if it may use
     /// the Raft transport or the cluster service now.
-    pub fn admit_certs(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Admitted, Status> {
+    fn admit_certs(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Admitted, Status> {
         let cred = self.credential(certs)?;
         let full = self.check(&cred).map_err(Status::permission_denied)?;
         if !full {
@@ -338,7 +338,7 @@ impl PeerGate {
                 if id.path().is_empty() {
                     return Err(format!("join token for {id}: an agent ID needs a path"));
                 }
-                if id.path().starts_with("/ca-node/") && ca_node_of(&id).is_none() {
+                if is_reserved_path(&id) && node_id_in(&id).is_none() {
                     return Err(format!("join token for {id}: a reserved /ca-node/ path"));
                 }
                 Ok(())
@@ -403,11 +403,11 @@ impl PeerGate {
 
     fn check_agent(&self, agent: &AgentRecord) -> Result<(), String> {
         let id = self.local_id("agent spiffe_id", &agent.spiffe_id)?;
-        let node = ca_node_of(&id);
+        let node = node_id_in(&id);
         match (agent.attestation_type.as_str(), node) {
             ("ca_node_join", Some(_)) => Ok(()),
             ("ca_node_join", None) => Err(format!("{id} is not a ca-node identity")),
-            (_, _) if id.path().starts_with("/ca-node/") => Err(format!(
+            (_, _) if is_reserved_path(&id) => Err(format!(
                 "{id}: the /ca-node/ path is reserved for ca-nodes; an agent may not take it"
             )),
             (_, _) if id.path().is_empty() => Err(format!("{id}: an agent ID needs a path")),
@@ -503,13 +503,6 @@ fn tbs_and_signature(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
         cert.tbs_certificate.as_ref().to_vec(),
         cert.signature_value.data.to_vec(),
     ))
-}
-
-/// The node ID of `spiffe://TD/ca-node/<node id>`.
-fn ca_node_of(id: &SpiffeId) -> Option<&str> {
-    id.path()
-        .strip_prefix("/ca-node/")
-        .filter(|n| valid_node_id(n))
 }
 
 #[async_trait]

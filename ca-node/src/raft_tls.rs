@@ -31,7 +31,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The SPIFFE ID of ca-node `node_id` in `td`.
 pub fn ca_node_id(td: &TrustDomain, node_id: &str) -> Result<SpiffeId, crate::Error> {
-    Ok(td.id_with_path(&format!("/ca-node/{node_id}"))?)
+    Ok(td.id_with_path(&format!("{}{node_id}", crate::config::CA_NODE_PATH))?)
 }
 
 /// The node ID in a `spiffe://TD/ca-node/<id>` SPIFFE ID of `td`, if it is one.
@@ -39,8 +39,7 @@ pub fn node_id_of(td: &TrustDomain, id: &SpiffeId) -> Option<String> {
     if !id.is_member_of(td) {
         return None;
     }
-    let rest = id.path().strip_prefix("/ca-node/")?;
-    (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_owned())
+    crate::config::node_id_in(id).map(str::to_owned)
 }
 
 /// A lazy gRPC channel to `addr` over TLS with `tls` (reconnects as needed).

@@ -142,10 +142,7 @@ async fn open_key_managers(cfg: &NodeConfig) -> Result<[Arc<dyn KeyManager>; 3],
 async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64, Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Error::Internal(format!("node key: {e}")))?;
-    let id = core
-        .config
-        .trust_domain()
-        .id_with_path(&format!("/ca-node/{}", core.config.node_id))?;
+    let id = crate::raft_tls::ca_node_id(&core.config.trust_domain(), &core.config.node_id)?;
     let chain = core
         .ca
         .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
@@ -189,6 +186,38 @@ fn refuse_anonymous(core: &NodeCore, peer: SocketAddr, why: &str) {
         .with_label_values(&["unauthenticated_connections"])
         .inc();
     tracing::debug!(%peer, "{why}; closing the connection");
+}
+
+/// A node-port connection, TLS done, holding its connection permits.
+type NodePortConnection =
+    ca_identity::serve::Permitted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// Serves `routes` with `builder`'s limits (plus the node port's keepalive) on the
+/// connections arriving on `incoming`, until `stop` changes; logs if the server fails.
+fn serve_node_port(
+    builder: tonic::transport::Server,
+    routes: tonic::service::Routes,
+    incoming: tokio::sync::mpsc::Receiver<std::io::Result<NodePortConnection>>,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) -> JoinHandle<()> {
+    let mut builder = builder
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+    tokio::spawn(async move {
+        let r = builder
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, server = what, "node API server stopped");
+        }
+    })
 }
 
 /// How a node's Raft membership begins.
@@ -568,52 +597,32 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
     // Callers without a client certificate reach only what they can use (attestation,
     // join; every other call needs an SVID and is refused there anyway), each call bounded.
-    let mut stop = shutdown.subscribe();
-    let (anon_node_api, anon_cluster_api) = (node_api.clone(), cluster_api.clone());
-    // The Raft service only to refuse such callers with a clear UNAUTHENTICATED.
-    let anon_raft_api = raft_api.clone();
-    tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+    let anonymous = tonic::service::Routes::new(node_api.clone())
+        .add_service(cluster_api.clone())
+        // The Raft service only to refuse such callers with a clear UNAUTHENTICATED.
+        .add_service(raft_api.clone());
+    tasks.push(serve_node_port(
+        tonic::transport::Server::builder()
             .timeout(ANONYMOUS_CALL_TIMEOUT)
             .max_concurrent_streams(Some(ANONYMOUS_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(ANONYMOUS_HEADER_LIST_BYTES))
-            .http2_keepalive_interval(Some(Duration::from_secs(5)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(anon_node_api)
-            .add_service(anon_cluster_api)
-            .add_service(anon_raft_api)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::ReceiverStream::new(anon_rx),
-                async move {
-                    let _ = stop.changed().await;
-                },
-            )
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "node API server (no client certificate) stopped");
-        }
-    }));
-    let mut stop = shutdown.subscribe();
-    tasks.push(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(5)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .http2_max_header_list_size(Some(ANONYMOUS_HEADER_LIST_BYTES)),
+        anonymous,
+        anon_rx,
+        shutdown.subscribe(),
+        "node API server (no client certificate)",
+    ));
+    let authenticated = tonic::service::Routes::new(node_api)
+        .add_service(raft_api)
+        .add_service(cluster_api);
+    tasks.push(serve_node_port(
+        tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .add_service(node_api)
-            .add_service(raft_api)
-            .add_service(cluster_api)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::ReceiverStream::new(conn_rx),
-                async move {
-                    let _ = stop.changed().await;
-                },
-            )
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "node API server stopped");
-        }
-    }));
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES)),
+        authenticated,
+        conn_rx,
+        shutdown.subscribe(),
+        "node API server",
+    ));
 
     // The CA: root (first node only), this node's intermediate and JWT key.
     let fatal = match ensure_ca(&core).await {
