@@ -8,7 +8,7 @@
 //! - `agent healthcheck [--socket-path P]`: exit 0 when the agent answers.
 //!
 //! The socket defaults to `SPIFFE_ENDPOINT_SOCKET` (`unix:///path` or a path), else
-//! `/tmp/spiffe-agent/agent.sock`.
+//! `/run/spiffe-agent/agent.sock`.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -53,7 +53,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct SocketArg {
-    /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else /tmp/spiffe-agent/agent.sock).
+    /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else /run/spiffe-agent/agent.sock).
     #[arg(long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
 }

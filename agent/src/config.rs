@@ -6,7 +6,7 @@
 //! trust_domain = "example.org"
 //! server_addresses = ["127.0.0.1:8081", "127.0.0.1:8082"]
 //! data_dir = "/var/lib/spiffe-agent"
-//! socket_path = "/tmp/spiffe-agent/agent.sock"
+//! socket_path = "/run/spiffe-agent/agent.sock"
 //! trust_bundle_path = "/etc/spiffe-agent/bootstrap.pem"   # or: insecure_bootstrap = true
 //! join_token = "..."                                     # or join_token_file, or [x509pop]
 //! health_addr = "127.0.0.1:8088"
@@ -34,7 +34,7 @@ use serde::Deserialize;
 use crate::Error;
 
 /// Where the Workload API listens unless configured otherwise.
-pub const DEFAULT_SOCKET_PATH: &str = "/tmp/spiffe-agent/agent.sock";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/spiffe-agent/agent.sock";
 /// Environment variable that supplies a join token when the file has none.
 pub const JOIN_TOKEN_ENV: &str = "AGENT_JOIN_TOKEN";
 

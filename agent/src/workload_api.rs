@@ -14,7 +14,6 @@
 //! Bundle maps are keyed by the trust domain's SPIFFE ID (`spiffe://example.org`), as
 //! SPIRE does; go-spiffe and py-spiffe both accept this form.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::AtomicI64;
@@ -457,43 +456,14 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Largest request header block a workload may send.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
-/// Binds the Workload API socket: creates the parent directory (0755) if missing, removes
-/// a stale socket file, refuses to take over a socket another process still answers on,
-/// and makes the socket connectable by every local user (0777).
+/// Binds the Workload API socket: creates its directory (0755) if missing, refuses a
+/// directory another user could write to (`ca_identity::unix_socket`), removes a stale
+/// socket file, refuses to take over a socket another process still answers on, and makes
+/// the socket connectable by every local user (0777).
 pub async fn bind(socket_path: &Path) -> Result<UnixListener, Error> {
-    if let Some(parent) = socket_path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)
-                .map_err(|e| Error::io("cannot create the socket directory", parent, e))?;
-        }
-    }
-    match std::fs::symlink_metadata(socket_path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(socket_path).await.is_ok() {
-                return Err(Error::Config(format!(
-                    "{} is in use by a running process (another agent?); stop it or choose another socket_path",
-                    socket_path.display()
-                )));
-            }
-            std::fs::remove_file(socket_path)
-                .map_err(|e| Error::io("cannot remove the stale socket", socket_path, e))?;
-        }
-        Ok(_) => {
-            return Err(Error::Config(format!(
-                "{} exists and is not a socket; remove it or choose another socket_path",
-                socket_path.display()
-            )))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(socket_path)
-        .map_err(|e| Error::io("cannot listen on", socket_path, e))?;
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o777))
-        .map_err(|e| Error::io("cannot set permissions of", socket_path, e))?;
-    Ok(listener)
+    ca_identity::unix_socket::bind(socket_path, 0o755, 0o777, "agent")
+        .await
+        .map_err(|e| Error::Config(format!("socket_path: {e}")))
 }
 
 /// Serves the Workload API on `listener` until `shutdown` completes. Connections go

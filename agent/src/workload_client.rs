@@ -43,7 +43,7 @@ pub fn parse_socket_addr(s: &str) -> Result<PathBuf, Error> {
     };
     if !path.starts_with('/') {
         return Err(Error::Config(format!(
-            "Workload API address {s:?}: the socket path must be absolute, e.g. unix:///tmp/spiffe-agent/agent.sock"
+            "Workload API address {s:?}: the socket path must be absolute, e.g. unix:///run/spiffe-agent/agent.sock"
         )));
     }
     Ok(PathBuf::from(path))

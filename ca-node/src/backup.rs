@@ -9,8 +9,6 @@
 //!   stay published until they expire), and the old members' ca-node identities are
 //!   forgotten. Entries, agents, join tokens and the roots are kept. The restored node starts
 //!   with `ca-node run` as a single-node cluster; others join it.
-//! - [`prepare_for_new_log`]: the same bookkeeping reset for a state store written before
-//!   Raft (single node, no Raft log next to it).
 
 use std::path::Path;
 
@@ -122,43 +120,6 @@ pub async fn check_copy(p: &Path) -> Result<(), Error> {
                     "{} is not a state backup: it has no {table} table",
                     p.display()
                 )));
-            }
-        }
-        Ok(())
-    })
-    .await
-}
-
-/// A state store with no Raft log beside it: if it was written without Raft (a
-/// single-node store from before replication), drop its log bookkeeping so a new log can
-/// start from index 0 over the same data. A store that has Raft bookkeeping is left alone.
-pub async fn prepare_for_new_log(state: &Path) -> Result<(), Error> {
-    if !state.exists() {
-        return Ok(());
-    }
-    let state = state.to_owned();
-    blocking(move || {
-        let c = connect(&state, false)?;
-        let read = |e| db_err("reading", &state, e);
-        let has_raft_meta: i64 = c
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'raft_meta'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(read)?;
-        let raft_rows: i64 = if has_raft_meta > 0 {
-            c.query_row("SELECT COUNT(*) FROM raft_meta", [], |r| r.get(0))
-                .map_err(read)?
-        } else {
-            0
-        };
-        if raft_rows == 0 {
-            let n = c
-                .execute("DELETE FROM meta WHERE key = 'last_applied'", [])
-                .unwrap_or(0);
-            if n > 0 {
-                tracing::info!(state = %state.display(), "a single-node state store from before Raft: it becomes the state of a new Raft log");
             }
         }
         Ok(())

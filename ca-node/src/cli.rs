@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::transport::{Channel, Endpoint};
 
 /// Where the admin socket is unless configured otherwise.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/spiffe-ca/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spiffe-ca/admin.sock";
 
 #[derive(Parser, Debug)]
 #[command(name = "ca-node", version, about = "SPIFFE certificate authority node")]

@@ -15,7 +15,7 @@ use ca_raft::{
     LogStore, NodeInfo, RaftNode, RaftNodeConfig, RaftProposer, Role, StateMachine, LOG_DB_FILE,
     STATE_DB_FILE,
 };
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -220,6 +220,25 @@ fn serve_node_port(
     })
 }
 
+/// Refuses a data dir whose state was applied from a Raft log that is now gone (deleted,
+/// or truncated to nothing): the log held this node's vote and entries it acknowledged, so
+/// starting would let it vote twice in one term and forget acknowledged writes. A restored
+/// backup has no Raft bookkeeping and passes.
+async fn refuse_lost_log(sm: &StateMachine, log: &LogStore, log_path: &Path) -> Result<(), Error> {
+    let (applied, _) = sm.applied_state().await?;
+    let Some(applied) = applied else {
+        return Ok(());
+    };
+    if log.is_blank().await? {
+        return Err(Error::Config(format!(
+            "{} is missing or empty, but this data dir's state was applied from a Raft log up to index {}: the node's vote and the entries it acknowledged are lost, and starting would let it vote twice in a term. Restore the whole data dir from one backup (state and log together), or empty the data dir and `ca-node join` the cluster again (a lone node: `ca-node snapshot restore` a backup into an empty data dir)",
+            log_path.display(),
+            applied.index
+        )));
+    }
+    Ok(())
+}
+
 /// How a node's Raft membership begins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -334,14 +353,16 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }
     }
     let state_path = config.data_dir.join(STATE_DB_FILE);
-    if !config.data_dir.join(LOG_DB_FILE).exists() {
-        // A state store written without Raft (single node, before replication) or restored
-        // from a backup: it becomes the state of a new cluster.
-        crate::backup::prepare_for_new_log(&state_path).await?;
-    }
+    let log_path = config.data_dir.join(LOG_DB_FILE);
     let metrics = Metrics::new();
     let sm = StateMachine::open(&state_path).await?;
-    let log = LogStore::open(&config.data_dir.join(LOG_DB_FILE)).await?;
+    let log = LogStore::open(&log_path).await.map_err(|e| {
+        Error::Config(format!(
+            "the Raft log {} cannot be read ({e}); if it is damaged, restore the whole data dir from one backup, or empty the data dir and `ca-node join` the cluster again",
+            log_path.display()
+        ))
+    })?;
+    refuse_lost_log(&sm, &log, &log_path).await?;
 
     // The node API is bound first: its address is this node's address in the membership.
     let listener = TcpListener::bind(config.node_listen).await.map_err(|e| {
@@ -671,23 +692,9 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
 
     // Admin API on a private Unix socket.
     let admin_socket = config.admin_socket.clone();
-    if let Some(parent) = admin_socket.parent() {
-        if !parent.exists() {
-            mkdir_private(parent)?;
-        }
-    }
-    let _ = std::fs::remove_file(&admin_socket);
-    let uds = UnixListener::bind(&admin_socket).map_err(|e| {
-        Error::Config(format!(
-            "cannot bind admin_socket {}: {e}",
-            admin_socket.display()
-        ))
-    })?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&admin_socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::Config(format!("admin_socket permissions: {e}")))?;
-    }
+    let uds = ca_identity::unix_socket::bind(&admin_socket, 0o700, 0o600, "ca-node")
+        .await
+        .map_err(|e| Error::Config(format!("admin_socket: {e}")))?;
     let ready_core = core.clone();
     let ready = Arc::new(move || readiness(&ready_core));
     let admin = AdminServer::new(AdminApi::new(core.clone(), ready.clone()));

@@ -307,3 +307,68 @@ async fn acknowledged_admin_writes_survive_sigkill() {
     assert_eq!(stored_agents, agents);
     assert_eq!(agents.len(), 3);
 }
+
+/// A node whose Raft log is gone beside state applied from it (the file deleted, or
+/// truncated to nothing) refuses to start and says what was lost and what to do: starting
+/// would let it vote twice in a term and forget writes it acknowledged. A damaged log is
+/// a clear error too. Refusing touches nothing: with its log back, the node starts with
+/// every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = DevEnv::start(tmp.path()).await.expect("dev env starts");
+    let dir = env.dir.clone();
+    env.register_demo().await.unwrap();
+    let entries_before = snapshot(&env.node.core.sm).await.entries;
+    env.shutdown().await;
+
+    let cfg = ca_node::dev::node_config(&dir);
+    let log = cfg.data_dir.join(ca_raft::LOG_DB_FILE);
+    // The log and its SQLite side files, to put back at the end.
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(&cfg.data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(ca_raft::LOG_DB_FILE))
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    assert!(!saved.is_empty());
+    let start = || ca_node::server::start(cfg.clone());
+
+    for (p, _) in &saved {
+        std::fs::remove_file(p).unwrap();
+    }
+    let err = start()
+        .await
+        .expect_err("a node without its log")
+        .to_string();
+    for want in [
+        "raft-log.db is missing or empty",
+        "vote twice",
+        "ca-node join",
+    ] {
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+    }
+    // Truncated to nothing: the same.
+    std::fs::write(&log, b"").unwrap();
+    let err = start().await.expect_err("an empty log").to_string();
+    assert!(err.contains("missing or empty"), "{err}");
+    // Garbage: a clear error, not a panic.
+    std::fs::write(&log, vec![0x5a; 16 * 1024]).unwrap();
+    let err = start().await.expect_err("a damaged log").to_string();
+    assert!(err.contains("cannot be read"), "{err}");
+
+    for p in std::fs::read_dir(&cfg.data_dir).unwrap() {
+        let p = p.unwrap().path();
+        if p.to_string_lossy().contains(ca_raft::LOG_DB_FILE) {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    for (p, bytes) in &saved {
+        std::fs::write(p, bytes).unwrap();
+    }
+    let env = DevEnv::start_with(ca_node::dev::node_config(&dir), |_| {})
+        .await
+        .expect("the node starts with its log back");
+    assert_eq!(snapshot(&env.node.core.sm).await.entries, entries_before);
+    env.shutdown().await;
+}

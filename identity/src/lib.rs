@@ -21,6 +21,7 @@ pub mod selector;
 pub mod serve;
 pub mod spiffe_id;
 pub mod tls;
+pub mod unix_socket;
 pub mod x509;
 
 pub use bundle::{JwtAuthority, TrustBundle};

@@ -521,13 +521,21 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
-    /// The layer counts a request as a call until its response body is dropped.
+    /// The layer counts a request as a call until its response body is dropped (a body
+    /// that is already finished ends the call at once).
     #[tokio::test]
     async fn the_layer_counts_a_call_until_its_body_is_dropped() {
         use tower::{Layer, Service, ServiceExt};
         let calls = CallTracker::default();
-        let svc = tower::service_fn(|_req: http::Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        let svc = tower::service_fn(|req: http::Request<()>| async move {
+            let body = if req.uri().path() == "/empty" {
+                tonic::body::Body::empty()
+            } else {
+                tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"message",
+                )))
+            };
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
         });
         let mut svc = TrackCallsLayer::<u8>::new().layer(svc);
         let mut req = http::Request::new(());
@@ -538,6 +546,13 @@ mod tests {
         let resp = svc.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(calls.open(), 1);
         drop(resp);
+        assert_eq!(calls.open(), 0);
+        let mut req = http::Request::builder().uri("/empty").body(()).unwrap();
+        req.extensions_mut().insert(ConnectionInfo {
+            transport: 7u8,
+            calls: calls.clone(),
+        });
+        let _finished = svc.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(calls.open(), 0);
         // A request without connection info is served, uncounted.
         let resp = svc

@@ -262,6 +262,21 @@ impl LogStore {
         })
     }
 
+    /// Whether the log holds nothing at all: no entry, no vote, nothing purged (a new log,
+    /// or one whose file was lost or truncated to nothing).
+    pub async fn is_blank(&self) -> Result<bool> {
+        self.db
+            .call(|conn| {
+                let n: i64 = conn.query_row(
+                    "SELECT (SELECT COUNT(*) FROM log) + (SELECT COUNT(*) FROM store)",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok(n == 0)
+            })
+            .await
+    }
+
     /// The last purged log ID.
     pub async fn last_purged(&self) -> Result<Option<LogId>> {
         self.db.call(|conn| get_meta(conn, LAST_PURGED)).await
