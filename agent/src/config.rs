@@ -554,4 +554,19 @@ mod tests {
             .to_string()
             .contains("is empty"));
     }
+
+    /// Fuzz target: config text never panics the agent, however mangled (see
+    /// `ca_identity`'s fuzz module for how it runs).
+    #[test]
+    fn fuzz_config_text() {
+        let seed = base(
+            "join_token = \"abc\"\nhealth_addr = \"127.0.0.1:8088\"\n[workload_api]\nrequests_per_second = 5\nidle_timeout_secs = 30\n",
+        );
+        bolero::check!().for_each(|ops: &[u8]| {
+            let mutated = ca_test_support::fuzz::mutate(seed.as_bytes(), ops);
+            for text in [mutated.as_slice(), ops] {
+                let _ = AgentConfig::from_toml(&String::from_utf8_lossy(text));
+            }
+        });
+    }
 }

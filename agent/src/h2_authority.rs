@@ -536,4 +536,24 @@ mod tests {
             assert!(out.starts_with(PREFACE), "{block:?}");
         }
     }
+
+    /// Fuzz target (see `ca_identity`'s fuzz module for how it runs): whatever a local
+    /// caller sends after the preface, as one HEADERS frame's block or as raw frames, the
+    /// shim never panics and never drops or invents the preface.
+    #[test]
+    fn fuzz_connection_bytes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        bolero::check!().for_each(|bytes: &[u8]| {
+            let mut framed = PREFACE.to_vec();
+            frame(&mut framed, TYPE_HEADERS, FLAG_END_HEADERS, 1, bytes);
+            let mut raw = PREFACE.to_vec();
+            raw.extend_from_slice(bytes);
+            for input in [framed, raw] {
+                let out = rt.block_on(run(input));
+                assert!(out.starts_with(PREFACE));
+            }
+        });
+    }
 }

@@ -760,4 +760,19 @@ mod tests {
             .to_string();
         assert!(err.contains("node_id"), "{err}");
     }
+
+    /// Fuzz target: config text from the operator (or whoever can write the file) never
+    /// panics the node, however mangled (see `ca_identity`'s fuzz module for how it runs).
+    #[test]
+    fn fuzz_config_text() {
+        let seed = format!(
+            "{BASE}raft_id = 2\nnode_listen = \"127.0.0.1:8081\"\n[limits]\nattestations_per_second = 1.0\n[ttl]\nx509_svid = \"1h\"\n[rotation]\npropagation_window = \"10m\"\n"
+        );
+        bolero::check!().for_each(|ops: &[u8]| {
+            let mutated = ca_test_support::fuzz::mutate(seed.as_bytes(), ops);
+            for text in [mutated.as_slice(), ops] {
+                let _ = NodeConfig::parse(&String::from_utf8_lossy(text));
+            }
+        });
+    }
 }

@@ -603,3 +603,33 @@ impl Node for NodeApi {
         }))
     }
 }
+
+/// Fuzz target for the CSRs agents send (see `ca_identity`'s fuzz module for how it runs).
+#[cfg(test)]
+mod fuzz {
+    use ca_test_support::fuzz::mutate;
+    use rcgen::PublicKeyData;
+
+    use super::NodeApi;
+
+    #[test]
+    fn fuzz_csrs() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec();
+        NodeApi::parse_csr(&csr).expect("the seed is a valid CSR");
+        let seed_key = key.der_bytes().to_vec();
+        bolero::check!().for_each(|ops: &[u8]| {
+            for der in [mutate(&csr, ops), ops.to_vec()] {
+                if let Ok(p) = NodeApi::parse_csr(&der) {
+                    // Accepted means correctly signed: the key is the seed's.
+                    assert_eq!(p.public_key.der_bytes(), seed_key);
+                }
+            }
+        });
+    }
+}

@@ -256,7 +256,7 @@ fn numeric_date(claims: &JsonObject, name: &str) -> Result<Option<f64>, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pubkey::ecdsa_der_to_fixed;
     use ring::rand::SystemRandom;
@@ -316,12 +316,12 @@ mod tests {
         assert!(err("a.b", "a", 1).contains("three"));
     }
 
-    struct Signer {
+    pub(crate) struct Signer {
         kp: EcdsaKeyPair,
-        keys: JwtKeys,
+        pub(crate) keys: JwtKeys,
     }
 
-    fn signer() -> Signer {
+    pub(crate) fn signer() -> Signer {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
         let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
@@ -333,7 +333,7 @@ mod tests {
 
     impl Signer {
         /// A token with exactly this header and these claims, correctly signed by `k1`.
-        fn sign(&self, header: &Value, claims: &Value) -> String {
+        pub(crate) fn sign(&self, header: &Value, claims: &Value) -> String {
             let input = format!(
                 "{}.{}",
                 B64.encode(header.to_string()),
@@ -358,11 +358,11 @@ mod tests {
         }
     }
 
-    fn header() -> Value {
+    pub(crate) fn header() -> Value {
         json!({ "alg": "ES256", "kid": "k1", "typ": "JWT" })
     }
 
-    fn claims() -> Value {
+    pub(crate) fn claims() -> Value {
         json!({ "sub": "spiffe://example.org/w", "aud": "aud", "exp": 2000, "iat": 1000 })
     }
 

@@ -12,6 +12,8 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+#[cfg(test)]
+mod fuzz;
 pub mod http_probe;
 pub mod jwt;
 pub mod private_file;

@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+pub mod fuzz;
 pub mod http;
 pub mod kms_proxy;
 pub mod logs;

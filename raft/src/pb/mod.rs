@@ -43,3 +43,56 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(b)
         .map_err(|e| tonic::Status::invalid_argument(format!("malformed {what}: {e}")))
 }
+
+/// Fuzz targets for what a peer sends (see `ca_identity`'s fuzz module for how they run):
+/// arbitrary bytes and mutations of a valid message, decoded as the Raft service and the
+/// replication link decode them, then converted. Nothing may panic.
+#[cfg(test)]
+mod fuzz {
+    use ca_proto::raft as pb;
+    use ca_test_support::fuzz::mutate;
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use prost::Message;
+
+    use super::{FromPb, IntoPb};
+    use crate::node::MembershipChange;
+    use crate::types::{LogId, TypeConfig, Vote};
+
+    #[test]
+    fn fuzz_messages_from_peers() {
+        let vote = Vote::new(3, 1);
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(3, 1), 7);
+        let entry = openraft::Entry::<TypeConfig> {
+            log_id,
+            payload: openraft::EntryPayload::Blank,
+        };
+        let seed = AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id),
+            entries: vec![entry],
+            leader_commit: Some(log_id),
+        }
+        .into_pb()
+        .encode_to_vec();
+        bolero::check!().for_each(|ops: &[u8]| {
+            for bytes in [mutate(&seed, ops), ops.to_vec()] {
+                let b = bytes.as_slice();
+                if let Ok(m) = pb::AppendEntriesRequest::decode(b) {
+                    let _ = AppendEntriesRequest::<TypeConfig>::from_pb(m);
+                }
+                if let Ok(m) = pb::VoteRequest::decode(b) {
+                    let _ = VoteRequest::<crate::types::NodeId>::from_pb(m);
+                }
+                if let Ok(m) = pb::InstallSnapshotRequest::decode(b) {
+                    let _ = InstallSnapshotRequest::<TypeConfig>::from_pb(m);
+                }
+                if let Ok(m) = pb::ChangeMembershipRequest::decode(b) {
+                    let _ = MembershipChange::from_pb(m);
+                }
+                if let Ok(m) = pb::ForwardToLeader::decode(b) {
+                    let _ = super::forward_from_pb(m);
+                }
+            }
+        });
+    }
+}
