@@ -790,6 +790,12 @@ impl Cluster for ClusterService {
             valid_svids: self.core.ca.valid_issued_counts().into_iter().collect(),
         }))
     }
+
+    async fn clock(&self, _req: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
+        Ok(Response::new(ClockResponse {
+            unix_time_micros: crate::clock::unix_time_micros(),
+        }))
+    }
 }
 
 /// The approximate number of valid SVIDs each authority signed, from every member that

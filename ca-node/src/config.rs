@@ -104,6 +104,10 @@ pub struct NodeConfig {
     /// What callers of the node port may use: rate limits and connection bounds.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How far (seconds) this node's clock may differ from a quorum of the other members'
+    /// before it stops minting and reports not ready; 0 turns the check off.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew_secs: u64,
     /// PEM file of provisioning CA certificates for x509pop node attestation (optional).
     #[serde(default)]
     pub x509pop_ca_bundle: Option<PathBuf>,
@@ -356,6 +360,9 @@ impl RotationConfig {
 fn default_node_listen() -> SocketAddr {
     "127.0.0.1:8081".parse().expect("literal")
 }
+fn default_max_clock_skew() -> u64 {
+    10
+}
 fn default_admin_socket() -> PathBuf {
     PathBuf::from(crate::cli::DEFAULT_ADMIN_SOCKET)
 }
@@ -417,6 +424,7 @@ impl NodeConfig {
             rotation: RotationConfig::default(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
+            max_clock_skew_secs: default_max_clock_skew(),
             x509pop_ca_bundle: None,
             log_level: default_log(),
             raft_id: default_raft_id(),
@@ -484,6 +492,12 @@ impl NodeConfig {
         }
         self.raft.validate()?;
         self.limits.validate()?;
+        if self.max_clock_skew_secs > 3600 {
+            return Err(Error::Config(format!(
+                "max_clock_skew_secs = {} is over an hour: SVIDs minted that far off would not verify; use 1..=3600 (default 10; 0 turns the check off)",
+                self.max_clock_skew_secs
+            )));
+        }
         let t = &self.ttl;
         for (name, v) in [
             ("ttl.root", t.root),

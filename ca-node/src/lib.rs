@@ -21,6 +21,7 @@ pub mod admin_api;
 pub mod backup;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod convert;

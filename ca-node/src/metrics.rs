@@ -1,8 +1,8 @@
 //! Prometheus metrics of a node. Names are the contract with `ops/` dashboards and alerts.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The node's metrics, cheap to clone.
@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Replication links from other ca-nodes, by result (`served`: accepted and served
     /// until they closed; `refused`: the caller was not a ca-node).
     pub raft_links: IntCounterVec,
+    /// Each other member's clock minus this node's, seconds, by peer node ID.
+    pub clock_offset: GaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,6 +121,17 @@ impl Metrics {
             "Replication links from other ca-nodes, by result (served, refused)",
             &["result"],
         );
+        let clock_offset = GaugeVec::new(
+            Opts::new(
+                "ca_node_clock_offset_seconds",
+                "Each other member's clock minus this node's, by peer",
+            ),
+            &["peer"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(clock_offset.clone()))
+            .expect("register");
         let km_in_flight = IntGauge::new(
             "ca_keymanager_in_flight",
             "Key-manager operations in flight",
@@ -163,6 +176,7 @@ impl Metrics {
             node_api_requests,
             rate_limited,
             raft_links,
+            clock_offset,
         }
     }
 

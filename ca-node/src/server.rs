@@ -327,6 +327,25 @@ pub(crate) async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
     Ok(true)
 }
 
+/// [`ensure_ca`], unless this node's clock disagrees with the cluster's: the authorities'
+/// lifecycle is decided by the clock, so with a wrong one nothing is decided (`Ok(false)`).
+async fn ensure_ca_unless_clock_is_off(core: &NodeCore) -> Result<bool, Error> {
+    if let Some(p) = core.ca.clock_problem() {
+        tracing::warn!("CA maintenance skipped: {p}");
+        return Ok(false);
+    }
+    ensure_ca(core).await
+}
+
+/// When the serving SVID in `svid` starts to be valid (Unix seconds), if there is one.
+fn current_not_before(svid: &SvidResolver) -> Option<i64> {
+    let key = svid.current()?;
+    let leaf = key.cert.first()?;
+    ca_identity::x509::cert_info(leaf.as_ref())
+        .ok()
+        .map(|i| i.not_before)
+}
+
 /// What the maintenance loop reacts to at once: the CA journal's version and the rotation
 /// requests.
 async fn ca_fingerprint(sm: &StateMachine) -> Option<(i64, Vec<ca_raft::RotationRequest>)> {
@@ -645,8 +664,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         "node API server",
     ));
 
+    // Nothing is minted or decided by the clock before it is compared with the others'.
+    crate::clock::check(&core).await;
     // The CA: root (first node only), this node's intermediate and JWT key.
-    let fatal = match ensure_ca(&core).await {
+    let fatal = match ensure_ca_unless_clock_is_off(&core).await {
         Ok(true) => None,
         Ok(false) => {
             tracing::info!("waiting for the replicated log to bring the CA journal's root");
@@ -676,6 +697,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         .map(|i| i.record.id)
         .unwrap_or_default();
     let svid_not_after = match core.ca.intermediate() {
+        Some(_) if core.ca.clock_problem().is_some() => 0,
         Some(_) => match renew_node_svid(&core, &svid).await {
             Ok(na) => na,
             Err(e) => {
@@ -754,6 +776,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }));
     }
 
+    // Clock offsets to the other members: a node whose clock a quorum disagrees with stops
+    // minting.
+    tasks.push(crate::clock::spawn(core.clone(), shutdown.subscribe()));
+
     // The node's serving SVID, renewed when half of its remaining life is gone (on its own
     // timer: short lifetimes must not wait for the maintenance tick), and as soon as the
     // intermediate changed (rotated or revoked), checked every second.
@@ -784,7 +810,13 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                 continue;
             };
             let now_ms = now_ms + wait_ms;
-            if now_ms < renew_at_ms && int.record.id == issuer {
+            if rcore.ca.clock_problem().is_some() {
+                continue;
+            }
+            // A certificate minted while this node's clock ran ahead is not valid yet for
+            // anyone else: replace it as soon as the clock is right.
+            let from_the_future = current_not_before(&svid).is_some_and(|nb| nb * 1000 > now_ms);
+            if now_ms < renew_at_ms && int.record.id == issuer && !from_the_future {
                 continue;
             }
             match renew_node_svid(&rcore, &svid).await {
@@ -827,7 +859,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                 }
             }
             seen = ca_fingerprint(&mcore.sm).await;
-            let current = match ensure_ca(&mcore).await {
+            let current = match ensure_ca_unless_clock_is_off(&mcore).await {
                 Ok(started) => started,
                 Err(e @ (Error::State(ca_raft::Error::Unavailable(_)) | Error::Unavailable(_))) => {
                     tracing::warn!(error = %e, "CA maintenance skipped: no leader with a quorum; will retry in 5s");

@@ -83,6 +83,8 @@ pub struct Node {
     pub addr: String,
     /// Its directory (config, log, admin socket, data).
     pub dir: PathBuf,
+    /// Extra environment for its process (e.g. a faked clock), from its next start on.
+    pub env: Vec<(String, String)>,
     proc: Option<Proc>,
     state: NodeState,
     starts: u32,
@@ -240,6 +242,7 @@ impl Cluster {
             addr: format!("{}:{port}", host.ip),
             host,
             dir,
+            env: Vec::new(),
             proc: None,
             state: NodeState::Down,
             starts: 0,
@@ -272,7 +275,8 @@ impl Cluster {
         cmd.args(args)
             .arg("--config")
             .arg(node.config_path())
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(node.env.iter().map(|(k, v)| (k, v)));
         node.proc = Some(Proc::spawn(&node.node_id, cmd, &log)?);
         node.state = NodeState::Up;
         Ok(())
@@ -594,11 +598,27 @@ impl Cluster {
     /// Starts node `i` again with `ca-node run` (its data dir intact) and waits until it is
     /// ready.
     pub async fn restart(&mut self, i: usize) -> Result<()> {
+        self.spawn_run(i)?;
+        self.wait_ready(i, START_TIMEOUT).await
+    }
+
+    /// Starts node `i` again with `ca-node run` (its data dir intact), without waiting.
+    pub fn spawn_run(&mut self, i: usize) -> Result<()> {
         if self.nodes[i].state != NodeState::Down {
             bail!("node {} is still running", self.nodes[i].node_id);
         }
-        self.spawn_node(i, &["run"])?;
-        self.wait_ready(i, START_TIMEOUT).await
+        self.spawn_node(i, &["run"])
+    }
+
+    /// Node `i`'s health as its admin API reports it: (ready, detail).
+    pub async fn health(&self, i: usize) -> Result<(bool, String)> {
+        let h = admin_call(
+            &self.nodes[i].admin_socket(),
+            Duration::from_secs(2),
+            |mut a| async move { a.health(HealthRequest {}).await },
+        )
+        .await?;
+        Ok((h.ready, h.detail))
     }
 
     /// Removes the member with Raft ID `raft_id` through node `via` (`ca-node cluster

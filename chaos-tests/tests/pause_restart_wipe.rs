@@ -9,6 +9,10 @@
 //!
 //! Invariants: no acknowledged write lost, every node (the rejoined one included) holds the
 //! same entries, no failed fetch.
+//!
+//! And a node whose clock runs two minutes ahead (libfaketime on its process) finds out
+//! from the others, reports not ready and mints nothing, while they stay ready; with its
+//! clock right again it is ready again.
 
 mod common;
 
@@ -204,4 +208,63 @@ async fn pause_restart_and_wipe_lose_no_acknowledged_write() {
         fetches.failures
     );
     say(&format!("[{TEST}] PASSED in {} s", t0.elapsed().as_secs()));
+}
+
+/// Where Debian's `faketime` package puts the library that shifts a process's clock.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install Debian's faketime package (the test command does)"
+    );
+    let mode = common::mode("clock-skew");
+    let mut c = Cluster::start("clock-skew", 3, common::bins(), mode)
+        .await
+        .expect("the cluster forms");
+    let skewed = 2;
+    c.stop(skewed).expect("stop");
+    c.nodes[skewed].env = vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), "+120s".into()),
+        // Timers and timeouts keep real time; only the wall clock is wrong.
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    let t = Instant::now();
+    c.spawn_run(skewed).expect("start with a clock 2 min ahead");
+    let detail = loop {
+        match c.health(skewed).await {
+            Ok((false, d)) if d.contains("clock") => break d,
+            other => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the skewed node never noticed: {other:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    say(&format!(
+        "clock-skew: noticed after {} ms: {detail}",
+        t.elapsed().as_millis()
+    ));
+    assert!(detail.contains("ahead of"), "{detail}");
+    for i in 0..2 {
+        let (ready, d) = c.health(i).await.expect("health");
+        assert!(ready && !d.contains("clock"), "node {i}: {d}");
+    }
+    // Still true a measurement later (every 10 s): the others do not blame themselves.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for i in 0..2 {
+        let (ready, d) = c.health(i).await.expect("health");
+        assert!(ready, "node {i}: {d}");
+    }
+    assert!(!c.health(skewed).await.expect("health").0);
+
+    c.stop(skewed).expect("stop");
+    c.nodes[skewed].env.clear();
+    c.restart(skewed)
+        .await
+        .expect("with its clock right it is ready again");
 }

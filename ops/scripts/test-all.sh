@@ -9,6 +9,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 dpkg -s softhsm2 >/dev/null 2>&1 || need_apt+=(softhsm2)
 dpkg -s prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+# chaos-tests: a node whose clock runs ahead (libfaketime).
+dpkg -s faketime >/dev/null 2>&1 || need_apt+=(faketime)
 if [ "$(id -u)" = 0 ]; then
   # chaos-tests: a network namespace per node, partitions with iptables (root only).
   command -v ip >/dev/null || need_apt+=(iproute2)

@@ -116,6 +116,8 @@ pub struct Ca {
     /// One upkeep round at a time: a joining node's first round and the maintenance loop's
     /// must not both see "no JWT key yet" and make one each.
     upkeep: tokio::sync::Mutex<()>,
+    /// Why this node's clock cannot be trusted to mint, if it cannot ([`crate::clock`]).
+    clock_problem: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -221,6 +223,31 @@ impl Ca {
             current: RwLock::new(Current::default()),
             issued: IssuedCounts::default(),
             upkeep: tokio::sync::Mutex::new(()),
+            clock_problem: RwLock::new(None),
+        }
+    }
+
+    /// Records whether this node's clock disagrees with the cluster's: while it does, the
+    /// node mints nothing and is not ready.
+    pub fn set_clock_problem(&self, problem: Option<String>) {
+        *self
+            .clock_problem
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// Why this node's clock cannot be trusted to mint, if it cannot.
+    pub fn clock_problem(&self) -> Option<String> {
+        self.clock_problem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn check_clock(&self) -> Result<(), Error> {
+        match self.clock_problem() {
+            Some(p) => Err(Error::Unavailable(p)),
+            None => Ok(()),
         }
     }
 
@@ -261,7 +288,7 @@ impl Ca {
     /// Why this node cannot mint X.509-SVIDs or JWT-SVIDs right now, if it cannot. The
     /// root's key manager is not needed to mint, only to rotate, so it is not a reason.
     pub fn minting_problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self.clock_problem().into_iter().collect();
         let cur = self.current.read().expect("ca lock");
         let t = now();
         match &cur.intermediate {
@@ -1157,6 +1184,7 @@ impl Ca {
         ttl: i64,
         dns_names: &[String],
     ) -> Result<Vec<Vec<u8>>, Error> {
+        self.check_clock()?;
         let int = self.intermediate().ok_or_else(|| {
             Error::Unavailable("no active intermediate CA on this node yet".into())
         })?;
@@ -1185,6 +1213,7 @@ impl Ca {
         audience: &[String],
         ttl: i64,
     ) -> Result<(String, i64), Error> {
+        self.check_clock()?;
         let jwt = self
             .current
             .read()
