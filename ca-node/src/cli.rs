@@ -631,11 +631,17 @@ where
     }
 }
 
-/// Keeps `node` running until SIGINT/SIGTERM, then stops it.
-async fn run_until_signal(node: crate::NodeHandle) {
-    wait_for_signal().await;
+/// Keeps `node` running until SIGINT/SIGTERM, then stops it; or until it fails for good
+/// (its Raft log cannot be written), then stops it and returns why.
+async fn run_until_signal(node: crate::NodeHandle) -> Result<(), String> {
+    let failed = node.failure();
+    let result = tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        why = failed => Err(why),
+    };
     tracing::info!("shutting down");
     node.shutdown().await;
+    result
 }
 
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
@@ -649,8 +655,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
             init_logging(&cfg.log_level);
             let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
-            run_until_signal(node).await;
-            Ok(())
+            run_until_signal(node).await
         }
         Cmd::Init { config } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
@@ -662,8 +667,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
                 node.core.config.raft_id, node.core.config.trust_domain
             );
-            run_until_signal(node).await;
-            Ok(())
+            run_until_signal(node).await
         }
         Cmd::Join {
             config,
@@ -705,8 +709,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 node.core.config.raft_id,
                 if *learner { "learner" } else { "voter" }
             );
-            run_until_signal(node).await;
-            Ok(())
+            run_until_signal(node).await
         }
         Cmd::Dev { dir, nodes } => {
             init_logging("info");

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub raft_links: IntCounterVec,
     /// Each other member's clock minus this node's, seconds, by peer node ID.
     pub clock_offset: GaugeVec,
+    /// Bytes free for the node in its data dir's file system.
+    pub data_dir_free: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,6 +134,14 @@ impl Metrics {
         registry
             .register(Box::new(clock_offset.clone()))
             .expect("register");
+        let data_dir_free = IntGauge::new(
+            "ca_node_data_dir_free_bytes",
+            "Bytes free for the node in its data dir's file system",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(data_dir_free.clone()))
+            .expect("register");
         let km_in_flight = IntGauge::new(
             "ca_keymanager_in_flight",
             "Key-manager operations in flight",
@@ -177,6 +187,7 @@ impl Metrics {
             rate_limited,
             raft_links,
             clock_offset,
+            data_dir_free,
         }
     }
 

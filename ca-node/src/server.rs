@@ -42,6 +42,8 @@ pub struct NodeHandle {
     /// The core (for in-process callers such as `ca-node dev` and tests).
     pub core: Arc<NodeCore>,
     shutdown: watch::Sender<bool>,
+    /// Why the node stopped on its own, once it has ([`watch_storage`]).
+    failed: watch::Receiver<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -65,6 +67,22 @@ impl NodeHandle {
             tracing::warn!(error = %e, "committing applied writes at shutdown failed; the next start applies them again from the log");
         }
         let _ = std::fs::remove_file(&self.admin_socket);
+    }
+
+    /// Resolves when the node has failed for good and stopped serving (its Raft log or
+    /// state cannot be written), with the reason; never while it runs.
+    pub fn failure(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut failed = self.failed.clone();
+        async move {
+            let why = match failed.wait_for(Option::is_some).await {
+                Ok(why) => why.clone(),
+                Err(_) => None,
+            };
+            match why {
+                Some(why) => why,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Waits until a shutdown is requested elsewhere (never, for a plain handle).
@@ -901,13 +919,67 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     }));
 
     tracing::info!(%node_addr, admin_socket = %admin_socket.display(), trust_domain = %config.trust_domain, node_id = %config.node_id, "ca-node started");
+    let (failed_tx, failed) = watch::channel(None);
+    tasks.push(watch_storage(core.clone(), shutdown.clone(), failed_tx));
     Ok(NodeHandle {
         node_addr,
         admin_socket,
         http_addr,
         core,
         shutdown,
+        failed,
         tasks,
+    })
+}
+
+/// Bytes free for this process in the file system of `dir`, if it can be read.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Below this much free space in the data dir's file system, readiness says so.
+const LOW_DISK_BYTES: u64 = 64 << 20;
+
+/// Watches the data dir's free space (`ca_node_data_dir_free_bytes`, every 10 s) and the
+/// Raft core: when it has stopped for good (the log or the state could not be written:
+/// a full disk, an I/O error) the node logs why, with the free space, stops serving and
+/// reports the failure to whoever runs it (`ca-node` exits non-zero, so a supervisor
+/// restarts it once there is room; everything it acknowledged is in its log or on the
+/// other members).
+fn watch_storage(
+    core: Arc<NodeCore>,
+    shutdown: watch::Sender<bool>,
+    failed: watch::Sender<Option<String>>,
+) -> JoinHandle<()> {
+    let mut stop = shutdown.subscribe();
+    tokio::spawn(async move {
+        let mut tick = 0u64;
+        loop {
+            if tick.is_multiple_of(20) {
+                if let Some(free) = free_bytes(&core.config.data_dir) {
+                    core.metrics.data_dir_free.set(free as i64);
+                }
+            }
+            tick += 1;
+            if let Some(why) = core.raft.status().fatal {
+                let free = free_bytes(&core.config.data_dir)
+                    .map(|b| format!("{} MiB", b >> 20))
+                    .unwrap_or_else(|| "unknown".into());
+                let msg = format!(
+                    "this node's Raft log or state cannot be written ({why}); {} has {free} free. The node stops serving: make room (or fix the disk), then start it again; everything it acknowledged is in its log or on the other members",
+                    core.config.data_dir.display()
+                );
+                tracing::error!("{msg}");
+                let _ = failed.send(Some(msg));
+                let _ = shutdown.send(true);
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
     })
 }
 
@@ -918,7 +990,14 @@ fn readiness(core: &NodeCore) -> (bool, String) {
         None => format!("raft {} (no leader)", st.role.as_str()),
     };
     let (ok, detail) = minting_readiness(core);
-    (ok, format!("{detail}; {raft}"))
+    let disk = match free_bytes(&core.config.data_dir) {
+        Some(free) if free < LOW_DISK_BYTES => format!(
+            "; the data dir's file system is nearly full ({} MiB free): writes will fail",
+            free >> 20
+        ),
+        _ => String::new(),
+    };
+    (ok, format!("{detail}; {raft}{disk}"))
 }
 
 /// Readiness is the ability to mint: a node without a Raft quorum still mints (minting does

@@ -10,6 +10,10 @@
 //! Invariants: no acknowledged write lost, every node (the rejoined one included) holds the
 //! same entries, no failed fetch.
 //!
+//! A follower whose data disk fills up (a tmpfs as its data dir, filled) stops with a
+//! clear message and a failure exit status while the others go on; with room again it
+//! restarts and catches up, and no acknowledged write is lost.
+//!
 //! And a node whose clock runs two minutes ahead (libfaketime on its process) finds out
 //! from the others, reports not ready and mints nothing, while they stay ready; with its
 //! clock right again it is ready again.
@@ -267,4 +271,130 @@ async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
     c.restart(skewed)
         .await
         .expect("with its clock right it is ready again");
+}
+
+/// A tmpfs mounted on a directory for the test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount runs")
+            .success();
+        assert!(ok, "mounting a tmpfs on {} failed", dir.display());
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_a_node_cleanly_and_it_comes_back_with_room() {
+    const TEST: &str = "disk-full";
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "[{TEST}] needs root (it mounts a tmpfs); CI must run it"
+        );
+        say(&format!(
+            "[{TEST}] SKIPPED: needs root to mount a tmpfs; nothing checked"
+        ));
+        return;
+    }
+    let mode = common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+        .await
+        .expect("the cluster forms");
+    let all: Vec<usize> = (0..3).collect();
+    let (leader, _) = c
+        .wait_leader(&all, None, Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let f = (0..3).rev().find(|i| *i != leader).expect("a follower");
+
+    // Its data dir onto a small tmpfs, contents kept.
+    c.stop(f).expect("stop");
+    let data = c.nodes[f].data_dir();
+    let saved = c.nodes[f].dir.join("data.saved");
+    std::fs::rename(&data, &saved).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let _tmpfs = Tmpfs::mount(&data, "48m");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", saved.display()))
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success();
+    assert!(copied);
+    c.restart(f).await.expect("the node runs from the tmpfs");
+
+    let writers = Writers::start(TEST, 2, Targets::all_up(&c), Duration::from_millis(20));
+    writers.targets.remove(f);
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes are acknowledged");
+    // Fill it.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", data.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = c.exited(f) {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the node with a full disk did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "a failure exit status: {status}");
+    let log = std::fs::read_to_string(c.nodes[f].log_path()).unwrap();
+    assert!(
+        log.contains("cannot be written") && log.contains("MiB free"),
+        "the log says why: {}",
+        chaos_tests::process::log_tail(&c.nodes[f].log_path(), 20)
+    );
+    say(&format!(
+        "[{TEST}] the node stopped {} ms after its disk filled ({status})",
+        t.elapsed().as_millis()
+    ));
+    writers
+        .wait_acks(20, Duration::from_secs(30))
+        .await
+        .expect("writes go on without it");
+
+    // Room again: it restarts and catches up.
+    std::fs::remove_file(data.join("filler")).unwrap();
+    c.restart(f).await.expect("the node starts again with room");
+    c.wait_caught_up(f, Duration::from_secs(30))
+        .await
+        .expect("it catches up");
+    let ledger = writers.stop().await;
+    c.wait_converged(Duration::from_secs(30))
+        .await
+        .expect("the nodes converge");
+    let check = check_writes(&c, TEST, &ledger).await.expect("entries read");
+    check.assert_invariants(3);
+    c.stop(f).expect("stop before unmounting");
 }

@@ -150,6 +150,9 @@ pub struct ClusterStatus {
     pub replication: BTreeMap<NodeId, Replication>,
     /// Milliseconds since a quorum last acknowledged this leader (leader only).
     pub millis_since_quorum_ack: Option<u64>,
+    /// Why this node's Raft stopped for good, if it did (a storage error: the log or the
+    /// state could not be written).
+    pub fatal: Option<String>,
 }
 
 /// A running cluster member. Cloning is cheap (clones share the instance).
@@ -786,5 +789,6 @@ pub fn status_from_metrics(m: &RaftMetrics) -> ClusterStatus {
         joint: membership.get_joint_config().len() > 1,
         replication,
         millis_since_quorum_ack: m.millis_since_quorum_ack,
+        fatal: m.running_state.as_ref().err().map(ToString::to_string),
     }
 }
