@@ -100,8 +100,8 @@ pub struct CachedSvid {
     pub hint: String,
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// PKCS#8 DER private key.
-    pub key_pkcs8: Vec<u8>,
+    /// PKCS#8 DER private key (wiped from memory when dropped).
+    pub key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
     /// Leaf notBefore, Unix seconds.
     pub not_before: i64,
     /// Leaf notAfter, Unix seconds.
@@ -137,7 +137,7 @@ impl CachedSvid {
             spiffe_id: entry.spiffe_id.clone(),
             hint: entry.hint.clone(),
             chain,
-            key_pkcs8,
+            key_pkcs8: key_pkcs8.into(),
             not_before: info.not_before,
             not_after: info.not_after,
             authority_key_id: info.authority_key_id,

@@ -26,8 +26,8 @@ pub struct AgentSvid {
     pub spiffe_id: SpiffeId,
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// PKCS#8 DER private key of the leaf.
-    pub key_pkcs8: Vec<u8>,
+    /// PKCS#8 DER private key of the leaf (wiped from memory when dropped).
+    pub key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
     /// Leaf notBefore, Unix seconds.
     pub not_before: i64,
     /// Leaf notAfter, Unix seconds.
@@ -54,7 +54,7 @@ impl AgentSvid {
         Ok(Self {
             spiffe_id,
             chain,
-            key_pkcs8,
+            key_pkcs8: key_pkcs8.into(),
             not_before: info.not_before,
             not_after: info.not_after,
         })
@@ -139,7 +139,10 @@ impl Store {
 
     /// Saves the agent SVID chain and its key (0600).
     pub fn save_svid(&self, svid: &AgentSvid) -> Result<(), Error> {
-        let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key_pkcs8.clone()));
+        let key_pem = zeroize::Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            svid.key_pkcs8.to_vec(),
+        )));
         self.write_atomic(KEY_FILE, key_pem.as_bytes(), 0o600)?;
         let chain_pem: String = svid
             .chain
@@ -172,8 +175,10 @@ impl Store {
         let chain = ca_identity::bundle::certs_from_pem(&chain_pem)
             .map_err(|e| corrupt("SVID", &svid_path, e.to_string()))?;
         let key_path = self.dir.join(KEY_FILE);
-        let key_pem = std::fs::read_to_string(&key_path)
-            .map_err(|e| Error::io("cannot read", &key_path, e))?;
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&key_path)
+                .map_err(|e| Error::io("cannot read", &key_path, e))?,
+        );
         let key = pem::parse(&key_pem).map_err(|e| corrupt("key", &key_path, e.to_string()))?;
         let bundle_path = self.dir.join(BUNDLE_FILE);
         let raw =

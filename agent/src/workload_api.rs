@@ -220,7 +220,7 @@ impl WorkloadApi {
             .map(|s| X509svid {
                 spiffe_id: s.spiffe_id.to_string(),
                 x509_svid: s.chain.concat(),
-                x509_svid_key: s.key_pkcs8.clone(),
+                x509_svid_key: s.key_pkcs8.to_vec(),
                 bundle: roots.clone(),
                 hint: s.hint.clone(),
             })

@@ -184,7 +184,7 @@ async fn workload_api_over_a_unix_socket() {
     let s = &msg.svids[0];
     assert_eq!(s.spiffe_id, WORKLOAD_ID);
     assert_eq!(s.x509_svid, first.chain.concat());
-    assert_eq!(s.x509_svid_key, first.key_pkcs8);
+    assert_eq!(s.x509_svid_key, *first.key_pkcs8);
     assert_eq!(s.bundle, ca.root_der());
     assert_eq!(s.hint, "internal");
     assert!(msg.federated_bundles.is_empty());
@@ -201,7 +201,7 @@ async fn workload_api_over_a_unix_socket() {
     cache.insert(mine.clone(), second.clone());
     let msg = next(&mut stream).await.unwrap();
     assert_eq!(msg.svids[0].x509_svid, second.chain.concat());
-    assert_eq!(msg.svids[0].x509_svid_key, second.key_pkcs8);
+    assert_eq!(msg.svids[0].x509_svid_key, *second.key_pkcs8);
 
     // 5. A bundle change pushes too.
     let ca2 = TestCa::new(TD);

@@ -391,6 +391,10 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, String> {
             p.display()
         ));
     }
+    // Whoever answers on it gets this command's requests (and is believed): only a socket
+    // no other user could have put there.
+    ca_identity::unix_socket::check_socket(&p, nix::unistd::geteuid().as_raw())
+        .map_err(|e| format!("refusing the admin socket: {e}"))?;
     Endpoint::try_from("http://[::]:50051")
         .map_err(|e| e.to_string())?
         .connect_with_connector(tower::service_fn(move |_| {

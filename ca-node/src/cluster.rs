@@ -115,6 +115,9 @@ pub fn write_marker(data_dir: &Path, m: &Marker) -> Result<(), Error> {
     )
 }
 
+/// A PKCS#8 private key, wiped from memory when dropped.
+pub type SecretKey = zeroize::Zeroizing<Vec<u8>>;
+
 /// Saves the node's serving SVID (chain, leaf first) and its PKCS#8 key.
 pub fn save_node_svid(data_dir: &Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), Error> {
     let mut blocks: Vec<pem::Pem> = chain
@@ -122,16 +125,15 @@ pub fn save_node_svid(data_dir: &Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> R
         .map(|c| pem::Pem::new("CERTIFICATE", c.clone()))
         .collect();
     blocks.push(pem::Pem::new("PRIVATE KEY", key_pkcs8.to_vec()));
-    write_private(
-        &data_dir.join(NODE_SVID_FILE),
-        pem::encode_many(&blocks).as_bytes(),
-    )
+    let text = zeroize::Zeroizing::new(pem::encode_many(&blocks));
+    write_private(&data_dir.join(NODE_SVID_FILE), text.as_bytes())
 }
 
 /// The saved serving SVID (chain, key), if there is one that has not expired.
-pub fn load_node_svid(data_dir: &Path) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
-    let text = std::fs::read_to_string(data_dir.join(NODE_SVID_FILE)).ok()?;
-    let blocks = pem::parse_many(text).ok()?;
+pub fn load_node_svid(data_dir: &Path) -> Option<(Vec<Vec<u8>>, SecretKey)> {
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(data_dir.join(NODE_SVID_FILE)).ok()?);
+    let blocks = pem::parse_many(text.as_bytes()).ok()?;
     let chain: Vec<Vec<u8>> = blocks
         .iter()
         .filter(|b| b.tag() == "CERTIFICATE")
@@ -141,7 +143,8 @@ pub fn load_node_svid(data_dir: &Path) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
         .iter()
         .find(|b| b.tag() == "PRIVATE KEY")?
         .contents()
-        .to_vec();
+        .to_vec()
+        .into();
     let info = ca_identity::x509::cert_info(chain.first()?).ok()?;
     (info.not_after > ca_identity::unix_now()).then_some((chain, key))
 }

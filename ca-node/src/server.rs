@@ -165,7 +165,7 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
         .ca
         .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
         .await?;
-    let key_der = key.serialize_der();
+    let key_der = zeroize::Zeroizing::new(key.serialize_der());
     resolver.set(&chain, &key_der)?;
     // Connections to other members keep the certificate they were opened with: open new
     // ones, so that peers see this one (an older one may come from a revoked intermediate).

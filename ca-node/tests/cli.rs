@@ -330,6 +330,25 @@ fn healthcheck_without_a_node_fails_clearly() {
     let out = cli(&stale, &["healthcheck"]);
     assert!(!out.success);
     assert!(out.stderr.contains("stale.sock"), "{}", out.stderr);
+    // A socket in a directory every user may write: someone else could be answering on it,
+    // so the command sends nothing.
+    let open_dir = tmp.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(
+        &open_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let planted = open_dir.join("admin.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&planted).unwrap();
+    let out = cli(&planted, &["healthcheck"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("refusing the admin socket")
+            && out.stderr.contains("writable by group or others"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// `ca-node token generate` without `--ttl` should use the node's configured

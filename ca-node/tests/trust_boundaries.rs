@@ -650,7 +650,7 @@ async fn a_removed_node_is_refused_within_a_second() {
     let svid = Svid {
         spiffe_id: format!("spiffe://{TD}/ca-node/dev-3"),
         chain,
-        key_pkcs8: key,
+        key_pkcs8: key.to_vec(),
     };
     let err = agent_client(&env.nodes[0], &svid)
         .sync_entries(ca_proto::node::SyncEntriesRequest::default())

@@ -228,7 +228,7 @@ async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
         .await
         .expect("the cluster forms");
     let skewed = 2;
-    c.stop(skewed).expect("stop");
+    c.kill(skewed); // SIGKILL: a joined node may still be finishing `ca-node join`
     c.nodes[skewed].env = vec![
         ("LD_PRELOAD".into(), LIBFAKETIME.into()),
         ("FAKETIME".into(), "+120s".into()),
@@ -328,8 +328,9 @@ async fn a_full_disk_stops_a_node_cleanly_and_it_comes_back_with_room() {
         .expect("a leader");
     let f = (0..3).rev().find(|i| *i != leader).expect("a follower");
 
-    // Its data dir onto a small tmpfs, contents kept.
-    c.stop(f).expect("stop");
+    // Its data dir onto a small tmpfs, contents kept (SIGKILL: a joined node may still be
+    // finishing `ca-node join`, before its SIGTERM handler is installed).
+    c.kill(f);
     let data = c.nodes[f].data_dir();
     let saved = c.nodes[f].dir.join("data.saved");
     std::fs::rename(&data, &saved).unwrap();

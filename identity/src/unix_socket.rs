@@ -97,6 +97,35 @@ pub fn prepare_dir(socket: &Path, mode: u32) -> Result<(), Unsafe> {
     check_dir(&dir, nix::unistd::geteuid().as_raw())
 }
 
+/// Checks a socket a client is about to trust with its requests (the admin socket, for
+/// `ca-node` commands): a socket, owned by the client's `uid` or root (a root client also
+/// accepts the owner of the socket's directory, the service's user), in a directory that
+/// passes [`check_dir`] for that owner. Otherwise someone else could be answering.
+pub fn check_socket(path: &Path, uid: u32) -> Result<(), Unsafe> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| Unsafe(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.file_type().is_socket() {
+        return Err(Unsafe(format!("{} is not a socket", path.display())));
+    }
+    let owner = meta.uid();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::env::current_dir()
+            .map_err(|e| Unsafe(format!("cannot read the current directory: {e}")))?,
+    };
+    let dir_owner = std::fs::metadata(&dir)
+        .map_err(|e| Unsafe(format!("cannot read {}: {e}", dir.display())))?
+        .uid();
+    let trusted = owner == uid || owner == 0 || (uid == 0 && owner == dir_owner);
+    if !trusted {
+        return Err(Unsafe(format!(
+            "{} is owned by user ID {owner}, not by you ({uid}) or root: it may not be the service's; run the command as the service's user",
+            path.display()
+        )));
+    }
+    check_dir(&dir, owner)
+}
+
 /// Checks `dir` (the socket's own directory) and its ancestors for a process running as
 /// `uid`.
 pub fn check_dir(dir: &Path, uid: u32) -> Result<(), Unsafe> {
@@ -207,5 +236,29 @@ mod tests {
             .unwrap_err()
             .0
             .contains("not a directory"));
+    }
+
+    /// A client refuses a socket someone else could have put there.
+    #[tokio::test]
+    async fn clients_check_the_socket_they_trust() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let sock = tmp.path().join("d/admin.sock");
+        let _listener = bind(&sock, 0o700, 0o600, "test").await.unwrap();
+        check_socket(&sock, uid).unwrap();
+        mode(&tmp.path().join("d"), 0o777);
+        let err = check_socket(&sock, uid).unwrap_err().0;
+        assert!(err.contains("writable by group or others"), "{err}");
+        mode(&tmp.path().join("d"), 0o700);
+        let file = tmp.path().join("d/plain");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_socket(&file, uid)
+            .unwrap_err()
+            .0
+            .contains("not a socket"));
+        if uid != 0 {
+            let err = check_socket(&sock, uid + 4242).unwrap_err().0;
+            assert!(err.contains("not by you"), "{err}");
+        }
     }
 }

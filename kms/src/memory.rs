@@ -59,18 +59,19 @@ pub fn ec_spki(alg: KeyAlgorithm, point: &[u8]) -> Vec<u8> {
 }
 
 impl MemoryKey {
-    /// Generates a key, returning it and its PKCS#8 document (for backends that persist it).
+    /// Generates a key, returning it and its PKCS#8 document (for backends that persist it;
+    /// wiped from memory when dropped).
     pub fn generate(
         name: &str,
         alg: KeyAlgorithm,
         backend: &'static str,
-    ) -> Result<(Self, Vec<u8>)> {
+    ) -> Result<(Self, zeroize::Zeroizing<Vec<u8>>)> {
         let ring_alg = ring_alg(alg, backend)?;
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(ring_alg, &rng)
             .map_err(|_| Error::Backend("key generation failed".into()))?;
         let key = Self::from_pkcs8(name, alg, pkcs8.as_ref(), backend)?;
-        Ok((key, pkcs8.as_ref().to_vec()))
+        Ok((key, zeroize::Zeroizing::new(pkcs8.as_ref().to_vec())))
     }
 
     /// Loads a key from a PKCS#8 document.

@@ -46,13 +46,17 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
         .map_err(|e| Error::Config(format!("cannot set permissions on {}: {e}", p.display())))
 }
 
-fn encode(alg: KeyAlgorithm, pkcs8: &[u8]) -> Vec<u8> {
-    let mut out = format!("{alg}\n").into_bytes();
+/// Key files' contents, wiped from memory when dropped (as every private key buffer here).
+type Secret = zeroize::Zeroizing<Vec<u8>>;
+
+fn encode(alg: KeyAlgorithm, pkcs8: &[u8]) -> Secret {
+    let mut out = Secret::new(Vec::with_capacity(16 + pkcs8.len()));
+    out.extend_from_slice(format!("{alg}\n").as_bytes());
     out.extend_from_slice(pkcs8);
     out
 }
 
-fn decode(name: &str, bytes: &[u8]) -> Result<(KeyAlgorithm, Vec<u8>)> {
+fn decode(name: &str, bytes: &[u8]) -> Result<(KeyAlgorithm, Secret)> {
     let nl = bytes
         .iter()
         .position(|b| *b == b'\n')
@@ -66,7 +70,7 @@ fn decode(name: &str, bytes: &[u8]) -> Result<(KeyAlgorithm, Vec<u8>)> {
             )))
         }
     };
-    Ok((alg, bytes[nl + 1..].to_vec()))
+    Ok((alg, Secret::new(bytes[nl + 1..].to_vec())))
 }
 
 #[async_trait]
@@ -84,7 +88,7 @@ impl KeyManager for SoftKeyManager {
         let path = self.path(name);
         let (key, pkcs8) = MemoryKey::generate(name, alg, BACKEND)?;
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, encode(alg, &pkcs8))
+        std::fs::write(&tmp, &*encode(alg, &pkcs8))
             .map_err(|e| Error::Backend(format!("cannot write {}: {e}", tmp.display())))?;
         set_mode(&tmp, 0o600)?;
         // hard_link fails if the target exists: no silent overwrite of a CA key.
@@ -106,7 +110,7 @@ impl KeyManager for SoftKeyManager {
     async fn get(&self, name: &str) -> Result<Arc<dyn SigningKey>> {
         validate_key_name(name)?;
         let bytes = match std::fs::read(self.path(name)) {
-            Ok(b) => b,
+            Ok(b) => Secret::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound(name.to_owned()))
             }

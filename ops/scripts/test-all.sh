@@ -34,3 +34,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --locked
+
+echo "== fuzz targets, 20 s each (bolero's random engine; one second each ran above)"
+BOLERO_RANDOM_TEST_TIME_MS=20000 cargo test --workspace --locked --lib fuzz
