@@ -10,10 +10,16 @@
 //! `max_clock_skew_secs`, the clock at fault is this node's: it reports not ready and
 //! refuses to mint (agents fail over to another node) until the clocks agree again. With
 //! fewer answers nobody can tell whose clock is wrong, and nothing changes.
+//!
+//! A clock that jumps between two measurements is caught before the next lifecycle
+//! decision: the maintenance round first compares how far the wall clock moved since the
+//! last measurement with how far the monotonic clock did ([`jumped`]), and measures again
+//! at once if they differ.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::ClockRequest;
 use tonic::Request;
 
@@ -77,18 +83,24 @@ pub fn unix_time_micros() -> i64 {
 
 /// Asks every other member for its time (at most 2 s each, in parallel).
 async fn measure(core: &NodeCore) -> Vec<PeerClock> {
-    // No client certificate: a node whose SVID the others cannot accept (its own clock
-    // being wrong) can still learn that.
+    let td = core.config.trust_domain();
     let peers = Peers::new(
         core.raft.clone(),
         ca_identity::tls::SvidResolver::default(),
         core.roots.clone(),
-        core.config.trust_domain(),
+        td.clone(),
     );
-    let calls = peers.others().into_iter().map(|(id, node)| {
-        let peers = peers.clone();
+    let calls = peers.others().into_iter().map(|(_, node)| {
+        let (roots, td) = (core.roots.clone(), td.clone());
         async move {
-            let mut client = peers.client(id, &node).ok()?;
+            // No client certificate, and the member's certificate checked at its own start
+            // time: a node whose clock jumped past every certificate's validity (or whose
+            // SVID the others cannot accept) still learns that its clock is the one off.
+            let expected = crate::raft_tls::ca_node_id(&td, &node.node_id).ok()?;
+            let authorize: ca_identity::tls::Authorizer = Arc::new(move |id| *id == expected);
+            let tls = ca_identity::tls::any_time_client_config(roots, authorize);
+            let channel = crate::raft_tls::tls_channel(&node.addr, Arc::new(tls)).ok()?;
+            let mut client = ClusterClient::new(channel);
             let mut req = Request::new(ClockRequest {});
             req.set_timeout(Duration::from_secs(2));
             let sent = Instant::now();
@@ -114,6 +126,54 @@ async fn measure(core: &NodeCore) -> Vec<PeerClock> {
         .collect()
 }
 
+/// The wall clock (Unix ms) and the monotonic clock when the offsets were last measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked {
+    /// Monotonic time of the measurement.
+    pub at: Instant,
+    /// Wall-clock time of the measurement, Unix milliseconds.
+    pub wall_ms: i64,
+}
+
+/// Whether the wall clock moved differently from the monotonic clock since `last` by more
+/// than half of `max_skew_ms` (a jump, or a measurement never made). Pure, for the tests.
+pub fn jumped(last: Option<Checked>, now: Checked, max_skew_ms: i64) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    let mono =
+        i64::try_from(now.at.saturating_duration_since(last.at).as_millis()).unwrap_or(i64::MAX);
+    let wall = now.wall_ms - last.wall_ms;
+    (wall - mono).abs() > max_skew_ms / 2
+}
+
+fn max_skew_ms(core: &NodeCore) -> i64 {
+    i64::try_from(core.config.max_clock_skew_secs)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
+}
+
+fn checked_now() -> Checked {
+    Checked {
+        at: Instant::now(),
+        wall_ms: now_micros() / 1000,
+    }
+}
+
+/// Before a lifecycle decision: measures the offsets again if the wall clock jumped since
+/// the last measurement, so that the decision never runs on a clock not compared with the
+/// others' since it jumped.
+pub async fn recheck_if_jumped(core: &NodeCore) {
+    if core.config.max_clock_skew_secs == 0 {
+        return;
+    }
+    let max_skew_ms = max_skew_ms(core);
+    if jumped(core.ca.clock_checked(), checked_now(), max_skew_ms) {
+        tracing::warn!("the wall clock moved unlike the monotonic clock since the last comparison with the other members: comparing again before any lifecycle decision");
+        check(core).await;
+    }
+}
+
 /// Measures the offsets once: exports them (`ca_node_clock_offset_seconds{peer}`) and
 /// tells the CA whether to refuse minting. A node runs this before it mints anything at
 /// start, then every [`INTERVAL`] ([`spawn`]).
@@ -121,9 +181,8 @@ pub async fn check(core: &NodeCore) {
     if core.config.max_clock_skew_secs == 0 {
         return;
     }
-    let max_skew_ms = i64::try_from(core.config.max_clock_skew_secs)
-        .unwrap_or(i64::MAX / 1000)
-        .saturating_mul(1000);
+    let max_skew_ms = max_skew_ms(core);
+    let started = checked_now();
     let measured = measure(core).await;
     core.metrics.clock_offset.reset();
     for p in &measured {
@@ -148,6 +207,7 @@ pub async fn check(core: &NodeCore) {
         _ => {}
     }
     core.ca.set_clock_problem(problem);
+    core.ca.set_clock_checked(started);
 }
 
 /// Runs [`check`] every [`INTERVAL`] until `shutdown` changes.
@@ -231,6 +291,24 @@ mod tests {
         ] {
             assert!(msg.contains(want), "{msg:?} lacks {want:?}");
         }
+        // A jump is the wall clock moving unlike the monotonic one.
+        let t0 = Instant::now();
+        let then = Checked {
+            at: t0,
+            wall_ms: 1_000_000,
+        };
+        let later = |mono_ms: u64, wall_ms: i64| Checked {
+            at: t0 + Duration::from_millis(mono_ms),
+            wall_ms: 1_000_000 + wall_ms,
+        };
+        assert!(jumped(None, later(0, 0), max));
+        assert!(!jumped(Some(then), later(10_000, 10_003), max));
+        assert!(jumped(
+            Some(then),
+            later(10_000, 10_000 + 400 * 86_400_000),
+            max
+        ));
+        assert!(jumped(Some(then), later(10_000, 10_000 - 6_000), max));
         // 0 turns the check off.
         assert!(judge(&[peer("a", -1_000_000, 1), peer("b", -1_000_000, 1)], 3, 0).is_none());
     }

@@ -348,6 +348,7 @@ pub(crate) async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
 /// [`ensure_ca`], unless this node's clock disagrees with the cluster's: the authorities'
 /// lifecycle is decided by the clock, so with a wrong one nothing is decided (`Ok(false)`).
 async fn ensure_ca_unless_clock_is_off(core: &NodeCore) -> Result<bool, Error> {
+    crate::clock::recheck_if_jumped(core).await;
     if let Some(p) = core.ca.clock_problem() {
         tracing::warn!("CA maintenance skipped: {p}");
         return Ok(false);

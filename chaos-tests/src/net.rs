@@ -106,7 +106,12 @@ fn detect_inner() -> Result<(Mode, String)> {
             "not root: network namespaces need CAP_SYS_ADMIN".into(),
         ));
     }
-    let probe = format!("{NS_PREFIX}{}-probe", std::process::id());
+    // Unique per call: tests of one binary detect the mode at the same time.
+    let probe = format!(
+        "{NS_PREFIX}{}-probe{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     if let Err(e) = ip(&["netns", "add", &probe]) {
         if forced == "netns" {
             bail!("CHAOS_NET=netns but `ip netns add` fails: {e}");

@@ -14,6 +14,10 @@
 //! clear message and a failure exit status while the others go on; with room again it
 //! restarts and catches up, and no acknowledged write is lost.
 //!
+//! A node whose wall clock jumps 400 days ahead while it runs (libfaketime reading its
+//! offset from a file) changes no authority: it notices before its next lifecycle
+//! decision, reports not ready, and the CA journal stays as it was.
+//!
 //! And a node whose clock runs two minutes ahead (libfaketime on its process) finds out
 //! from the others, reports not ready and mints nothing, while they stay ready; with its
 //! clock right again it is ready again.
@@ -398,4 +402,84 @@ async fn a_full_disk_stops_a_node_cleanly_and_it_comes_back_with_room() {
     let check = check_writes(&c, TEST, &ledger).await.expect("entries read");
     check.assert_invariants(3);
     c.stop(f).expect("stop before unmounting");
+}
+
+/// The CA journal as node `i` reports it: (id, state) of every authority.
+async fn authorities(c: &Cluster, i: usize) -> Vec<(String, String)> {
+    let st = chaos_tests::cluster::admin_call(
+        &c.nodes[i].admin_socket(),
+        Duration::from_secs(5),
+        |mut a| async move {
+            a.get_ca_status(ca_proto::admin::GetCaStatusRequest {})
+                .await
+        },
+    )
+    .await
+    .expect("ca status");
+    let mut out: Vec<(String, String)> = st
+        .authorities
+        .into_iter()
+        .map(|a| (a.id, a.state))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_on_a_running_node_changes_no_authority() {
+    const TEST: &str = "clock-jump";
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install Debian's faketime package (the test command does)"
+    );
+    let mode = common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+        .await
+        .expect("the cluster forms");
+    let j = 2;
+    let offset_file = c.nodes[j].dir.join("faketime");
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    c.kill(j); // SIGKILL: a joined node may still be finishing `ca-node join`
+    c.nodes[j].env = vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            offset_file.display().to_string(),
+        ),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    c.restart(j)
+        .await
+        .expect("the node runs with a clock it can jump");
+    let before = authorities(&c, 0).await;
+
+    // 400 days ahead: its intermediate and JWT key would look long expired.
+    std::fs::write(&offset_file, "+400d\n").unwrap();
+    let t = Instant::now();
+    loop {
+        match c.health(j).await {
+            Ok((false, d)) if d.contains("clock") => break,
+            other => assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the jump was never noticed: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(&format!(
+        "[{TEST}] the jump was noticed after {} ms",
+        t.elapsed().as_millis()
+    ));
+    // Three maintenance rounds later (every 5 s), the journal has not moved.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(authorities(&c, 0).await, before, "an authority changed");
+    assert!(!c.health(j).await.expect("health").0);
+
+    // Back to the right time: ready again, still nothing changed.
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    c.wait_ready(j, Duration::from_secs(30))
+        .await
+        .expect("ready again with the right clock");
+    assert_eq!(authorities(&c, 0).await, before);
 }

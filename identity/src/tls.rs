@@ -110,6 +110,8 @@ pub struct SpiffeServerVerifier {
     roots: LiveRoots,
     authorize: Authorizer,
     provider: Arc<CryptoProvider>,
+    /// Check validity at the leaf's own start, not at our clock (see [`any_time_client_config`]).
+    any_time: bool,
 }
 
 impl SpiffeServerVerifier {
@@ -119,6 +121,7 @@ impl SpiffeServerVerifier {
             roots,
             authorize,
             provider: provider(),
+            any_time: false,
         }
     }
 }
@@ -138,6 +141,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let now = if self.any_time {
+            let start = crate::x509::cert_info(end_entity.as_ref())
+                .map_err(|e| rustls::Error::General(e.to_string()))?
+                .not_before;
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                u64::try_from(start.saturating_add(1)).unwrap_or(0),
+            ))
+        } else {
+            now
+        };
         let id = verify_chain(
             &self.roots,
             end_entity,
@@ -356,6 +369,25 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(roots, authorize)))
         .with_client_cert_resolver(Arc::new(svid));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg
+}
+
+/// A client config for asking a server the time when our own clock is what is in doubt:
+/// the server's chain (to the live roots) and SPIFFE ID (`authorize`) are checked as
+/// usual, but at the leaf's own start time rather than at our clock, which may have jumped
+/// past every certificate's validity. No client certificate is presented. Use it for
+/// nothing but reading the time.
+pub fn any_time_client_config(roots: LiveRoots, authorize: Authorizer) -> rustls::ClientConfig {
+    let mut verifier = SpiffeServerVerifier::new(roots, authorize);
+    verifier.any_time = true;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg

@@ -118,6 +118,8 @@ pub struct Ca {
     upkeep: tokio::sync::Mutex<()>,
     /// Why this node's clock cannot be trusted to mint, if it cannot ([`crate::clock`]).
     clock_problem: RwLock<Option<String>>,
+    /// When the clocks were last compared.
+    clock_checked: RwLock<Option<crate::clock::Checked>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -224,7 +226,21 @@ impl Ca {
             issued: IssuedCounts::default(),
             upkeep: tokio::sync::Mutex::new(()),
             clock_problem: RwLock::new(None),
+            clock_checked: RwLock::new(None),
         }
+    }
+
+    /// Records when the clocks were compared.
+    pub fn set_clock_checked(&self, at: crate::clock::Checked) {
+        *self
+            .clock_checked
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+
+    /// When the clocks were last compared, if ever.
+    pub fn clock_checked(&self) -> Option<crate::clock::Checked> {
+        *self.clock_checked.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records whether this node's clock disagrees with the cluster's: while it does, the
