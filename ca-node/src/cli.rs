@@ -696,7 +696,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             };
             let bundle_pem = std::fs::read_to_string(bundle)
                 .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
-            let node = crate::cluster::join(
+            let joining = crate::cluster::join(
                 cfg,
                 crate::cluster::JoinOptions {
                     peer: peer.clone(),
@@ -705,9 +705,15 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                     promote: !learner,
                     timeout: std::time::Duration::from_secs(*timeout),
                 },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            );
+            // SIGINT/SIGTERM during the join stop it cleanly (the data dir is crash-safe
+            // either way): the token may be consumed already, so the message says what next.
+            let node = tokio::select! {
+                r = joining => r.map_err(|e| e.to_string())?,
+                _ = wait_for_signal() => return Err(
+                    "interrupted during the join: start the node with `ca-node run` if it was already added (`ca-node cluster status` on a member shows it), or run the join again with a new token".into()
+                ),
+            };
             println!(
                 "Joined the cluster as raft id {} ({}).",
                 node.core.config.raft_id,

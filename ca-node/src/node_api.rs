@@ -632,4 +632,42 @@ mod fuzz {
             }
         });
     }
+
+    /// Fuzz target: request messages of the node API and the Workload API as they arrive
+    /// (protobuf bytes), decoded and put through the checks that need no node: the CSRs,
+    /// audiences, SPIFFE IDs and tokens they carry.
+    #[test]
+    fn fuzz_request_messages() {
+        use ca_proto::node::{
+            attest_agent_request, AttestAgentRequest, BatchNewX509SvidRequest, NewJwtSvidRequest,
+            RenewAgentRequest,
+        };
+        use ca_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
+        use prost::Message;
+        bolero::check!().for_each(|b: &[u8]| {
+            if let Ok(m) = AttestAgentRequest::decode(b) {
+                if let Some(attest_agent_request::Step::Params(p)) = m.step {
+                    let _ = NodeApi::parse_csr(&p.csr);
+                }
+            }
+            if let Ok(m) = RenewAgentRequest::decode(b) {
+                let _ = NodeApi::parse_csr(&m.csr);
+            }
+            if let Ok(m) = BatchNewX509SvidRequest::decode(b) {
+                for p in m.params {
+                    let _ = NodeApi::parse_csr(&p.csr);
+                }
+            }
+            if let Ok(m) = NewJwtSvidRequest::decode(b) {
+                let _ = ca_identity::jwt::check_audience(&m.audience);
+            }
+            if let Ok(m) = JwtsvidRequest::decode(b) {
+                let _ = ca_identity::jwt::check_audience(&m.audience);
+                let _ = ca_identity::SpiffeId::parse(&m.spiffe_id);
+            }
+            if let Ok(m) = ValidateJwtsvidRequest::decode(b) {
+                let _ = ca_identity::jwt::decode_unverified(&m.svid);
+            }
+        });
+    }
 }
