@@ -635,17 +635,49 @@ where
     }
 }
 
-/// Keeps `node` running until SIGINT/SIGTERM, then stops it; or until it fails for good
-/// (its Raft log cannot be written), then stops it and returns why.
-async fn run_until_signal(node: crate::NodeHandle) -> Result<(), String> {
+/// Free space in the data dir's file system after which a node stopped by a storage
+/// failure starts again by itself.
+pub const ROOM_TO_RESTART: u64 = 16 << 20;
+
+/// Keeps `node` running until SIGINT/SIGTERM, then stops it. If it fails for good instead
+/// (its Raft log or state cannot be written: a full disk), it stops serving, waits until
+/// its data dir has [`ROOM_TO_RESTART`] free, then starts again as `ca-node run --config
+/// CONFIG` in this same process (exec), recovering from its log like any restart; a
+/// signal while it waits ends it with the failure.
+async fn run_until_signal(node: crate::NodeHandle, config: &Path) -> Result<(), String> {
     let failed = node.failure();
-    let result = tokio::select! {
-        _ = wait_for_signal() => Ok(()),
-        why = failed => Err(why),
+    let why = tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            return Ok(());
+        }
+        why = failed => why,
     };
-    tracing::info!("shutting down");
+    let data_dir = node.core.config.data_dir.clone();
     node.shutdown().await;
-    result
+    tracing::error!(data_dir = %data_dir.display(), "stopped: waiting for {} MiB free to start again", ROOM_TO_RESTART >> 20);
+    let room = async {
+        loop {
+            if crate::server::free_bytes(&data_dir).is_some_and(|b| b >= ROOM_TO_RESTART) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_signal() => return Err(why),
+        _ = room => {}
+    }
+    tracing::warn!("the data dir has room again: starting again from the log");
+    let exe = std::env::current_exe().map_err(|e| format!("{why}; cannot restart: {e}"))?;
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .exec();
+    Err(format!("{why}; cannot restart: {err}"))
 }
 
 async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
@@ -659,7 +691,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
             init_logging(&cfg.log_level);
             let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
-            run_until_signal(node).await
+            run_until_signal(node, config).await
         }
         Cmd::Init { config } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
@@ -671,7 +703,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
                 node.core.config.raft_id, node.core.config.trust_domain
             );
-            run_until_signal(node).await
+            run_until_signal(node, config).await
         }
         Cmd::Join {
             config,
@@ -719,7 +751,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 node.core.config.raft_id,
                 if *learner { "learner" } else { "voter" }
             );
-            run_until_signal(node).await
+            run_until_signal(node, config).await
         }
         Cmd::Dev { dir, nodes } => {
             init_logging("info");
