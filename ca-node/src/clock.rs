@@ -41,14 +41,23 @@ pub struct PeerClock {
 }
 
 /// Why this node's clock is at fault, if it is: `voters` members in all (this one
-/// included), `peers` measured. Pure, for the tests.
-pub fn judge(peers: &[PeerClock], voters: usize, max_skew_ms: i64) -> Option<String> {
+/// included), `peers` measured. A quorum disagreeing decides. So does any disagreement
+/// with no member agreeing when this node is `suspect` (its wall clock just jumped, or it
+/// was found off before): then a member that is down cannot hide the fault. Pure, for the
+/// tests.
+pub fn judge(
+    peers: &[PeerClock],
+    voters: usize,
+    max_skew_ms: i64,
+    suspect: bool,
+) -> Option<String> {
     let quorum = voters / 2 + 1;
     let off: Vec<&PeerClock> = peers
         .iter()
         .filter(|p| p.offset_ms.abs() - p.rtt_ms / 2 > max_skew_ms)
         .collect();
-    if max_skew_ms <= 0 || off.len() < quorum || voters < 2 {
+    let faulty = off.len() >= quorum || (suspect && !off.is_empty() && off.len() == peers.len());
+    if max_skew_ms <= 0 || !faulty || voters < 2 {
         return None;
     }
     // Their clock minus ours: negative everywhere means ours runs ahead.
@@ -170,7 +179,7 @@ pub async fn recheck_if_jumped(core: &NodeCore) {
     let max_skew_ms = max_skew_ms(core);
     if jumped(core.ca.clock_checked(), checked_now(), max_skew_ms) {
         tracing::warn!("the wall clock moved unlike the monotonic clock since the last comparison with the other members: comparing again before any lifecycle decision");
-        check(core).await;
+        check_with(core, true).await;
     }
 }
 
@@ -178,6 +187,11 @@ pub async fn recheck_if_jumped(core: &NodeCore) {
 /// tells the CA whether to refuse minting. A node runs this before it mints anything at
 /// start, then every [`INTERVAL`] ([`spawn`]).
 pub async fn check(core: &NodeCore) {
+    check_with(core, false).await;
+}
+
+/// [`check`], with `jumped` when this node's wall clock has just been seen to jump.
+async fn check_with(core: &NodeCore, jumped: bool) {
     if core.config.max_clock_skew_secs == 0 {
         return;
     }
@@ -198,7 +212,8 @@ pub async fn check(core: &NodeCore) {
         .values()
         .filter(|m| m.voter)
         .count();
-    let problem = judge(&measured, voters, max_skew_ms);
+    let suspect = jumped || core.ca.clock_problem().is_some();
+    let problem = judge(&measured, voters, max_skew_ms, suspect);
     match (&problem, core.ca.clock_problem()) {
         (Some(p), None) => tracing::error!(offsets = ?measured, "{p}"),
         (None, Some(_)) => {
@@ -279,10 +294,16 @@ mod tests {
             // A single node has nobody to disagree with.
             (vec![], 1, false),
         ] {
-            let got = judge(&peers, voters, max);
+            let got = judge(&peers, voters, max, false);
             assert_eq!(got.is_some(), faulty, "{peers:?} of {voters}: {got:?}");
         }
-        let msg = judge(&[peer("a", -120_000, 2), peer("b", -119_000, 3)], 3, max).unwrap();
+        let msg = judge(
+            &[peer("a", -120_000, 2), peer("b", -119_000, 3)],
+            3,
+            max,
+            false,
+        )
+        .unwrap();
         for want in [
             "ahead of a, b",
             "119.0 s",
@@ -310,6 +331,21 @@ mod tests {
         ));
         assert!(jumped(Some(then), later(10_000, 10_000 - 6_000), max));
         // 0 turns the check off.
-        assert!(judge(&[peer("a", -1_000_000, 1), peer("b", -1_000_000, 1)], 3, 0).is_none());
+        assert!(judge(
+            &[peer("a", -1_000_000, 1), peer("b", -1_000_000, 1)],
+            3,
+            0,
+            false
+        )
+        .is_none());
+        // A suspect node (its clock just jumped, or it was off before) with a member down:
+        // the one member that answers disagrees and none agrees, so the fault is here...
+        let one = [peer("a", -120_000, 2)];
+        assert!(judge(&one, 3, max, true).is_some());
+        assert!(judge(&one, 3, max, false).is_none());
+        // ...but not when another member agrees with it.
+        assert!(judge(&[peer("a", -120_000, 2), peer("b", 3, 2)], 3, max, true).is_none());
+        // Nobody answering proves nothing.
+        assert!(judge(&[], 3, max, true).is_none());
     }
 }
