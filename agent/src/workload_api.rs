@@ -507,7 +507,17 @@ pub async fn serve(
                             continue;
                         };
                         if let Some(permit) = limit.try_admit() {
-                            let peer = Arc::new(attestor.peer(cred.pid(), uid, cred.gid()));
+                            let pidfd = nix::sys::socket::getsockopt(
+                                &conn,
+                                nix::sys::socket::sockopt::PeerPidfd,
+                            )
+                            .ok();
+                            let peer = Arc::new(attestor.peer_with_pidfd(
+                                pidfd,
+                                cred.pid(),
+                                uid,
+                                cred.gid(),
+                            ));
                             let conn = PeerStream { conn, peer };
                             let conn = Permitted::new(AuthorityFix::new(conn), (permit, slot))
                                 .with_idle_timeout(idle);

@@ -176,9 +176,22 @@ impl WorkloadAttestor {
     /// Pins the process with these peer credentials, as the connection is accepted: a
     /// pidfd and the binary it runs now. Cheap (no hashing).
     pub fn peer(&self, pid: Option<i32>, uid: u32, gid: u32) -> Peer {
+        self.peer_with_pidfd(None, pid, uid, gid)
+    }
+
+    /// [`WorkloadAttestor::peer`] with the pidfd the kernel took when the caller connected
+    /// (`SO_PEERPIDFD`), if the socket gave one: it is the connecting process even if that
+    /// exited and its PID was reused before the accept. Without one, a pidfd is opened now.
+    pub fn peer_with_pidfd(
+        &self,
+        pidfd: Option<OwnedFd>,
+        pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+    ) -> Peer {
         let pid = pid.filter(|p| *p > 0);
-        let pidfd = pid.and_then(|p| {
-            let p = rustix::process::Pid::from_raw(p)?;
+        let pidfd = pidfd.or_else(|| {
+            let p = rustix::process::Pid::from_raw(pid?)?;
             rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
         });
         let exe = pid.and_then(|p| {
@@ -399,6 +412,27 @@ mod tests {
         assert!(sels.contains(&Selector::new("unix", "uid:12345")));
         let sels = a.attest(&a.peer(None, 1, 1)).unwrap();
         assert!(sels.len() >= 2);
+    }
+
+    /// The pidfd the kernel took at connect (`SO_PEERPIDFD`) pins the caller: here the
+    /// test process itself, at the other end of a socket pair.
+    #[test]
+    fn the_kernels_peer_pidfd_pins_the_caller() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pidfd = nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerPidfd)
+            .expect("SO_PEERPIDFD (Linux 6.5 or later)");
+        let cred =
+            nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerCredentials).unwrap();
+        let at = WorkloadAttestor::new();
+        let peer = at.peer_with_pidfd(Some(pidfd), Some(cred.pid()), cred.uid(), cred.gid());
+        assert!(!peer.exited());
+        let sels = at.attest(&peer).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert!(
+            sels.iter()
+                .any(|s| s.value == format!("path:{}", exe.display())),
+            "{sels:?}"
+        );
     }
 
     #[test]
