@@ -16,7 +16,6 @@
 
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -482,7 +481,7 @@ pub async fn serve(
         ca_identity::connection_cap(MAX_CONNECTIONS, spare_fds / 2, 0),
         "Workload API",
     );
-    let errors = Arc::new(AtomicI64::new(0));
+    let errors = Arc::new(ca_identity::LogThrottle::default());
     let per_uid = KeyedLimit::<u32>::new(MAX_CONNECTIONS_PER_UID);
     let idle = api.inner.idle_timeout;
     let attestor = api.inner.attestor.clone();

@@ -4,7 +4,6 @@
 //! closed after the same time). HTTP/1.1 only: what Prometheus and probes speak.
 
 use std::future::Future;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let limit = ConnectionLimit::new(MAX_CONNECTIONS, what);
-    let errors = Arc::new(AtomicI64::new(0));
+    let errors = Arc::new(crate::LogThrottle::default());
     tokio::pin!(shutdown);
     loop {
         let tcp = tokio::select! {

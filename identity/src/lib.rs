@@ -83,6 +83,19 @@ pub enum Error {
     InvalidBundle(String),
 }
 
+/// Lets a repeated warning through at most once a second, so that a flood of refused
+/// callers (or failing accepts) cannot flood the log too.
+#[derive(Debug, Default)]
+pub struct LogThrottle(std::sync::atomic::AtomicI64);
+
+impl LogThrottle {
+    /// Whether to log now: true at most once per second.
+    pub fn ready(&self) -> bool {
+        let now = unix_now();
+        self.0.swap(now, std::sync::atomic::Ordering::Relaxed) != now
+    }
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -42,8 +41,8 @@ pub struct RateLimiter<K> {
     rate: Rate,
     max_keys: usize,
     buckets: Mutex<HashMap<K, Bucket>>,
-    /// When a refusal was last logged (unix seconds).
-    last_log: AtomicI64,
+    /// Refusals logged at most once a second.
+    log: crate::LogThrottle,
 }
 
 impl<K: Eq + Hash + Clone> RateLimiter<K> {
@@ -53,7 +52,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
             rate,
             max_keys: max_keys.max(1),
             buckets: Mutex::new(HashMap::new()),
-            last_log: AtomicI64::new(0),
+            log: crate::LogThrottle::default(),
         }
     }
 
@@ -117,8 +116,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
     /// Whether a refusal should be logged now: true at most once a second, so that a
     /// flood of refused calls cannot flood the log too.
     pub fn log_refusal(&self) -> bool {
-        let now = crate::unix_now();
-        self.last_log.swap(now, Ordering::Relaxed) != now
+        self.log.ready()
     }
 
     /// Keys remembered now.

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,9 +30,8 @@ use tonic::transport::server::Connected;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Logs a failed accept (at most once a second per `what`) and pauses.
-pub async fn accept_backoff(what: &str, e: &io::Error, last_log: &AtomicI64) {
-    let now = crate::unix_now();
-    if last_log.swap(now, Ordering::Relaxed) != now {
+pub async fn accept_backoff(what: &str, e: &io::Error, log: &crate::LogThrottle) {
+    if log.ready() {
         tracing::warn!(server = what, error = %e, "accepting a connection failed (out of file descriptors?); pausing accepts");
     }
     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -44,7 +43,7 @@ pub struct ConnectionLimit {
     permits: Arc<Semaphore>,
     max: usize,
     what: &'static str,
-    last_log: Arc<AtomicI64>,
+    log: Arc<crate::LogThrottle>,
 }
 
 impl ConnectionLimit {
@@ -54,7 +53,7 @@ impl ConnectionLimit {
             permits: Arc::new(Semaphore::new(max)),
             max,
             what,
-            last_log: Arc::default(),
+            log: Arc::default(),
         }
     }
 
@@ -63,8 +62,7 @@ impl ConnectionLimit {
         match self.permits.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                let now = crate::unix_now();
-                if self.last_log.swap(now, Ordering::Relaxed) != now {
+                if self.log.ready() {
                     tracing::warn!(
                         server = self.what,
                         max = self.max,
