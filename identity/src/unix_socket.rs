@@ -67,14 +67,19 @@ pub async fn bind(
     Ok(listener)
 }
 
+/// The directory `socket` is in (the current one for a bare file name).
+fn dir_of(socket: &Path) -> Result<PathBuf, Unsafe> {
+    match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => Ok(d.to_path_buf()),
+        _ => std::env::current_dir()
+            .map_err(|e| Unsafe(format!("cannot read the current directory: {e}"))),
+    }
+}
+
 /// Creates `socket`'s directory (with `mode`, parents too) if it is missing, then checks
 /// that no other user can replace the socket ([`check_dir`]).
 pub fn prepare_dir(socket: &Path, mode: u32) -> Result<(), Unsafe> {
-    let dir = match socket.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::env::current_dir()
-            .map_err(|e| Unsafe(format!("cannot read the current directory: {e}")))?,
-    };
+    let dir = dir_of(socket)?;
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -108,11 +113,7 @@ pub fn check_socket(path: &Path, uid: u32) -> Result<(), Unsafe> {
         return Err(Unsafe(format!("{} is not a socket", path.display())));
     }
     let owner = meta.uid();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::env::current_dir()
-            .map_err(|e| Unsafe(format!("cannot read the current directory: {e}")))?,
-    };
+    let dir = dir_of(path)?;
     let dir_owner = std::fs::metadata(&dir)
         .map_err(|e| Unsafe(format!("cannot read {}: {e}", dir.display())))?
         .uid();
