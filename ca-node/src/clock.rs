@@ -78,16 +78,12 @@ pub fn judge(
     ))
 }
 
-fn now_micros() -> i64 {
+/// This node's time for `Cluster.Clock`, microseconds since the Unix epoch.
+pub fn unix_time_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// This node's time for `Cluster.Clock`, microseconds since the Unix epoch.
-pub fn unix_time_micros() -> i64 {
-    now_micros()
 }
 
 /// Asks every other member for its time (at most 2 s each, in parallel).
@@ -113,7 +109,7 @@ async fn measure(core: &NodeCore) -> Vec<PeerClock> {
             let mut req = Request::new(ClockRequest {});
             req.set_timeout(Duration::from_secs(2));
             let sent = Instant::now();
-            let t0 = now_micros();
+            let t0 = unix_time_micros();
             let r = tokio::time::timeout(Duration::from_secs(2), client.clock(req))
                 .await
                 .ok()?
@@ -165,7 +161,7 @@ fn max_skew_ms(core: &NodeCore) -> i64 {
 fn checked_now() -> Checked {
     Checked {
         at: Instant::now(),
-        wall_ms: now_micros() / 1000,
+        wall_ms: unix_time_micros() / 1000,
     }
 }
 
@@ -212,9 +208,9 @@ async fn check_with(core: &NodeCore, jumped: bool) {
         .values()
         .filter(|m| m.voter)
         .count();
-    let suspect = jumped || core.ca.clock_problem().is_some();
-    let problem = judge(&measured, voters, max_skew_ms, suspect);
-    match (&problem, core.ca.clock_problem()) {
+    let before = core.ca.clock_problem();
+    let problem = judge(&measured, voters, max_skew_ms, jumped || before.is_some());
+    match (&problem, before) {
         (Some(p), None) => tracing::error!(offsets = ?measured, "{p}"),
         (None, Some(_)) => {
             tracing::info!(offsets = ?measured, "this node's clock agrees with the cluster's again; minting resumes")

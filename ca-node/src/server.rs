@@ -156,8 +156,9 @@ async fn open_key_managers(cfg: &NodeConfig) -> Result<[Arc<dyn KeyManager>; 3],
 }
 
 /// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`, with the
-/// longest X.509-SVID lifetime the configuration allows (half the intermediate's).
-async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64, Error> {
+/// longest X.509-SVID lifetime the configuration allows (half the intermediate's); returns
+/// its (notBefore, notAfter), Unix seconds.
+async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<(i64, i64), Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Error::Internal(format!("node key: {e}")))?;
     let id = crate::raft_tls::ca_node_id(&core.config.trust_domain(), &core.config.node_id)?;
@@ -175,7 +176,8 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<i64
     if let Err(e) = cluster::save_node_svid(&core.config.data_dir, &chain, &key_der) {
         tracing::warn!(error = %e, "could not save the node SVID");
     }
-    Ok(ca_identity::x509::cert_info(&chain[0])?.not_after)
+    let info = ca_identity::x509::cert_info(&chain[0])?;
+    Ok((info.not_before, info.not_after))
 }
 
 /// At most this many connections on the node port at once (fewer if `RLIMIT_NOFILE` is
@@ -567,7 +569,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         ca_identity::serve::KeyedLimit::new(limits.unauthenticated_connections_per_address);
     let handshaking = ca_identity::serve::KeyedLimit::new(HANDSHAKES_PER_ADDRESS);
     let anon_max_age = Duration::from_secs(limits.unauthenticated_max_age_secs);
-    let accept_errors = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let accept_errors = Arc::new(ca_identity::LogThrottle::default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
     let links = (
@@ -715,17 +717,17 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         .intermediate()
         .map(|i| i.record.id)
         .unwrap_or_default();
-    let svid_not_after = match core.ca.intermediate() {
-        Some(_) if core.ca.clock_problem().is_some() => 0,
+    let svid_validity = match core.ca.intermediate() {
+        Some(_) if core.ca.clock_problem().is_some() => None,
         Some(_) => match renew_node_svid(&core, &svid).await {
-            Ok(na) => na,
+            Ok(validity) => Some(validity),
             Err(e) => {
                 let _ = shutdown.send(true);
                 let _ = raft.shutdown().await;
                 return Err(e);
             }
         },
-        None => 0, // no serving certificate of its own until the CA is ready
+        None => None, // no serving certificate of its own until the CA is ready
     };
     if let Ok(b) = core.ca.bundle() {
         roots.set(b.x509_authorities.clone());
@@ -805,7 +807,10 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let rcore = core.clone();
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
-        let mut not_after = svid_not_after;
+        // Not renewed above: renew as soon as possible (`not_after` 0), but know whether
+        // the SVID saved by the last run is from the future.
+        let (mut not_before, mut not_after) = svid_validity
+            .unwrap_or_else(|| (current_not_before(&svid).unwrap_or(0), 0));
         let mut issuer = svid_issuer;
         let mut renew_at_ms = 0i64;
         loop {
@@ -834,12 +839,13 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             }
             // A certificate minted while this node's clock ran ahead is not valid yet for
             // anyone else: replace it as soon as the clock is right.
-            let from_the_future = current_not_before(&svid).is_some_and(|nb| nb * 1000 > now_ms);
+            let from_the_future = not_before * 1000 > now_ms;
             if now_ms < renew_at_ms && int.record.id == issuer && !from_the_future {
                 continue;
             }
             match renew_node_svid(&rcore, &svid).await {
-                Ok(na) => {
+                Ok((nb, na)) => {
+                    not_before = nb;
                     not_after = na;
                     issuer = int.record.id;
                     renew_at_ms = 0;
@@ -945,9 +951,9 @@ const LOW_DISK_BYTES: u64 = 64 << 20;
 /// Watches the data dir's free space (`ca_node_data_dir_free_bytes`, every 10 s) and the
 /// Raft core: when it has stopped for good (the log or the state could not be written:
 /// a full disk, an I/O error) the node logs why, with the free space, stops serving and
-/// reports the failure to whoever runs it (`ca-node` exits non-zero, so a supervisor
-/// restarts it once there is room; everything it acknowledged is in its log or on the
-/// other members).
+/// reports the failure to whoever runs it ([`NodeHandle::failure`]; `ca-node` then waits
+/// for room and starts again; everything it acknowledged is in its log or on the other
+/// members).
 fn watch_storage(
     core: Arc<NodeCore>,
     shutdown: watch::Sender<bool>,
