@@ -7,8 +7,8 @@
 //!   cached by path, inode, mtime and size);
 //! - `systemd:id:<unit>`: the system manager's unit of the process, from `/proc/PID/cgroup`.
 //!
-//! The caller is pinned when its connection is accepted ([`Peer`]): a pidfd (so a PID
-//! recycled by another process is noticed) and the binary it ran then. Attestation is
+//! The caller is pinned ([`Peer`]): a pidfd taken by the kernel when it connected (so a PID
+//! recycled by another process is noticed) and the binary it ran when accepted. Attestation is
 //! refused when the process has since executed another binary (a process must not
 //! connect and then lend its connection to a sibling after exec'ing a trusted binary),
 //! when it exited during attestation, and when it runs in a child PID namespace (a

@@ -122,7 +122,7 @@ impl NodeApi {
         let id = ca_identity::tls::peer_id(&certs).ok_or_else(|| {
             Error::Unauthenticated("the client certificate has no SPIFFE ID".into())
         })?;
-        if ca_raft::is_ca_node_id(id.as_str()) {
+        if crate::config::is_reserved_path(&id) {
             return Err(Error::PermissionDenied(format!(
                 "{id} is a ca-node identity; the node API serves agents only"
             )));
@@ -187,7 +187,7 @@ impl NodeApi {
         id: &SpiffeId,
         csr: &CertificateSigningRequestParams,
     ) -> Result<(Vec<Vec<u8>>, String, i64), Error> {
-        if ca_raft::is_ca_node_id(id.as_str()) {
+        if crate::config::is_reserved_path(id) {
             return Err(Error::PermissionDenied(format!(
                 "{id}: the /ca-node/ path is reserved for ca-nodes; no agent SVID carries it"
             )));
