@@ -562,6 +562,7 @@ mod tests {
         let seed = base(
             "join_token = \"abc\"\nhealth_addr = \"127.0.0.1:8088\"\n[workload_api]\nrequests_per_second = 5\nidle_timeout_secs = 30\n",
         );
+        AgentConfig::from_toml(&seed).expect("the seed is a valid config");
         bolero::check!().for_each(|ops: &[u8]| {
             let mutated = ca_test_support::fuzz::mutate(seed.as_bytes(), ops);
             for text in [mutated.as_slice(), ops] {

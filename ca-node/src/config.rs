@@ -780,8 +780,9 @@ mod tests {
     #[test]
     fn fuzz_config_text() {
         let seed = format!(
-            "{BASE}raft_id = 2\nnode_listen = \"127.0.0.1:8081\"\n[limits]\nattestations_per_second = 1.0\n[ttl]\nx509_svid = \"1h\"\n[rotation]\npropagation_window = \"10m\"\n"
+            "{BASE}raft_id = 2\nnode_listen = \"127.0.0.1:8081\"\n[limits]\nattestations_per_second = 1.0\n[ttl]\nx509_svid = 3600\n[rotation]\npropagation_window = 300\n"
         );
+        NodeConfig::parse(&seed).expect("the seed is a valid config");
         bolero::check!().for_each(|ops: &[u8]| {
             let mutated = ca_test_support::fuzz::mutate(seed.as_bytes(), ops);
             for text in [mutated.as_slice(), ops] {
