@@ -113,14 +113,7 @@ async fn workload_api_over_a_unix_socket() {
         .into(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let api = WorkloadApi::new(
-        TrustDomain::new(TD).unwrap(),
-        cache.subscribe(),
-        Arc::new(WorkloadAttestor::new()),
-        Arc::new(JwtCache::new(Arc::new(minter))),
-        shutdown_rx.clone(),
-        &WorkloadApiConfig::default(),
-    );
+    let api = api_over(&cache, minter, &shutdown_rx, &WorkloadApiConfig::default());
     let listener = workload_api::bind(&sock).await.unwrap();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o777);
@@ -129,10 +122,7 @@ async fn workload_api_over_a_unix_socket() {
         .permissions()
         .mode();
     assert_eq!(dmode & 0o777, 0o755);
-    let mut stop = shutdown_rx.clone();
-    let server = tokio::spawn(workload_api::serve(listener, api, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }));
+    let server = serve(listener, api, &shutdown_rx);
 
     // A second agent cannot take over a live socket.
     let err = workload_api::bind(&sock).await.unwrap_err().to_string();
@@ -409,6 +399,36 @@ async fn one_user_cannot_take_every_connection() {
     }
 }
 
+/// The Workload API over `cache`, minting JWT-SVIDs with `minter`, attesting callers for
+/// real.
+fn api_over(
+    cache: &Cache,
+    minter: CaMinter,
+    shutdown: &watch::Receiver<bool>,
+    limits: &WorkloadApiConfig,
+) -> WorkloadApi {
+    WorkloadApi::new(
+        TrustDomain::new(TD).unwrap(),
+        cache.subscribe(),
+        Arc::new(WorkloadAttestor::new()),
+        Arc::new(JwtCache::new(Arc::new(minter))),
+        shutdown.clone(),
+        limits,
+    )
+}
+
+/// Serves `api` on `listener` until `shutdown` turns true.
+fn serve(
+    listener: tokio::net::UnixListener,
+    api: WorkloadApi,
+    shutdown: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), ca_agent::Error>> {
+    let mut stop = shutdown.clone();
+    tokio::spawn(workload_api::serve(listener, api, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }))
+}
+
 /// A Workload API server on a fresh socket, with an entry for this test's user ID.
 struct TestAgent {
     sock: std::path::PathBuf,
@@ -432,19 +452,8 @@ async fn start(limits: WorkloadApiConfig) -> TestAgent {
         ca: ca.clone(),
         ids: [("mine".to_string(), WORKLOAD_ID.to_string())].into(),
     };
-    let api = WorkloadApi::new(
-        TrustDomain::new(TD).unwrap(),
-        cache.subscribe(),
-        Arc::new(WorkloadAttestor::new()),
-        Arc::new(JwtCache::new(Arc::new(minter))),
-        shutdown_rx.clone(),
-        &limits,
-    );
-    let listener = workload_api::bind(&sock).await.unwrap();
-    let mut stop = shutdown_rx;
-    tokio::spawn(workload_api::serve(listener, api, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }));
+    let api = api_over(&cache, minter, &shutdown_rx, &limits);
+    serve(workload_api::bind(&sock).await.unwrap(), api, &shutdown_rx);
     TestAgent {
         sock,
         _dir: dir,

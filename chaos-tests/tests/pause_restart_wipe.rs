@@ -221,38 +221,48 @@ async fn pause_restart_and_wipe_lose_no_acknowledged_write() {
 /// Where Debian's `faketime` package puts the library that shifts a process's clock.
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
+/// The environment that runs a process under libfaketime with `offset` (its variables),
+/// the wall clock faked and timers and timeouts in real time.
+fn faketime_env(offset: &[(&str, String)]) -> Vec<(String, String)> {
     assert!(
         std::path::Path::new(LIBFAKETIME).exists(),
         "{LIBFAKETIME} is missing: install Debian's faketime package (the test command does)"
     );
+    let mut env = vec![
+        ("LD_PRELOAD".to_string(), LIBFAKETIME.to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
+    ];
+    env.extend(offset.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
+}
+
+/// Waits until node `i` reports not ready because of its clock; its health detail.
+async fn wait_clock_refusal(c: &Cluster, i: usize, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        match c.health(i).await {
+            Ok((false, d)) if d.contains("clock") => return d,
+            other => assert!(
+                t.elapsed() < timeout,
+                "node {i} never noticed its clock: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
     let mode = common::mode("clock-skew");
     let mut c = Cluster::start("clock-skew", 3, common::bins(), mode)
         .await
         .expect("the cluster forms");
     let skewed = 2;
     c.kill(skewed); // SIGKILL: a joined node may still be finishing `ca-node join`
-    c.nodes[skewed].env = vec![
-        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
-        ("FAKETIME".into(), "+120s".into()),
-        // Timers and timeouts keep real time; only the wall clock is wrong.
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    c.nodes[skewed].env = faketime_env(&[("FAKETIME", "+120s".into())]);
     let t = Instant::now();
     c.spawn_run(skewed).expect("start with a clock 2 min ahead");
-    let detail = loop {
-        match c.health(skewed).await {
-            Ok((false, d)) if d.contains("clock") => break d,
-            other => {
-                assert!(
-                    t.elapsed() < Duration::from_secs(60),
-                    "the skewed node never noticed: {other:?}"
-                );
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let detail = wait_clock_refusal(&c, skewed, Duration::from_secs(60)).await;
     say(&format!(
         "clock-skew: noticed after {} ms: {detail}",
         t.elapsed().as_millis()
@@ -450,10 +460,6 @@ async fn a_clock_jump_with_a_member_down_changes_no_authority() {
 }
 
 async fn clock_jump(test: &str, member_down: bool) {
-    assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "{LIBFAKETIME} is missing: install Debian's faketime package (the test command does)"
-    );
     let mode = common::mode(test);
     let mut c = Cluster::start(test, 3, common::bins(), mode)
         .await
@@ -462,15 +468,11 @@ async fn clock_jump(test: &str, member_down: bool) {
     let offset_file = c.nodes[j].dir.join("faketime");
     std::fs::write(&offset_file, "+0\n").unwrap();
     c.kill(j); // SIGKILL: a joined node may still be finishing `ca-node join`
-    c.nodes[j].env = vec![
-        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
-        (
-            "FAKETIME_TIMESTAMP_FILE".into(),
-            offset_file.display().to_string(),
-        ),
-        ("FAKETIME_NO_CACHE".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+               // The offset read from a file at every clock reading, so the test can move it.
+    c.nodes[j].env = faketime_env(&[
+        ("FAKETIME_TIMESTAMP_FILE", offset_file.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".into()),
+    ]);
     c.restart(j)
         .await
         .expect("the node runs with a clock it can jump");
@@ -486,16 +488,7 @@ async fn clock_jump(test: &str, member_down: bool) {
     // 400 days ahead: its intermediate and JWT key would look long expired.
     std::fs::write(&offset_file, "+400d\n").unwrap();
     let t = Instant::now();
-    loop {
-        match c.health(j).await {
-            Ok((false, d)) if d.contains("clock") => break,
-            other => assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the jump was never noticed: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_clock_refusal(&c, j, Duration::from_secs(30)).await;
     say(&format!(
         "[{test}] the jump was noticed after {} ms",
         t.elapsed().as_millis()
