@@ -694,7 +694,11 @@ async fn set_node_authorities(
         {
             propose(
                 core.proposer.as_ref(),
-                Command::SetAuthorityState { id: a.id, state },
+                Command::SetAuthorityState {
+                    id: a.id,
+                    state,
+                    at: ca_identity::unix_now(),
+                },
             )
             .await?;
             n += 1;

@@ -310,6 +310,9 @@ impl PeerGate {
     /// Refuses a command that member `caller` may not propose; see the module docs.
     pub fn check_command(&self, caller: &str, cmd: &Command) -> Result<(), String> {
         let inner = &self.inner;
+        if let Some(at) = cmd.lifecycle_time() {
+            self.check_decision_time(caller, at)?;
+        }
         match cmd {
             Command::CreateEntry { entry } | Command::UpdateEntry { entry } => {
                 if entry.id.is_empty() || entry.id.len() > 128 {
@@ -354,7 +357,7 @@ impl PeerGate {
             | Command::EvictAgent { spiffe_id }
             | Command::BanAgent { spiffe_id } => self.local_id("spiffe_id", spiffe_id).map(|_| ()),
             Command::PutAuthority { authority } => self.check_put_authority(caller, authority),
-            Command::SetAuthorityState { id, state } => {
+            Command::SetAuthorityState { id, state, .. } => {
                 let v = inner.view.read().expect("view lock");
                 let Some(a) = v.authorities.get(id) else {
                     return Ok(()); // refused as NotFound when applied (or applied after a put this view has not seen)
@@ -372,7 +375,7 @@ impl PeerGate {
                 }
                 Ok(())
             }
-            Command::KeyDestroyed { id } => {
+            Command::KeyDestroyed { id, .. } => {
                 let v = inner.view.read().expect("view lock");
                 match v.authorities.get(id) {
                     Some(a) if a.kind != AuthorityKind::Root && a.node_id != caller => Err(
@@ -413,6 +416,24 @@ impl PeerGate {
             (_, _) if id.path().is_empty() => Err(format!("{id}: an agent ID needs a path")),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a lifecycle decision of `caller` stamped `at` further from this node's clock
+    /// than `max_clock_skew_secs`: on the leader, which checks every forwarded proposal,
+    /// that is the leader's time (a node whose clock jumped cannot retire or destroy on the
+    /// strength of its own clock).
+    fn check_decision_time(&self, caller: &str, at: i64) -> Result<(), String> {
+        let max = i64::try_from(self.inner.config.max_clock_skew_secs).unwrap_or(i64::MAX);
+        if max == 0 {
+            return Ok(());
+        }
+        let off = at.saturating_sub(ca_identity::unix_now());
+        if off.saturating_abs() > max {
+            return Err(format!(
+                "node {caller} decided a CA lifecycle step at {at}, {off} s from this node's clock (more than max_clock_skew_secs = {max}); it is not taken until the clocks agree (check time synchronization)"
+            ));
+        }
+        Ok(())
     }
 
     fn check_put_authority(&self, caller: &str, a: &AuthorityRecord) -> Result<(), String> {

@@ -105,6 +105,16 @@ impl SigningKey for SignedByMember {
     }
 }
 
+/// What a node answered a proposal, as text.
+fn reply_text(reply: ca_proto::raft::ProposeReply) -> String {
+    match reply.result {
+        Some(ca_proto::raft::propose_reply::Result::Response(b)) => {
+            String::from_utf8_lossy(&b).into_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
 fn root_of(auths: &[AuthorityRecord]) -> AuthorityRecord {
     auths
         .iter()
@@ -130,6 +140,7 @@ async fn a_member_proposes_only_what_the_rules_allow() {
         })
         .unwrap()
         .clone();
+    let dev2_int = env.nodes[1].core.ca.intermediate().unwrap().record;
     let entries_before = env.nodes[0].core.sm.entries().await.unwrap().len();
 
     let entry = |spiffe_id: &str, selector: (&str, &str)| EntryRecord {
@@ -279,8 +290,34 @@ async fn a_member_proposes_only_what_the_rules_allow() {
             Command::SetAuthorityState {
                 id: dev1_int.id.clone(),
                 state: AuthorityState::Prepared,
+                at: ca_identity::unix_now(),
             },
             "may not make authority",
+        ),
+        (
+            "retiring its own intermediate on a clock 400 days ahead",
+            Command::SetAuthorityState {
+                id: dev2_int.id.clone(),
+                state: AuthorityState::Retired,
+                at: ca_identity::unix_now() + 400 * 86_400,
+            },
+            "max_clock_skew_secs",
+        ),
+        (
+            "destroying the root's key on a clock 400 days ahead",
+            Command::KeyDestroyed {
+                id: root_of(&auths).id,
+                at: ca_identity::unix_now() + 400 * 86_400,
+            },
+            "max_clock_skew_secs",
+        ),
+        (
+            "destroying the active root's key",
+            Command::KeyDestroyed {
+                id: root_of(&auths).id,
+                at: ca_identity::unix_now(),
+            },
+            "only a retired or revoked",
         ),
         (
             "a batch hiding one bad command after a good one",
@@ -360,18 +397,14 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     let back = Command::SetAuthorityState {
         id: dev3_int.id.clone(),
         state: AuthorityState::Active,
+        at: ca_identity::unix_now(),
     };
     // Refused by the check or, if its view has not seen the revocation yet, by the state
     // machine: either way nothing changes.
     match propose_raw(&leader, &roots, &dev3.core.svid, &back).await {
         Err(s) => assert!(s.message().contains("revocation is final"), "{s:?}"),
         Ok(r) => {
-            let text = match r.result {
-                Some(ca_proto::raft::propose_reply::Result::Response(b)) => {
-                    String::from_utf8_lossy(&b).into_owned()
-                }
-                other => format!("{other:?}"),
-            };
+            let text = reply_text(r);
             assert!(text.contains("revocation is final"), "{text}");
         }
     }
@@ -386,6 +419,28 @@ async fn a_member_proposes_only_what_the_rules_allow() {
         .unwrap()
         .state;
     assert_eq!(state, AuthorityState::Revoked);
+
+    // Nobody retires the only active root (a node whose clock says it expired included):
+    // the state machine refuses it whoever proposes it.
+    let root = root_of(&auths);
+    let reply = propose_raw(
+        &leader,
+        &roots,
+        &member,
+        &Command::SetAuthorityState {
+            id: root.id.clone(),
+            state: AuthorityState::Retired,
+            at: ca_identity::unix_now(),
+        },
+    )
+    .await
+    .expect("the journal's own rules answer it");
+    let text = reply_text(reply);
+    assert!(text.contains("only active root"), "{text}");
+    assert_eq!(
+        root_of(&env.nodes[0].core.sm.authorities().await.unwrap()).id,
+        root.id
+    );
     env.shutdown().await;
 }
 

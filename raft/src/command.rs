@@ -72,17 +72,28 @@ pub enum Command {
         /// The authority.
         authority: AuthorityRecord,
     },
-    /// Change an authority's state.
+    /// Change an authority's state. Refused when applied: leaving `revoked`; activating an
+    /// authority expired at `at`; retiring the only active root.
     SetAuthorityState {
         /// Which authority.
         id: String,
         /// New state.
         state: AuthorityState,
+        /// When the proposer decided it (Unix seconds, its wall clock). The leader refuses
+        /// a lifecycle decision stamped further from its own clock than the cluster allows,
+        /// and the state machine judges it at this time, so a node whose clock jumped
+        /// cannot retire or destroy what is still in use.
+        at: i64,
     },
-    /// Record that an authority's private key was destroyed in its key manager.
+    /// Record that an authority's private key is to be destroyed in its key manager; the
+    /// holder deletes it once this is applied. Refused unless the authority is revoked, or
+    /// retired and expired at `at` (nothing it signed can still be valid).
     KeyDestroyed {
         /// Which authority.
         id: String,
+        /// When the proposer decided it (Unix seconds), checked as for
+        /// [`Command::SetAuthorityState`].
+        at: i64,
     },
     /// Ask a node to rotate an authority now (replaces an earlier request for the same kind
     /// and node).
@@ -111,6 +122,19 @@ impl Command {
                 | Command::KeyDestroyed { .. }
                 | Command::RequestRotation { .. }
         )
+    }
+
+    /// The decision time of a CA lifecycle command (a state change other than revocation,
+    /// or a key's destruction): the leader checks it against its own clock before the
+    /// command reaches the log. Revocation is never held back by a clock.
+    pub fn lifecycle_time(&self) -> Option<i64> {
+        match self {
+            Command::SetAuthorityState { state, at, .. } if *state != AuthorityState::Revoked => {
+                Some(*at)
+            }
+            Command::KeyDestroyed { at, .. } => Some(*at),
+            _ => None,
+        }
     }
 
     /// Whether the command may share a log entry with others: changes to entries, join

@@ -971,6 +971,39 @@ fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>> {
 }
 
 /// The state of authority `id`, if it exists.
+/// What the lifecycle rules of an authority need to know.
+struct Life {
+    kind: AuthorityKind,
+    state: AuthorityState,
+    not_after: i64,
+}
+
+fn authority_life(conn: &Connection, id: &str) -> Result<Option<Life>> {
+    let row: Option<(String, String, i64)> = query_one(
+        conn,
+        "SELECT kind, state, not_after FROM authorities WHERE id = ?",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(row.and_then(|(kind, state, not_after)| {
+        Some(Life {
+            kind: AuthorityKind::parse(&kind)?,
+            state: AuthorityState::parse(&state)?,
+            not_after,
+        })
+    }))
+}
+
+fn active_roots(conn: &Connection) -> Result<i64> {
+    Ok(query_one(
+        conn,
+        "SELECT COUNT(*) FROM authorities WHERE kind = 'root' AND state = 'active'",
+        [],
+        |r| Ok(r.get(0)?),
+    )?
+    .unwrap_or(0))
+}
+
 fn authority_state(conn: &Connection, id: &str) -> Result<Option<AuthorityState>> {
     let state: Option<String> = query_one(
         conn,
@@ -1270,13 +1303,31 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
             )?;
             Response::Ok
         }
-        Command::KeyDestroyed { id } => {
-            let n = change(
+        Command::KeyDestroyed { id, at } => {
+            let Some(a) = authority_life(tx, id)? else {
+                return Ok(rejected(RejectCode::NotFound, format!("no authority {id}")));
+            };
+            let due = match a.state {
+                AuthorityState::Revoked => true,
+                AuthorityState::Retired => a.not_after < *at,
+                AuthorityState::Prepared | AuthorityState::Active => false,
+            };
+            if !due {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    format!(
+                        "the key of authority {id} may not be destroyed at {at}: it is {} and valid until {}; only a revoked authority's key, or a retired one's after it expired, is destroyed",
+                        a.state.as_str(),
+                        a.not_after
+                    ),
+                ));
+            }
+            change(
                 tx,
                 "UPDATE authorities SET key_destroyed = 1 WHERE id = ?",
                 [id],
             )?;
-            not_found_unless_changed(n, || format!("no authority {id}"))
+            Response::Ok
         }
         Command::RequestRotation { request: r } => {
             change(
@@ -1286,13 +1337,33 @@ fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
             )?;
             Response::Ok
         }
-        Command::SetAuthorityState { id, state } => {
-            if *state != AuthorityState::Revoked
-                && authority_state(tx, id)? == Some(AuthorityState::Revoked)
-            {
+        Command::SetAuthorityState { id, state, at } => {
+            let Some(a) = authority_life(tx, id)? else {
+                return Ok(rejected(RejectCode::NotFound, format!("no authority {id}")));
+            };
+            if *state != AuthorityState::Revoked && a.state == AuthorityState::Revoked {
                 return Ok(rejected(
                     RejectCode::FailedPrecondition,
                     format!("authority {id} is revoked; revocation is final"),
+                ));
+            }
+            if *state == AuthorityState::Active && a.not_after <= *at {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    format!(
+                        "authority {id} expired at {} and cannot be activated at {at}",
+                        a.not_after
+                    ),
+                ));
+            }
+            if *state == AuthorityState::Retired
+                && a.kind == AuthorityKind::Root
+                && a.state == AuthorityState::Active
+                && active_roots(tx)? <= 1
+            {
+                return Ok(rejected(
+                    RejectCode::FailedPrecondition,
+                    format!("root {id} is the only active root; activate its successor before retiring it (or revoke it)"),
                 ));
             }
             let n = change(

@@ -272,50 +272,103 @@ async fn entries_tokens_agents_and_reopen() {
     assert_eq!(sm.last_applied(), last);
 }
 
-#[tokio::test]
-async fn authority_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let sm = StateMachine::open(&dir.path().join("s.db")).await.unwrap();
-    let p = LocalProposer::new(sm.clone());
-    let a = AuthorityRecord {
-        id: "root-1".into(),
+fn root(id: &str, state: AuthorityState, not_after: i64) -> AuthorityRecord {
+    AuthorityRecord {
+        id: id.into(),
         kind: AuthorityKind::Root,
-        state: AuthorityState::Active,
+        state,
         node_id: String::new(),
         key_backend: "soft".into(),
-        key_id: "root-1".into(),
+        key_id: id.into(),
         cert_der: vec![1, 2, 3],
         public_key: vec![4],
         not_before: 1,
-        not_after: 2,
+        not_after,
         key_destroyed: false,
+    }
+}
+
+/// The answer's rejection message, or a panic if it was accepted.
+fn rejection(r: Response) -> (RejectCode, String) {
+    match r {
+        Response::Rejected { code, message } => (code, message),
+        other => panic!("accepted: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn authority_lifecycle_is_judged_at_the_decision_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(&dir.path().join("s.db")).await.unwrap();
+    let p = LocalProposer::new(sm.clone());
+    let set = |id: &str, state, at| Command::SetAuthorityState {
+        id: id.into(),
+        state,
+        at,
     };
-    p.propose(Command::PutAuthority {
-        authority: a.clone(),
-    })
-    .await
-    .unwrap();
-    p.propose(Command::SetAuthorityState {
-        id: "root-1".into(),
-        state: AuthorityState::Retired,
-    })
-    .await
-    .unwrap();
-    let got = sm.authorities().await.unwrap();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].state, AuthorityState::Retired);
-    assert!(matches!(
-        p.propose(Command::SetAuthorityState {
-            id: "x".into(),
-            state: AuthorityState::Active
-        })
+    let destroy = |id: &str, at| Command::KeyDestroyed { id: id.into(), at };
+    let put = |authority| Command::PutAuthority { authority };
+    p.propose(put(root("root-1", AuthorityState::Active, 1000)))
         .await
-        .unwrap(),
-        Response::Rejected {
-            code: RejectCode::NotFound,
-            ..
-        }
-    ));
+        .unwrap();
+
+    // The only active root is not retired, whatever the time says.
+    let (code, why) = rejection(
+        p.propose(set("root-1", AuthorityState::Retired, 5000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(code, RejectCode::FailedPrecondition);
+    assert!(why.contains("only active root"), "{why}");
+    // Nor is its key destroyed.
+    let (_, why) = rejection(p.propose(destroy("root-1", 5000)).await.unwrap());
+    assert!(why.contains("it is active"), "{why}");
+
+    // A successor: not activated after it expired, activated before.
+    p.propose(put(root("root-2", AuthorityState::Prepared, 2000)))
+        .await
+        .unwrap();
+    let (_, why) = rejection(
+        p.propose(set("root-2", AuthorityState::Active, 2000))
+            .await
+            .unwrap(),
+    );
+    assert!(why.contains("cannot be activated"), "{why}");
+    assert_eq!(
+        p.propose(set("root-2", AuthorityState::Active, 500))
+            .await
+            .unwrap(),
+        Response::Ok
+    );
+    assert_eq!(
+        p.propose(set("root-1", AuthorityState::Retired, 500))
+            .await
+            .unwrap(),
+        Response::Ok
+    );
+
+    // A retired authority's key goes only once the authority has expired at the decision
+    // time: a clock running ahead is what the leader refuses before this point; a decision
+    // that reaches the log early is refused here.
+    let (code, why) = rejection(p.propose(destroy("root-1", 999)).await.unwrap());
+    assert_eq!(code, RejectCode::FailedPrecondition);
+    assert!(why.contains("valid until 1000"), "{why}");
+    assert!(!sm.authorities().await.unwrap()[0].key_destroyed);
+    assert_eq!(
+        p.propose(destroy("root-1", 1001)).await.unwrap(),
+        Response::Ok
+    );
+    let got = sm.authorities().await.unwrap();
+    let r1 = got.iter().find(|a| a.id == "root-1").unwrap();
+    assert_eq!(r1.state, AuthorityState::Retired);
+    assert!(r1.key_destroyed);
+
+    for cmd in [set("x", AuthorityState::Active, 1), destroy("x", 1)] {
+        assert_eq!(
+            rejection(p.propose(cmd).await.unwrap()).0,
+            RejectCode::NotFound
+        );
+    }
 }
 
 #[tokio::test]
@@ -684,6 +737,7 @@ async fn join_token_kinds_and_final_revocation_hold_in_the_state_machine() {
     p.propose(Command::SetAuthorityState {
         id: "int-1".into(),
         state: AuthorityState::Revoked,
+        at: 1,
     })
     .await
     .unwrap();
@@ -691,6 +745,7 @@ async fn join_token_kinds_and_final_revocation_hold_in_the_state_machine() {
         Command::SetAuthorityState {
             id: "int-1".into(),
             state: AuthorityState::Active,
+            at: 1,
         },
         Command::PutAuthority { authority: a },
     ] {

@@ -120,6 +120,9 @@ pub struct Ca {
     clock_problem: RwLock<Option<String>>,
     /// When the clocks were last compared.
     clock_checked: RwLock<Option<crate::clock::Checked>>,
+    /// Authorities whose key this process has deleted from its key manager (or found
+    /// gone) since the journal recorded its destruction.
+    keys_deleted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -182,6 +185,7 @@ async fn set_state(p: &dyn Proposer, id: &str, state: AuthorityState) -> Result<
         Command::SetAuthorityState {
             id: id.to_owned(),
             state,
+            at: now(),
         },
     )
     .await
@@ -227,6 +231,7 @@ impl Ca {
             upkeep: tokio::sync::Mutex::new(()),
             clock_problem: RwLock::new(None),
             clock_checked: RwLock::new(None),
+            keys_deleted: Default::default(),
         }
     }
 
@@ -866,39 +871,61 @@ impl Ca {
     /// Destroys (or, where the backend only does that, schedules the deletion of) the keys
     /// of retired authorities once nothing they signed can still be valid (an SVID never
     /// outlives its issuer, so that is the authority's own expiry), and of revoked
-    /// authorities at once; records it in the journal. Roots are handled by every node
-    /// (a key already gone counts as destroyed); intermediates and JWT keys by their node.
+    /// authorities at once. The decision goes through Raft first ([`Command::KeyDestroyed`],
+    /// stamped with this node's time, which the leader checks against its own clock and the
+    /// state machine judges), and the key is deleted only once it is applied; a deletion that
+    /// fails is retried every round. Roots are handled by every node (each deletes its copy;
+    /// a key already gone counts as deleted); intermediates and JWT keys by their node.
     pub async fn destroy_expired_keys(&self) -> Result<usize, Error> {
         let t = now();
         let mut destroyed = 0;
         for a in self.sm.authorities().await? {
-            let due = match a.state {
-                AuthorityState::Retired => a.not_after < t,
-                AuthorityState::Revoked => true,
-                AuthorityState::Prepared | AuthorityState::Active => false,
-            };
             let mine = a.kind == AuthorityKind::Root || a.node_id == self.settings.node_id;
-            if !due || !mine || a.key_destroyed {
+            if !mine || a.key_backend == "memory" {
                 continue;
             }
-            if a.key_backend != "memory" {
-                let keys = self.role_keys(a.kind);
-                if a.key_backend != keys.km.backend() {
-                    continue; // held by a key manager this node does not have
+            let keys = self.role_keys(a.kind);
+            if a.key_backend != keys.km.backend() {
+                continue; // held by a key manager this node does not have
+            }
+            if a.key_destroyed {
+                if self
+                    .keys_deleted
+                    .lock()
+                    .expect("keys_deleted lock")
+                    .contains(&a.id)
+                {
+                    continue;
                 }
-                match keys.km.delete(&a.key_id).await {
-                    Ok(()) | Err(ca_kms::Error::NotFound(_)) => {}
-                    Err(e) => {
-                        tracing::warn!(authority = %a.id, error = %e, "could not destroy the key of an expired authority; will retry");
-                        continue;
-                    }
+            } else {
+                let due = match a.state {
+                    AuthorityState::Retired => a.not_after < t,
+                    AuthorityState::Revoked => true,
+                    AuthorityState::Prepared | AuthorityState::Active => false,
+                };
+                if !due {
+                    continue;
+                }
+                propose_ok(
+                    self.proposer.as_ref(),
+                    Command::KeyDestroyed {
+                        id: a.id.clone(),
+                        at: t,
+                    },
+                )
+                .await?;
+            }
+            match keys.km.delete(&a.key_id).await {
+                Ok(()) | Err(ca_kms::Error::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(authority = %a.id, error = %e, "could not destroy the key of an expired authority; will retry");
+                    continue;
                 }
             }
-            propose_ok(
-                self.proposer.as_ref(),
-                Command::KeyDestroyed { id: a.id.clone() },
-            )
-            .await?;
+            self.keys_deleted
+                .lock()
+                .expect("keys_deleted lock")
+                .insert(a.id.clone());
             tracing::info!(authority = %a.id, kind = a.kind.as_str(), backend = %a.key_backend, "destroyed the key of an authority that nothing valid depends on");
             destroyed += 1;
         }
