@@ -439,6 +439,7 @@ pub struct CacheManager {
     cache: Cache,
     store: Store,
     interval: Duration,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl std::fmt::Debug for CacheManager {
@@ -486,7 +487,14 @@ impl CacheManager {
             cache,
             store,
             interval,
+            metrics: Default::default(),
         }
+    }
+
+    /// Counts syncs, mints and bundle updates in `metrics` (a private set otherwise).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Applies a new bundle: live TLS roots, the store, the cache.
@@ -511,6 +519,7 @@ impl CacheManager {
             jwt_keys = bundle.jwt_authorities.len(),
             "trust bundle updated"
         );
+        self.metrics.bundle_updates.inc();
         self.node.roots().set(bundle.x509_authorities.clone());
         if let Err(e) = self.store.save_bundle(&bundle) {
             tracing::warn!("cannot persist the trust bundle: {e}");
@@ -520,6 +529,16 @@ impl CacheManager {
 
     /// One sync: entries and bundle, then mint what is missing or due.
     pub async fn sync_once(&self) -> Result<(), Status> {
+        let r = self.sync().await;
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.syncs.with_label_values(&[result]).inc();
+        if r.is_ok() {
+            self.metrics.last_sync.set(ca_identity::unix_now());
+        }
+        r
+    }
+
+    async fn sync(&self) -> Result<(), Status> {
         let resp = self
             .node
             .call("SyncEntries", false, |mut c| async move {
@@ -593,6 +612,10 @@ impl CacheManager {
                     continue;
                 };
                 if !r.error.is_empty() || r.svid_chain.is_empty() {
+                    self.metrics
+                        .svid_rotations
+                        .with_label_values(&["error"])
+                        .inc();
                     tracing::warn!(entry = %r.entry_id, spiffe_id = %entry.spiffe_id,
                         "the CA did not issue an SVID: {}", r.error);
                     continue;
@@ -602,11 +625,18 @@ impl CacheManager {
                 };
                 match CachedSvid::new(entry, r.svid_chain, key.serialize_der()) {
                     Ok(s) => {
+                        self.metrics.svid_rotations.with_label_values(&["ok"]).inc();
                         tracing::info!(entry = %s.entry_id, spiffe_id = %s.spiffe_id,
                             expires_at = s.not_after, "X.509-SVID minted");
                         minted.push(s);
                     }
-                    Err(e) => tracing::warn!(entry = %r.entry_id, "unusable SVID from the CA: {e}"),
+                    Err(e) => {
+                        self.metrics
+                            .svid_rotations
+                            .with_label_values(&["error"])
+                            .inc();
+                        tracing::warn!(entry = %r.entry_id, "unusable SVID from the CA: {e}")
+                    }
                 }
             }
             self.cache.update(|s| {

@@ -1,4 +1,5 @@
-//! HTTP health endpoints on a loopback address: `/healthz` (the process runs) and
+//! HTTP endpoints on a loopback address: `/healthz` (the process runs), `/metrics`
+//! ([`crate::metrics`]) and
 //! `/readyz` (the agent has a valid SVID, a trust bundle and has synced its entries).
 
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::cache::CacheState;
+use crate::metrics::AgentMetrics;
 use crate::persist::AgentSvid;
 use crate::Error;
 
@@ -18,6 +20,13 @@ use crate::Error;
 struct Health {
     cache: watch::Receiver<Arc<CacheState>>,
     svid: watch::Receiver<AgentSvid>,
+    metrics: Arc<AgentMetrics>,
+}
+
+async fn metrics(State(h): State<Health>) -> String {
+    let cache = h.cache.borrow().clone();
+    let svid = h.svid.borrow().clone();
+    h.metrics.render(&cache, &svid)
 }
 
 async fn healthz() -> &'static str {
@@ -62,6 +71,7 @@ pub async fn spawn(
     addr: SocketAddr,
     cache: watch::Receiver<Arc<CacheState>>,
     svid: watch::Receiver<AgentSvid>,
+    metrics: Arc<AgentMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -77,7 +87,12 @@ pub async fn spawn(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Health { cache, svid });
+        .route("/metrics", get(self::metrics))
+        .with_state(Health {
+            cache,
+            svid,
+            metrics,
+        });
     let task = tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;

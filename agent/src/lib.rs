@@ -61,6 +61,7 @@ pub mod config;
 mod error;
 pub mod h2_authority;
 pub mod health;
+pub mod metrics;
 pub mod node_client;
 pub mod persist;
 pub mod testing;
@@ -234,12 +235,16 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         let text = std::fs::read_to_string(p).map_err(|e| Error::io("cannot read", p, e))?;
         roots.set(ca_identity::bundle::certs_from_pem(&text)?);
     }
-    let node = Arc::new(NodeClient::new(
-        config.server_addresses.clone(),
-        td.clone(),
-        roots,
-        SvidResolver::default(),
-    ));
+    let metrics = Arc::new(metrics::AgentMetrics::new());
+    let node = Arc::new(
+        NodeClient::new(
+            config.server_addresses.clone(),
+            td.clone(),
+            roots,
+            SvidResolver::default(),
+        )
+        .with_failover_counter(metrics.failovers.clone()),
+    );
 
     let (svid, bundle) = obtain_identity(&config, &store, &node).await?;
     node.svid().set(&svid.chain, &svid.key_pkcs8)?;
@@ -257,7 +262,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         cache.clone(),
         store.clone(),
         Duration::from_secs(config.sync_interval_secs),
-    );
+    )
+    .with_metrics(metrics.clone());
     match tokio::time::timeout(INITIAL_SYNC_WAIT, manager.sync_once()).await {
         Ok(Ok(())) => tracing::info!(
             entries = cache.current().entries.len(),
@@ -287,6 +293,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
                 addr,
                 cache.subscribe(),
                 svid_rx.clone(),
+                metrics.clone(),
                 shutdown_rx.clone(),
             )
             .await?;
@@ -311,7 +318,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         ),
         shutdown_rx.clone(),
         &config.workload_api,
-    );
+    )
+    .with_metrics(metrics);
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(workload_api::serve(listener, api, async move {
         let _ = stop.wait_for(|s| *s).await;

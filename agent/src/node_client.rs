@@ -235,6 +235,7 @@ pub struct NodeClient {
     tls: Arc<rustls::ClientConfig>,
     preferred: AtomicUsize,
     channels: Mutex<HashMap<usize, Channel>>,
+    failovers: Option<prometheus::IntCounter>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -269,7 +270,14 @@ impl NodeClient {
             tls,
             preferred: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
+            failovers: None,
         }
+    }
+
+    /// Counts in `counter` the calls answered by another node than the one tried first.
+    pub fn with_failover_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.failovers = Some(counter);
+        self
     }
 
     /// The live roots the nodes are verified against.
@@ -329,6 +337,11 @@ impl NodeClient {
             let status = match result {
                 Ok(Ok(v)) => {
                     self.preferred.store(idx, Ordering::Relaxed);
+                    if idx != start {
+                        if let Some(c) = &self.failovers {
+                            c.inc();
+                        }
+                    }
                     return Ok(v);
                 }
                 Ok(Err(s)) => s,

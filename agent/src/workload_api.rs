@@ -63,6 +63,7 @@ struct Inner {
     /// Calls per user ID.
     calls: RateLimiter<u32>,
     idle_timeout: Duration,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// User IDs whose call rate is remembered at once (the least recently seen go first).
@@ -139,8 +140,18 @@ impl WorkloadApi {
                 shutdown,
                 calls: RateLimiter::new(limits.rate(), MAX_RATE_KEYS),
                 idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+                metrics: Default::default(),
             }),
         }
+    }
+
+    /// Counts calls and open streams in `metrics` (a private set otherwise). Call before
+    /// serving.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::AgentMetrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = metrics;
+        }
+        self
     }
 
     /// The tonic service.
@@ -484,6 +495,7 @@ pub async fn serve(
     let errors = Arc::new(ca_identity::LogThrottle::default());
     let per_uid = KeyedLimit::<u32>::new(MAX_CONNECTIONS_PER_UID);
     let idle = api.inner.idle_timeout;
+    let metrics = api.inner.metrics.clone();
     let attestor = api.inner.attestor.clone();
     // Over a limit a connection is closed at once; an accept error pauses accepts.
     let incoming = futures::stream::unfold(listener, move |listener| {
@@ -534,6 +546,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(TrackCallsLayer::<Arc<Peer>>::new())
+        .layer(crate::metrics::MetricsLayer(metrics))
         .add_service(api.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

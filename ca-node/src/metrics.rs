@@ -1,9 +1,44 @@
-//! Prometheus metrics of a node. Names are the contract with `ops/` dashboards and alerts.
+//! Prometheus metrics of a node. Names are the contract with the dashboards and alerts in
+//! `ops/` (the README's metrics table lists them). Every labelled counter starts at zero for
+//! its known label values, so `increase()` sees the first event and an alert on the first
+//! error can fire.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState, ClusterStatus, Role};
+
+/// Results of an SVID request, a proposal or an attestation.
+const RESULTS: [&str; 2] = ["ok", "error"];
+/// Authority kinds, as labels.
+const KINDS: [AuthorityKind; 3] = [
+    AuthorityKind::Root,
+    AuthorityKind::Intermediate,
+    AuthorityKind::Jwt,
+];
+/// Rotation events, as labels.
+pub const EVENTS: [&str; 5] = ["prepared", "activated", "retired", "revoked", "failed"];
+/// Node API methods, as labels.
+const NODE_API_METHODS: [&str; 6] = [
+    "AttestAgent",
+    "RenewAgent",
+    "SyncEntries",
+    "BatchNewX509Svid",
+    "NewJwtSvid",
+    "GetBundle",
+];
+/// Key-manager error kinds (`ca_kms::Error::kind`).
+const KM_ERROR_KINDS: [&str; 7] = [
+    "not_found",
+    "already_exists",
+    "unsupported",
+    "unavailable",
+    "permission_denied",
+    "config",
+    "backend",
+];
 
 /// The node's metrics, cheap to clone.
 #[derive(Clone)]
@@ -25,15 +60,37 @@ pub struct Metrics {
     pub km_errors: IntCounterVec,
     /// Key-manager operations in flight.
     pub km_in_flight: IntGauge,
-    /// Expiry of each active authority, Unix seconds, by kind.
-    pub authority_expiry: IntGaugeVec,
+    /// Rotation steps this node took, by authority kind and event.
+    pub authority_events: IntCounterVec,
+    authority_state: IntGaugeVec,
+    authority_not_before: IntGaugeVec,
+    authority_expiry: IntGaugeVec,
+    authority_next_step: IntGaugeVec,
+    authority_successor: IntGaugeVec,
     /// Node API requests, by method and gRPC code.
     pub node_api_requests: IntCounterVec,
+    /// Time to answer an agent's `SyncEntries`.
+    pub sync_seconds: Histogram,
     /// Node API calls refused by a rate limit or a connection bound, by limit.
     pub rate_limited: IntCounterVec,
     /// Replication links from other ca-nodes, by result (`served`: accepted and served
     /// until they closed; `refused`: the caller was not a ca-node).
     pub raft_links: IntCounterVec,
+    /// This node's proposals, by result (`ok`, `rejected` by the rules, `error`).
+    pub proposals: IntCounterVec,
+    /// Time from proposing to the answer (applied), for this node's proposals.
+    pub proposal_seconds: Histogram,
+    raft_role: IntGaugeVec,
+    raft_leader: IntGauge,
+    raft_term: IntGauge,
+    raft_leader_changes: IntCounter,
+    raft_last_log_index: IntGauge,
+    raft_applied_index: IntGauge,
+    raft_snapshot_index: IntGauge,
+    raft_snapshots: IntCounter,
+    raft_members: IntGauge,
+    raft_lag: IntGaugeVec,
+    raft_quorum_ack_age: Gauge,
     /// Each other member's clock minus this node's, seconds, by peer node ID.
     pub clock_offset: GaugeVec,
     /// Bytes free for the node in its data dir's file system.
@@ -57,146 +114,447 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5,
 ];
 
+/// Registers metrics in a registry; each helper makes one kind.
+struct Reg<'a>(&'a Registry);
+
+impl Reg<'_> {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, m: M) -> M {
+        self.0.register(Box::new(m.clone())).expect("register");
+        m
+    }
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("metric"))
+    }
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("metric"))
+    }
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("metric"))
+    }
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("metric"))
+    }
+    fn hists(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.add(HistogramVec::new(opts, labels).expect("metric"))
+    }
+    fn hist(&self, name: &str, help: &str) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.add(Histogram::with_opts(opts).expect("metric"))
+    }
+}
+
+/// Registers the process collector (CPU, memory, file descriptors) and `<prefix>_build_info`
+/// in `registry`; shared with the agent.
+pub fn register_process_and_build(registry: &Registry, prefix: &str) {
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("register process collector");
+    let info = IntGaugeVec::new(
+        Opts::new(
+            format!("{prefix}_build_info"),
+            "1, labelled with the version of the running build",
+        ),
+        &["version"],
+    )
+    .expect("metric");
+    registry.register(Box::new(info.clone())).expect("register");
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+}
+
+/// Renders `registry` in the text exposition format.
+pub fn render_registry(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("encode metrics");
+    String::from_utf8(buf).expect("utf8 metrics")
+}
+
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
-            registry.register(Box::new(c.clone())).expect("register");
-            c
-        };
-        let hist = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                labels,
-            )
-            .expect("metric");
-            registry.register(Box::new(h.clone())).expect("register");
-            h
-        };
-        let x509_svids = counter(
-            "ca_x509_svids_issued_total",
-            "X.509-SVIDs issued, by result",
-            &["result"],
-        );
-        let x509_svid_seconds = hist(
-            "ca_x509_svid_issue_seconds",
-            "Time to mint one X.509-SVID",
-            &["kind"],
-        );
-        let jwt_svids = counter(
-            "ca_jwt_svids_issued_total",
-            "JWT-SVIDs issued, by result",
-            &["result"],
-        );
-        let attestations = counter(
-            "ca_agent_attestations_total",
-            "Agent attestations, by method and result",
-            &["method", "result"],
-        );
-        let km_sign_seconds = hist(
-            "ca_keymanager_sign_seconds",
-            "Key-manager sign latency, by backend and role (root, intermediate, jwt)",
-            &["backend", "role"],
-        );
-        let km_errors = counter(
-            "ca_keymanager_errors_total",
-            "Key-manager errors, by kind",
-            &["backend", "kind"],
-        );
-        let node_api_requests = counter(
-            "ca_node_api_requests_total",
-            "Node API requests, by method and code",
-            &["method", "code"],
-        );
-        let rate_limited = counter(
-            "ca_node_api_rate_limited_total",
-            "Node API calls and connections refused by a limit (attestation, signing, unauthenticated_connections)",
-            &["limit"],
-        );
-        for limit in ["attestation", "signing", "unauthenticated_connections"] {
-            rate_limited.with_label_values(&[limit]);
-        }
-        let raft_links = counter(
-            "ca_raft_links_total",
-            "Replication links from other ca-nodes, by result (served, refused)",
-            &["result"],
-        );
-        let clock_offset = GaugeVec::new(
-            Opts::new(
-                "ca_node_clock_offset_seconds",
-                "Each other member's clock minus this node's, by peer",
+        register_process_and_build(&registry, "ca_node");
+        let r = Reg(&registry);
+        let m = Self {
+            x509_svids: r.counters(
+                "ca_x509_svids_issued_total",
+                "X.509-SVIDs issued, by result",
+                &["result"],
             ),
-            &["peer"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(clock_offset.clone()))
-            .expect("register");
-        let data_dir_free = IntGauge::new(
-            "ca_node_data_dir_free_bytes",
-            "Bytes free for the node in its data dir's file system",
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(data_dir_free.clone()))
-            .expect("register");
-        let km_in_flight = IntGauge::new(
-            "ca_keymanager_in_flight",
-            "Key-manager operations in flight",
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(km_in_flight.clone()))
-            .expect("register");
-        let keymanager_up = IntGaugeVec::new(
-            Opts::new(
+            x509_svid_seconds: r.hists(
+                "ca_x509_svid_issue_seconds",
+                "Time to mint one X.509-SVID",
+                &["kind"],
+            ),
+            jwt_svids: r.counters(
+                "ca_jwt_svids_issued_total",
+                "JWT-SVIDs issued, by result",
+                &["result"],
+            ),
+            attestations: r.counters(
+                "ca_agent_attestations_total",
+                "Agent attestations, by method and result",
+                &["method", "result"],
+            ),
+            km_sign_seconds: r.hists(
+                "ca_keymanager_sign_seconds",
+                "Key-manager sign latency, by backend and role (root, intermediate, jwt)",
+                &["backend", "role"],
+            ),
+            keymanager_up: r.gauges(
                 "ca_keymanager_up",
                 "1 when the last operation on a role's key manager worked, else 0",
+                &["role"],
             ),
-            &["role"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(keymanager_up.clone()))
-            .expect("register");
-        let authority_expiry = IntGaugeVec::new(
-            Opts::new(
+            km_errors: r.counters(
+                "ca_keymanager_errors_total",
+                "Key-manager errors, by backend and kind",
+                &["backend", "kind"],
+            ),
+            km_in_flight: r.gauge("ca_keymanager_in_flight", "Key-manager operations in flight"),
+            authority_events: r.counters(
+                "ca_authority_events_total",
+                "Rotation steps this node took (prepared, activated, retired, revoked, failed), by authority kind",
+                &["kind", "event"],
+            ),
+            authority_state: r.gauges(
+                "ca_authority_state",
+                "State of each unexpired authority this node owns, and of the roots: 0 prepared, 1 active, 2 retired, 3 revoked",
+                &["kind", "id", "node"],
+            ),
+            authority_not_before: r.gauges(
+                "ca_authority_not_before_timestamp_seconds",
+                "Start of each unexpired authority's validity (Unix seconds)",
+                &["kind", "id", "node", "state"],
+            ),
+            authority_expiry: r.gauges(
                 "ca_authority_expiry_timestamp_seconds",
-                "Expiry of each active authority",
+                "Expiry of each unexpired authority (Unix seconds)",
+                &["kind", "id", "node", "state"],
             ),
-            &["kind", "id"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(authority_expiry.clone()))
-            .expect("register");
-        Self {
+            authority_next_step: r.gauges(
+                "ca_authority_next_step_timestamp_seconds",
+                "When the next scheduled rotation step (prepare, activate) of each kind is due (Unix seconds)",
+                &["kind", "node", "step"],
+            ),
+            authority_successor: r.gauges(
+                "ca_authority_successor_prepared",
+                "1 when a successor of the active authority is prepared, by kind",
+                &["kind", "node"],
+            ),
+            node_api_requests: r.counters(
+                "ca_node_api_requests_total",
+                "Node API requests, by method and code",
+                &["method", "code"],
+            ),
+            sync_seconds: r.hist(
+                "ca_node_api_sync_seconds",
+                "Time to answer an agent's SyncEntries",
+            ),
+            rate_limited: r.counters(
+                "ca_node_api_rate_limited_total",
+                "Node API calls and connections refused by a limit (attestation, signing, unauthenticated_connections)",
+                &["limit"],
+            ),
+            raft_links: r.counters(
+                "ca_raft_links_total",
+                "Replication links from other ca-nodes, by result (served, refused)",
+                &["result"],
+            ),
+            proposals: r.counters(
+                "ca_raft_proposals_total",
+                "This node's proposals, by result (ok, rejected, error)",
+                &["result"],
+            ),
+            proposal_seconds: r.hist(
+                "ca_raft_proposal_seconds",
+                "Time from proposing to the answer, this node's proposals",
+            ),
+            raft_role: r.gauges(
+                "ca_raft_role",
+                "1 for this node's Raft role (leader, follower, candidate, learner, shutdown)",
+                &["role"],
+            ),
+            raft_leader: r.gauge("ca_raft_leader", "1 while this node is the Raft leader"),
+            raft_term: r.gauge("ca_raft_term", "Current Raft term"),
+            raft_leader_changes: r.counter(
+                "ca_raft_leader_changes_total",
+                "Times this node saw the leader change",
+            ),
+            raft_last_log_index: r.gauge(
+                "ca_raft_last_log_index",
+                "Index of the last entry in this node's log",
+            ),
+            raft_applied_index: r.gauge(
+                "ca_raft_applied_index",
+                "Index of the last entry applied to this node's state",
+            ),
+            raft_snapshot_index: r.gauge(
+                "ca_raft_snapshot_index",
+                "Last entry covered by this node's current snapshot",
+            ),
+            raft_snapshots: r.counter(
+                "ca_raft_snapshots_total",
+                "Snapshots this node built or installed",
+            ),
+            raft_members: r.gauge("ca_raft_members", "Voters in the membership"),
+            raft_lag: r.gauges(
+                "ca_raft_replication_lag_entries",
+                "Leader only: how many entries each member's log is behind the leader's",
+                &["peer"],
+            ),
+            raft_quorum_ack_age: r.add(
+                Gauge::new(
+                    "ca_raft_quorum_ack_age_seconds",
+                    "Leader only: time since a quorum last acknowledged this leader (0 on others)",
+                )
+                .expect("metric"),
+            ),
+            clock_offset: r.add(
+                GaugeVec::new(
+                    Opts::new(
+                        "ca_node_clock_offset_seconds",
+                        "Each other member's clock minus this node's, by peer",
+                    ),
+                    &["peer"],
+                )
+                .expect("metric"),
+            ),
+            data_dir_free: r.gauge(
+                "ca_node_data_dir_free_bytes",
+                "Bytes free for the node in its data dir's file system",
+            ),
             registry,
-            x509_svids,
-            x509_svid_seconds,
-            jwt_svids,
-            attestations,
-            km_sign_seconds,
-            keymanager_up,
-            km_errors,
-            km_in_flight,
-            authority_expiry,
-            node_api_requests,
-            rate_limited,
-            raft_links,
-            clock_offset,
-            data_dir_free,
+        };
+        for result in RESULTS {
+            m.x509_svids.with_label_values(&[result]);
+            m.jwt_svids.with_label_values(&[result]);
+            for method in ["join_token", "x509pop"] {
+                m.attestations.with_label_values(&[method, result]);
+            }
+            m.proposals.with_label_values(&[result]);
         }
+        m.proposals.with_label_values(&["rejected"]);
+        for kind in KINDS {
+            for event in EVENTS {
+                m.authority_events
+                    .with_label_values(&[kind.as_str(), event]);
+            }
+        }
+        for method in NODE_API_METHODS {
+            m.node_api_requests.with_label_values(&[method, "ok"]);
+        }
+        for limit in ["attestation", "signing", "unauthenticated_connections"] {
+            m.rate_limited.with_label_values(&[limit]);
+        }
+        for result in ["served", "refused"] {
+            m.raft_links.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Starts counting key-manager errors of `backend` at zero (called for each configured
+    /// key manager).
+    pub fn init_key_manager(&self, backend: &str) {
+        for kind in KM_ERROR_KINDS {
+            self.km_errors.with_label_values(&[backend, kind]);
+        }
+    }
+
+    /// Counts a rotation step of an authority of `kind`.
+    pub fn authority_event(&self, kind: AuthorityKind, event: &str) {
+        self.authority_events
+            .with_label_values(&[kind.as_str(), event])
+            .inc();
+    }
+
+    /// Replaces the per-authority gauges from the journal `auths` at `now`: the roots and
+    /// node `me`'s intermediates and JWT keys that are unexpired, and for each kind the
+    /// next scheduled step and whether a successor is prepared.
+    pub fn set_authorities(
+        &self,
+        auths: &[AuthorityRecord],
+        me: &str,
+        schedule: &crate::config::RotationConfig,
+        now: i64,
+    ) {
+        for g in [
+            &self.authority_state,
+            &self.authority_not_before,
+            &self.authority_expiry,
+            &self.authority_next_step,
+            &self.authority_successor,
+        ] {
+            g.reset();
+        }
+        let mine = |a: &AuthorityRecord| a.kind == AuthorityKind::Root || a.node_id == me;
+        for a in auths.iter().filter(|a| mine(a) && a.not_after > now) {
+            let state = a.state.as_str();
+            let code = match a.state {
+                AuthorityState::Prepared => 0,
+                AuthorityState::Active => 1,
+                AuthorityState::Retired => 2,
+                AuthorityState::Revoked => 3,
+            };
+            let who = [a.kind.as_str(), a.id.as_str(), a.node_id.as_str()];
+            self.authority_state.with_label_values(&who).set(code);
+            let with_state = [who[0], who[1], who[2], state];
+            self.authority_not_before
+                .with_label_values(&with_state)
+                .set(a.not_before);
+            self.authority_expiry
+                .with_label_values(&with_state)
+                .set(a.not_after);
+        }
+        for kind in KINDS {
+            let of = |state| {
+                auths
+                    .iter()
+                    .filter(|a| a.kind == kind && mine(a) && a.state == state && a.not_after > now)
+                    .max_by_key(|a| a.not_before)
+            };
+            let Some(active) = of(AuthorityState::Active) else {
+                continue;
+            };
+            let prepared = of(AuthorityState::Prepared).is_some();
+            let node = active.node_id.as_str();
+            let (step, fraction) = if prepared {
+                ("activate", schedule.activate_fraction)
+            } else {
+                ("prepare", schedule.prepare_fraction)
+            };
+            let start = crate::ca::issued_at(active);
+            let due = start + ((active.not_after - start) as f64 * fraction) as i64;
+            self.authority_next_step
+                .with_label_values(&[kind.as_str(), node, step])
+                .set(due);
+            self.authority_successor
+                .with_label_values(&[kind.as_str(), node])
+                .set(i64::from(prepared));
+        }
+    }
+
+    /// Updates the Raft gauges from `now`; `before` is the previous status, if any (for the
+    /// leader and snapshot counters).
+    pub fn set_raft(&self, before: Option<&ClusterStatus>, now: &ClusterStatus) {
+        let role = now.role.as_str();
+        for r in [
+            Role::Leader,
+            Role::Follower,
+            Role::Candidate,
+            Role::Learner,
+            Role::Shutdown,
+        ] {
+            self.raft_role
+                .with_label_values(&[r.as_str()])
+                .set(i64::from(r == now.role));
+        }
+        self.raft_leader.set(i64::from(role == "leader"));
+        self.raft_term.set(now.term as i64);
+        self.raft_last_log_index
+            .set(now.last_log_index.unwrap_or(0) as i64);
+        self.raft_applied_index
+            .set(now.last_applied.map_or(0, |l| l.index) as i64);
+        self.raft_snapshot_index
+            .set(now.snapshot.map_or(0, |l| l.index) as i64);
+        self.raft_members
+            .set(now.members.values().filter(|m| m.voter).count() as i64);
+        if let Some(b) = before {
+            if now.leader.is_some() && b.leader != now.leader {
+                self.raft_leader_changes.inc();
+            }
+            if now.snapshot.is_some() && b.snapshot != now.snapshot {
+                self.raft_snapshots.inc();
+            }
+        }
+        self.raft_lag.reset();
+        for (id, r) in &now.replication {
+            self.raft_lag
+                .with_label_values(&[&id.to_string()])
+                .set(r.lag as i64);
+        }
+        self.raft_quorum_ack_age.set(
+            now.millis_since_quorum_ack
+                .map_or(0.0, |ms| ms as f64 / 1000.0),
+        );
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("encode metrics");
-        String::from_utf8(buf).expect("utf8 metrics")
+        render_registry(&self.registry)
+    }
+}
+
+/// This node's proposals, timed and counted (`ca_raft_proposals_total`,
+/// `ca_raft_proposal_seconds`), and the rotation steps among them counted in
+/// `ca_authority_events_total` once the journal accepted them.
+#[derive(Debug)]
+pub struct MeteredProposer {
+    inner: std::sync::Arc<dyn ca_raft::Proposer>,
+    sm: ca_raft::StateMachine,
+    metrics: Metrics,
+}
+
+impl MeteredProposer {
+    /// Proposals through `inner`, counted in `metrics`; `sm` names the kind of an
+    /// authority whose state changes.
+    pub fn new(
+        inner: std::sync::Arc<dyn ca_raft::Proposer>,
+        sm: ca_raft::StateMachine,
+        metrics: Metrics,
+    ) -> Self {
+        Self { inner, sm, metrics }
+    }
+
+    /// The rotation event `cmd` is, if it is one: an authority recorded prepared (with its
+    /// certificate, or a JWT key) or active, or one whose state changed.
+    async fn event(&self, cmd: &ca_raft::Command) -> Option<(AuthorityKind, &'static str)> {
+        let name = |s: AuthorityState| match s {
+            AuthorityState::Prepared => "prepared",
+            AuthorityState::Active => "activated",
+            AuthorityState::Retired => "retired",
+            AuthorityState::Revoked => "revoked",
+        };
+        match cmd {
+            ca_raft::Command::PutAuthority { authority: a }
+                if !a.cert_der.is_empty() || a.kind == AuthorityKind::Jwt =>
+            {
+                Some((a.kind, name(a.state)))
+            }
+            ca_raft::Command::SetAuthorityState { id, state, .. } => {
+                let auths = self.sm.authorities().await.ok()?;
+                let a = auths.iter().find(|a| &a.id == id)?;
+                Some((a.kind, name(*state)))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ca_raft::Proposer for MeteredProposer {
+    async fn propose(&self, cmd: ca_raft::Command) -> ca_raft::Result<ca_raft::Response> {
+        let start = std::time::Instant::now();
+        let r = self.inner.propose(cmd.clone()).await;
+        self.metrics
+            .proposal_seconds
+            .observe(start.elapsed().as_secs_f64());
+        let result = match &r {
+            Ok(ca_raft::Response::Rejected { .. }) => "rejected",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        self.metrics.proposals.with_label_values(&[result]).inc();
+        if result == "ok" {
+            if let Some((kind, event)) = self.event(&cmd).await {
+                self.metrics.authority_event(kind, event);
+            }
+        }
+        r
     }
 }

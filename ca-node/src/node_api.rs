@@ -453,6 +453,7 @@ impl Node for NodeApi {
                 }
             }
             .await;
+            count(&this.core, "AttestAgent", &result);
             match result {
                 Ok(r) => {
                     tracing::info!(agent = %r.spiffe_id, %source, "agent attested");
@@ -507,6 +508,7 @@ impl Node for NodeApi {
         &self,
         req: Request<SyncEntriesRequest>,
     ) -> Result<Response<SyncEntriesResponse>, Status> {
+        let start = std::time::Instant::now();
         let r = async {
             let agent = self.caller(&req).await?.agent;
             let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
@@ -519,6 +521,10 @@ impl Node for NodeApi {
             })
         }
         .await;
+        self.core
+            .metrics
+            .sync_seconds
+            .observe(start.elapsed().as_secs_f64());
         count(&self.core, "SyncEntries", &r);
         Ok(Response::new(r?))
     }
@@ -528,19 +534,21 @@ impl Node for NodeApi {
         req: Request<BatchNewX509SvidRequest>,
     ) -> Result<Response<BatchNewX509SvidResponse>, Status> {
         let n = req.get_ref().params.len();
-        if n > MAX_BATCH_CSRS {
-            return Err(Status::invalid_argument(format!(
-                "{n} CSRs in one BatchNewX509Svid; send at most {MAX_BATCH_CSRS} per call"
-            )));
+        let checked = async {
+            if n > MAX_BATCH_CSRS {
+                return Err(Error::InvalidArgument(format!(
+                    "{n} CSRs in one BatchNewX509Svid; send at most {MAX_BATCH_CSRS} per call"
+                )));
+            }
+            let agent = self.caller(&req).await?.agent;
+            self.spend_signing(&agent.spiffe_id, n)?;
+            let entries: Vec<EntryRecord> =
+                self.core.sm.authorized_entries(&agent.spiffe_id).await?;
+            Ok((agent, entries))
         }
-        let agent = self.caller(&req).await.map_err(Status::from)?.agent;
-        self.spend_signing(&agent.spiffe_id, n)?;
-        let entries: Vec<EntryRecord> = self
-            .core
-            .sm
-            .authorized_entries(&agent.spiffe_id)
-            .await
-            .map_err(|e| Status::from(Error::from(e)))?;
+        .await;
+        count(&self.core, "BatchNewX509Svid", &checked);
+        let (agent, entries) = checked?;
         // The CSRs are minted concurrently, up to BATCH_MINT_CONCURRENCY at a time, so that a
         // key manager with a round trip per signature (KMS, a network HSM, a PKCS#11 session
         // pool) has this call's signatures in flight together instead of one after another.
@@ -591,6 +599,7 @@ impl Node for NodeApi {
             .jwt_svids
             .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
             .inc();
+        count(&self.core, "NewJwtSvid", &r);
         Ok(Response::new(r?))
     }
 
@@ -598,8 +607,10 @@ impl Node for NodeApi {
         &self,
         _req: Request<GetBundleRequest>,
     ) -> Result<Response<GetBundleResponse>, Status> {
+        let r = self.core.ca.bundle();
+        count(&self.core, "GetBundle", &r);
         Ok(Response::new(GetBundleResponse {
-            bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
+            bundle: Some(bundle_to_proto(r?.as_ref())),
         }))
     }
 }

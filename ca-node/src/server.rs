@@ -25,7 +25,7 @@ use crate::ca::{Ca, CaSettings};
 use crate::cluster;
 use crate::config::{KeyManagerConfig, NodeConfig};
 use crate::core::NodeCore;
-use crate::metrics::Metrics;
+use crate::metrics::{MeteredProposer, Metrics};
 use crate::node_api::NodeApi;
 use crate::peer_gate::{CheckedProposer, PeerGate};
 use crate::raft_tls::TlsConnector;
@@ -498,10 +498,14 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             return Err(e);
         }
     };
-    let proposer: Arc<dyn ca_raft::Proposer> = Arc::new(CheckedProposer::new(
-        Arc::new(RaftProposer::new(raft.clone())),
-        gate.clone(),
-        config.node_id.clone(),
+    let proposer: Arc<dyn ca_raft::Proposer> = Arc::new(MeteredProposer::new(
+        Arc::new(CheckedProposer::new(
+            Arc::new(RaftProposer::new(raft.clone())),
+            gate.clone(),
+            config.node_id.clone(),
+        )),
+        sm.clone(),
+        metrics.clone(),
     ));
     let [local_root, intermediate_km, jwt_km] = match open_key_managers(&config).await {
         Ok(k) => k,
@@ -516,6 +520,9 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         sm.clone(),
         peers,
     ));
+    for km in [&root_km, &intermediate_km, &jwt_km] {
+        metrics.init_key_manager(km.backend());
+    }
     let keys = KeyManagers::new(root_km, intermediate_km, jwt_km, metrics.clone());
     let ca = Ca::new(
         CaSettings {
@@ -800,6 +807,23 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     // Clock offsets to the other members: a node whose clock a quorum disagrees with stops
     // minting.
     tasks.push(crate::clock::spawn(core.clone(), shutdown.subscribe()));
+    tasks.push(tokio::spawn({
+        let metrics = core.metrics.clone();
+        let mut raft_metrics = raft.metrics();
+        let mut stop = shutdown.subscribe();
+        async move {
+            let mut before = None;
+            loop {
+                let now = ca_raft::node::status_from_metrics(&raft_metrics.borrow_and_update());
+                metrics.set_raft(before.as_ref(), &now);
+                before = Some(now);
+                tokio::select! {
+                    r = raft_metrics.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }));
 
     // The node's serving SVID, renewed when half of its remaining life is gone (on its own
     // timer: short lifetimes must not wait for the maintenance tick), and as soon as the
@@ -910,17 +934,12 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                 }
             }
             if let Ok(auths) = mcore.sm.authorities().await {
-                mcore.metrics.authority_expiry.reset();
-                for a in auths
-                    .iter()
-                    .filter(|a| a.state == ca_raft::AuthorityState::Active)
-                {
-                    mcore
-                        .metrics
-                        .authority_expiry
-                        .with_label_values(&[a.kind.as_str(), &a.id])
-                        .set(a.not_after);
-                }
+                mcore.metrics.set_authorities(
+                    &auths,
+                    &mcore.config.node_id,
+                    &mcore.config.rotation,
+                    ca_identity::unix_now(),
+                );
             }
         }
     }));

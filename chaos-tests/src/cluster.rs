@@ -21,6 +21,8 @@ use crate::report::say;
 pub const TD: &str = "chaos.example.org";
 /// Node API port in netns mode (every host has its own address).
 const NODE_PORT: u16 = 7001;
+/// The port of each node's `/metrics` listener (netns mode; any free port on loopback).
+const NODE_HTTP_PORT: u16 = 9090;
 /// How long a node may take to become ready or join.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -81,6 +83,11 @@ pub struct Node {
     pub host: Host,
     /// Its node API address, `ip:port`.
     pub addr: String,
+    /// Its `/metrics` and health address, `ip:port`.
+    pub http_addr: String,
+    /// Config text appended to its generated config (e.g. a `[rotation]` section), from
+    /// its next start on.
+    pub extra_config: String,
     /// Its directory (config, log, admin socket, data).
     pub dir: PathBuf,
     /// Extra environment for its process (e.g. a faked clock), from its next start on.
@@ -118,12 +125,14 @@ impl Node {
 
     fn write_config(&self) -> Result<()> {
         let text = format!(
-            "node_id = \"{}\"\ntrust_domain = \"{TD}\"\ndata_dir = {}\nnode_listen = \"{}\"\nadmin_socket = {}\nraft_id = {}\nlog_level = \"info,openraft=warn\"\n\n[ttl]\nx509_svid = 300\nagent_svid = 600\njoin_token = 600\n",
+            "node_id = \"{}\"\ntrust_domain = \"{TD}\"\ndata_dir = {}\nnode_listen = \"{}\"\nhttp_listen = \"{}\"\nadmin_socket = {}\nraft_id = {}\nlog_level = \"info,openraft=warn\"\n\n[ttl]\nx509_svid = 300\nagent_svid = 600\njoin_token = 600\n{}",
             self.node_id,
             quoted(&self.data_dir()),
             self.addr,
+            self.http_addr,
             quoted(&self.admin_socket()),
-            self.raft_id
+            self.raft_id,
+            self.extra_config,
         );
         std::fs::write(self.config_path(), text)?;
         Ok(())
@@ -139,6 +148,8 @@ pub struct Agent {
     pub spiffe_id: String,
     /// The Workload API socket.
     pub socket: PathBuf,
+    /// Its health and `/metrics` address (loopback of the agents' host).
+    pub health_addr: String,
     /// Its process.
     pub proc: Proc,
 }
@@ -178,6 +189,17 @@ impl Cluster {
     /// Forms a cluster of `n` nodes named `n1..nN` for the test `name`, in the network mode
     /// this machine supports.
     pub async fn start(name: &str, n: usize, bins: Binaries, mode: Mode) -> Result<Self> {
+        Self::start_configured(name, n, bins, mode, "").await
+    }
+
+    /// Like [`Cluster::start`], every node's config ending with `extra_config`.
+    pub async fn start_configured(
+        name: &str,
+        n: usize,
+        bins: Binaries,
+        mode: Mode,
+        extra_config: &str,
+    ) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("chaos-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let keep = std::env::var_os("CHAOS_KEEP").is_some();
@@ -205,7 +227,8 @@ impl Cluster {
         ));
         for i in 1..=n {
             let id = format!("n{i}");
-            c.add_node(&id, &id, i as u64)?;
+            let k = c.add_node(&id, &id, i as u64)?;
+            c.nodes[k].extra_config = extra_config.into();
         }
         // n1 initializes the cluster.
         c.spawn_node(0, &["init"])?;
@@ -234,12 +257,15 @@ impl Cluster {
     pub fn add_node(&mut self, name: &str, node_id: &str, raft_id: u64) -> Result<usize> {
         let host = self.net.add_host(name)?;
         let port = self.net.port(&host, NODE_PORT)?;
+        let http_port = self.net.port(&host, NODE_HTTP_PORT)?;
         let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(Node {
             node_id: node_id.into(),
             raft_id,
             addr: format!("{}:{port}", host.ip),
+            http_addr: format!("{}:{http_port}", host.ip),
+            extra_config: String::new(),
             host,
             dir,
             env: Vec::new(),
@@ -673,12 +699,18 @@ impl Cluster {
         let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("agent.sock");
+        let health_addr = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        );
         let servers: Vec<String> = servers
             .iter()
             .map(|s| serde_json::to_string(s).expect("json"))
             .collect();
         let text = format!(
-            "trust_domain = \"{TD}\"\nserver_addresses = [{}]\ndata_dir = {}\nsocket_path = {}\ntrust_bundle_path = {}\njoin_token = \"{token}\"\nsync_interval_secs = 1\nlog_level = \"info\"\n",
+            "trust_domain = \"{TD}\"\nserver_addresses = [{}]\ndata_dir = {}\nsocket_path = {}\ntrust_bundle_path = {}\njoin_token = \"{token}\"\nhealth_addr = \"{health_addr}\"\nsync_interval_secs = 1\nlog_level = \"info\"\n",
             servers.join(", "),
             quoted(&dir.join("data")),
             quoted(&socket),
@@ -696,8 +728,33 @@ impl Cluster {
             name: name.into(),
             spiffe_id: spiffe_id.into(),
             socket,
+            health_addr,
             proc,
         })
+    }
+
+    /// Starts `program` with `args` on the agents' host (where the agents' loopback
+    /// listeners can be reached), logging to `<dir>/<name>.log`; it is killed with the
+    /// cluster. Returns the host's address (reachable from the test and from the nodes).
+    pub fn spawn_beside_agents(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+    ) -> Result<std::net::IpAddr> {
+        let host = self.agent_host()?;
+        let mut cmd = self.net.command(&host, program);
+        cmd.args(args);
+        let log = self.dir.join(format!("{name}.log"));
+        self.extra.push(Proc::spawn(name, cmd, &log)?);
+        Ok(host.ip)
+    }
+
+    /// A TCP connection to `127.0.0.1:port` on the agents' host (see
+    /// [`Cluster::spawn_beside_agents`]).
+    pub fn connect_beside_agents(&mut self, port: u16) -> Result<std::net::TcpStream> {
+        let host = self.agent_host()?;
+        self.net.connect(&host, ([127, 0, 0, 1], port).into())
     }
 
     /// Starts an agent `spiffe://TD/agent/<name>` configured with every node's address,

@@ -287,6 +287,23 @@ impl Network {
         }
     }
 
+    /// A TCP connection to `addr` made from `host` (inside its namespace in netns mode),
+    /// e.g. to a listener on that host's loopback.
+    pub fn connect(&self, host: &Host, addr: std::net::SocketAddr) -> Result<std::net::TcpStream> {
+        let Some(ns) = host.ns.clone() else {
+            return Ok(std::net::TcpStream::connect(addr)?);
+        };
+        // A socket stays in the namespace it was made in: make it on a thread that enters
+        // the host's namespace, then use it from anywhere.
+        std::thread::spawn(move || -> Result<std::net::TcpStream> {
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(std::net::TcpStream::connect(addr)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+    }
+
     /// A free TCP port for a listener on `host` (any port in netns mode: each host has its
     /// own address).
     pub fn port(&self, host: &Host, hint: u16) -> Result<u16> {

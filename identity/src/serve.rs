@@ -261,25 +261,32 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             Ok(match guard {
-                Some(guard) => resp.map(|body| {
-                    tonic::body::Body::new(GuardedBody {
-                        inner: body,
-                        _guard: guard,
-                    })
-                }),
+                Some(guard) => resp.map(|body| guard_body(body, guard)),
                 None => resp,
             })
         })
     }
 }
 
-/// A response body that keeps its call counted until it ends or is dropped.
-struct GuardedBody {
-    inner: tonic::body::Body,
-    _guard: CallGuard,
+/// `body`, holding `guard` until it ends or is dropped (a call counted open for as long as
+/// its response streams).
+pub fn guard_body<G: Send + Unpin + 'static>(
+    body: tonic::body::Body,
+    guard: G,
+) -> tonic::body::Body {
+    tonic::body::Body::new(GuardedBody {
+        inner: body,
+        _guard: guard,
+    })
 }
 
-impl http_body::Body for GuardedBody {
+/// A response body that keeps its guard until it ends or is dropped.
+struct GuardedBody<G> {
+    inner: tonic::body::Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> http_body::Body for GuardedBody<G> {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 

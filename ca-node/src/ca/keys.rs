@@ -178,6 +178,13 @@ pub struct KeyManagers {
 }
 
 impl KeyManagers {
+    /// The node's metrics (which every role's keys report to).
+    pub fn metrics(&self) -> &Metrics {
+        &self.root.metrics
+    }
+}
+
+impl KeyManagers {
     /// Every role on one key manager.
     pub fn single(km: Arc<dyn KeyManager>, metrics: Metrics) -> Self {
         Self::new(km.clone(), km.clone(), km, metrics)

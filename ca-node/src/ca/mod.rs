@@ -479,7 +479,10 @@ impl Ca {
                             tracing::info!(authority = %p.record.id, replaces = %active.id, why, "prepared a new root: published in the trust bundle from now on; intermediates are signed by it once it is activated after the propagation window")
                         }
                         Err(e) => {
-                            tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s")
+                            tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s");
+                            self.keys
+                                .metrics()
+                                .authority_event(AuthorityKind::Root, "failed");
                         }
                     }
                 }
@@ -611,6 +614,9 @@ impl Ca {
                 Err(e) => match usable_active {
                     Some(a) => {
                         tracing::warn!(authority = %a.record.id, why, error = %e, "cannot replace the intermediate yet (root or key manager unavailable?); it stays active; retrying every 5s");
+                        self.keys
+                            .metrics()
+                            .authority_event(AuthorityKind::Intermediate, "failed");
                         return Ok(a);
                     }
                     None => return Err(e),
@@ -633,7 +639,10 @@ impl Ca {
                     self.current.write().expect("ca lock").prepared_intermediate = Some(p);
                 }
                 Err(e) => {
-                    tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s")
+                    tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s");
+                    self.keys
+                        .metrics()
+                        .authority_event(AuthorityKind::Intermediate, "failed");
                 }
             }
         }
@@ -683,7 +692,10 @@ impl Ca {
                         tracing::info!(authority = %p.record.id, current = %active.id, requested = was_requested, "prepared the next JWT signing key: published in the JWT bundle now, signs after the propagation window")
                     }
                     Err(e) => {
-                        tracing::warn!(current = %active.id, error = %e, "cannot prepare the next JWT key yet (key manager unavailable?); the current one stays active; retrying every 5s")
+                        tracing::warn!(current = %active.id, error = %e, "cannot prepare the next JWT key yet (key manager unavailable?); the current one stays active; retrying every 5s");
+                        self.keys
+                            .metrics()
+                            .authority_event(AuthorityKind::Jwt, "failed");
                     }
                 }
             }
@@ -714,7 +726,10 @@ impl Ca {
                             return Ok(next);
                         }
                         Err(e) => {
-                            tracing::warn!(authority = %p.id, error = %e, "cannot load the prepared JWT key yet; the current one stays active; retrying every 5s")
+                            tracing::warn!(authority = %p.id, error = %e, "cannot load the prepared JWT key yet; the current one stays active; retrying every 5s");
+                            self.keys
+                                .metrics()
+                                .authority_event(AuthorityKind::Jwt, "failed");
                         }
                     }
                 }
