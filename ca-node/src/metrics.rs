@@ -87,7 +87,11 @@ pub struct Metrics {
     raft_last_log_index: IntGauge,
     raft_applied_index: IntGauge,
     raft_snapshot_index: IntGauge,
-    raft_snapshots: IntCounter,
+    raft_snapshots: IntCounterVec,
+    raft_snapshot_seconds: HistogramVec,
+    /// Node-port connections open, by kind (`authenticated`: agents and members calling the
+    /// node API; `unauthenticated`: attesting agents and joining nodes; `replication`).
+    pub connections_open: IntGaugeVec,
     raft_members: IntGauge,
     raft_lag: IntGaugeVec,
     raft_quorum_ack_age: Gauge,
@@ -298,9 +302,26 @@ impl Metrics {
                 "ca_raft_snapshot_index",
                 "Last entry covered by this node's current snapshot",
             ),
-            raft_snapshots: r.counter(
+            raft_snapshots: r.counters(
                 "ca_raft_snapshots_total",
-                "Snapshots this node built or installed",
+                "Snapshots this node built or installed, by event (built, installed)",
+                &["event"],
+            ),
+            raft_snapshot_seconds: r.add(
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ca_raft_snapshot_seconds",
+                        "Time to build or install a snapshot, by event",
+                    )
+                    .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+                    &["event"],
+                )
+                .expect("metric"),
+            ),
+            connections_open: r.gauges(
+                "ca_node_api_connections_open",
+                "Node-port connections open, by kind (authenticated, unauthenticated, replication)",
+                &["kind"],
             ),
             raft_members: r.gauge("ca_raft_members", "Voters in the membership"),
             raft_lag: r.gauges(
@@ -354,6 +375,13 @@ impl Metrics {
         }
         for result in ["served", "refused"] {
             m.raft_links.with_label_values(&[result]);
+        }
+        for event in ["built", "installed"] {
+            m.raft_snapshots.with_label_values(&[event]);
+            m.raft_snapshot_seconds.with_label_values(&[event]);
+        }
+        for kind in ["authenticated", "unauthenticated", "replication"] {
+            m.connections_open.with_label_values(&[kind]);
         }
         m
     }
@@ -468,9 +496,6 @@ impl Metrics {
             if now.leader.is_some() && b.leader != now.leader {
                 self.raft_leader_changes.inc();
             }
-            if now.snapshot.is_some() && b.snapshot != now.snapshot {
-                self.raft_snapshots.inc();
-            }
         }
         self.raft_lag.reset();
         for (id, r) in &now.replication {
@@ -484,9 +509,53 @@ impl Metrics {
         );
     }
 
+    /// Counts the snapshots of `now` not in `before`, with the durations of the last ones.
+    pub fn set_snapshots(
+        &self,
+        before: &ca_raft::SnapshotActivity,
+        now: &ca_raft::SnapshotActivity,
+    ) {
+        for (event, was, is, took) in [
+            ("built", before.built, now.built, now.last_build),
+            (
+                "installed",
+                before.installed,
+                now.installed,
+                now.last_install,
+            ),
+        ] {
+            if is > was {
+                self.raft_snapshots
+                    .with_label_values(&[event])
+                    .inc_by(is - was);
+                self.raft_snapshot_seconds
+                    .with_label_values(&[event])
+                    .observe(took.as_secs_f64());
+            }
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         render_registry(&self.registry)
+    }
+}
+
+/// One count of an open-connections gauge, held while the connection is open.
+#[derive(Debug)]
+pub struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    /// Counts one more in `gauge` until dropped.
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

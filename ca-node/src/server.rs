@@ -25,7 +25,7 @@ use crate::ca::{Ca, CaSettings};
 use crate::cluster;
 use crate::config::{KeyManagerConfig, NodeConfig};
 use crate::core::NodeCore;
-use crate::metrics::{MeteredProposer, Metrics};
+use crate::metrics::{MeteredProposer, Metrics, OpenConnection};
 use crate::node_api::NodeApi;
 use crate::peer_gate::{CheckedProposer, PeerGate};
 use crate::raft_tls::TlsConnector;
@@ -632,17 +632,20 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                             let Some(anon) = anon_limit.try_admit() else {
                                 return refuse_anonymous(&core, peer, "the node's limit of connections without a client certificate is reached");
                             };
-                            let conn = ca_identity::serve::Permitted::new(tls, (permit, anon, slot))
+                            let open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["unauthenticated"]));
+                            let conn = ca_identity::serve::Permitted::new(tls, (permit, anon, slot, open))
                                 .with_max_age(anon_max_age);
                             let _ = anon_tx.send(Ok::<_, std::io::Error>(conn)).await;
                             return;
                         }
                         if conn.alpn_protocol() != Some(ca_raft::link::LINK_ALPN) {
-                            let conn = ca_identity::serve::Permitted::new(tls, permit);
+                            let open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["authenticated"]));
+                            let conn = ca_identity::serve::Permitted::new(tls, (permit, open));
                             let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
                             return;
                         }
                         let _permit = permit;
+                        let _open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["replication"]));
                         let links = &core.metrics.raft_links;
                         let admitted = gate.admit_certs_confirmed(conn.peer_certificates()).await;
                         match admitted.and_then(|a| a.full()) {
@@ -810,15 +813,21 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     tasks.push(tokio::spawn({
         let metrics = core.metrics.clone();
         let mut raft_metrics = raft.metrics();
+        let mut snapshots = core.sm.subscribe_snapshots();
         let mut stop = shutdown.subscribe();
         async move {
             let mut before = None;
+            let mut snapshots_before = ca_raft::SnapshotActivity::default();
             loop {
                 let now = ca_raft::node::status_from_metrics(&raft_metrics.borrow_and_update());
                 metrics.set_raft(before.as_ref(), &now);
                 before = Some(now);
+                let activity = *snapshots.borrow_and_update();
+                metrics.set_snapshots(&snapshots_before, &activity);
+                snapshots_before = activity;
                 tokio::select! {
                     r = raft_metrics.changed() => if r.is_err() { return },
+                    r = snapshots.changed() => if r.is_err() { return },
                     _ = stop.changed() => return,
                 }
             }

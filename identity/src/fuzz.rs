@@ -3,10 +3,12 @@
 //! target feeds arbitrary bytes (and mutations of a valid input, which reach deeper) and
 //! checks that nothing panics and that what is accepted is consistent.
 //!
-//! Under `cargo test` each target runs bolero's random engine for one second
-//! (`BOLERO_RANDOM_TEST_TIME_MS` or `BOLERO_RANDOM_ITERATIONS` to change it; a failure
-//! prints the `BOLERO_RANDOM_SEED` that reproduces it). The same targets run
-//! coverage-guided under `cargo bolero test` with libFuzzer (a nightly toolchain).
+//! Under `cargo test` each target first replays its committed corpus
+//! (`src/__fuzz__/<target>/corpus/`, grown coverage-guided with libFuzzer by
+//! `ops/scripts/fuzz-corpus.sh`; a `crashes/` directory beside it is replayed too), then
+//! runs bolero's random engine for one second (`BOLERO_RANDOM_TEST_TIME_MS` or
+//! `BOLERO_RANDOM_ITERATIONS` to change it; a failure prints the `BOLERO_RANDOM_SEED` that
+//! reproduces it).
 
 use ca_test_support::fuzz::mutate;
 

@@ -159,6 +159,9 @@ def issuance():
     b.ts("Refused by a limit", "Node API calls and connections refused by rate limits and bounds.",
          [(f"sum by (limit) (rate(ca_node_api_rate_limited_total{{{N}}}[{RI}]))", "{{limit}}")],
          "ops")
+    b.ts("Connected agents", "Node-port connections with a client certificate (agents, and members "
+         "calling the node API), without one (attesting), and replication links.",
+         [(f"sum by (instance, kind) (ca_node_api_connections_open{{{N}}})", "{{instance}} {{kind}}")])
     b.ts("Agent sync latency (p99)", "SyncEntries, by node.",
          [(f"histogram_quantile(0.99, sum by (le, instance) (rate(ca_node_api_sync_seconds_bucket{{{N}}}[{RI}])))",
            "{{instance}}")], "s")
@@ -229,11 +232,14 @@ def cluster():
     b.ts("Proposal latency (p99)", "From proposing to applied, by node.",
          [(f"histogram_quantile(0.99, sum by (le, instance) (rate(ca_raft_proposal_seconds_bucket{{{N}}}[{RI}])))",
            "{{instance}}")], "s")
-    b.ts("Snapshots", "Snapshots built and installed (1h), and the index the current one covers.",
+    b.ts("Snapshots", "Snapshots built and installed in the last hour, by node.",
          [(f"sum by (instance, event) (increase(ca_raft_snapshots_total{{{N}}}[1h]))",
-           "{{instance}} {{event}}")])
+           "{{instance}} {{event}}")], w=8)
+    b.ts("Snapshot duration (longest, 1h)", "Time to build or install a snapshot.",
+         [(f"histogram_quantile(1, sum by (le, event) (rate(ca_raft_snapshot_seconds_bucket{{{N}}}[1h])))",
+           "{{event}}")], "s", w=8)
     b.ts("Quorum acknowledgement age (leader)", "Time since a quorum last acknowledged the leader.",
-         [(f"ca_raft_quorum_ack_age_seconds{{{N}}}", "{{instance}}")], "s")
+         [(f"ca_raft_quorum_ack_age_seconds{{{N}}}", "{{instance}}")], "s", w=8)
     b.row("Node health")
     b.ts("Clock offset to each member", "Their clock minus this node's; a node off by more than "
          "max_clock_skew_secs stops minting.",

@@ -35,5 +35,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests"
 cargo test --workspace --locked
 
-echo "== fuzz targets, 20 s each (bolero's random engine; one second each ran above)"
+echo "== fuzz targets: committed corpus, then 20 s of random inputs each (one second each ran above)"
 BOLERO_RANDOM_TEST_TIME_MS=20000 cargo test --workspace --locked --lib fuzz

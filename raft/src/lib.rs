@@ -80,7 +80,7 @@ pub use proposer::{LocalProposer, Proposer, RaftProposer};
 pub use records::*;
 pub use service::RaftGrpc;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{is_ca_node_id, StateMachine, CA_NODE_JOIN};
+pub use state_machine::{is_ca_node_id, SnapshotActivity, StateMachine, CA_NODE_JOIN};
 pub use types::{NodeId, NodeInfo, TypeConfig};
 
 /// Errors of the store (not rule violations: those are [`Response::Rejected`]).

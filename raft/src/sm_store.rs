@@ -31,9 +31,11 @@ fn snap_err(meta: Option<&SnapshotMeta>, verb: ErrorVerb, e: crate::Error) -> St
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let start = std::time::Instant::now();
         let (meta, file) = StateMachine::build_snapshot(self)
             .await
             .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        self.note_snapshot(false, start.elapsed());
         tracing::info!(snapshot = %meta, "built snapshot");
         Ok(Snapshot {
             meta,
@@ -81,9 +83,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
+        let start = std::time::Instant::now();
         StateMachine::install_snapshot(self, meta, *snapshot)
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        self.note_snapshot(true, start.elapsed());
         tracing::info!(snapshot = %meta, "installed snapshot");
         Ok(())
     }

@@ -181,6 +181,21 @@ pub struct StateMachine {
     /// Index of the last applied change to the CA journal or the rotation requests.
     ca_changed: watch::Sender<u64>,
     snapshots: Arc<SnapshotDir>,
+    snapshot_activity: watch::Sender<SnapshotActivity>,
+}
+
+/// Snapshots a state machine built and installed since it was opened, and how long the
+/// last of each took ([`StateMachine::subscribe_snapshots`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SnapshotActivity {
+    /// Snapshots built.
+    pub built: u64,
+    /// Snapshots installed (sent by a leader).
+    pub installed: u64,
+    /// How long the last build took.
+    pub last_build: Duration,
+    /// How long the last install took.
+    pub last_install: Duration,
 }
 
 /// How often a connection of its own checkpoints the state's WAL (see [`run_checkpoints`]).
@@ -331,6 +346,7 @@ impl StateMachine {
             applied,
             ca_changed: watch::channel(last).0,
             snapshots: Arc::new(snapshots),
+            snapshot_activity: watch::channel(SnapshotActivity::default()).0,
         })
     }
 
@@ -349,6 +365,24 @@ impl StateMachine {
     /// agents, tokens) do not wake it.
     pub fn subscribe_ca(&self) -> watch::Receiver<u64> {
         self.ca_changed.subscribe()
+    }
+
+    /// Notifies when a snapshot was built or installed.
+    pub fn subscribe_snapshots(&self) -> watch::Receiver<SnapshotActivity> {
+        self.snapshot_activity.subscribe()
+    }
+
+    /// Records a snapshot built (or, with `installed`, installed) in `took`.
+    pub(crate) fn note_snapshot(&self, installed: bool, took: Duration) {
+        self.snapshot_activity.send_modify(|a| {
+            if installed {
+                a.installed += 1;
+                a.last_install = took;
+            } else {
+                a.built += 1;
+                a.last_build = took;
+            }
+        });
     }
 
     /// The last applied log ID and the last applied membership, as stored.

@@ -658,6 +658,8 @@ async fn node_behind_the_purged_log_catches_up_by_snapshot() {
         .unwrap();
     let st = n1.status();
     assert!(st.snapshot.is_some(), "{st:?}");
+    let built = *nodes[0].sm().subscribe_snapshots().borrow();
+    assert!(built.built >= 1 && built.installed == 0, "{built:?}");
 
     // Node 3 restarts with its old stores: the log it needs is gone, so it gets a snapshot.
     let dir = nodes[2].dir.clone();
@@ -667,6 +669,9 @@ async fn node_behind_the_purged_log_catches_up_by_snapshot() {
     applied(&nodes[2], target).await;
     let st3 = nodes[2].node.status();
     let snap = st3.snapshot.expect("node 3 has a snapshot");
+    let activity = *nodes[2].sm().subscribe_snapshots().borrow();
+    assert!(activity.installed >= 1, "{activity:?}");
+    assert!(activity.last_install > std::time::Duration::ZERO);
     assert!(
         snap.index > behind,
         "installed snapshot {snap} is past {behind}"

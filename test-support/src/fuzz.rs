@@ -1,5 +1,6 @@
 //! Helpers for the workspace's fuzz targets (bolero `check!` harnesses that run for a
-//! second under `cargo test`, and coverage-guided under `cargo bolero test`).
+//! second under `cargo test` after replaying their committed corpora, and coverage-guided
+//! under libFuzzer with `ops/scripts/fuzz-corpus.sh`).
 
 /// `seed` changed by `ops`, so that fuzz inputs reach past the first parser check: each 3
 /// bytes overwrite one byte (position from the first two, value from the third); a
