@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use ca_proto::raft as pb;
 use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError,
+    RaftError,
 };
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
@@ -169,6 +170,7 @@ struct Inner {
     peers: Peers,
     timeout: Duration,
     batcher: WriteBatcher,
+    membership: MembershipLock,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -222,7 +224,36 @@ type WriteResult = std::result::Result<
 /// over; see [`change_membership_local`].
 const MEMBERSHIP_SETTLE: Duration = Duration::from_secs(2);
 
-pub(crate) async fn change_membership_local(raft: &Raft, change: &MembershipChange) -> WriteResult {
+/// One membership change at a time on a node: openraft refuses a change while another is
+/// uncommitted ("in progress"), so changes that arrive together (nodes joining at once,
+/// directly or forwarded) wait their turn here instead.
+pub(crate) type MembershipLock = Arc<tokio::sync::Mutex<()>>;
+
+/// How long a change keeps retrying while openraft still reports another one in progress
+/// (one started before this node's lock saw it, e.g. by a previous leader).
+const IN_PROGRESS_RETRY: Duration = Duration::from_secs(20);
+
+pub(crate) async fn change_membership_local(
+    raft: &Raft,
+    lock: &MembershipLock,
+    change: &MembershipChange,
+) -> WriteResult {
+    let _turn = lock.lock().await;
+    let deadline = Instant::now() + IN_PROGRESS_RETRY;
+    loop {
+        match change_membership_once(raft, change).await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(p),
+            ))) if Instant::now() < deadline => {
+                tracing::debug!(in_progress = ?p, "another membership change is in progress; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn change_membership_once(raft: &Raft, change: &MembershipChange) -> WriteResult {
     let (state, leader, leader_node) = {
         let m = raft.metrics();
         let m = m.borrow();
@@ -324,6 +355,7 @@ impl RaftNode {
                 peers,
                 timeout: config.timeout,
                 batcher,
+                membership: MembershipLock::default(),
             }
         });
         Ok(Self { inner })
@@ -352,7 +384,13 @@ impl RaftNode {
         stop: tokio::sync::watch::Receiver<bool>,
         policy: Arc<dyn crate::policy::PeerPolicy>,
     ) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
-        RaftGrpc::new(self.inner.raft.clone(), stop, policy).into_server()
+        RaftGrpc::new(
+            self.inner.raft.clone(),
+            self.inner.membership.clone(),
+            stop,
+            policy,
+        )
+        .into_server()
     }
 
     /// Serves one replication link ([`crate::link`]) from `caller`, a peer the node's
@@ -624,12 +662,15 @@ impl RaftNode {
                     self.inner.timeout
                 )));
             }
-            let leader = match change_membership_local(&self.inner.raft, &change).await {
-                Ok(resp) => return Ok(resp.log_id),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => leader_of(f),
-                Err(RaftError::APIError(e)) => return Err(Error::Cluster(e.to_string())),
-                Err(RaftError::Fatal(f)) => return Err(unavailable(f)),
-            };
+            let leader =
+                match change_membership_local(&self.inner.raft, &self.inner.membership, &change)
+                    .await
+                {
+                    Ok(resp) => return Ok(resp.log_id),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => leader_of(f),
+                    Err(RaftError::APIError(e)) => return Err(Error::Cluster(e.to_string())),
+                    Err(RaftError::Fatal(f)) => return Err(unavailable(f)),
+                };
             if let Some((id, node)) = leader.filter(|(id, _)| *id != self.inner.id) {
                 match self.forward_change(id, &node, &change, deadline).await {
                     Ok(Forwarded::Done(log_id)) => return Ok(log_id),

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::command::Command;
 use crate::network::MAX_MESSAGE_SIZE;
-use crate::node::{change_membership_local, MembershipChange};
+use crate::node::{change_membership_local, MembershipChange, MembershipLock};
 use crate::pb::{from_json, to_json, FromPb, IntoPb};
 use crate::policy::PeerPolicy;
 use crate::types::{NodeId, Raft, TypeConfig};
@@ -25,6 +25,7 @@ use crate::types::{NodeId, Raft, TypeConfig};
 #[derive(Clone)]
 pub struct RaftGrpc {
     raft: Raft,
+    membership: MembershipLock,
     stop: watch::Receiver<bool>,
     policy: Arc<dyn PeerPolicy>,
 }
@@ -40,8 +41,18 @@ impl RaftGrpc {
     /// its sender is dropped), so that a graceful shutdown of the server, which waits for
     /// open streams, is not held up by a leader's long-lived one. Callers and proposals
     /// are checked against `policy`.
-    pub fn new(raft: Raft, stop: watch::Receiver<bool>, policy: Arc<dyn PeerPolicy>) -> Self {
-        Self { raft, stop, policy }
+    pub(crate) fn new(
+        raft: Raft,
+        membership: MembershipLock,
+        stop: watch::Receiver<bool>,
+        policy: Arc<dyn PeerPolicy>,
+    ) -> Self {
+        Self {
+            raft,
+            membership,
+            stop,
+            policy,
+        }
     }
 
     /// The tonic service, with message size limits fit for snapshot chunks.
@@ -196,7 +207,7 @@ impl RaftService for RaftGrpc {
         use pb::change_membership_reply::Result as R;
         self.policy.admit(request.extensions()).await?.full()?;
         let change = MembershipChange::from_pb(request.into_inner())?;
-        let result = match change_membership_local(&self.raft, &change).await {
+        let result = match change_membership_local(&self.raft, &self.membership, &change).await {
             Ok(resp) => R::LogId(resp.log_id.into_pb()),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 R::ForwardToLeader(f.into_pb())
