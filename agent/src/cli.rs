@@ -160,6 +160,8 @@ fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in journald or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -172,6 +174,7 @@ async fn run_agent(config_path: &Path) -> Result<(), Error> {
             context: "cannot install the SIGTERM handler".into(),
             source: e,
         })?;
+    ca_identity::systemd::notify("READY=1\nSTATUS=Workload API listening");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -180,6 +183,7 @@ async fn run_agent(config_path: &Path) -> Result<(), Error> {
             return Err(Error::WorkloadApi("the Workload API server stopped unexpectedly".into()));
         }
     }
+    ca_identity::systemd::notify("STOPPING=1");
     agent.shutdown().await
 }
 

@@ -646,9 +646,11 @@ pub const ROOM_TO_RESTART: u64 = 16 << 20;
 /// signal while it waits ends it with the failure.
 async fn run_until_signal(node: crate::NodeHandle, config: &Path) -> Result<(), String> {
     let failed = node.failure();
+    ca_identity::systemd::notify("READY=1\nSTATUS=serving");
     let why = tokio::select! {
         _ = wait_for_signal() => {
             tracing::info!("shutting down");
+            ca_identity::systemd::notify("STOPPING=1");
             node.shutdown().await;
             return Ok(());
         }
@@ -1097,6 +1099,8 @@ fn init_logging(filter: &str) {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in journald or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -6,12 +6,25 @@ use std::path::Path;
 fn every_example_config_parses() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config");
     let mut seen = 0;
+    let mut agents = 0;
     for f in std::fs::read_dir(&dir).unwrap() {
         let path = f.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("agent-")
+        {
+            let cfg: ca_agent::config::AgentConfig =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(cfg.server_addresses.len(), 3, "{}", path.display());
+            agents += 1;
+            continue;
+        }
         // Schema (unknown keys, types, variants): always.
         let cfg: ca_node::NodeConfig =
             toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -26,6 +39,7 @@ fn every_example_config_parses() {
         }
         seen += 1;
     }
+    assert_eq!(agents, 2, "the agent examples (join token, x509pop)");
     assert!(
         seen >= 3,
         "expected the example configs in {}",

@@ -22,6 +22,7 @@ pub mod rate_limit;
 pub mod selector;
 pub mod serve;
 pub mod spiffe_id;
+pub mod systemd;
 pub mod tls;
 pub mod unix_socket;
 pub mod x509;

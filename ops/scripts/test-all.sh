@@ -9,6 +9,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 dpkg -s softhsm2 >/dev/null 2>&1 || need_apt+=(softhsm2)
 dpkg -s prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+# ops/deploy: systemd-analyze verify of the units.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # chaos-tests: a node whose clock runs ahead (libfaketime).
 dpkg -s faketime >/dev/null 2>&1 || need_apt+=(faketime)
 if [ "$(id -u)" = 0 ]; then
