@@ -105,18 +105,22 @@ enum Cmd {
     /// Replace the root: a new root is created and published in the trust bundle at once;
     /// after rotation.propagation_window intermediates are signed by it; the old root
     /// leaves the bundle once everything under it has expired.
-    RotateRoot,
+    RotateRoot(WaitFor),
     /// Revoke an intermediate CA cluster-wide: no node signs with it again, agents replace
     /// every SVID it signed at once, and its node gets a new one.
     RevokeIntermediate {
         /// The intermediate's ID (`ca-node ca show`).
         id: String,
+        #[command(flatten)]
+        wait: WaitFor,
     },
     /// Revoke a JWT signing key cluster-wide: it leaves the JWT bundle, agents drop the
     /// JWT-SVIDs it signed, its node activates a new key at once.
     RevokeJwtKey {
         /// The JWT key's ID (`ca-node ca show`).
         id: String,
+        #[command(flatten)]
+        wait: WaitFor,
     },
     /// Exit 0 if the local node is ready.
     Healthcheck,
@@ -211,18 +215,28 @@ enum TokenCmd {
         /// Lifetime in seconds (default: the node's `ttl.join_token`).
         #[arg(long)]
         ttl: Option<i64>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum AgentCmd {
     /// List attested agents.
-    List,
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Show one agent.
     Show {
         /// Its SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Forget an agent: it must attest again.
     Evict {
@@ -320,9 +334,101 @@ struct RotateTarget {
     /// Every node's.
     #[arg(long)]
     all: bool,
+    #[command(flatten)]
+    wait: WaitFor,
 }
 
-async fn rotate(cli: &Cli, kind: &str, target: Option<&RotateTarget>) -> Result<(), String> {
+/// `--wait`: return only once the cluster's journal shows the new authorities active.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct WaitFor {
+    /// Return once every replaced authority has an active successor (a line per node as it
+    /// happens), or fail after --timeout.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds --wait waits (a JWT key or root activates after rotation.propagation_window).
+    #[arg(long, default_value_t = 900, requires = "wait")]
+    timeout: u64,
+}
+
+/// Waits until, for each `(node, replaced)` of `kind`, `replaced` is no longer active and
+/// the node (the cluster, for roots) has another active authority of `kind`; prints a line
+/// per node as that happens, and what it waits for.
+async fn wait_replaced(
+    c: &mut AdminClient<Channel>,
+    kind: &str,
+    pending: Vec<(String, String)>,
+    wait: WaitFor,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    let mut pending = pending;
+    let mut told = std::collections::BTreeSet::new();
+    loop {
+        let auths = c
+            .get_ca_status(GetCaStatusRequest {})
+            .await
+            .map_err(status_msg)?
+            .into_inner()
+            .authorities;
+        pending.retain(|(node, replaced)| {
+            let on = if node.is_empty() {
+                "the cluster".to_string()
+            } else {
+                format!("node {node}")
+            };
+            let mine = |a: &&Authority| a.kind == kind && (kind == "root" || &a.node_id == node);
+            let still_active = auths
+                .iter()
+                .any(|a| &a.id == replaced && a.state == "active");
+            let successor = auths
+                .iter()
+                .filter(mine)
+                .find(|a| a.state == "active" && &a.id != replaced);
+            match successor {
+                Some(s) if !still_active => {
+                    println!(
+                        "{on}: {kind} {} active (replaced {replaced}) after {} s",
+                        s.id,
+                        start.elapsed().as_secs()
+                    );
+                    false
+                }
+                _ => {
+                    if let Some(p) = auths.iter().filter(mine).find(|a| a.state == "prepared") {
+                        if told.insert(p.id.clone()) {
+                            println!(
+                                "{on}: {kind} {} prepared, published; waiting for its activation",
+                                p.id
+                            );
+                        }
+                    }
+                    true
+                }
+            }
+        });
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed().as_secs() >= wait.timeout {
+            let who: Vec<String> = pending
+                .iter()
+                .map(|(n, r)| format!("{} ({r})", if n.is_empty() { "root" } else { n }))
+                .collect();
+            return Err(format!(
+                "timed out after {} s: no active successor yet for {}; a node that is down acts when it is back (`ca-node cluster status`, `ca-node ca show`)",
+                wait.timeout,
+                who.join(", ")
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+async fn rotate(
+    cli: &Cli,
+    kind: &str,
+    target: Option<&RotateTarget>,
+    root_wait: WaitFor,
+) -> Result<(), String> {
     let mut c = admin(cli).await?;
     let r = c
         .rotate_authority(RotateAuthorityRequest {
@@ -354,11 +460,20 @@ async fn rotate(cli: &Cli, kind: &str, target: Option<&RotateTarget>) -> Result<
             ),
         }
     }
-    println!("Follow it with `ca-node ca show`.");
-    Ok(())
+    let wait = target.map(|t| t.wait).unwrap_or(root_wait);
+    if !wait.wait {
+        println!("Follow it with `ca-node ca show`, or pass --wait.");
+        return Ok(());
+    }
+    let pending = r
+        .requests
+        .iter()
+        .map(|q| (q.node_id.clone(), q.replaces.clone()))
+        .collect();
+    wait_replaced(&mut c, kind, pending, wait).await
 }
 
-async fn revoke(cli: &Cli, kind: &str, id: &str) -> Result<(), String> {
+async fn revoke(cli: &Cli, kind: &str, id: &str, wait: WaitFor) -> Result<(), String> {
     let mut c = admin(cli).await?;
     let r = c
         .revoke_authority(RevokeAuthorityRequest {
@@ -373,13 +488,20 @@ async fn revoke(cli: &Cli, kind: &str, id: &str) -> Result<(), String> {
         "Revoked {} {} (node {}): no node signs with or publishes it from now on; agents replace every SVID it signed at their next sync, and node {} gets a new one.",
         a.kind, a.id, a.node_id, a.node_id
     );
-    Ok(())
+    if !wait.wait {
+        return Ok(());
+    }
+    wait_replaced(&mut c, kind, vec![(a.node_id.clone(), a.id.clone())], wait).await
 }
 
 #[derive(Subcommand, Debug)]
 enum CaCmd {
     /// Every authority in the CA journal.
-    Show,
+    Show {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 /// A tonic channel over a Unix socket.
@@ -522,6 +644,14 @@ fn print_entries(entries: &[types::Entry], output: Output) {
             }
         }
     }
+}
+
+fn agent_json(a: &types::Agent) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": a.spiffe_id, "attestation_type": a.attestation_type,
+        "x509_svid_expires_at": a.x509_svid_expires_at, "x509_svid_serial": a.x509_svid_serial,
+        "banned": a.banned,
+    })
 }
 
 fn print_agent(a: &types::Agent) {
@@ -947,7 +1077,11 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Token(TokenCmd::Generate { spiffe_id, ttl }) => {
+        Cmd::Token(TokenCmd::Generate {
+            spiffe_id,
+            ttl,
+            output,
+        }) => {
             let mut c = admin(&cli).await?;
             let r = c
                 .create_join_token(CreateJoinTokenRequest {
@@ -957,6 +1091,13 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_msg)?
                 .into_inner();
+            if let Output::Json = output {
+                let v = serde_json::json!({
+                    "token": r.token, "spiffe_id": r.spiffe_id, "expires_at": r.expires_at,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                return Ok(());
+            }
             println!("Token: {}", r.token);
             println!("SPIFFE ID: {}", r.spiffe_id);
             println!("Expires: {}", fmt_time(r.expires_at));
@@ -965,7 +1106,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
         Cmd::Agent(cmd) => {
             let mut c = admin(&cli).await?;
             match cmd {
-                AgentCmd::List => {
+                AgentCmd::List { output } => {
                     let agents = all_pages(|page_token| {
                         let mut c = c.clone();
                         async move {
@@ -980,6 +1121,11 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                         }
                     })
                     .await?;
+                    if let Output::Json = output {
+                        let v: Vec<_> = agents.iter().map(agent_json).collect();
+                        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                        return Ok(());
+                    }
                     println!(
                         "Found {} attested agent{}:\n",
                         agents.len(),
@@ -987,7 +1133,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                     );
                     agents.iter().for_each(print_agent);
                 }
-                AgentCmd::Show { spiffe_id } => {
+                AgentCmd::Show { spiffe_id, output } => {
                     let a = c
                         .get_agent(GetAgentRequest {
                             spiffe_id: spiffe_id.clone(),
@@ -995,7 +1141,14 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                         .await
                         .map_err(status_msg)?
                         .into_inner();
-                    print_agent(&a.agent.unwrap_or_default());
+                    let a = a.agent.unwrap_or_default();
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&agent_json(&a)).expect("json")
+                        ),
+                        Output::Text => print_agent(&a),
+                    }
                 }
                 AgentCmd::Evict { spiffe_id } => {
                     c.evict_agent(EvictAgentRequest {
@@ -1029,13 +1182,27 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Ca(CaCmd::Show) => {
+        Cmd::Ca(CaCmd::Show { output }) => {
             let mut c = admin(&cli).await?;
             let r = c
                 .get_ca_status(GetCaStatusRequest {})
                 .await
                 .map_err(status_msg)?
                 .into_inner();
+            if let Output::Json = output {
+                let v = serde_json::json!({
+                    "trust_domain": r.trust_domain, "node_id": r.node_id,
+                    "authorities": r.authorities.iter().map(|a| serde_json::json!({
+                        "id": a.id, "kind": a.kind, "state": a.state,
+                        "node_id": (!a.node_id.is_empty()).then_some(&a.node_id),
+                        "key_id": a.key_id, "key_backend": a.key_backend,
+                        "not_before": a.not_before, "not_after": a.not_after,
+                        "approx_valid_svids": (a.approx_valid_svids >= 0).then_some(a.approx_valid_svids),
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                return Ok(());
+            }
             println!(
                 "Trust domain: {}   (this node: {})",
                 r.trust_domain, r.node_id
@@ -1071,11 +1238,11 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Cmd::RotateIntermediate(t) => rotate(&cli, "intermediate", Some(t)).await,
-        Cmd::RotateJwtKey(t) => rotate(&cli, "jwt", Some(t)).await,
-        Cmd::RotateRoot => rotate(&cli, "root", None).await,
-        Cmd::RevokeIntermediate { id } => revoke(&cli, "intermediate", id).await,
-        Cmd::RevokeJwtKey { id } => revoke(&cli, "jwt", id).await,
+        Cmd::RotateIntermediate(t) => rotate(&cli, "intermediate", Some(t), t.wait).await,
+        Cmd::RotateJwtKey(t) => rotate(&cli, "jwt", Some(t), t.wait).await,
+        Cmd::RotateRoot(w) => rotate(&cli, "root", None, *w).await,
+        Cmd::RevokeIntermediate { id, wait } => revoke(&cli, "intermediate", id, *wait).await,
+        Cmd::RevokeJwtKey { id, wait } => revoke(&cli, "jwt", id, *wait).await,
         Cmd::Healthcheck => {
             let mut c = admin(&cli).await?;
             let r = c

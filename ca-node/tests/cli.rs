@@ -389,3 +389,97 @@ fn healthcheck_against_a_stale_socket_says_what_to_do() {
         out.stderr
     );
 }
+
+/// `--wait` on rotations and revocations returns once the successor is active (a line as it
+/// happens), and fails clearly when the wait runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_revocation_wait_for_their_successor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, sock) = write_config(
+        tmp.path(),
+        "127.0.0.1:0",
+        "[rotation]\npropagation_window = 2\n",
+    );
+    let _node = NodeProcess::start(&cfg, &sock, &tmp.path().join("node.log")).await;
+    let active = |kind: &str| -> String {
+        let out = cli(&sock, &["ca", "show"]);
+        assert!(out.success, "{out:?}");
+        out.stdout
+            .lines()
+            .find(|l| l.contains(kind) && l.contains("active"))
+            .unwrap_or_else(|| panic!("no active {kind} in:\n{}", out.stdout))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+
+    let before = active("intermediate");
+    let out = cli(&sock, &["rotate-intermediate", "--wait", "--timeout", "60"]);
+    assert!(out.success, "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("active (replaced {before})")),
+        "{}",
+        out.stdout
+    );
+    let rotated = active("intermediate");
+    assert_ne!(rotated, before);
+
+    // A JWT key activates after the propagation window: --wait says so, then returns.
+    let jwt = active("jwt");
+    let out = cli(&sock, &["rotate-jwt-key", "--wait", "--timeout", "60"]);
+    assert!(out.success, "{out:?}");
+    assert!(out.stdout.contains("prepared, published"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("active (replaced {jwt})")),
+        "{}",
+        out.stdout
+    );
+
+    let out = cli(
+        &sock,
+        &["revoke-intermediate", &rotated, "--wait", "--timeout", "60"],
+    );
+    assert!(out.success, "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("active (replaced {rotated})")),
+        "{}",
+        out.stdout
+    );
+
+    // --timeout without --wait is refused by the parser; a wait that runs out fails with
+    // what it was waiting for.
+    let out = cli(&sock, &["rotate-root", "--timeout", "5"]);
+    assert!(!out.success);
+    let out = cli(&sock, &["rotate-root", "--wait", "--timeout", "1"]);
+    assert!(!out.success, "{out:?}");
+    assert!(
+        out.stderr.contains("timed out after 1 s") && out.stderr.contains("root"),
+        "{}",
+        out.stderr
+    );
+
+    // Read commands answer JSON for scripts.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cli(&sock, args);
+        assert!(out.success, "{args:?}: {out:?}");
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", out.stdout))
+    };
+    let ca = json(&["ca", "show", "--output", "json"]);
+    let auths = ca["authorities"].as_array().unwrap();
+    assert!(
+        auths
+            .iter()
+            .any(|a| a["id"] == rotated.as_str() && a["state"] == "revoked"),
+        "{ca}"
+    );
+    let token = json(&["token", "generate", "--output", "json"]);
+    assert!(
+        token["token"].as_str().is_some_and(|t| !t.is_empty()),
+        "{token}"
+    );
+    assert!(json(&["agent", "list", "--output", "json"]).is_array());
+    let status = json(&["cluster", "status", "--output", "json"]);
+    assert_eq!(status["members"].as_array().unwrap().len(), 1, "{status}");
+}
