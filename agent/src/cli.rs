@@ -32,6 +32,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
     about = "SPIFFE agent: node attestation, SVID cache and the Workload API"
 )]
 pub struct Cli {
+    /// How `run` writes its logs: text, or one JSON object per line.
+    #[arg(long, global = true, default_value = "text", value_parser = ca_identity::logging::LOG_FORMATS)]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,7 +138,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Run { config } => run_agent(&config).await,
+        Command::Run { config } => run_agent(&config, &cli.log_format).await,
         Command::Api(ApiCommand::Fetch(FetchCommand::X509 { socket, write })) => {
             fetch_x509(socket.socket_path.as_deref(), write.as_deref()).await
         }
@@ -153,21 +156,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in journald or files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-async fn run_agent(config_path: &Path) -> Result<(), Error> {
+async fn run_agent(config_path: &Path, log_format: &str) -> Result<(), Error> {
     let config = AgentConfig::load(config_path)?;
-    init_logging(&config.log_level);
+    ca_identity::logging::init(&config.log_level, log_format);
     let mut agent = crate::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Io {

@@ -19,6 +19,9 @@ struct Cli {
     /// The local node's admin socket.
     #[arg(long, global = true, env = "CA_NODE_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
     socket_path: PathBuf,
+    /// How `run`, `init`, `join` and `dev` write their logs: text, or one JSON object per line.
+    #[arg(long, global = true, default_value = "text", value_parser = ca_identity::logging::LOG_FORMATS)]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -821,13 +824,13 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
     match &cli.cmd {
         Cmd::Run { config } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
-            init_logging(&cfg.log_level);
+            ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
             run_until_signal(node, config).await
         }
         Cmd::Init { config } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
-            init_logging(&cfg.log_level);
+            ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let node = crate::server::start_with(cfg, crate::server::Bootstrap::Init)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -847,7 +850,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             timeout,
         } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
-            init_logging(&cfg.log_level);
+            ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let token = match (token, token_file) {
                 (Some(t), None) => t.trim().to_owned(),
                 (None, Some(f)) => ca_identity::private_file::read(f, "--token-file")?
@@ -886,7 +889,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             run_until_signal(node, config).await
         }
         Cmd::Dev { dir, nodes } => {
-            init_logging("info");
+            ca_identity::logging::init("info", &cli.log_format);
             crate::dev::run(dir, *nodes)
                 .await
                 .map_err(|e| e.to_string())
@@ -1258,17 +1261,6 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             }
         }
     }
-}
-
-fn init_logging(filter: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in journald or files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -483,3 +483,53 @@ async fn rotation_and_revocation_wait_for_their_successor() {
     let status = json(&["cluster", "status", "--output", "json"]);
     assert_eq!(status["members"].as_array().unwrap().len(), 1, "{status}");
 }
+
+/// `--log-format json`: every line a node writes is one JSON object a log shipper can read,
+/// with no colour codes; an unknown format is refused with the choices.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let out = run_cli(&["--log-format", "yaml", "healthcheck"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("text") && out.stderr.contains("json"),
+        "{}",
+        out.stderr
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, _sock) = write_config(tmp.path(), "127.0.0.1:0", "");
+    let log = tmp.path().join("node.log");
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("ca-node started") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("ca-node started"), "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        assert!(!line.contains('\u{1b}'), "colour codes in {line}");
+    }
+}

@@ -16,6 +16,7 @@ pub mod bundle;
 mod fuzz;
 pub mod http_probe;
 pub mod jwt;
+pub mod logging;
 pub mod private_file;
 pub mod pubkey;
 pub mod rate_limit;
