@@ -111,6 +111,10 @@ enum ValidateCommand {
 
 /// Parses the command line, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
+    if let Some(hint) = ca_identity::spire_flags::hint_for_this_process() {
+        eprintln!("error: {hint}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     // No core dumps and no ptrace by other processes of the same user: this process holds
     // private keys (and join tokens) in memory.

@@ -166,10 +166,14 @@ enum Output {
 
 #[derive(Subcommand, Debug)]
 enum EntryCmd {
-    /// Create an entry.
+    /// Create an entry, or with --data every entry of a JSON file.
     Create {
         #[command(flatten)]
         f: EntryFields,
+        /// A JSON file of entries to create (SPIRE's `{"entries": [...]}` shape, or this
+        /// CLI's `entry show --output json` list); `-` reads standard input.
+        #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
+        data: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: Output,
@@ -185,6 +189,9 @@ enum EntryCmd {
         /// Filter by parent ID.
         #[arg(long)]
         parent_id: Option<String>,
+        /// Only entries that have every given selector (TYPE:KEY:VALUE), repeatable.
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: Output,
@@ -545,6 +552,122 @@ fn status_msg(s: tonic::Status) -> String {
         _ => "",
     };
     format!("{}{hint}", s.message())
+}
+
+/// Entries from a JSON file: SPIRE's `{"entries": [...]}` (its `spiffe_id` and
+/// `parent_id` as strings or as `{"trust_domain", "path"}`, selectors as `{"type",
+/// "value"}`) or a list as `entry show --output json` prints it (selectors as
+/// `"type:value"`). Each entry's problem is reported with its position.
+fn entries_from_file(path: &Path) -> Result<Vec<types::Entry>, String> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| format!("cannot read entries from standard input: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let list = match &v {
+        serde_json::Value::Array(a) => a,
+        serde_json::Value::Object(o) => match o.get("entries") {
+            Some(serde_json::Value::Array(a)) => a,
+            _ => {
+                return Err(format!(
+                    "{}: expected {{\"entries\": [...]}} or a list of entries",
+                    path.display()
+                ))
+            }
+        },
+        _ => {
+            return Err(format!(
+                "{}: expected {{\"entries\": [...]}} or a list of entries",
+                path.display()
+            ))
+        }
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            entry_from_json(e).map_err(|why| format!("{}: entry {}: {why}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+fn entry_from_json(v: &serde_json::Value) -> Result<types::Entry, String> {
+    let id = |key: &str| -> Result<String, String> {
+        match v.get(key) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(serde_json::Value::Object(o)) => {
+                let td = o
+                    .get("trust_domain")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default();
+                let path = o.get("path").and_then(|p| p.as_str()).unwrap_or_default();
+                Ok(format!("spiffe://{td}{path}"))
+            }
+            _ => Err(format!("needs \"{key}\"")),
+        }
+    };
+    let int = |key: &str| v.get(key).and_then(|t| t.as_i64()).unwrap_or(0);
+    let strings = |key: &str| -> Vec<String> {
+        v.get(key)
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut selectors = Vec::new();
+    for s in v
+        .get("selectors")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (kind, value) = match s {
+            serde_json::Value::String(text) => text
+                .split_once(':')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("selector {text:?}: use TYPE:KEY:VALUE"))?,
+            serde_json::Value::Object(o) => (
+                o.get("type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                o.get("value")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            other => return Err(format!("selector {other}: use {{\"type\", \"value\"}}")),
+        };
+        selectors.push(types::Selector {
+            r#type: kind,
+            value,
+        });
+    }
+    if selectors.is_empty() {
+        return Err("needs at least one selector".into());
+    }
+    Ok(types::Entry {
+        spiffe_id: id("spiffe_id")?,
+        parent_id: id("parent_id")?,
+        selectors,
+        x509_svid_ttl: int("x509_svid_ttl"),
+        jwt_svid_ttl: int("jwt_svid_ttl"),
+        dns_names: strings("dns_names"),
+        admin: v.get("admin").and_then(|a| a.as_bool()).unwrap_or(false),
+        hint: v
+            .get("hint")
+            .and_then(|h| h.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        ..Default::default()
+    })
 }
 
 fn fields_to_entry(f: &EntryFields, base: types::Entry) -> Result<types::Entry, String> {
@@ -995,7 +1118,37 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
         Cmd::Entry(cmd) => {
             let mut c = admin(&cli).await?;
             match cmd {
-                EntryCmd::Create { f, output } => {
+                EntryCmd::Create {
+                    f,
+                    data: Some(path),
+                    output,
+                } => {
+                    let entries = entries_from_file(path)?;
+                    let mut created = Vec::new();
+                    let mut failed = Vec::new();
+                    for (i, e) in entries.into_iter().enumerate() {
+                        let e = fields_to_entry(f, e)?;
+                        let what = format!("entry {} ({})", i + 1, e.spiffe_id);
+                        match c.create_entry(CreateEntryRequest { entry: Some(e) }).await {
+                            Ok(r) => created.extend(r.into_inner().entry),
+                            Err(s) => failed.push(format!("{what}: {}", status_msg(s))),
+                        }
+                    }
+                    print_entries(&created, *output);
+                    if !failed.is_empty() {
+                        return Err(format!(
+                            "{} of {} entries not created (the others were):\n  {}",
+                            failed.len(),
+                            failed.len() + created.len(),
+                            failed.join("\n  ")
+                        ));
+                    }
+                }
+                EntryCmd::Create {
+                    f,
+                    data: None,
+                    output,
+                } => {
                     if f.spiffe_id.is_none() || f.parent_id.is_none() || f.selectors.is_empty() {
                         return Err("entry create needs --spiffe-id, --parent-id and at least one --selector".into());
                     }
@@ -1013,8 +1166,17 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                     entry_id,
                     spiffe_id,
                     parent_id,
+                    selectors,
                     output,
                 } => {
+                    let want: Vec<(String, String)> = selectors
+                        .iter()
+                        .map(|s| {
+                            ca_identity::Selector::parse(s)
+                                .map(|sel| (sel.kind, sel.value))
+                                .map_err(|e| format!("--selector {s:?}: {e}"))
+                        })
+                        .collect::<Result<_, _>>()?;
                     let entries = if let Some(id) = entry_id {
                         vec![c
                             .get_entry(GetEntryRequest { id: id.clone() })
@@ -1043,6 +1205,14 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                         })
                         .await?
                     };
+                    let entries: Vec<types::Entry> = entries
+                        .into_iter()
+                        .filter(|e| {
+                            want.iter().all(|(k, v)| {
+                                e.selectors.iter().any(|s| &s.r#type == k && &s.value == v)
+                            })
+                        })
+                        .collect();
                     print_entries(&entries, *output);
                 }
                 EntryCmd::Update {
@@ -1275,6 +1445,10 @@ pub async fn wait_for_signal() {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    if let Some(hint) = ca_identity::spire_flags::hint_for_this_process() {
+        eprintln!("error: {hint}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     // No core dumps and no ptrace by other processes of the same user: this process holds
     // private keys (and join tokens) in memory.

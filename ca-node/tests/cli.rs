@@ -533,3 +533,96 @@ fn json_logs_are_one_object_per_line() {
         assert!(!line.contains('\u{1b}'), "colour codes in {line}");
     }
 }
+
+/// SPIRE habits: `entry create --data FILE` in SPIRE's JSON shape (and this CLI's own),
+/// `entry show --selector`, and SPIRE's single-dash flags answered with the flag to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_habits_batch_entries_selector_filter_and_flag_hints() {
+    let out = run_cli(&["entry", "create", "-spiffeID", "spiffe://x/y"]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("use `--spiffe-id`"), "{}", out.stderr);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, sock) = write_config(tmp.path(), "127.0.0.1:0", "");
+    let _node = NodeProcess::start(&cfg, &sock, &tmp.path().join("node.log")).await;
+    let parent = format!("spiffe://{TD}/agent/host-1");
+    let data = tmp.path().join("entries.json");
+    std::fs::write(
+        &data,
+        serde_json::json!({"entries": [
+            {"spiffe_id": format!("spiffe://{TD}/billing"), "parent_id": parent,
+             "selectors": [{"type": "unix", "value": "uid:1001"}], "x509_svid_ttl": 600},
+            {"spiffe_id": {"trust_domain": TD, "path": "/web"}, "parent_id": parent,
+             "selectors": [{"type": "unix", "value": "uid:1002"}, {"type": "unix", "value": "gid:50"}],
+             "dns_names": ["web.internal"]},
+            {"spiffe_id": "spiffe://Bad.Example/x", "parent_id": parent,
+             "selectors": [{"type": "unix", "value": "uid:1"}]},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let out = cli(
+        &sock,
+        &["entry", "create", "--data", data.to_str().unwrap()],
+    );
+    assert!(!out.success, "{out:?}");
+    assert!(
+        out.stderr.contains("1 of 3 entries not created") && out.stderr.contains("entry 3"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(entry_count(&sock), 2, "the valid ones were created");
+
+    // What `entry show --output json` prints is accepted back (as a new registration it
+    // is refused: the same entries exist).
+    let shown = cli(&sock, &["entry", "show", "--output", "json"]);
+    let again = tmp.path().join("again.json");
+    std::fs::write(&again, &shown.stdout).unwrap();
+    let out = cli(
+        &sock,
+        &["entry", "create", "--data", again.to_str().unwrap()],
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("2 of 2 entries not created"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(entry_count(&sock), 2);
+    let garbage = tmp.path().join("garbage.json");
+    std::fs::write(&garbage, "{\"entries\": 3}").unwrap();
+    let out = cli(
+        &sock,
+        &["entry", "create", "--data", garbage.to_str().unwrap()],
+    );
+    assert!(
+        !out.success && out.stderr.contains("expected"),
+        "{}",
+        out.stderr
+    );
+
+    // --selector keeps the entries that have every selector given.
+    let show = |sels: &[&str]| -> Vec<String> {
+        let mut args = vec!["entry", "show", "--output", "json"];
+        for s in sels {
+            args.extend(["--selector", s]);
+        }
+        let out = cli(&sock, &args);
+        assert!(out.success, "{out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["spiffe_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(show(&["unix:uid:1002"]), vec![format!("spiffe://{TD}/web")]);
+    assert_eq!(show(&["unix:uid:1002", "unix:gid:50"]).len(), 1);
+    assert!(show(&["unix:uid:1001", "unix:gid:50"]).is_empty());
+    let out = cli(&sock, &["entry", "show", "--selector", "nocolon"]);
+    assert!(
+        !out.success && out.stderr.contains("--selector"),
+        "{}",
+        out.stderr
+    );
+}

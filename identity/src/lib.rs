@@ -23,6 +23,7 @@ pub mod rate_limit;
 pub mod selector;
 pub mod serve;
 pub mod spiffe_id;
+pub mod spire_flags;
 pub mod systemd;
 pub mod tls;
 pub mod unix_socket;
