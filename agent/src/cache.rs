@@ -535,6 +535,14 @@ impl CacheManager {
         if r.is_ok() {
             self.metrics.last_sync.set(ca_identity::unix_now());
         }
+        *self
+            .metrics
+            .last_sync_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = r
+            .as_ref()
+            .err()
+            .map(|s| crate::node_client::describe("entry sync", s));
         r
     }
 

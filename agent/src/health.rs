@@ -1,6 +1,9 @@
 //! HTTP endpoints on a loopback address: `/healthz` (the process runs), `/metrics`
-//! ([`crate::metrics`]) and
-//! `/readyz` (the agent has a valid SVID, a trust bundle and has synced its entries).
+//! ([`crate::metrics`]) and `/readyz` (the agent has a valid SVID, a trust bundle, and has
+//! synced its entries recently: within three sync intervals, at least 10 s; otherwise it
+//! says since when it could not, and why).
+
+use std::time::Duration;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +24,12 @@ struct Health {
     cache: watch::Receiver<Arc<CacheState>>,
     svid: watch::Receiver<AgentSvid>,
     metrics: Arc<AgentMetrics>,
+    stale_after: Duration,
+}
+
+/// How long without a successful sync before `/readyz` says so, for `sync_interval`.
+pub fn stale_after(sync_interval: Duration) -> Duration {
+    (sync_interval * 3).max(Duration::from_secs(10))
 }
 
 async fn metrics(State(h): State<Health>) -> String {
@@ -46,6 +55,21 @@ async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
     }
     if !st.synced {
         problems.push("entries not synced with a CA node yet".to_owned());
+    } else {
+        let last = h.metrics.last_sync.get();
+        let age = now.saturating_sub(last);
+        if age > h.stale_after.as_secs() as i64 {
+            let why = h
+                .metrics
+                .last_sync_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| "no sync attempt finished".into());
+            problems.push(format!(
+                "no successful sync with a CA node for {age} s (serving cached SVIDs): {why}"
+            ));
+        }
     }
     if problems.is_empty() {
         (
@@ -72,6 +96,7 @@ pub async fn spawn(
     cache: watch::Receiver<Arc<CacheState>>,
     svid: watch::Receiver<AgentSvid>,
     metrics: Arc<AgentMetrics>,
+    stale_after: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -92,6 +117,7 @@ pub async fn spawn(
             cache,
             svid,
             metrics,
+            stale_after,
         });
     let task = tokio::spawn(async move {
         let stop = async move {

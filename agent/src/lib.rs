@@ -294,6 +294,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
                 cache.subscribe(),
                 svid_rx.clone(),
                 metrics.clone(),
+                health::stale_after(Duration::from_secs(config.sync_interval_secs)),
                 shutdown_rx.clone(),
             )
             .await?;

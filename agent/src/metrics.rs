@@ -44,6 +44,8 @@ pub struct AgentMetrics {
     pub bundle_updates: IntCounter,
     /// When the last entry sync succeeded (Unix seconds).
     pub last_sync: IntGauge,
+    /// Why the last entry sync failed, if it did (not exported: `/readyz` says it).
+    pub last_sync_error: Arc<std::sync::Mutex<Option<String>>>,
     svids_cached: IntGauge,
     earliest_expiry: IntGauge,
     own_svid_expiry: IntGauge,
@@ -145,6 +147,7 @@ impl AgentMetrics {
                 "ca_agent_own_svid_expiry_timestamp_seconds",
                 "Expiry of the agent's own SVID (Unix seconds)",
             ),
+            last_sync_error: Arc::default(),
             registry,
         };
         for method in METHODS {

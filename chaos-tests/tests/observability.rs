@@ -4,6 +4,7 @@
 //! and a revocation, every query of every dashboard panel and annotation must return data,
 //! every rule must evaluate without error over metrics that exist, and the rotation events
 //! must show as counter increases. `promtool` checks the rule files and runs their unit tests.
+//! An agent that cannot sync turns not ready on `/readyz`, with the reason.
 
 mod common;
 
@@ -149,6 +150,18 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// An HTTP/1.0 GET of `path` over `conn`: the whole response, headers included.
+async fn get(conn: std::net::TcpStream, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.set_nonblocking(true)?;
+    let mut s = tokio::net::TcpStream::from_std(conn)?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// Prometheus, listening on the agents' host.
 struct Prom<'a> {
     cluster: &'a std::sync::Mutex<Cluster>,
@@ -157,15 +170,8 @@ struct Prom<'a> {
 
 /// A GET of Prometheus's HTTP API; the `data` of a successful answer.
 async fn prom(p: &Prom<'_>, path: &str) -> Result<Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let std = p.cluster.lock().unwrap().connect_beside_agents(p.port)?;
-    std.set_nonblocking(true)?;
-    let mut s = tokio::net::TcpStream::from_std(std)?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf);
+    let text = get(std, path).await?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let v: Value = serde_json::from_str(body).with_context(|| format!("{path}: {text}"))?;
     if v["status"] != "success" {
@@ -505,4 +511,63 @@ fn which(program: &str) -> Result<PathBuf> {
         .map(|d| d.join(program))
         .find(|p| p.is_file())
         .with_context(|| format!("{program} not found: install the Debian package prometheus (these tests do not skip)"))
+}
+
+/// A GET of `path` on `127.0.0.1:port` of the agents' host: (status code, body).
+async fn http_get(c: &mut Cluster, port: u16, path: &str) -> Result<(u16, String)> {
+    let text = get(c.connect_beside_agents(port)?, path).await?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// An agent that cannot sync says so on `/readyz` (with how long and why) and in its
+/// metrics, and is ready again once a node answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_sync_is_not_ready_and_says_why() -> Result<()> {
+    let test = "agent-readyz";
+    let mut c = Cluster::start(test, 1, common::bins(), common::mode(test)).await?;
+    let agent = c.start_agent("a1", 0).await?;
+    let port: u16 = c.agents[agent]
+        .health_addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()?;
+    let mut seen = (0, String::new());
+    for (want, needle) in [(200, "ready"), (503, "no successful sync"), (200, "ready")] {
+        if want == 503 {
+            c.stop(0)?;
+        } else if seen.0 == 503 {
+            c.restart(0).await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            seen = http_get(&mut c, port, "/readyz").await?;
+            if seen.0 == want && seen.1.contains(needle) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("/readyz never answered {want} with {needle:?}: last {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        say(&format!("[{test}] /readyz {}: {}", seen.0, seen.1.trim()));
+        if want == 503 {
+            assert!(seen.1.contains("entry sync"), "the reason: {}", seen.1);
+            let (_, metrics) = http_get(&mut c, port, "/metrics").await?;
+            assert!(
+                metrics.contains("ca_agent_syncs_total{result=\"error\"}"),
+                "{metrics}"
+            );
+        }
+    }
+    Ok(())
 }
