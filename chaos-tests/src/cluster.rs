@@ -549,22 +549,27 @@ impl Cluster {
     pub async fn wait_caught_up(&self, i: usize, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
         let up = self.up();
-        let (l, _) = self.wait_leader(&up, None, timeout).await?;
-        let target = self.status(l).await?.last_log_index;
-        let leader_raft_id = self.nodes[l].raft_id;
-        let mut last;
+        let mut last = String::from("no leader yet");
+        // What the node must have applied: the leader's log as first seen.
+        let mut target = None;
         loop {
-            match self.status(i).await {
-                Ok(st) if st.leader_id == leader_raft_id && st.last_applied_index >= target => {
-                    return Ok(start.elapsed())
+            // The leader is looked up again each time: right after a partition heals, the
+            // leader of a moment ago may lose the next election.
+            if let Some(l) = self.leader_among(&up).await {
+                let leader_raft_id = self.nodes[l].raft_id;
+                match (self.status(l).await, self.status(i).await) {
+                    (Ok(leader), Ok(st)) => {
+                        let want = *target.get_or_insert(leader.last_log_index);
+                        if st.leader_id == leader_raft_id && st.last_applied_index >= want {
+                            return Ok(start.elapsed());
+                        }
+                        last = format!(
+                            "{} follows {}, applied {} of {want} (leader: {leader_raft_id})",
+                            st.node_id, st.leader_id, st.last_applied_index
+                        )
+                    }
+                    (Err(e), _) | (_, Err(e)) => last = e.to_string(),
                 }
-                Ok(st) => {
-                    last = format!(
-                        "{} follows {}, applied {} of {target}",
-                        st.node_id, st.leader_id, st.last_applied_index
-                    )
-                }
-                Err(e) => last = e.to_string(),
             }
             if start.elapsed() > timeout {
                 bail!(
