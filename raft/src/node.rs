@@ -668,7 +668,9 @@ impl RaftNode {
                 {
                     Ok(resp) => return Ok(resp.log_id),
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => leader_of(f),
-                    Err(RaftError::APIError(e)) => return Err(Error::Cluster(e.to_string())),
+                    Err(RaftError::APIError(e)) => {
+                        return Err(Error::Cluster(membership_refusal(&e)))
+                    }
                     Err(RaftError::Fatal(f)) => return Err(unavailable(f)),
                 };
             if let Some((id, node)) = leader.filter(|(id, _)| *id != self.inner.id) {
@@ -766,8 +768,31 @@ fn membership_result(
             leader_id: f.leader_id,
             leader_addr: f.leader_node.map(|n| n.addr),
         }),
-        Err(RaftError::APIError(e)) => Err(Error::Cluster(e.to_string())),
+        Err(RaftError::APIError(e)) => Err(Error::Cluster(membership_refusal(&e))),
         Err(RaftError::Fatal(f)) => Err(unavailable(f)),
+    }
+}
+
+/// What a refused membership change means, for a person (openraft's own texts print its
+/// internal log IDs).
+pub(crate) fn membership_refusal(e: &ClientWriteError<NodeId, NodeInfo>) -> String {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => match f.leader_id {
+            Some(id) => format!("this node is not the leader; node {id} is"),
+            None => "there is no leader right now; retry in a moment".into(),
+        },
+        ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)) => {
+            "another membership change is still being committed; retry in a moment".into()
+        }
+        ClientWriteError::ChangeMembershipError(ChangeMembershipError::LearnerNotFound(l)) => {
+            format!(
+                "raft id {} is not a learner of this cluster: add it first (`ca-node cluster add`, or `ca-node join`)",
+                l.node_id
+            )
+        }
+        ClientWriteError::ChangeMembershipError(ChangeMembershipError::EmptyMembership(_)) => {
+            "the change would leave the cluster without a voter".into()
+        }
     }
 }
 

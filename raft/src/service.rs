@@ -212,6 +212,7 @@ impl RaftService for RaftGrpc {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 R::ForwardToLeader(f.into_pb())
             }
+            Err(RaftError::APIError(e)) => R::Error(crate::node::membership_refusal(&e)),
             Err(e) => R::Error(e.to_string()),
         };
         Ok(Response::new(pb::ChangeMembershipReply {

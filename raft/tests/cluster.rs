@@ -349,6 +349,15 @@ async fn cluster_of(root: &Path, config: openraft::Config, builds: [Build; 3]) -
         .unwrap();
     nodes[2].node.promote(2).await.unwrap();
     n1.promote(3).await.unwrap();
+    // A refused change says what is wrong in words, on the leader and forwarded to it.
+    for e in [
+        n1.promote(99).await.unwrap_err(),
+        nodes[2].node.promote(99).await.unwrap_err(),
+    ] {
+        let text = e.to_string();
+        assert!(text.contains("raft id 99 is not a learner"), "{text}");
+        assert!(!text.contains("LogId"), "{text}");
+    }
     let st = n1.status();
     assert_eq!(st.role, Role::Leader);
     assert_eq!(
