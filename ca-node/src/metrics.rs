@@ -581,8 +581,10 @@ impl MeteredProposer {
     }
 
     /// The rotation event `cmd` is, if it is one: an authority recorded prepared (with its
-    /// certificate, or a JWT key) or active, or one whose state changed.
-    async fn event(&self, cmd: &ca_raft::Command) -> Option<(AuthorityKind, &'static str)> {
+    /// certificate, or a JWT key) or active, or one whose state changed (its kind is read
+    /// from the journal once the change is accepted). Taken before the command is handed
+    /// on, so that a proposal is not copied to be looked at afterwards.
+    fn event_of(cmd: &ca_raft::Command) -> Option<(EventOf, &'static str)> {
         let name = |s: AuthorityState| match s {
             AuthorityState::Prepared => "prepared",
             AuthorityState::Active => "activated",
@@ -593,23 +595,29 @@ impl MeteredProposer {
             ca_raft::Command::PutAuthority { authority: a }
                 if !a.cert_der.is_empty() || a.kind == AuthorityKind::Jwt =>
             {
-                Some((a.kind, name(a.state)))
+                Some((EventOf::Kind(a.kind), name(a.state)))
             }
             ca_raft::Command::SetAuthorityState { id, state, .. } => {
-                let auths = self.sm.authorities().await.ok()?;
-                let a = auths.iter().find(|a| &a.id == id)?;
-                Some((a.kind, name(*state)))
+                Some((EventOf::Authority(id.clone()), name(*state)))
             }
             _ => None,
         }
     }
 }
 
+/// Whose rotation event a proposal is: a kind known from the command, or an authority
+/// whose kind the journal holds.
+enum EventOf {
+    Kind(AuthorityKind),
+    Authority(String),
+}
+
 #[async_trait::async_trait]
 impl ca_raft::Proposer for MeteredProposer {
     async fn propose(&self, cmd: ca_raft::Command) -> ca_raft::Result<ca_raft::Response> {
+        let event = Self::event_of(&cmd);
         let start = std::time::Instant::now();
-        let r = self.inner.propose(cmd.clone()).await;
+        let r = self.inner.propose(cmd).await;
         self.metrics
             .proposal_seconds
             .observe(start.elapsed().as_secs_f64());
@@ -619,8 +627,18 @@ impl ca_raft::Proposer for MeteredProposer {
             Err(_) => "error",
         };
         self.metrics.proposals.with_label_values(&[result]).inc();
-        if result == "ok" {
-            if let Some((kind, event)) = self.event(&cmd).await {
+        if let (Some((kind, event)), "ok") = (event, result) {
+            let kind = match kind {
+                EventOf::Kind(kind) => Some(kind),
+                EventOf::Authority(id) => self
+                    .sm
+                    .authorities()
+                    .await
+                    .ok()
+                    .and_then(|auths| auths.into_iter().find(|a| a.id == id))
+                    .map(|a| a.kind),
+            };
+            if let Some(kind) = kind {
                 self.metrics.authority_event(kind, event);
             }
         }
