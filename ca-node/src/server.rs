@@ -396,13 +396,23 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let log_path = config.data_dir.join(LOG_DB_FILE);
     let metrics = Metrics::new();
     let sm = StateMachine::open(&state_path).await?;
-    let log = LogStore::open(&log_path).await.map_err(|e| {
-        Error::Config(format!(
-            "the Raft log {} cannot be read ({e}); if it is damaged, restore the whole data dir from one backup, or empty the data dir and `ca-node join` the cluster again",
-            log_path.display()
-        ))
-    })?;
-    refuse_lost_log(&sm, &log, &log_path).await?;
+    let log = match LogStore::open(&log_path).await {
+        Ok(log) => log,
+        Err(e) => {
+            sm.close().await;
+            return Err(Error::Config(format!(
+                "the Raft log {} cannot be read ({e}); if it is damaged, restore the whole data dir from one backup, or empty the data dir and `ca-node join` the cluster again",
+                log_path.display()
+            )));
+        }
+    };
+    if let Err(e) = refuse_lost_log(&sm, &log, &log_path).await {
+        // Closed before the refusal reaches the caller, so that nothing of this attempt
+        // writes the data dir after it (a closing connection checkpoints its WAL).
+        sm.close().await;
+        log.close().await;
+        return Err(e);
+    }
 
     // The node API is bound first: its address is this node's address in the membership.
     let listener = TcpListener::bind(config.node_listen).await.map_err(|e| {

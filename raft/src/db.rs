@@ -12,7 +12,8 @@
 //! own thread ([`Db::call_here`]), which saves the two hand-offs when they would cost more
 //! than the job.
 //!
-//! The threads end when the last clone of the [`Db`] is dropped.
+//! The threads end, and their connections close, when the last clone of the [`Db`] is
+//! dropped; [`Db::close`] also waits for that.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -48,6 +49,24 @@ pub(crate) struct Db {
     jobs: mpsc::Sender<Job>,
     /// The first connection, which its thread locks while it runs a job.
     first: Arc<Mutex<Connection>>,
+    /// Each thread holds one permit until its connection has closed.
+    running: Running,
+}
+
+/// Waits for the threads of a [`Db`] to end ([`Running::ended`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Running {
+    permits: Arc<tokio::sync::Semaphore>,
+    threads: u32,
+}
+
+impl Running {
+    /// Returns once every thread has ended and closed its connection (so the database
+    /// file is no longer written by them): only after every clone of the [`Db`] is gone.
+    pub(crate) async fn ended(self) {
+        // Never closed, so this fails only if never acquirable; either way, done waiting.
+        let _ = self.permits.acquire_many(self.threads).await;
+    }
 }
 
 /// How long a connection waits for a lock held by another connection before failing.
@@ -104,7 +123,13 @@ impl Db {
         let rx = Arc::new(Mutex::new(rx));
         let mut init = Some(init);
         let mut first = None;
-        for i in 0..opts.connections.max(1) {
+        let threads = opts.connections.max(1);
+        let running = Running {
+            permits: Arc::new(tokio::sync::Semaphore::new(threads)),
+            threads: u32::try_from(threads)
+                .map_err(|_| Error::Io(format!("{}: too many connections", opts.name)))?,
+        };
+        for i in 0..threads {
             let mut conn = open_connection(path, &opts)?;
             if let Some(init) = init.take() {
                 init(&mut conn)?;
@@ -112,30 +137,38 @@ impl Db {
             let conn = Arc::new(Mutex::new(conn));
             first.get_or_insert_with(|| Arc::clone(&conn));
             let rx = Arc::clone(&rx);
+            let permit = Arc::clone(&running.permits)
+                .try_acquire_owned()
+                .map_err(|e| Error::Io(format!("{}: {e}", opts.name)))?;
             std::thread::Builder::new()
                 .name(format!("{}-{i}", opts.name))
-                .spawn(move || loop {
-                    // The lock is held only while waiting for the next job, so the threads
-                    // take turns at the queue and run their jobs in parallel.
-                    let job = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else {
-                        return; // every Db clone dropped
-                    };
-                    // A panicking job drops its reply channel (its caller gets an error);
-                    // the connection stays usable: what the job left half-done rolls back
-                    // as its guard (a transaction, or an applied batch's savepoint) unwinds.
-                    let mut conn = lock(&conn);
-                    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
+                .spawn(move || {
+                    run_jobs(&rx, &conn);
+                    // The first connection is also held by the Db, all of whose clones are
+                    // gone by now (the queue closed): this drop closes the connection.
+                    drop(conn);
+                    drop(permit);
                 })
                 .map_err(|e| Error::Io(format!("starting the {} thread: {e}", opts.name)))?;
         }
         Ok(Self {
             jobs: tx,
             first: first.expect("at least one connection"),
+            running,
         })
+    }
+
+    /// A handle that waits for this database's threads to end ([`Running::ended`]).
+    pub(crate) fn running(&self) -> Running {
+        self.running.clone()
+    }
+
+    /// Drops this handle and waits for the threads to end and close their connections:
+    /// only returns once no other clone of this [`Db`] remains.
+    pub(crate) async fn close(self) {
+        let running = self.running();
+        drop(self);
+        running.ended().await;
     }
 
     /// Queues `f` to run with a connection on its thread, without waiting for it. Jobs of a
@@ -180,6 +213,26 @@ impl Db {
             Err(TryLockError::WouldBlock) => f,
         };
         self.call(f).await
+    }
+}
+
+/// Runs jobs from the queue `rx` with `conn` until every [`Db`] clone is dropped.
+fn run_jobs(rx: &Mutex<mpsc::Receiver<Job>>, conn: &Mutex<Connection>) {
+    loop {
+        // The lock is held only while waiting for the next job, so the threads take turns
+        // at the queue and run their jobs in parallel.
+        let job = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return; // every Db clone dropped
+        };
+        // A panicking job drops its reply channel (its caller gets an error); the
+        // connection stays usable: what the job left half-done rolls back as its guard (a
+        // transaction, or an applied batch's savepoint) unwinds.
+        let mut conn = lock(conn);
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
     }
 }
 

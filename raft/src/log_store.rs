@@ -262,6 +262,12 @@ impl LogStore {
         })
     }
 
+    /// Closes the log: returns once its database connection has closed, so nothing writes
+    /// the file any more. Only returns after every clone of this log store is gone.
+    pub async fn close(self) {
+        self.db.close().await;
+    }
+
     /// Whether the log holds nothing at all: no entry, no vote, nothing purged (a new log,
     /// or one whose file was lost or truncated to nothing).
     pub async fn is_blank(&self) -> Result<bool> {

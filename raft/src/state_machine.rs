@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::watch;
 
 use crate::command::{Command, RejectCode, Response};
-use crate::db::{lock, query_all, query_one, Db, DbOptions};
+use crate::db::{lock, query_all, query_one, Db, DbOptions, Running};
 use crate::records::*;
 use crate::snapshot::{SnapshotDir, SnapshotFile};
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
@@ -182,6 +182,8 @@ pub struct StateMachine {
     ca_changed: watch::Sender<u64>,
     snapshots: Arc<SnapshotDir>,
     snapshot_activity: watch::Sender<SnapshotActivity>,
+    /// The checkpointing task's connection, which ends with the task.
+    checkpointer: Running,
 }
 
 /// Snapshots a state machine built and installed since it was opened, and how long the
@@ -333,6 +335,7 @@ impl StateMachine {
         let last = last.map(|l| l.index).unwrap_or(0);
         let (applied, applied_rx) = watch::channel(last);
         let writes = Arc::new(OpenWrites::default());
+        let checkpointer_running = checkpointer.running();
         tokio::spawn(run_checkpoints(
             checkpointer,
             writer.clone(),
@@ -347,7 +350,23 @@ impl StateMachine {
             ca_changed: watch::channel(last).0,
             snapshots: Arc::new(snapshots),
             snapshot_activity: watch::channel(SnapshotActivity::default()).0,
+            checkpointer: checkpointer_running,
         })
+    }
+
+    /// Closes the store: returns once every database connection has closed, so nothing
+    /// writes the database file any more. Only returns after every clone of this state
+    /// machine is gone (the checkpointing task ends at its next tick after that).
+    pub async fn close(self) {
+        let running = [
+            self.writer.running(),
+            self.readers.running(),
+            self.checkpointer.clone(),
+        ];
+        drop(self);
+        for r in running {
+            r.ended().await;
+        }
     }
 
     /// Index of the last applied log entry (0 before any).
