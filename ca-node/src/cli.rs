@@ -40,6 +40,10 @@ enum Cmd {
         /// The TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Return once done (the node is a member and ready) instead of serving on: for
+        /// systemd, which then runs `ca-node run` with the same config.
+        #[arg(long)]
+        no_serve: bool,
     },
     /// Join an existing cluster with a join token created on a member for
     /// spiffe://TD/ca-node/<this node id>; then runs the node (restart it with `run`).
@@ -65,6 +69,10 @@ enum Cmd {
         /// Seconds to keep trying to be added and promoted.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Return once done (the node is a member and ready) instead of serving on: for
+        /// systemd, which then runs `ca-node run` with the same config.
+        #[arg(long)]
+        no_serve: bool,
     },
     /// Start a local development environment (three nodes + an agent, software keys) and
     /// print SPIFFE_ENDPOINT_SOCKET=unix:///... ; runs until interrupted.
@@ -276,6 +284,10 @@ enum BundleCmd {
         /// pem (X.509 roots) or spiffe (SPIFFE bundle JWKS).
         #[arg(long, value_enum, default_value_t)]
         format: BundleFormat,
+        /// Output format: json prints the SPIFFE bundle (JWKS), as `--format spiffe` (and
+        /// SPIRE's `bundle show -output json`) does.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -900,6 +912,25 @@ pub const ROOM_TO_RESTART: u64 = 16 << 20;
 /// its data dir has [`ROOM_TO_RESTART`] free, then starts again as `ca-node run --config
 /// CONFIG` in this same process (exec), recovering from its log like any restart; a
 /// signal while it waits ends it with the failure.
+/// `init`/`join --no-serve`: waits until the node is ready (its CA can mint), then stops it
+/// cleanly.
+async fn stop_when_ready(node: crate::NodeHandle) -> Result<(), String> {
+    let ready = tokio::select! {
+        r = node.wait_ready(std::time::Duration::from_secs(120)) => r,
+        _ = wait_for_signal() => Err("interrupted".into()),
+    };
+    node.shutdown().await;
+    match ready {
+        Ok(()) => {
+            println!("Stopped (--no-serve): start the node with `ca-node run` (systemctl start ca-node).");
+            Ok(())
+        }
+        Err(why) => Err(format!(
+            "the node is a member but was not ready within 120 s ({why}); start it with `ca-node run` and watch `ca-node healthcheck`"
+        )),
+    }
+}
+
 async fn run_until_signal(node: crate::NodeHandle, config: &Path) -> Result<(), String> {
     let failed = node.failure();
     ca_identity::systemd::notify("READY=1\nSTATUS=serving");
@@ -951,7 +982,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
             run_until_signal(node, config).await
         }
-        Cmd::Init { config } => {
+        Cmd::Init { config, no_serve } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let node = crate::server::start_with(cfg, crate::server::Bootstrap::Init)
@@ -961,6 +992,9 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
                 node.core.config.raft_id, node.core.config.trust_domain
             );
+            if *no_serve {
+                return stop_when_ready(node).await;
+            }
             run_until_signal(node, config).await
         }
         Cmd::Join {
@@ -971,6 +1005,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             bundle,
             learner,
             timeout,
+            no_serve,
         } => {
             let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
@@ -1009,6 +1044,9 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 node.core.config.raft_id,
                 if *learner { "learner" } else { "voter" }
             );
+            if *no_serve {
+                return stop_when_ready(node).await;
+            }
             run_until_signal(node, config).await
         }
         Cmd::Dev { dir, nodes } => {
@@ -1342,16 +1380,18 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Bundle(BundleCmd::Show { format }) => {
+        Cmd::Bundle(BundleCmd::Show { format, output }) => {
             let mut c = admin(&cli).await?;
             let r = c
                 .get_bundle(GetBundleRequest {})
                 .await
                 .map_err(status_msg)?
                 .into_inner();
-            match format {
-                BundleFormat::Pem => print!("{}", r.pem),
-                BundleFormat::Spiffe => println!("{}", r.spiffe_bundle_json),
+            match (output, format) {
+                (Output::Json, _) | (_, BundleFormat::Spiffe) => {
+                    println!("{}", r.spiffe_bundle_json)
+                }
+                (_, BundleFormat::Pem) => print!("{}", r.pem),
             }
             Ok(())
         }

@@ -85,6 +85,28 @@ impl NodeHandle {
         }
     }
 
+    /// Whether the node is ready to serve (a Raft leader known, the CA able to mint), and
+    /// why (what `/readyz` and `ca-node healthcheck` answer).
+    pub fn readiness(&self) -> (bool, String) {
+        readiness(&self.core)
+    }
+
+    /// Waits until the node is ready ([`NodeHandle::readiness`]), at most `timeout`;
+    /// returns the last reason it was not.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (ok, detail) = self.readiness();
+            if ok {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(detail);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until a shutdown is requested elsewhere (never, for a plain handle).
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
@@ -444,6 +466,8 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     raft_config.raft.heartbeat_interval = config.raft.heartbeat_ms;
     raft_config.raft.election_timeout_min = config.raft.election_timeout_min_ms;
     raft_config.raft.election_timeout_max = config.raft.election_timeout_max_ms;
+    // A data dir with CA state but no Raft log or marker is a restored backup.
+    let restored = marker.is_none() && !sm.authorities().await?.is_empty();
     let raft = RaftNode::start(raft_config, log, sm.clone(), connector).await?;
     let initialized = raft.is_initialized().await?;
     let joined = marker.as_ref().map(|m| m.origin) == Some(cluster::Origin::Join);
@@ -457,7 +481,11 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }
         (Bootstrap::Init, false) => true,
         (Bootstrap::Auto, false) if !joined => {
-            tracing::info!("empty data dir: initializing a new single-node cluster (use `ca-node join` to join an existing one instead)");
+            if restored {
+                tracing::info!("restored state: initializing a new single-node cluster with it (other nodes join it with `ca-node join`)");
+            } else {
+                tracing::info!("empty data dir: initializing a new single-node cluster (use `ca-node join` to join an existing one instead)");
+            }
             true
         }
         (Bootstrap::Auto, false) => {
@@ -486,6 +514,23 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             }),
         )
         .await;
+    }
+    if new_cluster && restored {
+        // The restored state is in the state machine but in no log entry: a node that joins
+        // would replay the new log from its start and never see it. Snapshot and purge the
+        // log, so that joining nodes are sent the state as a snapshot.
+        match raft.snapshot_and_purge(Duration::from_secs(60)).await {
+            Ok(at) => tracing::info!(
+                index = at.index,
+                "restored state: snapshot built and log purged, so joining nodes receive it"
+            ),
+            Err(e) => {
+                let _ = raft.shutdown().await;
+                return Err(Error::Internal(format!(
+                    "the restored state could not be snapshotted for joining nodes: {e}"
+                )));
+            }
+        }
     }
     if marker.is_none() {
         cluster::write_marker(

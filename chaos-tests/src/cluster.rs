@@ -804,23 +804,9 @@ impl Cluster {
         Ok(id)
     }
 
-    /// Entries under `parent_id` as node `i` has them (a linearizable read answered from
-    /// node `i`'s own state machine once it has applied the cluster's commit index).
+    /// Entries under `parent_id` as node `i` has them ([`crate::load::entries_at`]).
     pub async fn entries(&self, i: usize, parent_id: &str) -> Result<Vec<types::Entry>> {
-        let parent = parent_id.to_owned();
-        Ok(admin_call(
-            &self.nodes[i].admin_socket(),
-            Duration::from_secs(15),
-            |mut a| async move {
-                a.list_entries(ListEntriesRequest {
-                    parent_id: parent,
-                    ..Default::default()
-                })
-                .await
-            },
-        )
-        .await?
-        .entries)
+        crate::load::entries_at(&self.nodes[i].admin_socket(), parent_id).await
     }
 
     /// Attested agents as node `i` has them.

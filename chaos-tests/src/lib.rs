@@ -38,6 +38,8 @@
 //!   apart.
 //! - [`load::Fetcher`]: a workload fetching its X.509-SVID through the agent's Workload API
 //!   with the independent `spiffe` crate, counting failures.
+//! - [`deploy`]: `docs/DEPLOYING.md` run as written on hosts of a network (its marked
+//!   command blocks, with only paths, per-host values, users and `systemctl` substituted).
 //! - [`report`]: figures and verdicts written to stderr, so they show in `cargo test`
 //!   output without `--nocapture`.
 //!
@@ -45,6 +47,7 @@
 //! keeps it anyway and prints the tail of every process's log.
 
 pub mod cluster;
+pub mod deploy;
 pub mod load;
 pub mod net;
 pub mod process;

@@ -17,7 +17,12 @@ use crate::cluster::{admin_call, Cluster, TD};
 
 /// The parent ID of every entry the writers create (no agent has it: nothing is minted).
 pub fn writer_parent(test: &str) -> String {
-    format!("spiffe://{TD}/chaos-writer/{test}")
+    writer_parent_in(TD, test)
+}
+
+/// The parent ID of every entry the writers of `test` create in trust domain `td`.
+pub fn writer_parent_in(td: &str, test: &str) -> String {
+    format!("spiffe://{td}/chaos-writer/{test}")
 }
 
 /// What came back for one write.
@@ -143,6 +148,7 @@ pub struct Writers {
     tasks: Vec<JoinHandle<()>>,
     parent: String,
     test: String,
+    td: String,
     seq: Arc<AtomicU64>,
 }
 
@@ -195,10 +201,15 @@ impl Writers {
     /// Starts `n` writers for test `test`, each writing one entry at a time, pausing
     /// `pace` between writes; writer `w` writes through target `w mod (number of targets)`.
     pub fn start(test: &str, n: usize, targets: Arc<Targets>, pace: Duration) -> Self {
+        Self::start_in(TD, test, n, targets, pace)
+    }
+
+    /// As [`Writers::start`], for a cluster of trust domain `td`.
+    pub fn start_in(td: &str, test: &str, n: usize, targets: Arc<Targets>, pace: Duration) -> Self {
         let ledger = Arc::new(Ledger::default());
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(0));
-        let parent = writer_parent(test);
+        let parent = writer_parent_in(td, test);
         let tasks = (0..n)
             .map(|w| {
                 let (ledger, stop, seq, targets, parent) = (
@@ -208,7 +219,7 @@ impl Writers {
                     targets.clone(),
                     parent.clone(),
                 );
-                let test = test.to_owned();
+                let (test, td) = (test.to_owned(), td.to_owned());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let k = seq.fetch_add(1, Ordering::Relaxed);
@@ -218,7 +229,7 @@ impl Writers {
                             tokio::time::sleep(pace).await;
                             continue;
                         };
-                        let key = format!("spiffe://{TD}/chaos/{test}/w{w}-{k}");
+                        let key = format!("spiffe://{td}/chaos/{test}/w{w}-{k}");
                         let outcome = write_one(&ledger, &parent, key, k, node, &sock).await;
                         let failed = matches!(outcome, Outcome::Failed(_));
                         // After a failure, do not spin on a dead socket.
@@ -239,6 +250,7 @@ impl Writers {
             tasks,
             parent,
             test: test.to_owned(),
+            td: td.to_owned(),
             seq,
         }
     }
@@ -259,7 +271,7 @@ impl Writers {
             }
             if let Some((node, sock)) = self.targets.pick(n) {
                 let k = self.seq.fetch_add(1, Ordering::Relaxed);
-                let key = format!("spiffe://{TD}/chaos/{}/probe-{k}", self.test);
+                let key = format!("spiffe://{}/chaos/{}/probe-{k}", self.td, self.test);
                 let (ledger, parent) = (self.ledger.clone(), self.parent.clone());
                 tokio::spawn(async move {
                     write_one(&ledger, &parent, key, k, node, &sock).await;
@@ -348,7 +360,39 @@ impl WriteCheck {
 
 /// Reads the writers' entries from every node that is up and checks them against `ledger`.
 pub async fn check_writes(c: &Cluster, test: &str, ledger: &Ledger) -> Result<WriteCheck> {
-    let parent = writer_parent(test);
+    let nodes: Vec<(String, PathBuf)> = c
+        .up()
+        .into_iter()
+        .map(|i| (c.nodes[i].node_id.clone(), c.nodes[i].admin_socket()))
+        .collect();
+    check_writes_at(&nodes, &writer_parent(test), ledger).await
+}
+
+/// Entries under `parent_id` as the node behind admin socket `sock` has them (a
+/// linearizable read answered from that node's own state once it has applied the cluster's
+/// commit index).
+pub async fn entries_at(sock: &std::path::Path, parent_id: &str) -> Result<Vec<types::Entry>> {
+    let parent = parent_id.to_owned();
+    Ok(
+        admin_call(sock, Duration::from_secs(15), |mut a| async move {
+            a.list_entries(ca_proto::admin::ListEntriesRequest {
+                parent_id: parent,
+                ..Default::default()
+            })
+            .await
+        })
+        .await?
+        .entries,
+    )
+}
+
+/// Reads the entries under `parent` (the writers') from every node in `nodes` (node ID,
+/// admin socket) and checks them against `ledger`.
+pub async fn check_writes_at(
+    nodes: &[(String, PathBuf)],
+    parent: &str,
+    ledger: &Ledger,
+) -> Result<WriteCheck> {
     let records = ledger.records();
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     let mut unknown: BTreeSet<String> = BTreeSet::new();
@@ -369,9 +413,9 @@ pub async fn check_writes(c: &Cluster, test: &str, ledger: &Ledger) -> Result<Wr
         ..Default::default()
     };
     let mut first: Option<(String, BTreeMap<String, String>)> = None;
-    for i in c.up() {
-        let entries = c.entries(i, &parent).await?;
-        let node = c.nodes[i].node_id.clone();
+    for (node, sock) in nodes {
+        let entries = entries_at(sock, parent).await?;
+        let node = node.clone();
         let held: BTreeMap<String, String> =
             entries.into_iter().map(|e| (e.spiffe_id, e.id)).collect();
         check.per_node.insert(node.clone(), held.len());

@@ -171,6 +171,7 @@ fn delete_ns(ns: &str) {
         }
     }
     let _ = ip(&["netns", "del", ns]);
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
 }
 
 /// Removes namespaces left behind by test processes that are gone (killed before they
@@ -285,6 +286,19 @@ impl Network {
             }
             None => Command::new(program),
         }
+    }
+
+    /// Gives `host` its own `/etc/hosts` (netns mode): `ip netns exec` mounts
+    /// `/etc/netns/<namespace>/hosts` over `/etc/hosts` for what it runs. Removed with the
+    /// namespace.
+    pub fn set_hosts_file(&self, host: &Host, text: &str) -> Result<()> {
+        let Some(ns) = &host.ns else {
+            bail!("a hosts file of its own needs the netns mode");
+        };
+        let dir = Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        std::fs::write(dir.join("hosts"), text)?;
+        Ok(())
     }
 
     /// A TCP connection to `addr` made from `host` (inside its namespace in netns mode),

@@ -733,6 +733,41 @@ impl RaftNode {
             .map_err(unavailable)
     }
 
+    /// Builds a snapshot of everything applied so far and purges the log up to it, waiting
+    /// (at most `timeout`) until both are done. From then on a member that lacks those
+    /// entries is sent the snapshot: for state that no log entry holds (a restored backup).
+    pub async fn snapshot_and_purge(&self, timeout: std::time::Duration) -> Result<LogId> {
+        let mut metrics = self.metrics();
+        let wait = async {
+            let applied = metrics
+                .wait_for(|m| m.last_applied.is_some())
+                .await
+                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?
+                .last_applied
+                .ok_or_else(|| Error::Unavailable("nothing applied yet".into()))?;
+            self.trigger_snapshot().await?;
+            metrics
+                .wait_for(|m| m.snapshot.is_some_and(|s| s.index >= applied.index))
+                .await
+                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?;
+            let upto = metrics.borrow().snapshot.map_or(applied.index, |s| s.index);
+            self.inner
+                .raft
+                .trigger()
+                .purge_log(upto)
+                .await
+                .map_err(unavailable)?;
+            metrics
+                .wait_for(|m| m.purged.is_some_and(|p| p.index >= upto))
+                .await
+                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?;
+            Ok::<_, Error>(applied)
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            Error::Unavailable(format!("no snapshot and log purge within {timeout:?}"))
+        })?
+    }
+
     /// openraft's metrics of this node (a watch: `changed()` to follow them).
     pub fn metrics(&self) -> tokio::sync::watch::Receiver<RaftMetrics> {
         self.inner.raft.metrics()

@@ -15,6 +15,8 @@
 //!   itself: throttling N times, failing always, refused credentials, slow answers, after
 //!   letting the first requests through; and an outage (stop listening, drop every
 //!   connection, listen again on the same port).
+//! - [`mtls`]: two workloads (alice, bob) talking mutual TLS with the SVIDs and bundle
+//!   the Workload API gives them, every exchange counted.
 //! - [`http`]: a tiny HTTP/1.1 GET for a node's `/readyz` and `/metrics`, and the value of
 //!   one metric series.
 //! - [`logs`]: this process's `tracing` output captured in memory, to check what was logged.
@@ -54,5 +56,6 @@ pub mod http;
 pub mod kms_proxy;
 pub mod logs;
 pub mod moto;
+pub mod mtls;
 pub mod pki;
 pub mod softhsm;
