@@ -20,9 +20,7 @@ use crate::{Error, Result};
 pub const MAX_BATCH: usize = 256;
 
 /// How many batches (or single writes) are proposed at once. Fewer in flight make bigger
-/// batches. Since the leader replicates while it flushes (third_party/openraft/PATCHED.md),
-/// one measured best in the write benchmark: at 16 writes in flight 0.27–0.31 ms of CPU per
-/// write against 0.35–0.41 with two, and a higher rate; four was no better than two.
+/// batches; one measured best in the write benchmark (docs/BENCHMARKS.md).
 pub const BATCHES_IN_FLIGHT: usize = 1;
 
 type Pending = (Command, oneshot::Sender<Result<Response>>);

@@ -10,12 +10,10 @@
 //! commit). Entries are stored as JSON, keyed by index.
 //!
 //! The newest entries are also kept in memory ([`Tail`]), and reads they cover are answered
-//! from there. That is what lets the leader send new entries to its followers while its own
-//! fsync of them is still running, as the Raft paper allows (openraft requires appended
-//! entries to be readable when `append` returns, not durable): a read of the database would
-//! wait on this one thread behind the flush, putting the leader's fsync and the followers'
-//! in series. Reads of older entries (a follower catching up) go to the database, queued
-//! behind any pending flush, so they see every append too.
+//! from there: the replication of new entries to the followers reads them without a trip to
+//! the database thread (openraft requires appended entries to be readable when `append`
+//! returns, not durable). Reads of older entries (a follower catching up) go to the
+//! database, queued behind any pending flush, so they see every append too.
 
 // openraft's StorageError is what its storage traits return; boxing it is not ours to do.
 #![allow(clippy::result_large_err)]
@@ -155,9 +153,8 @@ struct PendingAppends {
     /// A flush job is queued and has not yet taken `rows`.
     flush_queued: bool,
     /// What an append or flush is answered once a flush has failed. From then on nothing
-    /// more is written and every append fails: the leader does not wait for one flush before
-    /// the next append, so writing later entries after a failed batch would leave a hole in
-    /// the log.
+    /// more is written and every append fails, so that later entries never follow a failed
+    /// batch (a hole in the log).
     failed: Option<String>,
 }
 
