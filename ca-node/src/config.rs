@@ -198,8 +198,11 @@ impl Default for RotationConfig {
 pub struct RaftConfig {
     /// How often the leader sends heartbeats.
     pub heartbeat_ms: u64,
-    /// A follower that hears no leader for a random time in
-    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election.
+    /// A follower that hears no leader for `election_timeout_max_ms` (the leader's lease,
+    /// during which it refuses to vote for anyone else) plus a random time in
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election. So after a
+    /// leader dies, a new one is elected within about max + [min, max): 1.1–1.4 s with the
+    /// defaults.
     pub election_timeout_min_ms: u64,
     /// See `election_timeout_min_ms`.
     pub election_timeout_max_ms: u64,
@@ -208,9 +211,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 250,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 700,
         }
     }
 }
@@ -631,16 +634,16 @@ mod tests {
             ),
             (100, 400, 800)
         );
-        assert_eq!(NodeConfig::parse(BASE).unwrap().raft.heartbeat_ms, 250);
+        assert_eq!(NodeConfig::parse(BASE).unwrap().raft.heartbeat_ms, 100);
         for (raft, expect) in [
             ("heartbeat_ms = 5", "raft.heartbeat_ms = 5: use at least 10"),
             (
-                "heartbeat_ms = 500",
-                "raft.election_timeout_min_ms = 1000 must be at least 3 x raft.heartbeat_ms (1500)",
+                "heartbeat_ms = 200",
+                "raft.election_timeout_min_ms = 400 must be at least 3 x raft.heartbeat_ms (600)",
             ),
             (
-                "election_timeout_max_ms = 1000",
-                "raft.election_timeout_max_ms = 1000 must be greater than raft.election_timeout_min_ms = 1000",
+                "election_timeout_max_ms = 400",
+                "raft.election_timeout_max_ms = 400 must be greater than raft.election_timeout_min_ms = 400",
             ),
             ("election_timeout = 3", "unknown field `election_timeout`"),
         ] {

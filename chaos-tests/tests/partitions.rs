@@ -21,7 +21,7 @@ use chaos_tests::report::{ms, say, Table};
 use chaos_tests::{Cluster, Mode};
 
 const TEST: &str = "partitions";
-/// How long each partition is held (longer than the 2 s maximum election timeout).
+/// How long each partition is held (longer than an election takes: the 0.7 s leader lease plus up to 0.7 s).
 const HOLD: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
