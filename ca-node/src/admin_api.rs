@@ -1,11 +1,14 @@
 //! The admin API on the node's Unix socket. Only the socket's owner (the node's user) or
-//! root may call it: the socket is mode 0600 and every call checks the peer's uid.
+//! root may call it: the socket is mode 0600, and every call passes the check of the
+//! caller's uid ([`authorize`]) before it reaches a method: the service exists only behind
+//! that check ([`AdminApi::server`]), so a new method cannot forget it.
 
 use std::sync::Arc;
 
-use ca_proto::admin::admin_server::Admin;
+use ca_proto::admin::admin_server::{Admin, AdminServer};
 use ca_proto::admin::*;
 use ca_raft::{Command, Response as SmResponse};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
@@ -67,7 +70,9 @@ fn page_key(token: &str, parts: usize) -> Result<Option<Vec<String>>, Status> {
     Ok(Some(key))
 }
 
-fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
+/// Refuses a caller that is neither this process's user nor root (the peer credentials of
+/// the Unix socket connection).
+fn authorize(req: Request<()>) -> Result<Request<()>, Status> {
     let uid = req
         .extensions()
         .get::<UdsConnectInfo>()
@@ -80,7 +85,7 @@ fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
             "uid {uid} may not use the admin API; run the command as the node's user (uid {me}) or root"
         )));
     }
-    Ok(())
+    Ok(req)
 }
 
 fn entry_of(r: SmResponse) -> Result<ca_proto::types::Entry, Error> {
@@ -92,10 +97,20 @@ fn entry_of(r: SmResponse) -> Result<ca_proto::types::Entry, Error> {
     }
 }
 
+/// The admin service as it is served: every call checked by [`authorize`] first.
+pub type AuthorizedAdmin = InterceptedService<AdminServer<AdminApi>, Authorize>;
+
+/// The check every admin call passes first.
+pub type Authorize = fn(Request<()>) -> Result<Request<()>, Status>;
+
 impl AdminApi {
-    /// A service over the node core; `ready` reports readiness for Health.
-    pub fn new(core: Arc<NodeCore>, ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>) -> Self {
-        Self { core, ready }
+    /// The service over the node core, behind the caller check; `ready` reports readiness
+    /// for Health.
+    pub fn server(
+        core: Arc<NodeCore>,
+        ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>,
+    ) -> AuthorizedAdmin {
+        AdminServer::with_interceptor(Self { core, ready }, authorize as Authorize)
     }
 }
 
@@ -105,7 +120,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<CreateEntryRequest>,
     ) -> Result<Response<EntryResponse>, Status> {
-        authorize(&req)?;
         let e = req
             .get_ref()
             .entry
@@ -133,7 +147,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<UpdateEntryRequest>,
     ) -> Result<Response<EntryResponse>, Status> {
-        authorize(&req)?;
         let e = req
             .get_ref()
             .entry
@@ -159,7 +172,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<DeleteEntryRequest>,
     ) -> Result<Response<DeleteEntryResponse>, Status> {
-        authorize(&req)?;
         propose(
             self.core.proposer.as_ref(),
             Command::DeleteEntry {
@@ -174,7 +186,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<GetEntryRequest>,
     ) -> Result<Response<EntryResponse>, Status> {
-        authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let id = &req.get_ref().id;
@@ -189,7 +200,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
-        authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let f = req.get_ref();
@@ -215,7 +225,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        authorize(&req)?;
         let r = req.get_ref();
         if r.ttl_seconds < 0 {
             return Err(Status::invalid_argument("ttl must be positive"));
@@ -235,7 +244,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let f = req.get_ref();
@@ -261,7 +269,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<GetAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let id = &req.get_ref().spiffe_id;
@@ -276,7 +283,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<EvictAgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
-        authorize(&req)?;
         propose(
             self.core.proposer.as_ref(),
             Command::EvictAgent {
@@ -291,7 +297,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<BanAgentRequest>,
     ) -> Result<Response<AgentResponse>, Status> {
-        authorize(&req)?;
         let r = propose(
             self.core.proposer.as_ref(),
             Command::BanAgent {
@@ -309,9 +314,8 @@ impl Admin for AdminApi {
 
     async fn get_bundle(
         &self,
-        req: Request<GetBundleRequest>,
+        _req: Request<GetBundleRequest>,
     ) -> Result<Response<GetBundleResponse>, Status> {
-        authorize(&req)?;
         let b = self.core.ca.bundle()?;
         Ok(Response::new(GetBundleResponse {
             spiffe_bundle_json: b.to_spiffe_json().map_err(Error::from)?,
@@ -322,9 +326,8 @@ impl Admin for AdminApi {
 
     async fn get_ca_status(
         &self,
-        req: Request<GetCaStatusRequest>,
+        _req: Request<GetCaStatusRequest>,
     ) -> Result<Response<GetCaStatusResponse>, Status> {
-        authorize(&req)?;
         // Reads answer with what the cluster acknowledged, not what this node applied so far.
         self.core.read_barrier().await?;
         let auths = self.core.sm.authorities().await.map_err(Error::from)?;
@@ -377,7 +380,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<RotateAuthorityRequest>,
     ) -> Result<Response<RotateAuthorityResponse>, Status> {
-        authorize(&req)?;
         let r = req.into_inner();
         let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
             Some(k) => k,
@@ -464,7 +466,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<RevokeAuthorityRequest>,
     ) -> Result<Response<RevokeAuthorityResponse>, Status> {
-        authorize(&req)?;
         let r = req.into_inner();
         let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
             Some(k @ (ca_raft::AuthorityKind::Intermediate | ca_raft::AuthorityKind::Jwt)) => k,
@@ -501,18 +502,16 @@ impl Admin for AdminApi {
 
     async fn health(
         &self,
-        req: Request<HealthRequest>,
+        _req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
-        authorize(&req)?;
         let (ready, detail) = (self.ready)();
         Ok(Response::new(HealthResponse { ready, detail }))
     }
 
     async fn cluster_status(
         &self,
-        req: Request<ClusterStatusRequest>,
+        _req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        authorize(&req)?;
         let st = self.core.raft.status();
         let members = st
             .members
@@ -549,7 +548,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<AddMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        authorize(&req)?;
         let r = req.into_inner();
         if r.raft_id == 0 || !crate::config::valid_node_id(&r.node_id) {
             return Err(Status::invalid_argument(
@@ -601,7 +599,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<PromoteMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        authorize(&req)?;
         let id = req.get_ref().raft_id;
         match self.core.raft.status().members.get(&id) {
             None => {
@@ -626,7 +623,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        authorize(&req)?;
         let id = req.get_ref().raft_id;
         let log_index = crate::cluster::remove_member(&self.core, id).await?;
         Ok(Response::new(MembershipResponse { log_index }))
@@ -639,7 +635,6 @@ impl Admin for AdminApi {
         &self,
         req: Request<SaveSnapshotRequest>,
     ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
-        authorize(&req)?;
         if !req.get_ref().allow_stale {
             // The copy holds at least everything acknowledged before the call.
             self.core.read_barrier().await?;

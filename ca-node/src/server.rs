@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_kms::KeyManager;
-use ca_proto::admin::admin_server::AdminServer;
 use ca_proto::node::node_server::NodeServer;
 use ca_raft::{
     LogStore, NodeInfo, RaftNode, RaftNodeConfig, RaftProposer, Role, StateMachine, LOG_DB_FILE,
@@ -805,7 +804,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         .map_err(|e| Error::Config(format!("admin_socket: {e}")))?;
     let ready_core = core.clone();
     let ready = Arc::new(move || readiness(&ready_core));
-    let admin = AdminServer::new(AdminApi::new(core.clone(), ready.clone()));
+    let admin = AdminApi::server(core.clone(), ready.clone());
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()

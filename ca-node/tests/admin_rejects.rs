@@ -547,3 +547,88 @@ async fn agent_commands_for_a_missing_agent_are_not_found() {
     assert!(listed.is_empty());
     node.shutdown().await;
 }
+
+/// The admin methods in `admin.proto` (name, whether it streams its answer).
+fn admin_methods() -> Vec<(String, bool)> {
+    let proto = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto/admin.proto"),
+    )
+    .unwrap();
+    let service = proto
+        .split("service Admin {")
+        .nth(1)
+        .and_then(|s| s.split('}').next())
+        .expect("service Admin in admin.proto");
+    service
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .map(|l| {
+            let name = l.split('(').next().unwrap().trim().to_owned();
+            (name, l.contains("returns (stream "))
+        })
+        .collect()
+}
+
+/// Every admin method refuses a caller that is neither the node's user nor root, whatever
+/// the socket's file mode lets through (its first guard, opened here so that only the check
+/// of the caller's uid stands). The methods are read from `admin.proto`, so a method added
+/// later is covered at once; the caller is an independent gRPC client (Python grpcio) that
+/// drops to uid 65534 before it connects. Nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_method_refuses_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: calling the admin API as another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |_| {}).await;
+    let applied = node.core.sm.last_applied();
+    let mut p = node.admin_socket.parent().unwrap().to_path_buf();
+    while p.starts_with(dir.path()) {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p.pop();
+    }
+    std::fs::set_permissions(&node.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let methods = admin_methods();
+    assert!(methods.len() >= 20, "{methods:?}");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/admin_as_other_user.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("65534")
+        .arg(&node.admin_socket)
+        .args(methods.iter().map(|(m, stream)| {
+            if *stream {
+                format!("{m}:stream")
+            } else {
+                m.clone()
+            }
+        }))
+        .output()
+        .expect("python3 (with grpcio, installed with the `spiffe` package)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut failures = Vec::new();
+    for (m, _) in &methods {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(m.as_str()))
+            .unwrap_or("");
+        if !line.contains("PERMISSION_DENIED")
+            || !line.contains("uid 65534 may not use the admin API")
+        {
+            failures.push(format!("{m}: {line:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "not refused:\n{}", failures.join("\n"));
+    assert_eq!(
+        node.core.sm.last_applied(),
+        applied,
+        "something was applied"
+    );
+}
