@@ -30,6 +30,28 @@ impl std::fmt::Debug for AdminApi {
     }
 }
 
+/// The most entries one `BatchCreateEntries` call may carry.
+pub const MAX_BATCH_ENTRIES: usize = 1000;
+
+/// The most entries proposed in one log entry (one `Command::Batch`).
+const ENTRIES_PER_PROPOSAL: usize = 256;
+
+/// The result of one entry of a batch from a status (or success).
+fn batch_result(r: Result<ca_proto::types::Entry, Status>) -> BatchEntryResult {
+    match r {
+        Ok(entry) => BatchEntryResult {
+            entry: Some(entry),
+            code: 0,
+            message: String::new(),
+        },
+        Err(s) => BatchEntryResult {
+            entry: None,
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+        },
+    }
+}
+
 /// The most items one page may ask for.
 pub const MAX_PAGE_SIZE: i32 = 10_000;
 
@@ -140,6 +162,66 @@ impl Admin for AdminApi {
         .await?;
         Ok(Response::new(EntryResponse {
             entry: Some(entry_of(r)?),
+        }))
+    }
+
+    async fn batch_create_entries(
+        &self,
+        req: Request<BatchCreateEntriesRequest>,
+    ) -> Result<Response<BatchCreateEntriesResponse>, Status> {
+        let entries = req.into_inner().entries;
+        if entries.len() > MAX_BATCH_ENTRIES {
+            return Err(Status::invalid_argument(format!(
+                "{} entries in one batch: at most {MAX_BATCH_ENTRIES}; split the batch",
+                entries.len()
+            )));
+        }
+        let now = ca_identity::unix_now();
+        // Each entry validated on its own; the valid ones proposed together, in order.
+        let mut results: Vec<Option<BatchEntryResult>> = Vec::with_capacity(entries.len());
+        let mut valid = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match self
+                .core
+                .validate_entry(e, uuid::Uuid::now_v7().to_string(), now)
+            {
+                Ok(rec) => {
+                    results.push(None);
+                    valid.push((i, rec));
+                }
+                Err(err) => results.push(Some(batch_result(Err(err.into())))),
+            }
+        }
+        for chunk in valid.chunks(ENTRIES_PER_PROPOSAL) {
+            let commands = chunk
+                .iter()
+                .map(|(_, rec)| Command::CreateEntry { entry: rec.clone() })
+                .collect();
+            let answers =
+                match propose(self.core.proposer.as_ref(), Command::Batch { commands }).await? {
+                    SmResponse::Batch(a) if a.len() == chunk.len() => a,
+                    other => {
+                        return Err(Error::Internal(format!(
+                            "unexpected state machine response to a batch: {other:?}"
+                        ))
+                        .into())
+                    }
+                };
+            for ((i, _), answer) in chunk.iter().zip(answers) {
+                let r = match answer {
+                    SmResponse::Rejected { code, message } => {
+                        Err(crate::error::from_rejection(code, message).into())
+                    }
+                    other => entry_of(other).map_err(Status::from),
+                };
+                results[*i] = Some(batch_result(r));
+            }
+        }
+        Ok(Response::new(BatchCreateEntriesResponse {
+            results: results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| batch_result(Err(Status::internal("no answer")))))
+                .collect(),
         }))
     }
 

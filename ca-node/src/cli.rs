@@ -1161,15 +1161,33 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                     data: Some(path),
                     output,
                 } => {
-                    let entries = entries_from_file(path)?;
+                    let entries = entries_from_file(path)?
+                        .into_iter()
+                        .map(|e| fields_to_entry(f, e))
+                        .collect::<Result<Vec<_>, _>>()?;
                     let mut created = Vec::new();
                     let mut failed = Vec::new();
-                    for (i, e) in entries.into_iter().enumerate() {
-                        let e = fields_to_entry(f, e)?;
-                        let what = format!("entry {} ({})", i + 1, e.spiffe_id);
-                        match c.create_entry(CreateEntryRequest { entry: Some(e) }).await {
-                            Ok(r) => created.extend(r.into_inner().entry),
-                            Err(s) => failed.push(format!("{what}: {}", status_msg(s))),
+                    let max = crate::admin_api::MAX_BATCH_ENTRIES;
+                    for (k, batch) in entries.chunks(max).enumerate() {
+                        let r = c
+                            .batch_create_entries(BatchCreateEntriesRequest {
+                                entries: batch.to_vec(),
+                            })
+                            .await
+                            .map_err(status_msg)?
+                            .into_inner();
+                        for (j, (e, res)) in batch.iter().zip(r.results).enumerate() {
+                            if res.code == 0 {
+                                created.extend(res.entry);
+                            } else {
+                                let code = tonic::Code::from_i32(res.code);
+                                failed.push(format!(
+                                    "entry {} ({}): {}",
+                                    k * max + j + 1,
+                                    e.spiffe_id,
+                                    status_msg(tonic::Status::new(code, res.message))
+                                ));
+                            }
                         }
                     }
                     print_entries(&created, *output);

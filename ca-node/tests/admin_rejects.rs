@@ -632,3 +632,70 @@ async fn every_admin_method_refuses_another_user() {
         "something was applied"
     );
 }
+
+/// A batch of entries: each answered on its own, in order (created, refused by validation,
+/// refused by the state machine as a duplicate of an earlier one in the same batch); only
+/// the valid, new ones stored. A batch over the limit is refused whole, nothing applied.
+#[tokio::test]
+async fn a_batch_of_entries_is_answered_entry_by_entry() {
+    use ca_proto::admin::BatchCreateEntriesRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), |_| {}).await;
+    let mut a = admin(&node.admin_socket).await;
+    let applied = node.core.sm.last_applied();
+    let too_many: Vec<Entry> = (0..=ca_node::admin_api::MAX_BATCH_ENTRIES)
+        .map(|i| {
+            entry(
+                &format!("spiffe://{TD}/many/{i}"),
+                PARENT,
+                &["unix:uid:1000"],
+            )
+        })
+        .collect();
+    let e = a
+        .batch_create_entries(BatchCreateEntriesRequest { entries: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("at most 1000"), "{}", e.message());
+    assert_eq!(node.core.sm.last_applied(), applied, "nothing applied");
+
+    let first = entry(GOOD_ID, PARENT, &["unix:uid:1000"]);
+    let r = a
+        .batch_create_entries(BatchCreateEntriesRequest {
+            entries: vec![
+                first.clone(),
+                entry("spiffe://Bad.Example/x", PARENT, &["unix:uid:1"]),
+                entry(
+                    &format!("spiffe://{TD}/service/db"),
+                    PARENT,
+                    &["unix:uid:1001"],
+                ),
+                first,
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<Code> = r.iter().map(|x| Code::from_i32(x.code)).collect();
+    assert_eq!(
+        codes,
+        [
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::Ok,
+            Code::AlreadyExists
+        ],
+        "{r:?}"
+    );
+    assert!(r[1].message.contains("spiffe_id"), "{:?}", r[1].message);
+    assert_eq!(r[0].entry.as_ref().unwrap().spiffe_id, GOOD_ID);
+    let stored = a
+        .list_entries(ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}
