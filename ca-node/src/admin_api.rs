@@ -179,7 +179,8 @@ impl Admin for AdminApi {
         let now = ca_identity::unix_now();
         // Each entry validated on its own; the valid ones proposed together, in order.
         let mut results: Vec<Option<BatchEntryResult>> = Vec::with_capacity(entries.len());
-        let mut valid = Vec::new();
+        // Where each valid entry's answer goes, and the entries, in the same order.
+        let (mut valid, mut records) = (Vec::new(), Vec::new());
         for (i, e) in entries.iter().enumerate() {
             match self
                 .core
@@ -187,15 +188,18 @@ impl Admin for AdminApi {
             {
                 Ok(rec) => {
                     results.push(None);
-                    valid.push((i, rec));
+                    valid.push(i);
+                    records.push(rec);
                 }
                 Err(err) => results.push(Some(batch_result(Err(err.into())))),
             }
         }
+        let mut records = records.into_iter();
         for chunk in valid.chunks(ENTRIES_PER_PROPOSAL) {
-            let commands = chunk
-                .iter()
-                .map(|(_, rec)| Command::CreateEntry { entry: rec.clone() })
+            let commands = records
+                .by_ref()
+                .take(chunk.len())
+                .map(|entry| Command::CreateEntry { entry })
                 .collect();
             let answers =
                 match propose(self.core.proposer.as_ref(), Command::Batch { commands }).await? {
@@ -207,7 +211,7 @@ impl Admin for AdminApi {
                         .into())
                     }
                 };
-            for ((i, _), answer) in chunk.iter().zip(answers) {
+            for (i, answer) in chunk.iter().zip(answers) {
                 let r = match answer {
                     SmResponse::Rejected { code, message } => {
                         Err(crate::error::from_rejection(code, message).into())

@@ -150,12 +150,6 @@ fn move_paths(text: &str, moves: &[(&str, PathBuf)]) -> String {
     out
 }
 
-/// A service the site runs in place of systemd.
-#[derive(Debug)]
-struct Service {
-    proc: Proc,
-}
-
 /// One host of the site.
 #[derive(Debug)]
 pub struct SiteHost {
@@ -165,7 +159,8 @@ pub struct SiteHost {
     pub host: Host,
     /// Its folder (its `/`).
     pub root: PathBuf,
-    services: BTreeMap<String, Service>,
+    /// The services the site runs on it in place of systemd, by unit name.
+    services: BTreeMap<String, Proc>,
 }
 
 impl SiteHost {
@@ -563,19 +558,17 @@ impl Site {
             }
         }
         eprintln!("--- {on}: {unit} is ready (pid {})", proc.pid());
-        self.host_mut(on)
-            .services
-            .insert(unit.to_owned(), Service { proc });
+        self.host_mut(on).services.insert(unit.to_owned(), proc);
         Ok(())
     }
 
     /// Stops `unit` on host `on` (SIGTERM, as systemd does, then SIGKILL after the unit's
     /// stop timeout).
     pub fn stop(&mut self, on: &str, unit: &str) -> Result<()> {
-        let Some(mut s) = self.host_mut(on).services.remove(unit) else {
+        let Some(mut proc) = self.host_mut(on).services.remove(unit) else {
             return Ok(());
         };
-        if s.proc.terminate(Duration::from_secs(30)).is_none() {
+        if proc.terminate(Duration::from_secs(30)).is_none() {
             bail!("{on}: {unit} did not stop within 30 s");
         }
         Ok(())
@@ -583,8 +576,8 @@ impl Site {
 
     /// Kills `unit` on host `on` at once (a crash, a dead disk).
     pub fn kill(&mut self, on: &str, unit: &str) {
-        if let Some(mut s) = self.host_mut(on).services.remove(unit) {
-            s.proc.kill_hard();
+        if let Some(mut proc) = self.host_mut(on).services.remove(unit) {
+            proc.kill_hard();
         }
     }
 

@@ -31,7 +31,8 @@ pub const STATE_DB_FILE: &str = "state.db";
 
 /// openraft settings suited to a LAN cluster of 3 or 5 nodes with fsync'ed SQLite stores:
 /// heartbeat 100 ms, election timeout 400–700 ms (openraft 0.9 starts an election after
-/// the leader's lease, the maximum, plus the random timeout: 1.1–1.4 s), a snapshot every 10 000 entries keeping 1 000
+/// the leader's lease, the maximum, plus the random timeout: 1.1–1.4 s), a snapshot every
+/// 10 000 entries keeping 1 000
 /// entries of log behind it, snapshots sent in 1 MiB chunks.
 pub fn recommended_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
@@ -739,18 +740,19 @@ impl RaftNode {
     /// entries is sent the snapshot: for state that no log entry holds (a restored backup).
     pub async fn snapshot_and_purge(&self, timeout: std::time::Duration) -> Result<LogId> {
         let mut metrics = self.metrics();
+        let stopped = |_| Error::Unavailable("the Raft node stopped".into());
         let wait = async {
             let applied = metrics
                 .wait_for(|m| m.last_applied.is_some())
                 .await
-                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?
+                .map_err(stopped)?
                 .last_applied
                 .ok_or_else(|| Error::Unavailable("nothing applied yet".into()))?;
             self.trigger_snapshot().await?;
             metrics
                 .wait_for(|m| m.snapshot.is_some_and(|s| s.index >= applied.index))
                 .await
-                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?;
+                .map_err(stopped)?;
             let upto = metrics.borrow().snapshot.map_or(applied.index, |s| s.index);
             self.inner
                 .raft
@@ -761,7 +763,7 @@ impl RaftNode {
             metrics
                 .wait_for(|m| m.purged.is_some_and(|p| p.index >= upto))
                 .await
-                .map_err(|_| Error::Unavailable("the Raft node stopped".into()))?;
+                .map_err(stopped)?;
             Ok::<_, Error>(applied)
         };
         tokio::time::timeout(timeout, wait).await.map_err(|_| {
