@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ca_proto::admin::admin_server::{Admin, AdminServer};
 use ca_proto::admin::*;
-use ca_raft::{Command, Response as SmResponse};
+use ca_state::{Command, Response as SmResponse};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
@@ -418,18 +418,20 @@ impl Admin for AdminApi {
         self.core.read_barrier().await?;
         let auths = self.core.sm.authorities().await.map_err(Error::from)?;
         let (counts, silent) = crate::cluster::issued_counts_everywhere(&self.core).await;
-        let count_of = |a: &ca_raft::AuthorityRecord| -> i64 {
+        let count_of = |a: &ca_state::AuthorityRecord| -> i64 {
             match counts.get(&a.id) {
                 Some(n) => *n as i64,
-                None if a.kind != ca_raft::AuthorityKind::Root && silent.contains(&a.node_id) => -1,
-                None if a.kind == ca_raft::AuthorityKind::Root => {
+                None if a.kind != ca_state::AuthorityKind::Root && silent.contains(&a.node_id) => {
+                    -1
+                }
+                None if a.kind == ca_state::AuthorityKind::Root => {
                     // A root signs intermediates only: its valid intermediates.
                     let ski = crate::ca::subject_key_id(&a.cert_der);
                     let t = ca_identity::unix_now();
                     auths
                         .iter()
                         .filter(|i| {
-                            i.kind == ca_raft::AuthorityKind::Intermediate && i.not_after > t
+                            i.kind == ca_state::AuthorityKind::Intermediate && i.not_after > t
                         })
                         .filter(|i| {
                             ca_identity::x509::cert_info(&i.cert_der)
@@ -467,7 +469,7 @@ impl Admin for AdminApi {
         req: Request<RotateAuthorityRequest>,
     ) -> Result<Response<RotateAuthorityResponse>, Status> {
         let r = req.into_inner();
-        let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
+        let kind = match ca_state::AuthorityKind::parse(&r.kind) {
             Some(k) => k,
             None => {
                 return Err(Error::InvalidArgument(format!(
@@ -479,7 +481,7 @@ impl Admin for AdminApi {
         };
         self.core.read_barrier().await?;
         let auths = self.core.sm.authorities().await.map_err(Error::from)?;
-        let nodes: Vec<String> = if kind == ca_raft::AuthorityKind::Root {
+        let nodes: Vec<String> = if kind == ca_state::AuthorityKind::Root {
             if r.all || !r.node_id.is_empty() {
                 return Err(Error::InvalidArgument(
                     "the root belongs to the whole cluster: rotate-root takes no --node or --all"
@@ -496,7 +498,7 @@ impl Admin for AdminApi {
             }
             let mut ns: Vec<String> = auths
                 .iter()
-                .filter(|a| a.kind == kind && a.state == ca_raft::AuthorityState::Active)
+                .filter(|a| a.kind == kind && a.state == ca_state::AuthorityState::Active)
                 .map(|a| a.node_id.clone())
                 .collect();
             ns.sort();
@@ -553,8 +555,8 @@ impl Admin for AdminApi {
         req: Request<RevokeAuthorityRequest>,
     ) -> Result<Response<RevokeAuthorityResponse>, Status> {
         let r = req.into_inner();
-        let kind = match ca_raft::AuthorityKind::parse(&r.kind) {
-            Some(k @ (ca_raft::AuthorityKind::Intermediate | ca_raft::AuthorityKind::Jwt)) => k,
+        let kind = match ca_state::AuthorityKind::parse(&r.kind) {
+            Some(k @ (ca_state::AuthorityKind::Intermediate | ca_state::AuthorityKind::Jwt)) => k,
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "kind {:?}: only intermediate and jwt authorities can be revoked",

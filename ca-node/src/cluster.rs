@@ -33,10 +33,8 @@ use ca_kms::{KeyAlgorithm, KeyManager, KeyProtection, SigningKey};
 use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::cluster_server::{Cluster, ClusterServer};
 use ca_proto::admin::*;
-use ca_raft::{
-    AgentRecord, AuthorityKind, AuthorityState, Command, NodeId, NodeInfo, RaftNode, Role,
-    StateMachine,
-};
+use ca_raft::{NodeId, NodeInfo, RaftNode, Role, StateMachine};
+use ca_state::{AgentRecord, AuthorityKind, AuthorityState, Command};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -526,7 +524,7 @@ impl ClusterService {
                 now,
                 agent: AgentRecord {
                     spiffe_id: id.to_string(),
-                    attestation_type: ca_raft::CA_NODE_JOIN.into(),
+                    attestation_type: ca_state::CA_NODE_JOIN.into(),
                     x509_svid_serial: info.serial_hex,
                     x509_svid_expires_at: info.not_after,
                     previous_x509_svid_serial: String::new(),
@@ -683,7 +681,7 @@ impl ClusterService {
 async fn set_node_authorities(
     core: &NodeCore,
     node_id: &str,
-    pick: impl Fn(&ca_raft::AuthorityRecord) -> bool,
+    pick: impl Fn(&ca_state::AuthorityRecord) -> bool,
     state: AuthorityState,
 ) -> Result<usize, Error> {
     let mut n = 0;
@@ -709,7 +707,7 @@ async fn set_node_authorities(
 
 /// Retires the active (or prepared) intermediates and JWT keys of node `node_id`.
 pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
-    let live = |a: &ca_raft::AuthorityRecord| {
+    let live = |a: &ca_state::AuthorityRecord| {
         matches!(a.state, AuthorityState::Active | AuthorityState::Prepared)
     };
     set_node_authorities(core, node_id, live, AuthorityState::Retired).await
@@ -721,7 +719,7 @@ pub async fn retire_node_authorities(core: &NodeCore, node_id: &str) -> Result<u
 pub async fn revoke_node_authorities(core: &NodeCore, node_id: &str) -> Result<usize, Error> {
     let t = ca_identity::unix_now();
     let valid =
-        |a: &ca_raft::AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
+        |a: &ca_state::AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
     set_node_authorities(core, node_id, valid, AuthorityState::Revoked).await
 }
 

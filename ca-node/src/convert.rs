@@ -2,7 +2,7 @@
 
 use ca_identity::TrustBundle;
 use ca_proto::types;
-use ca_raft::{AgentRecord, EntryRecord, SelectorRecord};
+use ca_state::{AgentRecord, EntryRecord, SelectorRecord};
 
 /// Entry record -> proto.
 pub fn entry_to_proto(e: &EntryRecord) -> types::Entry {

@@ -7,10 +7,8 @@ use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_identity::{Selector, SpiffeId};
 use ca_kms::KeyManager;
 use ca_proto::types;
-use ca_raft::{
-    Command, EntryRecord, JoinTokenRecord, Proposer, RaftNode, Response, SelectorRecord,
-    StateMachine,
-};
+use ca_raft::{Proposer, RaftNode, StateMachine};
+use ca_state::{Command, EntryRecord, JoinTokenRecord, Response, SelectorRecord};
 
 use crate::ca::Ca;
 use crate::config::NodeConfig;

@@ -150,7 +150,7 @@ pub async fn register_with(
     )?;
     match crate::core::propose(
         core.proposer.as_ref(),
-        ca_raft::Command::CreateEntry { entry: rec },
+        ca_state::Command::CreateEntry { entry: rec },
     )
     .await
     {

@@ -95,8 +95,8 @@ impl Error {
 }
 
 /// Turns a state machine refusal into an error.
-pub fn from_rejection(code: ca_raft::RejectCode, message: String) -> Error {
-    use ca_raft::RejectCode::*;
+pub fn from_rejection(code: ca_state::RejectCode, message: String) -> Error {
+    use ca_state::RejectCode::*;
     match code {
         NotFound => Error::NotFound(message),
         AlreadyExists => Error::AlreadyExists(message),

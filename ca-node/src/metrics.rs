@@ -8,7 +8,9 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState, ClusterStatus, Role};
+use ca_raft::{ClusterStatus, Role};
+
+use ca_state::{AuthorityKind, AuthorityRecord, AuthorityState};
 
 /// Results of an SVID request, a proposal or an attestation.
 const RESULTS: [&str; 2] = ["ok", "error"];
@@ -584,7 +586,7 @@ impl MeteredProposer {
     /// certificate, or a JWT key) or active, or one whose state changed (its kind is read
     /// from the journal once the change is accepted). Taken before the command is handed
     /// on, so that a proposal is not copied to be looked at afterwards.
-    fn event_of(cmd: &ca_raft::Command) -> Option<(EventOf, &'static str)> {
+    fn event_of(cmd: &ca_state::Command) -> Option<(EventOf, &'static str)> {
         let name = |s: AuthorityState| match s {
             AuthorityState::Prepared => "prepared",
             AuthorityState::Active => "activated",
@@ -592,12 +594,12 @@ impl MeteredProposer {
             AuthorityState::Revoked => "revoked",
         };
         match cmd {
-            ca_raft::Command::PutAuthority { authority: a }
+            ca_state::Command::PutAuthority { authority: a }
                 if !a.cert_der.is_empty() || a.kind == AuthorityKind::Jwt =>
             {
                 Some((EventOf::Kind(a.kind), name(a.state)))
             }
-            ca_raft::Command::SetAuthorityState { id, state, .. } => {
+            ca_state::Command::SetAuthorityState { id, state, .. } => {
                 Some((EventOf::Authority(id.clone()), name(*state)))
             }
             _ => None,
@@ -614,7 +616,7 @@ enum EventOf {
 
 #[async_trait::async_trait]
 impl ca_raft::Proposer for MeteredProposer {
-    async fn propose(&self, cmd: ca_raft::Command) -> ca_raft::Result<ca_raft::Response> {
+    async fn propose(&self, cmd: ca_state::Command) -> ca_raft::Result<ca_state::Response> {
         let event = Self::event_of(&cmd);
         let start = std::time::Instant::now();
         let r = self.inner.propose(cmd).await;
@@ -622,7 +624,7 @@ impl ca_raft::Proposer for MeteredProposer {
             .proposal_seconds
             .observe(start.elapsed().as_secs_f64());
         let result = match &r {
-            Ok(ca_raft::Response::Rejected { .. }) => "rejected",
+            Ok(ca_state::Response::Rejected { .. }) => "rejected",
             Ok(_) => "ok",
             Err(_) => "error",
         };

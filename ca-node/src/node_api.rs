@@ -8,7 +8,7 @@ use ca_identity::rate_limit::{refusal, RateLimiter};
 use ca_identity::SpiffeId;
 use ca_proto::node::node_server::Node;
 use ca_proto::node::*;
-use ca_raft::{AgentRecord, Command, EntryRecord, SelectorRecord};
+use ca_state::{AgentRecord, Command, EntryRecord, SelectorRecord};
 use futures::Stream;
 use rcgen::CertificateSigningRequestParams;
 use tokio_stream::StreamExt;
@@ -212,7 +212,7 @@ impl NodeApi {
                 "unknown join token; generate one with `ca-node token generate`".into(),
             )
         })?;
-        if ca_raft::is_ca_node_id(&rec.spiffe_id) {
+        if ca_state::is_ca_node_id(&rec.spiffe_id) {
             // Not consumed: the token stays usable by the ca-node it was made for.
             return Err(Error::PermissionDenied(format!(
                 "this join token is for a ca-node ({}); it is redeemed only by `ca-node join`, never by an agent",

@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ca_identity::{SpiffeId, TrustDomain};
-use ca_raft::{
-    Admitted, AgentRecord, AuthorityKind, AuthorityRecord, AuthorityState, Command, PeerPolicy,
-    Proposer, RaftNode, RejectCode, Response, StateMachine,
+use ca_raft::{Admitted, PeerPolicy, Proposer, RaftNode, StateMachine};
+use ca_state::{
+    AgentRecord, AuthorityKind, AuthorityRecord, AuthorityState, Command, RejectCode, Response,
 };
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;

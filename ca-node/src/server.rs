@@ -322,8 +322,8 @@ async fn initial_roots(config: &NodeConfig, sm: &StateMachine) -> Result<Vec<Vec
         .await?
         .into_iter()
         .filter(|a| {
-            a.kind == ca_raft::AuthorityKind::Root
-                && a.state != ca_raft::AuthorityState::Revoked
+            a.kind == ca_state::AuthorityKind::Root
+                && a.state != ca_state::AuthorityState::Revoked
                 && a.not_after > t
         })
         .map(|a| a.cert_der)
@@ -342,7 +342,7 @@ async fn initial_roots(config: &NodeConfig, sm: &StateMachine) -> Result<Vec<Vec
 /// log to bring the root.
 async fn ca_may_start(core: &NodeCore) -> Result<bool, Error> {
     let has_root = core.sm.authorities().await?.iter().any(|a| {
-        a.kind == ca_raft::AuthorityKind::Root && a.state == ca_raft::AuthorityState::Active
+        a.kind == ca_state::AuthorityKind::Root && a.state == ca_state::AuthorityState::Active
     });
     if has_root {
         return Ok(true);
@@ -390,7 +390,7 @@ fn current_not_before(svid: &SvidResolver) -> Option<i64> {
 
 /// What the maintenance loop reacts to at once: the CA journal's version and the rotation
 /// requests.
-async fn ca_fingerprint(sm: &StateMachine) -> Option<(i64, Vec<ca_raft::RotationRequest>)> {
+async fn ca_fingerprint(sm: &StateMachine) -> Option<(i64, Vec<ca_state::RotationRequest>)> {
     Some((
         sm.authorities_version().await.ok()?,
         sm.rotation_requests().await.ok()?,

@@ -15,7 +15,7 @@ use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_node::dev::DevCluster;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;
-use ca_raft::{AuthorityKind, AuthorityState};
+use ca_state::{AuthorityKind, AuthorityState};
 use common::*;
 use tonic::Code;
 

@@ -13,7 +13,7 @@ use ca_kms::pkcs11::Pkcs11KeyManager;
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::{NodeConfig, NodeHandle};
-use ca_raft::AuthorityKind;
+use ca_state::AuthorityKind;
 use ca_test_support::http::metric;
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
 use ca_test_support::softhsm::SoftHsm;

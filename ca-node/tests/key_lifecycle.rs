@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ca_kms::KeyManager;
-use ca_raft::{AuthorityKind, AuthorityState};
+use ca_state::{AuthorityKind, AuthorityState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retired_keys_are_destroyed_after_they_expire() {

@@ -15,7 +15,7 @@ use ca_kms::aws_kms::{AwsKmsConfig, AwsKmsManager, TAG_KEY_NAME, TAG_NODE_ID};
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::{NodeConfig, NodeHandle};
-use ca_raft::{AuthorityKind, AuthorityRecord};
+use ca_state::{AuthorityKind, AuthorityRecord};
 use ca_test_support::http::metric;
 use ca_test_support::kms_proxy::{Proxy, Rule};
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
@@ -191,7 +191,7 @@ async fn a_batch_has_its_kms_signatures_in_flight_together() {
         .unwrap();
     ca_node::core::propose(
         node.core.proposer.as_ref(),
-        ca_raft::Command::CreateEntry {
+        ca_state::Command::CreateEntry {
             entry: entry.clone(),
         },
     )

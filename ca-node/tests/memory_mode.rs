@@ -4,7 +4,7 @@
 
 use ca_kms::KeyManager;
 use ca_node::config::IntermediateMode;
-use ca_raft::{AuthorityKind, AuthorityState};
+use ca_state::{AuthorityKind, AuthorityState};
 
 fn verify_signed_by(child_der: &[u8], issuer_der: &[u8]) {
     let (_, child) = x509_parser::parse_x509_certificate(child_der).unwrap();

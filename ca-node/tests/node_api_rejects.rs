@@ -66,7 +66,7 @@ async fn add_entry(node: &ca_node::NodeHandle, spiffe_id: &str, parent: &str) ->
         .expect("valid entry");
     ca_node::core::propose(
         node.core.proposer.as_ref(),
-        ca_raft::Command::CreateEntry { entry: rec.clone() },
+        ca_state::Command::CreateEntry { entry: rec.clone() },
     )
     .await
     .expect("entry created");

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ca_node::dev::DevCluster;
 use ca_node::NodeConfig;
 use ca_proto::admin::*;
-use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState};
+use ca_state::{AuthorityKind, AuthorityRecord, AuthorityState};
 use ca_test_support::mtls::{aki, alice, bob, PickId, Traffic};
 use common::*;
 use spiffe::{JwtSvid, WorkloadApiClient, X509Source};
@@ -792,7 +792,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
 
 async fn ca_state(
     node: &ca_node::NodeHandle,
-) -> (Vec<AuthorityRecord>, Vec<ca_raft::RotationRequest>) {
+) -> (Vec<AuthorityRecord>, Vec<ca_state::RotationRequest>) {
     (
         node.core.sm.authorities().await.unwrap(),
         node.core.sm.rotation_requests().await.unwrap(),

@@ -18,7 +18,7 @@ use ca_node::dev::DevCluster;
 use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;
-use ca_raft::{
+use ca_state::{
     AgentRecord, AuthorityKind, AuthorityRecord, AuthorityState, Command, EntryRecord,
     SelectorRecord,
 };

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::command::{Command, Response};
 use crate::{Error, Result};
+use ca_state::{Command, Response};
 
 /// The most commands in one batch.
 pub const MAX_BATCH: usize = 256;

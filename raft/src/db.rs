@@ -259,18 +259,6 @@ pub(crate) fn query_all<T>(
     Ok(out)
 }
 
-/// Runs `sql` with `params` and decodes the first row, if any, with `decode`.
-pub(crate) fn query_one<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    decode: impl Fn(&Row<'_>) -> Result<T>,
-) -> Result<Option<T>> {
-    let mut q = conn.prepare_cached(sql)?;
-    let mut rows = q.query(params)?;
-    rows.next()?.map(decode).transpose()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

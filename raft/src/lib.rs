@@ -55,7 +55,6 @@
 #![warn(missing_docs)]
 
 pub mod batcher;
-pub mod command;
 mod db;
 pub mod link;
 pub mod log_store;
@@ -64,23 +63,20 @@ pub mod node;
 mod pb;
 pub mod policy;
 pub mod proposer;
-pub mod records;
 pub mod service;
 mod sm_store;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
-pub use command::{Command, RejectCode, Response};
 pub use log_store::LogStore;
 pub use network::{Connector, PlaintextConnector};
 pub use node::{ClusterStatus, RaftNode, RaftNodeConfig, Role, LOG_DB_FILE, STATE_DB_FILE};
 pub use policy::{Admitted, PeerPolicy};
 pub use proposer::{LocalProposer, Proposer, RaftProposer};
-pub use records::*;
 pub use service::RaftGrpc;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{is_ca_node_id, SnapshotActivity, StateMachine, CA_NODE_JOIN};
+pub use state_machine::{SnapshotActivity, StateMachine};
 pub use types::{NodeId, NodeInfo, TypeConfig};
 
 /// Errors of the store (not rule violations: those are [`Response::Rejected`]).
@@ -122,6 +118,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<rusqlite::types::FromSqlError> for Error {
     fn from(e: rusqlite::types::FromSqlError) -> Self {
         Error::Corrupt(e.to_string())
+    }
+}
+
+impl From<ca_state::Error> for Error {
+    fn from(e: ca_state::Error) -> Self {
+        match e {
+            ca_state::Error::Store(e) => Error::Store(e),
+            ca_state::Error::Corrupt(m) => Error::Corrupt(m),
+            other => Error::Io(other.to_string()),
+        }
     }
 }
 

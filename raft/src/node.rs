@@ -15,7 +15,6 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 
 use crate::batcher::WriteBatcher;
-use crate::command::{Command, Response};
 use crate::log_store::LogStore;
 use crate::network::{Connector, Network, Peers};
 use crate::pb::{forward_from_pb, from_json, to_json, FromPb, IntoPb};
@@ -23,6 +22,7 @@ use crate::service::RaftGrpc;
 use crate::state_machine::StateMachine;
 use crate::types::{LogId, NodeId, NodeInfo, Raft, RaftMetrics};
 use crate::{Error, Result};
+use ca_state::{Command, Response};
 
 /// File name of the Raft log database, beside the state database.
 pub const LOG_DB_FILE: &str = "raft-log.db";

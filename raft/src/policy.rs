@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tonic::Status;
 
-use crate::command::Command;
+use ca_state::Command;
 
 /// A caller the policy let in. A stream or link keeps it and calls [`Admitted::recheck`]
 /// before each later message, so a caller that stops being allowed (removed from the

@@ -3,10 +3,10 @@
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use crate::command::{Command, Response};
 use crate::node::RaftNode;
 use crate::state_machine::StateMachine;
 use crate::Result;
+use ca_state::{Command, Response};
 
 /// Takes commands to the (replicated) log; returns once the command is applied.
 #[async_trait]

@@ -14,12 +14,12 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::command::Command;
 use crate::network::MAX_MESSAGE_SIZE;
 use crate::node::{change_membership_local, MembershipChange, MembershipLock};
 use crate::pb::{from_json, to_json, FromPb, IntoPb};
 use crate::policy::PeerPolicy;
 use crate::types::{NodeId, Raft, TypeConfig};
+use ca_state::Command;
 
 /// The Raft transport's server: hands each RPC to the local Raft.
 #[derive(Clone)]

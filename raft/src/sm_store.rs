@@ -4,12 +4,12 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 
-use crate::command::Response;
 use crate::snapshot::SnapshotFile;
 use crate::state_machine::StateMachine;
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use ca_state::Response;
 
 fn sm_err(verb: ErrorVerb, e: crate::Error) -> StorageError {
     StorageIOError::new(

@@ -25,12 +25,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use ca_state::{query, schema, AgentRecord, AuthorityRecord, Command, EntryRecord};
+use ca_state::{JoinTokenRecord, Response, RotationRequest};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
 
-use crate::command::{Command, RejectCode, Response};
-use crate::db::{lock, query_all, query_one, Db, DbOptions, Running};
-use crate::records::*;
+use crate::db::{lock, query_all, Db, DbOptions, Running};
 use crate::snapshot::{SnapshotDir, SnapshotFile};
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use crate::{Error, Result};
@@ -134,36 +134,9 @@ fn command_count(entries: &[Entry]) -> usize {
         .sum()
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS raft_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-  id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
-  selectors TEXT NOT NULL, x509_svid_ttl INTEGER NOT NULL, jwt_svid_ttl INTEGER NOT NULL,
-  dns_names TEXT NOT NULL, admin INTEGER NOT NULL, hint TEXT NOT NULL,
-  created_at INTEGER NOT NULL, revision INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
-CREATE INDEX IF NOT EXISTS entries_spiffe ON entries(spiffe_id);
-CREATE TABLE IF NOT EXISTS join_tokens (
-  token TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER);
-CREATE TABLE IF NOT EXISTS agents (
-  spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
-  expires_at INTEGER NOT NULL, banned INTEGER NOT NULL, attested_at INTEGER NOT NULL,
-  selectors TEXT NOT NULL, prev_serial TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS authorities (
-  id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, node_id TEXT NOT NULL,
-  key_backend TEXT NOT NULL, key_id TEXT NOT NULL, cert_der BLOB NOT NULL,
-  public_key BLOB NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
-  seq INTEGER NOT NULL, updated INTEGER NOT NULL DEFAULT 0,
-  key_destroyed INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS rotation_requests (
-  kind TEXT NOT NULL, node_id TEXT NOT NULL, requested_at INTEGER NOT NULL,
-  replaces TEXT NOT NULL, PRIMARY KEY (kind, node_id));
-"#;
-
-/// `raft_meta` key of the last applied log ID (JSON).
+/// Replication value ([`ca_state::schema`]) holding the last applied log ID (JSON).
 const LAST_APPLIED: &str = "last_applied_log_id";
-/// `raft_meta` key of the last applied membership (JSON).
+/// Replication value holding the last applied membership (JSON).
 const LAST_MEMBERSHIP: &str = "last_membership";
 
 /// The durable state of one replica, and the only code that changes it.
@@ -252,57 +225,34 @@ fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::Corrupt(e.to_string())
 }
 
-fn rejected(code: RejectCode, message: impl Into<String>) -> Response {
-    Response::Rejected {
-        code,
-        message: message.into(),
-    }
-}
-
 /// The applied state as stored: last applied log ID and last membership.
 pub(crate) type AppliedState = (Option<LogId>, StoredMembership);
 
 fn read_applied(conn: &Connection) -> Result<AppliedState> {
     let mut last = None;
     let mut membership = StoredMembership::default();
-    {
-        let mut q = conn.prepare_cached("SELECT key, value FROM raft_meta")?;
-        let mut rows = q.query([])?;
-        while let Some(r) = rows.next()? {
-            let value = r.get_ref(1)?.as_str()?;
-            match r.get_ref(0)?.as_str()? {
-                LAST_APPLIED => last = serde_json::from_str(value).map_err(corrupt)?,
-                LAST_MEMBERSHIP => membership = serde_json::from_str(value).map_err(corrupt)?,
-                _ => {}
-            }
-        }
-    }
-    if last.is_none() {
-        // A store written before log IDs were recorded: only the index is known.
-        let index: Option<i64> = conn
-            .prepare_cached("SELECT value FROM meta WHERE key = 'last_applied'")?
-            .query_row([], |r| r.get(0))
-            .optional()?;
-        if let Some(i) = index.filter(|i| *i > 0) {
-            last = Some(LogId::new(openraft::CommittedLeaderId::new(0, 0), i as u64));
+    for (key, value) in schema::replication_values(conn)? {
+        match key.as_str() {
+            LAST_APPLIED => last = serde_json::from_str(&value).map_err(corrupt)?,
+            LAST_MEMBERSHIP => membership = serde_json::from_str(&value).map_err(corrupt)?,
+            _ => {}
         }
     }
     Ok((last, membership))
 }
 
+/// Records the applied position beside the data: openraft's log ID and membership, and the
+/// index for readers of the state that do not know openraft (backups).
 fn write_applied(
     conn: &Connection,
     last: &LogId,
     membership: Option<&StoredMembership>,
 ) -> Result<()> {
-    // The legacy `meta.last_applied` row is only read when this is absent.
-    let mut q = conn.prepare_cached(
-        "INSERT INTO raft_meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-    )?;
-    q.execute(params![LAST_APPLIED, json(last)])?;
+    schema::set_replication_value(conn, LAST_APPLIED, &json(last))?;
     if let Some(m) = membership {
-        q.execute(params![LAST_MEMBERSHIP, json(m)])?;
+        schema::set_replication_value(conn, LAST_MEMBERSHIP, &json(m))?;
     }
+    schema::set_applied_index(conn, Some(last.index))?;
     Ok(())
 }
 
@@ -322,13 +272,17 @@ impl StateMachine {
             exclusive: false,
         };
         let writer = Db::open(path, opts("state-write", 1), |c| {
-            c.execute_batch(SCHEMA)?;
             c.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)
         })
         .await?;
         let readers = Db::open(path, opts("state-read", 2), |_| Ok(())).await?;
         let checkpointer = Db::open(path, opts("state-ckpt", 1), |_| Ok(())).await?;
-        let (last, _) = writer.call(|c| read_applied(c)).await?;
+        let (last, _) = writer
+            .call(|c| {
+                schema::create(c)?;
+                read_applied(c)
+            })
+            .await?;
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
             .await
             .map_err(|e| Error::Snapshot(format!("opening the snapshot folder: {e}")))?;
@@ -597,27 +551,19 @@ impl StateMachine {
     // ---- reads ----
 
     /// Runs `f` on a reader connection.
-    async fn read<T: Send + 'static>(
+    async fn read<T: Send + 'static, E: Into<Error>>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T> {
         // Every write answered so far is visible to the reader.
         self.commit_applied().await?;
-        self.readers.call(move |c| f(c)).await
+        self.readers.call(move |c| f(c).map_err(Into::into)).await
     }
 
     /// One entry.
     pub async fn entry(&self, id: &str) -> Result<Option<EntryRecord>> {
         let id = id.to_owned();
-        self.read(move |c| {
-            query_one(
-                c,
-                "SELECT * FROM entries WHERE id = ?",
-                [id],
-                entry_from_row,
-            )
-        })
-        .await
+        self.read(move |c| query::entry(c, &id)).await
     }
 
     /// All entries, ordered by SPIFFE ID.
@@ -625,9 +571,7 @@ impl StateMachine {
         self.entries_page("", "", None, None).await
     }
 
-    /// One page of entries, ordered by SPIFFE ID then ID: those with the given SPIFFE ID and
-    /// parent ID (empty: any) that come after `after` (a SPIFFE ID and ID), at most `limit`
-    /// (None: all).
+    /// One page of entries ([`query::entries_page`]).
     pub async fn entries_page(
         &self,
         spiffe_id: &str,
@@ -636,103 +580,47 @@ impl StateMachine {
         limit: Option<usize>,
     ) -> Result<Vec<EntryRecord>> {
         let (spiffe_id, parent_id) = (spiffe_id.to_owned(), parent_id.to_owned());
-        let (after_spiffe, after_id) = after.unwrap_or_default();
-        let limit = limit.map(|l| l.min(i64::MAX as usize) as i64).unwrap_or(-1);
         self.read(move |c| {
-            query_all(
-                c,
-                "SELECT * FROM entries
-                 WHERE (?1 = '' OR spiffe_id = ?1) AND (?2 = '' OR parent_id = ?2)
-                   AND (spiffe_id, id) > (?3, ?4)
-                 ORDER BY spiffe_id, id LIMIT ?5",
-                params![spiffe_id, parent_id, after_spiffe, after_id, limit],
-                entry_from_row,
-            )
+            let after = after.as_ref().map(|(s, i)| (s.as_str(), i.as_str()));
+            query::entries_page(c, &spiffe_id, &parent_id, after, limit)
         })
         .await
     }
 
-    /// One page of agents, ordered by SPIFFE ID: those after `after`, at most `limit`
-    /// (None: all).
+    /// One page of agents ([`query::agents_page`]).
     pub async fn agents_page(
         &self,
         after: Option<String>,
         limit: Option<usize>,
     ) -> Result<Vec<AgentRecord>> {
-        let after = after.unwrap_or_default();
-        let limit = limit.map(|l| l.min(i64::MAX as usize) as i64).unwrap_or(-1);
-        self.read(move |c| {
-            query_all(
-                c,
-                "SELECT * FROM agents WHERE spiffe_id > ? ORDER BY spiffe_id LIMIT ?",
-                params![after, limit],
-                agent_from_row,
-            )
-        })
-        .await
+        self.read(move |c| query::agents_page(c, after.as_deref(), limit))
+            .await
     }
 
     /// Entries directly under `parent_id`.
     pub async fn entries_by_parent(&self, parent_id: &str) -> Result<Vec<EntryRecord>> {
         let parent_id = parent_id.to_owned();
-        self.read(move |c| {
-            query_all(
-                c,
-                "SELECT * FROM entries WHERE parent_id = ? ORDER BY id",
-                [parent_id],
-                entry_from_row,
-            )
-        })
-        .await
+        self.read(move |c| query::entries_by_parent(c, &parent_id))
+            .await
     }
 
-    /// Entries an agent is authorized for: those whose parent is the agent, and, transitively,
-    /// those whose parent is the SPIFFE ID of an authorized entry.
+    /// Entries an agent is authorized for ([`query::authorized_entries`]).
     pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
         let agent_id = agent_id.to_owned();
-        // One recursive query (not one per parent): this runs on every SVID request. UNION
-        // (not UNION ALL) drops repeats, so cycles of entries end the recursion.
-        self.read(move |c| {
-            query_all(
-                c,
-                "WITH RECURSIVE parents(id) AS (
-                     SELECT ?1
-                     UNION
-                     SELECT e.spiffe_id FROM entries e JOIN parents p ON e.parent_id = p.id
-                 )
-                 SELECT * FROM entries WHERE parent_id IN (SELECT id FROM parents) ORDER BY id",
-                [agent_id],
-                entry_from_row,
-            )
-        })
-        .await
+        self.read(move |c| query::authorized_entries(c, &agent_id))
+            .await
     }
 
     /// One join token.
     pub async fn join_token(&self, token: &str) -> Result<Option<JoinTokenRecord>> {
         let token = token.to_owned();
-        self.read(move |c| {
-            query_one(
-                c,
-                "SELECT * FROM join_tokens WHERE token = ?",
-                [token],
-                |r| {
-                    Ok(JoinTokenRecord {
-                        token: r.get("token")?,
-                        spiffe_id: r.get("spiffe_id")?,
-                        expires_at: r.get("expires_at")?,
-                        used_at: r.get("used_at")?,
-                    })
-                },
-            )
-        })
-        .await
+        self.read(move |c| query::join_token(c, &token)).await
     }
 
     /// One agent.
     pub async fn agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
         let spiffe_id = spiffe_id.to_owned();
-        self.read(move |c| get_agent(c, &spiffe_id)).await
+        self.read(move |c| query::agent(c, &spiffe_id)).await
     }
 
     /// All agents.
@@ -742,48 +630,17 @@ impl StateMachine {
 
     /// The log index of the last change to the CA journal: the trust bundle's sequence number.
     pub async fn authorities_version(&self) -> Result<i64> {
-        self.read(|c| {
-            Ok(
-                c.prepare_cached("SELECT COALESCE(MAX(updated), 0) FROM authorities")?
-                    .query_row([], |r| r.get(0))?,
-            )
-        })
-        .await
+        self.read(query::authorities_version).await
     }
 
     /// Rotation requests (at most one per kind and node).
     pub async fn rotation_requests(&self) -> Result<Vec<RotationRequest>> {
-        self.read(|c| {
-            query_all(
-                c,
-                "SELECT * FROM rotation_requests ORDER BY kind, node_id",
-                [],
-                |r| {
-                    let kind: String = r.get("kind")?;
-                    Ok(RotationRequest {
-                        kind: AuthorityKind::parse(&kind)
-                            .ok_or_else(|| corrupt(format!("rotation request kind {kind}")))?,
-                        node_id: r.get("node_id")?,
-                        requested_at: r.get("requested_at")?,
-                        replaces: r.get("replaces")?,
-                    })
-                },
-            )
-        })
-        .await
+        self.read(query::rotation_requests).await
     }
 
     /// The CA journal, oldest first.
     pub async fn authorities(&self) -> Result<Vec<AuthorityRecord>> {
-        self.read(|c| {
-            query_all(
-                c,
-                "SELECT * FROM authorities ORDER BY seq",
-                [],
-                authority_from_row,
-            )
-        })
-        .await
+        self.read(query::authorities).await
     }
 }
 
@@ -850,7 +707,7 @@ fn apply_in_savepoint(
         }
         let resp = match e.payload {
             EntryPayload::Blank => Response::Ok,
-            EntryPayload::Normal(cmd) => apply_in(tx, &cmd, index)?,
+            EntryPayload::Normal(cmd) => ca_state::apply(tx, &cmd, index)?,
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(e.log_id), m));
                 Response::Ok
@@ -921,12 +778,10 @@ fn copy_from_attached(conn: &mut Connection, meta: &SnapshotMeta) -> Result<()> 
         }
     }
     // The snapshot's metadata is the authority on what it holds.
-    tx.execute("DELETE FROM raft_meta", [])?;
+    schema::clear_replication_values(&tx)?;
     match &meta.last_log_id {
         Some(last) => write_applied(&tx, last, Some(&meta.last_membership))?,
-        None => {
-            tx.execute("DELETE FROM meta WHERE key = 'last_applied'", [])?;
-        }
+        None => schema::set_applied_index(&tx, None)?,
     }
     tx.commit()?;
     Ok(())
@@ -938,493 +793,5 @@ fn ident(name: &str) -> String {
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("records serialize")
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(r: &Row<'_>, col: &str) -> Result<T> {
-    serde_json::from_str(r.get_ref(col)?.as_str()?).map_err(corrupt)
-}
-
-fn entry_from_row(r: &Row<'_>) -> Result<EntryRecord> {
-    Ok(EntryRecord {
-        id: r.get("id")?,
-        spiffe_id: r.get("spiffe_id")?,
-        parent_id: r.get("parent_id")?,
-        selectors: from_json(r, "selectors")?,
-        x509_svid_ttl: r.get("x509_svid_ttl")?,
-        jwt_svid_ttl: r.get("jwt_svid_ttl")?,
-        dns_names: from_json(r, "dns_names")?,
-        admin: r.get::<_, i64>("admin")? != 0,
-        hint: r.get("hint")?,
-        created_at: r.get("created_at")?,
-        revision: r.get("revision")?,
-    })
-}
-
-fn agent_from_row(r: &Row<'_>) -> Result<AgentRecord> {
-    Ok(AgentRecord {
-        spiffe_id: r.get("spiffe_id")?,
-        attestation_type: r.get("attestation_type")?,
-        x509_svid_serial: r.get("serial")?,
-        x509_svid_expires_at: r.get("expires_at")?,
-        previous_x509_svid_serial: r.get("prev_serial")?,
-        banned: r.get::<_, i64>("banned")? != 0,
-        attested_at: r.get("attested_at")?,
-        selectors: from_json(r, "selectors")?,
-    })
-}
-
-fn authority_from_row(r: &Row<'_>) -> Result<AuthorityRecord> {
-    let kind: String = r.get("kind")?;
-    let state: String = r.get("state")?;
-    Ok(AuthorityRecord {
-        id: r.get("id")?,
-        kind: AuthorityKind::parse(&kind)
-            .ok_or_else(|| corrupt(format!("authority kind {kind}")))?,
-        state: AuthorityState::parse(&state)
-            .ok_or_else(|| corrupt(format!("authority state {state}")))?,
-        node_id: r.get("node_id")?,
-        key_backend: r.get("key_backend")?,
-        key_id: r.get("key_id")?,
-        cert_der: r.get("cert_der")?,
-        public_key: r.get("public_key")?,
-        not_before: r.get("not_before")?,
-        not_after: r.get("not_after")?,
-        key_destroyed: r.get::<_, i64>("key_destroyed")? != 0,
-    })
-}
-
-fn upsert_entry(tx: &Connection, e: &EntryRecord) -> Result<()> {
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO entries(id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, admin, hint, created_at, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-    )?
-    .execute(params![
-        e.id,
-        e.spiffe_id,
-        e.parent_id,
-        json(&e.selectors),
-        e.x509_svid_ttl,
-        e.jwt_svid_ttl,
-        json(&e.dns_names),
-        e.admin as i64,
-        e.hint,
-        e.created_at,
-        e.revision,
-    ])?;
-    Ok(())
-}
-
-fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>> {
-    query_one(
-        conn,
-        "SELECT * FROM agents WHERE spiffe_id = ?",
-        [id],
-        agent_from_row,
-    )
-}
-
-/// The state of authority `id`, if it exists.
-/// What the lifecycle rules of an authority need to know.
-struct Life {
-    kind: AuthorityKind,
-    state: AuthorityState,
-    not_after: i64,
-}
-
-fn authority_life(conn: &Connection, id: &str) -> Result<Option<Life>> {
-    let row: Option<(String, String, i64)> = query_one(
-        conn,
-        "SELECT kind, state, not_after FROM authorities WHERE id = ?",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
-    Ok(row.and_then(|(kind, state, not_after)| {
-        Some(Life {
-            kind: AuthorityKind::parse(&kind)?,
-            state: AuthorityState::parse(&state)?,
-            not_after,
-        })
-    }))
-}
-
-fn active_roots(conn: &Connection) -> Result<i64> {
-    Ok(query_one(
-        conn,
-        "SELECT COUNT(*) FROM authorities WHERE kind = 'root' AND state = 'active'",
-        [],
-        |r| Ok(r.get(0)?),
-    )?
-    .unwrap_or(0))
-}
-
-fn authority_state(conn: &Connection, id: &str) -> Result<Option<AuthorityState>> {
-    let state: Option<String> = query_one(
-        conn,
-        "SELECT state FROM authorities WHERE id = ?",
-        [id],
-        |r| Ok(r.get(0)?),
-    )?;
-    Ok(state.and_then(|s| AuthorityState::parse(&s)))
-}
-
-/// The attestation type of a ca-node's identity, issued by `ca-node join`.
-pub const CA_NODE_JOIN: &str = "ca_node_join";
-
-/// Whether `spiffe_id` is a ca-node's, `spiffe://TD/ca-node/<node id>`.
-pub fn is_ca_node_id(spiffe_id: &str) -> bool {
-    spiffe_id
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(_, path)| path.starts_with("ca-node/"))
-}
-
-fn upsert_agent(tx: &Connection, a: &AgentRecord) -> Result<()> {
-    tx.prepare_cached("INSERT OR REPLACE INTO agents(spiffe_id, attestation_type, serial, expires_at, banned, attested_at, selectors, prev_serial) VALUES (?,?,?,?,?,?,?,?)")?
-        .execute(params![
-            a.spiffe_id,
-            a.attestation_type,
-            a.x509_svid_serial,
-            a.x509_svid_expires_at,
-            a.banned as i64,
-            a.attested_at,
-            json(&a.selectors),
-            a.previous_x509_svid_serial,
-        ])?;
-    Ok(())
-}
-
-/// Runs a one-statement change; the number of rows it changed.
-fn change(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
-    Ok(tx.prepare_cached(sql)?.execute(params)?)
-}
-
-/// The refusal for `entry` if another entry has the same SPIFFE ID, parent and selectors.
-fn duplicate_of(tx: &Connection, entry: &EntryRecord) -> Result<Option<Response>> {
-    let same: Option<String> = query_one(
-        tx,
-        "SELECT id FROM entries WHERE spiffe_id = ? AND parent_id = ? AND selectors = ? AND id <> ?",
-        params![entry.spiffe_id, entry.parent_id, json(&entry.selectors), entry.id],
-        |r| Ok(r.get(0)?),
-    )?;
-    Ok(same.map(|id| duplicate(&id)))
-}
-
-fn duplicate(id: &str) -> Response {
-    rejected(
-        RejectCode::AlreadyExists,
-        format!("an entry with the same SPIFFE ID, parent ID and selectors exists: {id}"),
-    )
-}
-
-fn not_found_unless_changed(n: usize, message: impl FnOnce() -> String) -> Response {
-    if n == 0 {
-        rejected(RejectCode::NotFound, message())
-    } else {
-        Response::Ok
-    }
-}
-
-fn apply_in(tx: &Connection, cmd: &Command, index: u64) -> Result<Response> {
-    Ok(match cmd {
-        Command::Batch { commands } => Response::Batch(
-            commands
-                .iter()
-                .map(|c| {
-                    if c.batchable() {
-                        apply_in(tx, c, index)
-                    } else {
-                        Ok(rejected(
-                            RejectCode::FailedPrecondition,
-                            "this command cannot be part of a batch",
-                        ))
-                    }
-                })
-                .collect::<Result<_>>()?,
-        ),
-        Command::CreateEntry { entry } => {
-            // The same ID, or the same SPIFFE ID, parent and selectors: one lookup.
-            let clash = query_one(
-                tx,
-                "SELECT * FROM entries WHERE id = ?1 OR (spiffe_id = ?2 AND parent_id = ?3 AND selectors = ?4) ORDER BY id = ?1 DESC LIMIT 1",
-                params![entry.id, entry.spiffe_id, entry.parent_id, json(&entry.selectors)],
-                entry_from_row,
-            )?;
-            match clash {
-                // A retried create (the ID is new for every request): the same answer.
-                Some(existing) if existing == *entry => return Ok(Response::Entry(existing)),
-                Some(existing) if existing.id == entry.id => {
-                    return Ok(rejected(
-                        RejectCode::AlreadyExists,
-                        format!("entry {} exists", entry.id),
-                    ))
-                }
-                Some(existing) => return Ok(duplicate(&existing.id)),
-                None => {}
-            }
-            upsert_entry(tx, entry)?;
-            Response::Entry(entry.clone())
-        }
-        Command::UpdateEntry { entry } => {
-            let current = query_one(
-                tx,
-                "SELECT revision, created_at FROM entries WHERE id = ?",
-                [&entry.id],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-            )?;
-            let Some((revision, created_at)) = current else {
-                return Ok(rejected(
-                    RejectCode::NotFound,
-                    format!("no entry with ID {}", entry.id),
-                ));
-            };
-            if let Some(r) = duplicate_of(tx, entry)? {
-                return Ok(r);
-            }
-            let mut e = entry.clone();
-            e.revision = revision + 1;
-            e.created_at = created_at;
-            upsert_entry(tx, &e)?;
-            Response::Entry(e)
-        }
-        Command::DeleteEntry { id } => {
-            let n = change(tx, "DELETE FROM entries WHERE id = ?", [id])?;
-            not_found_unless_changed(n, || format!("no entry with ID {id}"))
-        }
-        Command::CreateJoinToken { token } => {
-            let n = change(
-                tx,
-                "INSERT OR IGNORE INTO join_tokens(token, spiffe_id, expires_at, used_at) VALUES (?,?,?,NULL)",
-                params![token.token, token.spiffe_id, token.expires_at],
-            )?;
-            if n == 0 {
-                rejected(RejectCode::AlreadyExists, "that join token exists")
-            } else {
-                Response::Ok
-            }
-        }
-        Command::AttestWithJoinToken { token, now, agent } => {
-            let row = query_one(
-                tx,
-                "SELECT expires_at, used_at, spiffe_id FROM join_tokens WHERE token = ?",
-                [token],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
-                },
-            )?;
-            let Some((expires_at, used_at, token_id)) = row else {
-                return Ok(rejected(RejectCode::NotFound, "unknown join token"));
-            };
-            if used_at.is_some() {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    "join token already used; generate a new one with `ca-node token generate`",
-                ));
-            }
-            if expires_at <= *now {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    "join token expired; generate a new one with `ca-node token generate`",
-                ));
-            }
-            // Two kinds of token: one for a ca-node (`spiffe://TD/ca-node/<id>`, redeemed
-            // only by `ca-node join`) and one for an agent; neither is redeemed as the other.
-            let node_token = is_ca_node_id(&token_id);
-            if node_token != (agent.attestation_type == CA_NODE_JOIN) {
-                return Ok(rejected(
-                    RejectCode::PermissionDenied,
-                    if node_token {
-                        "this join token is for a ca-node (`ca-node join`), not for an agent"
-                    } else {
-                        "this join token is for an agent, not for a ca-node"
-                    },
-                ));
-            }
-            if agent.spiffe_id != token_id {
-                return Ok(rejected(
-                    RejectCode::PermissionDenied,
-                    format!(
-                        "this join token is for {token_id}, not for {}",
-                        agent.spiffe_id
-                    ),
-                ));
-            }
-            if let Some(existing) = get_agent(tx, &agent.spiffe_id)? {
-                if existing.banned {
-                    return Ok(rejected(
-                        RejectCode::PermissionDenied,
-                        format!("agent {} is banned", agent.spiffe_id),
-                    ));
-                }
-            }
-            change(
-                tx,
-                "UPDATE join_tokens SET used_at = ? WHERE token = ?",
-                params![now, token],
-            )?;
-            upsert_agent(tx, agent)?;
-            Response::Agent(agent.clone())
-        }
-        Command::RegisterAgent { agent } => {
-            if let Some(existing) = get_agent(tx, &agent.spiffe_id)? {
-                if existing.banned {
-                    return Ok(rejected(
-                        RejectCode::PermissionDenied,
-                        format!("agent {} is banned", agent.spiffe_id),
-                    ));
-                }
-            }
-            upsert_agent(tx, agent)?;
-            Response::Agent(agent.clone())
-        }
-        Command::RenewAgent {
-            spiffe_id,
-            serial,
-            expires_at,
-            caller_serial,
-        } => {
-            let Some(mut a) = get_agent(tx, spiffe_id)? else {
-                return Ok(rejected(
-                    RejectCode::NotFound,
-                    format!("agent {spiffe_id} is not attested (evicted?)"),
-                ));
-            };
-            if a.banned {
-                return Ok(rejected(
-                    RejectCode::PermissionDenied,
-                    format!("agent {spiffe_id} is banned"),
-                ));
-            }
-            if !caller_serial.is_empty()
-                && *caller_serial != a.x509_svid_serial
-                && *caller_serial != a.previous_x509_svid_serial
-            {
-                return Ok(rejected(
-                    RejectCode::PermissionDenied,
-                    format!("agent {spiffe_id} renewed with an SVID that is no longer its own (serial {caller_serial}); it was replaced by a newer attestation"),
-                ));
-            }
-            a.previous_x509_svid_serial = std::mem::take(&mut a.x509_svid_serial);
-            a.x509_svid_serial = serial.clone();
-            a.x509_svid_expires_at = *expires_at;
-            upsert_agent(tx, &a)?;
-            Response::Agent(a)
-        }
-        Command::EvictAgent { spiffe_id } => {
-            let n = change(tx, "DELETE FROM agents WHERE spiffe_id = ?", [spiffe_id])?;
-            not_found_unless_changed(n, || format!("no agent {spiffe_id}"))
-        }
-        Command::BanAgent { spiffe_id } => {
-            let Some(mut a) = get_agent(tx, spiffe_id)? else {
-                return Ok(rejected(
-                    RejectCode::NotFound,
-                    format!("no agent {spiffe_id}"),
-                ));
-            };
-            a.banned = true;
-            upsert_agent(tx, &a)?;
-            Response::Agent(a)
-        }
-        Command::PutAuthority { authority: a } => {
-            if authority_state(tx, &a.id)? == Some(AuthorityState::Revoked) {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    format!("authority {} is revoked; revocation is final", a.id),
-                ));
-            }
-            change(
-                tx,
-                "INSERT INTO authorities(id, kind, state, node_id, key_backend, key_id, cert_der, public_key, not_before, not_after, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-                 ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, state=excluded.state, node_id=excluded.node_id, key_backend=excluded.key_backend, key_id=excluded.key_id, cert_der=excluded.cert_der, public_key=excluded.public_key, not_before=excluded.not_before, not_after=excluded.not_after, updated=excluded.updated",
-                params![
-                    a.id,
-                    a.kind.as_str(),
-                    a.state.as_str(),
-                    a.node_id,
-                    a.key_backend,
-                    a.key_id,
-                    a.cert_der,
-                    a.public_key,
-                    a.not_before,
-                    a.not_after,
-                    index as i64,
-                    index as i64,
-                ],
-            )?;
-            Response::Ok
-        }
-        Command::KeyDestroyed { id, at } => {
-            let Some(a) = authority_life(tx, id)? else {
-                return Ok(rejected(RejectCode::NotFound, format!("no authority {id}")));
-            };
-            let due = match a.state {
-                AuthorityState::Revoked => true,
-                AuthorityState::Retired => a.not_after < *at,
-                AuthorityState::Prepared | AuthorityState::Active => false,
-            };
-            if !due {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    format!(
-                        "the key of authority {id} may not be destroyed at {at}: it is {} and valid until {}; only a revoked authority's key, or a retired one's after it expired, is destroyed",
-                        a.state.as_str(),
-                        a.not_after
-                    ),
-                ));
-            }
-            change(
-                tx,
-                "UPDATE authorities SET key_destroyed = 1 WHERE id = ?",
-                [id],
-            )?;
-            Response::Ok
-        }
-        Command::RequestRotation { request: r } => {
-            change(
-                tx,
-                "INSERT OR REPLACE INTO rotation_requests(kind, node_id, requested_at, replaces) VALUES (?,?,?,?)",
-                params![r.kind.as_str(), r.node_id, r.requested_at, r.replaces],
-            )?;
-            Response::Ok
-        }
-        Command::SetAuthorityState { id, state, at } => {
-            let Some(a) = authority_life(tx, id)? else {
-                return Ok(rejected(RejectCode::NotFound, format!("no authority {id}")));
-            };
-            if *state != AuthorityState::Revoked && a.state == AuthorityState::Revoked {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    format!("authority {id} is revoked; revocation is final"),
-                ));
-            }
-            if *state == AuthorityState::Active && a.not_after <= *at {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    format!(
-                        "authority {id} expired at {} and cannot be activated at {at}",
-                        a.not_after
-                    ),
-                ));
-            }
-            if *state == AuthorityState::Retired
-                && a.kind == AuthorityKind::Root
-                && a.state == AuthorityState::Active
-                && active_roots(tx)? <= 1
-            {
-                return Ok(rejected(
-                    RejectCode::FailedPrecondition,
-                    format!("root {id} is the only active root; activate its successor before retiring it (or revoke it)"),
-                ));
-            }
-            let n = change(
-                tx,
-                "UPDATE authorities SET state = ?, updated = ? WHERE id = ?",
-                params![state.as_str(), index as i64, id],
-            )?;
-            not_found_unless_changed(n, || format!("no authority {id}"))
-        }
-    })
+    serde_json::to_string(v).expect("log IDs and memberships serialize")
 }

@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Response};
 pub use crate::snapshot::SnapshotFile;
+use ca_state::{Command, Response};
 
 /// A Raft node ID. Chosen by the operator when the node joins; unique in the cluster and
 /// never reused.

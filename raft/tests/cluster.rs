@@ -14,6 +14,9 @@ use std::time::Duration;
 use ca_raft::link::BoxLink;
 use ca_raft::network::BoxError;
 use ca_raft::*;
+use ca_state::{
+    AgentRecord, Command, EntryRecord, JoinTokenRecord, RejectCode, Response, SelectorRecord,
+};
 use openraft::SnapshotPolicy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -284,7 +287,7 @@ impl ca_raft::PeerPolicy for Plaintext {
     async fn check_proposal(
         &self,
         _: &ca_raft::Admitted,
-        _: &ca_raft::Command,
+        _: &ca_state::Command,
     ) -> Result<(), String> {
         Ok(())
     }

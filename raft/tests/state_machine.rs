@@ -1,6 +1,10 @@
 //! State machine behaviour: rules, durability across reopen, idempotent replay.
 
 use ca_raft::*;
+use ca_state::{
+    AgentRecord, AuthorityKind, AuthorityRecord, AuthorityState, Command, EntryRecord,
+    JoinTokenRecord, RejectCode, Response, RotationRequest, SelectorRecord, CA_NODE_JOIN,
+};
 
 fn entry(id: &str, spiffe: &str, parent: &str) -> EntryRecord {
     EntryRecord {

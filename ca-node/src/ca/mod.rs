@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use ca_identity::{JwtAuthority, SpiffeId, TrustBundle, TrustDomain};
 use ca_kms::memory::MemoryKey;
 use ca_kms::{KeyAlgorithm, SigningKey};
-use ca_raft::{
-    AuthorityKind, AuthorityRecord, AuthorityState, Command, Proposer, Response, RotationRequest,
-    StateMachine,
+use ca_raft::{Proposer, StateMachine};
+use ca_state::{
+    AuthorityKind, AuthorityRecord, AuthorityState, Command, Response, RotationRequest,
 };
 use rcgen::PublicKeyData;
 

@@ -20,7 +20,8 @@ use ca_proto::node::{
     attest_agent_request, attest_agent_response, attest_params, AttestAgentRequest, AttestParams,
     AttestResult,
 };
-use ca_raft::{AgentRecord, AuthorityRecord, EntryRecord, StateMachine};
+use ca_raft::StateMachine;
+use ca_state::{AgentRecord, AuthorityRecord, EntryRecord};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};

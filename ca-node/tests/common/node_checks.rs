@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ca_node::NodeHandle;
-use ca_raft::{AuthorityKind, AuthorityRecord, AuthorityState};
+use ca_state::{AuthorityKind, AuthorityRecord, AuthorityState};
 use ca_test_support::http::{get, metric};
 
 use super::TD;

@@ -102,7 +102,7 @@ pub enum Command {
         request: RotationRequest,
     },
     /// Several commands in one log entry, applied in order all or none, each with its
-    /// own answer ([`Response::Batch`]). [`crate::RaftNode::write`] makes them from writes
+    /// own answer ([`Response::Batch`]). the replication layer makes them from writes
     /// that arrive together; only [`Command::batchable`] commands may be in one (others are
     /// answered `Rejected` there).
     Batch {
@@ -113,7 +113,7 @@ pub enum Command {
 
 impl Command {
     /// Whether the command changes the CA journal or the rotation requests (what a node's CA
-    /// maintenance acts on); see [`crate::StateMachine::subscribe_ca`].
+    /// maintenance acts on); a replica notifies its CA of these.
     pub fn changes_ca_journal(&self) -> bool {
         matches!(
             self,
