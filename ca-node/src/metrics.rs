@@ -75,9 +75,6 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     /// Node API calls refused by a rate limit or a connection bound, by limit.
     pub rate_limited: IntCounterVec,
-    /// Replication links from other ca-nodes, by result (`served`: accepted and served
-    /// until they closed; `refused`: the caller was not a ca-node).
-    pub raft_links: IntCounterVec,
     /// This node's proposals, by result (`ok`, `rejected` by the rules, `error`).
     pub proposals: IntCounterVec,
     /// Time from proposing to the answer (applied), for this node's proposals.
@@ -92,7 +89,8 @@ pub struct Metrics {
     raft_snapshots: IntCounterVec,
     raft_snapshot_seconds: HistogramVec,
     /// Node-port connections open, by kind (`authenticated`: agents and members calling the
-    /// node API; `unauthenticated`: attesting agents and joining nodes; `replication`).
+    /// node API and the Raft transport; `unauthenticated`: attesting agents and joining
+    /// nodes).
     pub connections_open: IntGaugeVec,
     raft_members: IntGauge,
     raft_lag: IntGaugeVec,
@@ -267,11 +265,6 @@ impl Metrics {
                 "Node API calls and connections refused by a limit (attestation, signing, unauthenticated_connections)",
                 &["limit"],
             ),
-            raft_links: r.counters(
-                "ca_raft_links_total",
-                "Replication links from other ca-nodes, by result (served, refused)",
-                &["result"],
-            ),
             proposals: r.counters(
                 "ca_raft_proposals_total",
                 "This node's proposals, by result (ok, rejected, error)",
@@ -322,7 +315,7 @@ impl Metrics {
             ),
             connections_open: r.gauges(
                 "ca_node_api_connections_open",
-                "Node-port connections open, by kind (authenticated, unauthenticated, replication)",
+                "Node-port connections open, by kind (authenticated, unauthenticated)",
                 &["kind"],
             ),
             raft_members: r.gauge("ca_raft_members", "Voters in the membership"),
@@ -375,14 +368,11 @@ impl Metrics {
         for limit in ["attestation", "signing", "unauthenticated_connections"] {
             m.rate_limited.with_label_values(&[limit]);
         }
-        for result in ["served", "refused"] {
-            m.raft_links.with_label_values(&[result]);
-        }
         for event in ["built", "installed"] {
             m.raft_snapshots.with_label_values(&[event]);
             m.raft_snapshot_seconds.with_label_values(&[event]);
         }
-        for kind in ["authenticated", "unauthenticated", "replication"] {
+        for kind in ["authenticated", "unauthenticated"] {
             m.connections_open.with_label_values(&[kind]);
         }
         m

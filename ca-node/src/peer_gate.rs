@@ -13,8 +13,7 @@
 //!   same node ID are refused.
 //!
 //! The view is kept in memory and refreshed when the membership or the CA journal changes
-//! (and every few seconds), so a check costs a few hash look-ups and streams and links can
-//! re-check every message ([`ca_raft::Admitted::recheck`]).
+//! (and every few seconds), so a check costs a few hash look-ups and every call is checked.
 //!
 //! Every proposal, local or forwarded, is checked by [`PeerGate::check_command`] before it
 //! reaches the log ([`CheckedProposer`] here, [`ca_raft::PeerPolicy::check_proposal`] on
@@ -227,16 +226,7 @@ impl PeerGate {
             // it has a replacement, which it needs the cluster for (see `Admitted::recovering`).
             return Ok(Admitted::recovering(cred.node_id));
         }
-        let gate = self.clone();
-        let node_id = cred.node_id.clone();
-        Ok(Admitted::new(node_id, move || match gate.check(&cred) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!(
-                "the intermediate that issued the certificate of ca-node {} was revoked",
-                cred.node_id
-            )),
-            Err(e) => Err(e),
-        }))
+        Ok(Admitted::new(cred.node_id))
     }
 
     /// Runs `check`; if it refuses, rebuilds the view (at most once per 200 ms, whoever

@@ -1,10 +1,7 @@
 //! Mutually authenticated TLS between ca-nodes.
 //!
 //! The Raft transport and the [`crate::cluster`] service are served on the node API's TLS
-//! port, and so are replication links ([`ca_raft::link`]): a connection whose handshake
-//! negotiated the ALPN protocol [`LINK_ALPN`] is one (see [`link_caller`]), any other is
-//! HTTP/2 for the gRPC server. Client side: [`TlsConnector`] makes channels and links that
-//! present this node's own SVID (`spiffe://TD/ca-node/<id>`) and accept only the peer whose
+//! port. Client side: [`TlsConnector`] makes channels that present this node's own SVID (`spiffe://TD/ca-node/<id>`) and accept only the peer whose
 //! SPIFFE ID is exactly `spiffe://TD/ca-node/<its node id>`, verified against the live trust
 //! bundle. Server side: [`ca_node_caller`] reads the `spiffe://TD/ca-node/*` ID of a client
 //! certificate (verified at the handshake against the same bundle); whether that node may
@@ -17,7 +14,6 @@ use async_trait::async_trait;
 use ca_identity::serve::ConnectionInfo;
 use ca_identity::tls::{Authorizer, LiveRoots, SvidResolver};
 use ca_identity::{SpiffeId, TrustDomain};
-use ca_raft::link::{BoxLink, LINK_ALPN};
 use ca_raft::network::BoxError;
 use ca_raft::{Connector, NodeId, NodeInfo};
 use hyper_util::rt::TokioIo;
@@ -78,37 +74,6 @@ async fn tls_connect(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// A replication link to `addr` over TLS with `tls` (its ALPN protocols are replaced by
-/// [`LINK_ALPN`]); `Ok(None)` if the node there does not have links: it refused the
-/// protocol (a node built before links) or negotiated none.
-pub async fn link_connect(
-    addr: &str,
-    tls: &rustls::ClientConfig,
-) -> Result<Option<BoxLink>, BoxError> {
-    let mut tls = tls.clone();
-    tls.alpn_protocols = vec![LINK_ALPN.to_vec()];
-    match tls_connect(addr, Arc::new(tls)).await {
-        Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(LINK_ALPN) => {
-            Ok(Some(Box::new(stream)))
-        }
-        Ok(_) => Ok(None),
-        Err(e) if refused_protocol(&e) => Ok(None),
-        Err(e) => Err(Box::new(e)),
-    }
-}
-
-/// Whether a handshake failed because the server has none of the offered ALPN protocols.
-fn refused_protocol(e: &std::io::Error) -> bool {
-    use rustls::AlertDescription::NoApplicationProtocol;
-    matches!(
-        e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(
-            rustls::Error::AlertReceived(NoApplicationProtocol)
-                | rustls::Error::NoApplicationProtocol
-        )
-    )
-}
-
 /// A client TLS config presenting `svid` and accepting only the server `expected`.
 pub fn client_tls(
     svid: &SvidResolver,
@@ -159,15 +124,6 @@ impl Connector for TlsConnector {
     async fn connect(&self, _id: NodeId, node: &NodeInfo) -> Result<Channel, BoxError> {
         let expected = ca_node_id(&self.td, &node.node_id)?;
         tls_channel(&node.addr, client_tls(&self.svid, &self.roots, expected))
-    }
-
-    async fn connect_link(
-        &self,
-        _id: NodeId,
-        node: &NodeInfo,
-    ) -> Result<Option<BoxLink>, BoxError> {
-        let expected = ca_node_id(&self.td, &node.node_id)?;
-        link_connect(&node.addr, &client_tls(&self.svid, &self.roots, expected)).await
     }
 }
 

@@ -610,11 +610,9 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let (shutdown, _) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(gate.clone().run(shutdown.subscribe()))];
 
-    // The node API, the Raft transport and the cluster service, over TLS, and replication
-    // links beside them (told apart by ALPN). Served before the CA is ready: a member's
-    // peers need its Raft service first.
-    let mut tls = ca_identity::tls::server_config(svid.clone(), roots.clone(), false);
-    tls.alpn_protocols.push(ca_raft::link::LINK_ALPN.to_vec());
+    // The node API, the Raft transport and the cluster service, over TLS. Served before the
+    // CA is ready: a member's peers need its Raft service first.
+    let tls = ca_identity::tls::server_config(svid.clone(), roots.clone(), false);
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     let (anon_tx, anon_rx) = tokio::sync::mpsc::channel(128);
     let conn_limit = ca_identity::serve::ConnectionLimit::new(
@@ -633,12 +631,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let accept_errors = Arc::new(ca_identity::LogThrottle::default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut stop = shutdown.subscribe();
-    let links = (
-        raft.clone(),
-        gate.clone(),
-        shutdown.subscribe(),
-        core.clone(),
-    );
+    let accepting = core.clone();
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -655,14 +648,14 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                     // Handshakes in progress are bounded per source address and in time.
                     let Some(permit) = conn_limit.try_admit() else { continue };
                     let Some(handshake) = handshaking.admit(peer.ip()) else {
-                        refuse_anonymous(&links.3, peer, "too many TLS handshakes in progress from this address");
+                        refuse_anonymous(&accepting, peer, "too many TLS handshakes in progress from this address");
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let (tx, anon_tx, anon_limit) = (conn_tx.clone(), anon_tx.clone(), anon_limit.clone());
                     let per_address = per_address.clone();
-                    let (raft, gate, stop, core) = links.clone();
+                    let core = accepting.clone();
                     tokio::spawn(async move {
                         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
@@ -672,10 +665,6 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                         drop(handshake);
                         let conn = tls.get_ref().1;
                         let authenticated = conn.peer_certificates().is_some_and(|c| !c.is_empty());
-                        if !authenticated && conn.alpn_protocol() == Some(ca_raft::link::LINK_ALPN) {
-                            core.metrics.raft_links.with_label_values(&["refused"]).inc();
-                            return tracing::warn!(%peer, "replication link without a client certificate refused");
-                        }
                         if !authenticated {
                             // Attesting agents and joining nodes: served apart, with few
                             // streams, short calls and a maximum age, and a share per
@@ -692,33 +681,16 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
                             let _ = anon_tx.send(Ok::<_, std::io::Error>(conn)).await;
                             return;
                         }
-                        if conn.alpn_protocol() != Some(ca_raft::link::LINK_ALPN) {
-                            let open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["authenticated"]));
-                            let conn = ca_identity::serve::Permitted::new(tls, (permit, open));
-                            let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
-                            return;
-                        }
-                        let _permit = permit;
-                        let _open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["replication"]));
-                        let links = &core.metrics.raft_links;
-                        let admitted = gate.admit_certs_confirmed(conn.peer_certificates()).await;
-                        match admitted.and_then(|a| a.full()) {
-                            Ok(caller) => {
-                                links.with_label_values(&["served"]).inc();
-                                raft.serve_link(tls, stop, caller).await
-                            }
-                            Err(refused) => {
-                                links.with_label_values(&["refused"]).inc();
-                                tracing::warn!(%peer, reason = refused.message(), "replication link refused");
-                            }
-                        }
+                        let open = OpenConnection::new(core.metrics.connections_open.with_label_values(&["authenticated"]));
+                        let conn = ca_identity::serve::Permitted::new(tls, (permit, open));
+                        let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
                     });
                 }
             }
         }
     }));
     let node_api = NodeServer::new(NodeApi::new(core.clone()));
-    let raft_api = raft.grpc_service(shutdown.subscribe(), Arc::new(gate.clone()));
+    let raft_api = raft.grpc_service(Arc::new(gate.clone()));
     let cluster_api = cluster::ClusterService::new(core.clone()).into_server();
     // Callers without a client certificate reach only what they can use (attestation,
     // join; every other call needs an SVID and is refused there anyway), each call bounded.

@@ -2,9 +2,8 @@
 //! tokens exactly as `ca-node join` does, every node signs its own intermediate with the
 //! root (held by node 1 only: software keys), writes are forwarded to the leader, admin
 //! reads are linearizable, a ca-node join token is used at most once when presented to
-//! every member at once, the Raft and cluster services refuse anything but a ca-node,
-//! replication runs on replication links (and falls back where a node has none), and state
-//! backups restore into a new cluster.
+//! every member at once, the Raft and cluster services refuse anything but a member, and
+//! state backups restore into a new cluster.
 
 mod common;
 
@@ -146,14 +145,6 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
     assert_eq!(s.members.len(), 3);
     assert_eq!(s.leader_id, env.nodes[leader].core.config.raft_id);
 
-    // Replication reached the followers on replication links (TLS with the link ALPN),
-    // none of them refused.
-    for (i, n) in env.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
-        let links = |r: &str| n.core.metrics.raft_links.with_label_values(&[r]).get();
-        assert!(links("served") >= 1, "node {i} served no replication link");
-        assert_eq!(links("refused"), 0, "node {i}");
-    }
-
     env.shutdown().await;
 }
 
@@ -243,22 +234,13 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
     ] {
         let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.clone()), td.clone());
         let ch = ca_node::raft_tls::tls_channel(&env.nodes[0].node_addr.to_string(), tls).unwrap();
-        let r = RaftServiceClient::new(ch)
-            .read_index(ca_proto::raft::ReadIndexRequest {})
-            .await;
+        let mut raft = RaftServiceClient::new(ch);
+        let r = raft.read_index(ca_proto::raft::ReadIndexRequest {}).await;
         match code {
             Some(c) => assert_eq!(r.unwrap_err().code(), c, "{who}"),
             None => assert!(r.is_ok(), "{who}: {r:?}"),
         }
-        // A replication link: the node negotiates the protocol with anyone who has a
-        // certificate from the trust bundle or none, then serves only a member, which gets
-        // an answer (a stale vote: it does not change anything), and drops anyone else.
-        let tls = ca_node::raft_tls::any_node_tls(svid, &LiveRoots::new(roots.clone()), td.clone());
-        let addr = env.nodes[0].node_addr.to_string();
-        let mut link = ca_node::raft_tls::link_connect(&addr, &tls)
-            .await
-            .unwrap()
-            .expect("the node offers replication links");
+        // Replication: only a member gets an answer (to a stale vote: it changes nothing).
         let stale = ca_proto::raft::AppendEntriesRequest {
             vote: Some(ca_proto::raft::Vote {
                 term: 0,
@@ -267,12 +249,12 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
             }),
             ..Default::default()
         };
-        let reply = link_exchange(&mut link, &stale).await;
+        let reply = raft.append_entries(stale).await;
         match code {
-            Some(_) => assert!(reply.is_err(), "{who}: {reply:?}"),
+            Some(c) => assert_eq!(reply.unwrap_err().code(), c, "{who}"),
             None => assert!(
                 matches!(
-                    reply.unwrap().result,
+                    reply.unwrap().into_inner().result,
                     Some(ca_proto::raft::append_entries_reply::Result::HigherVote(_))
                 ),
                 "{who}"
@@ -291,34 +273,6 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
             None => assert_eq!(r.code(), Code::NotFound, "{who}: {r:?}"),
         }
     }
-
-    let refused = env.nodes[0]
-        .core
-        .metrics
-        .raft_links
-        .with_label_values(&["refused"])
-        .get();
-    assert_eq!(refused, 3, "the links without a member's SVID");
-
-    // A node built before replication links (its TLS port offers only HTTP/2) is told
-    // apart from one that cannot be reached: the leader uses gRPC with it instead.
-    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let old_addr = old.local_addr().unwrap().to_string();
-    let old_tls =
-        ca_identity::tls::server_config(node_svid.clone(), LiveRoots::new(roots.clone()), false);
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(old_tls));
-    let serve_old = tokio::spawn(async move {
-        let (tcp, _) = old.accept().await.unwrap();
-        let _ = acceptor.accept(tcp).await;
-    });
-    let tls =
-        ca_node::raft_tls::any_node_tls(&node_svid, &LiveRoots::new(roots.clone()), td.clone());
-    let old_link = ca_node::raft_tls::link_connect(&old_addr, &tls)
-        .await
-        .unwrap();
-    assert!(old_link.is_none(), "an old node has no links");
-    serve_old.await.unwrap();
-    drop(tls);
 
     // A member refuses to sign anything but an intermediate for the caller.
     let root = env.nodes[0]

@@ -605,7 +605,7 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
     }
 
     // Its own node, holding an SVID of its own revoked intermediate, may only replace that
-    // intermediate: no replication, no votes, no other proposals, no links.
+    // intermediate: no replication, no votes, no other proposals.
     let addr = leader_addr(&env);
     let err = raft_client(&addr, &roots, &own)
         .vote(ca_proto::raft::VoteRequest::default())
@@ -626,12 +626,6 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
     .await
     .unwrap_err();
     assert!(err.message().contains("may only record"), "{err:?}");
-    let tls = ca_node::raft_tls::any_node_tls(&own, &LiveRoots::new(roots.clone()), td());
-    let mut link = ca_node::raft_tls::link_connect(&addr, &tls)
-        .await
-        .unwrap()
-        .expect("links are offered");
-    assert!(link_exchange(&mut link, &Default::default()).await.is_err());
 
     env.shutdown().await;
 }
@@ -645,7 +639,6 @@ async fn a_removed_node_is_refused_within_a_second() {
     let (chain, key) = ca_node::cluster::load_node_svid(&env.nodes[2].core.config.data_dir)
         .expect("dev-3 saved its SVID");
     let removed = svid_of(&chain, &key);
-    let td = td();
     // Admitted while a member.
     for n in &env.nodes[..2] {
         raft_client(&n.node_addr.to_string(), &roots, &removed)
@@ -673,24 +666,22 @@ async fn a_removed_node_is_refused_within_a_second() {
             let sign = cluster_client(&addr, &roots, &removed)
                 .issued_counts(IssuedCountsRequest {})
                 .await;
-            let tls = ca_node::raft_tls::any_node_tls(
-                &removed,
-                &LiveRoots::new(roots.clone()),
-                td.clone(),
-            );
-            let mut link = ca_node::raft_tls::link_connect(&addr, &tls)
-                .await
-                .unwrap()
-                .expect("links are offered");
-            let linked = link_exchange(&mut link, &Default::default()).await;
-            let all_refused = [read.err(), proposed.err(), vote.err(), sign.err()]
-                .iter()
-                .all(|e| {
-                    e.as_ref().is_some_and(|s| {
-                        s.code() == Code::PermissionDenied && s.message().contains("not a member")
-                    })
+            let replicate = raft_client(&addr, &roots, &removed)
+                .append_entries(ca_proto::raft::AppendEntriesRequest::default())
+                .await;
+            let all_refused = [
+                read.err(),
+                proposed.err(),
+                vote.err(),
+                sign.err(),
+                replicate.err(),
+            ]
+            .iter()
+            .all(|e| {
+                e.as_ref().is_some_and(|s| {
+                    s.code() == Code::PermissionDenied && s.message().contains("not a member")
                 })
-                && linked.is_err();
+            });
             if all_refused {
                 break;
             }

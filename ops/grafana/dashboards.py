@@ -160,7 +160,7 @@ def issuance():
          [(f"sum by (limit) (rate(ca_node_api_rate_limited_total{{{N}}}[{RI}]))", "{{limit}}")],
          "ops")
     b.ts("Connected agents", "Node-port connections with a client certificate (agents, and members "
-         "calling the node API), without one (attesting), and replication links.",
+         "calling the node API or the Raft transport) and without one (attesting).",
          [(f"sum by (instance, kind) (ca_node_api_connections_open{{{N}}})", "{{instance}} {{kind}}")])
     b.ts("Agent sync latency (p99)", "SyncEntries, by node.",
          [(f"histogram_quantile(0.99, sum by (le, instance) (rate(ca_node_api_sync_seconds_bucket{{{N}}}[{RI}])))",

@@ -25,13 +25,11 @@
 //!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
 //!   ([`snapshot`]), installed by copying their tables over in one transaction.
 //! - [`batcher`]: writes that arrive together are proposed as one log entry.
-//! - [`network`]: the client side of the gRPC transport (`ca_proto::raft`), over channels
-//!   from a caller's [`Connector`] (the node brings mutually authenticated TLS);
-//!   [`service`]: the server side, [`RaftGrpc`], which the node mounts on its own server;
-//!   [`policy`]: the [`PeerPolicy`] it and the links check every caller and proposal with.
-//! - [`link`]: replication links, AppendEntries on a connection of their own (no HTTP/2),
-//!   preferred where the connector and the peer have them; served by
-//!   [`RaftNode::serve_link`].
+//! - [`network`]: the client side of the transport, one unary gRPC call per RPC
+//!   (`ca_proto::raft`), over channels from a caller's [`Connector`] (the node brings
+//!   mutually authenticated TLS); [`service`]: the server side, [`RaftGrpc`], which the
+//!   node mounts on its own server; [`policy`]: the [`PeerPolicy`] it checks every call and
+//!   proposal with.
 //! - [`node`]: [`RaftNode`], a running member: writes forwarded to the leader, the
 //!   linearizable read barrier [`RaftNode::ensure_linearizable`], `init`/`add`/`promote`/
 //!   `remove`, [`ClusterStatus`].
@@ -46,7 +44,7 @@
 //! let log = LogStore::open(&dir.join(LOG_DB_FILE)).await?;
 //! let me = NodeInfo { addr: "10.0.0.1:7443".into(), node_id: "ca-1".into() };
 //! let node = RaftNode::start(RaftNodeConfig::new(1, me), log, sm, Arc::new(PlaintextConnector::default())).await?;
-//! // Mount node.grpc_service(stop, policy) on the node's (TLS) gRPC server, then, on the first node only:
+//! // Mount node.grpc_service(policy) on the node's (TLS) gRPC server, then, on the first node only:
 //! node.initialize().await?;
 //! let proposer = RaftProposer::new(node.clone());
 //! # let _ = proposer; Ok(()) }
@@ -56,7 +54,6 @@
 
 pub mod batcher;
 mod db;
-pub mod link;
 pub mod log_store;
 pub mod network;
 pub mod node;

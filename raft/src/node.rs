@@ -379,34 +379,17 @@ impl RaftNode {
     }
 
     /// The Raft transport's gRPC service over this node, to mount on the node's server;
-    /// `stop` is the server's shutdown signal, `policy` who may call and propose (see
-    /// [`RaftGrpc::new`]).
+    /// `policy` says who may call and propose (see [`RaftGrpc::new`]).
     pub fn grpc_service(
         &self,
-        stop: tokio::sync::watch::Receiver<bool>,
         policy: Arc<dyn crate::policy::PeerPolicy>,
     ) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
         RaftGrpc::new(
             self.inner.raft.clone(),
             self.inner.membership.clone(),
-            stop,
             policy,
         )
         .into_server()
-    }
-
-    /// Serves one replication link ([`crate::link`]) from `caller`, a peer the node's
-    /// policy admitted, until it closes, `caller` is no longer admitted, or `stop` turns
-    /// true.
-    pub async fn serve_link<IO>(
-        &self,
-        io: IO,
-        stop: tokio::sync::watch::Receiver<bool>,
-        caller: crate::policy::Admitted,
-    ) where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        crate::link::serve_link(self.inner.raft.clone(), io, stop, caller).await
     }
 
     /// Makes later calls to other members open new connections (see

@@ -2,46 +2,28 @@
 //!
 //! Raft has no authentication of its own: a follower takes log entries from whoever
 //! claims a higher term, and a leader appends whatever command it is handed. So the node
-//! gives its [`RaftGrpc`](crate::RaftGrpc) service and its replication links a
-//! [`PeerPolicy`]: every call, and every later message of a stream or link, is checked
-//! against it ([`PeerPolicy::admit`], [`Admitted::recheck`]), and every forwarded proposal
-//! is checked as the leader would check its own ([`PeerPolicy::check_proposal`]).
-
-use std::sync::Arc;
+//! gives its [`RaftGrpc`](crate::RaftGrpc) service a [`PeerPolicy`]: every call is checked
+//! against it ([`PeerPolicy::admit`]), against the node's current state, not only when the
+//! connection was made; and every forwarded proposal is checked as the leader would check
+//! its own ([`PeerPolicy::check_proposal`]).
 
 use tonic::Status;
 
 use ca_state::Command;
 
-/// A caller the policy let in. A stream or link keeps it and calls [`Admitted::recheck`]
-/// before each later message, so a caller that stops being allowed (removed from the
-/// membership, its issuer revoked) is cut off mid-stream.
-#[derive(Clone)]
+/// A caller the policy let in, for one call.
+#[derive(Clone, Debug)]
 pub struct Admitted {
     node_id: String,
     recovering: bool,
-    recheck: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
-}
-
-impl std::fmt::Debug for Admitted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admitted")
-            .field("node_id", &self.node_id)
-            .field("recovering", &self.recovering)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Admitted {
-    /// Caller `node_id`, still allowed as long as `recheck` says so.
-    pub fn new(
-        node_id: String,
-        recheck: impl Fn() -> Result<(), String> + Send + Sync + 'static,
-    ) -> Self {
+    /// Caller `node_id`, with full standing.
+    pub fn new(node_id: String) -> Self {
         Self {
             node_id,
             recovering: false,
-            recheck: Arc::new(recheck),
         }
     }
 
@@ -52,7 +34,6 @@ impl Admitted {
         Self {
             node_id,
             recovering: true,
-            recheck: Arc::new(|| Err("admitted only to replace a revoked intermediate".into())),
         }
     }
 
@@ -75,11 +56,6 @@ impl Admitted {
     /// The caller's node ID (its `NodeInfo::node_id`).
     pub fn node_id(&self) -> &str {
         &self.node_id
-    }
-
-    /// Whether the caller is still allowed; `PERMISSION_DENIED` saying why if not.
-    pub fn recheck(&self) -> Result<(), Status> {
-        (self.recheck)().map_err(Status::permission_denied)
     }
 }
 

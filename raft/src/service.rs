@@ -1,18 +1,15 @@
 //! The server side of the Raft transport: [`RaftGrpc`] implements the generated
 //! `RaftService` over a local [`Raft`]. The node mounts it on its own (TLS) server, e.g.
-//! with [`crate::RaftNode::grpc_service`]; every call (and every message of a stream) is
-//! checked against the node's [`PeerPolicy`] first, and every proposal too.
+//! with [`crate::RaftNode::grpc_service`]; every call is checked against the node's
+//! [`PeerPolicy`] first, and every proposal too.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use ca_proto::raft as pb;
 use ca_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
-use futures::{Stream, StreamExt};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use tokio::sync::watch;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::network::MAX_MESSAGE_SIZE;
 use crate::node::{change_membership_local, MembershipChange, MembershipLock};
@@ -26,7 +23,6 @@ use ca_state::Command;
 pub struct RaftGrpc {
     raft: Raft,
     membership: MembershipLock,
-    stop: watch::Receiver<bool>,
     policy: Arc<dyn PeerPolicy>,
 }
 
@@ -37,20 +33,11 @@ impl std::fmt::Debug for RaftGrpc {
 }
 
 impl RaftGrpc {
-    /// The service over `raft`. Its `AppendEntriesStream`s end once `stop` turns true (or
-    /// its sender is dropped), so that a graceful shutdown of the server, which waits for
-    /// open streams, is not held up by a leader's long-lived one. Callers and proposals
-    /// are checked against `policy`.
-    pub(crate) fn new(
-        raft: Raft,
-        membership: MembershipLock,
-        stop: watch::Receiver<bool>,
-        policy: Arc<dyn PeerPolicy>,
-    ) -> Self {
+    /// The service over `raft`; callers and proposals are checked against `policy`.
+    pub(crate) fn new(raft: Raft, membership: MembershipLock, policy: Arc<dyn PeerPolicy>) -> Self {
         Self {
             raft,
             membership,
-            stop,
             policy,
         }
     }
@@ -70,31 +57,6 @@ fn fatal_json(e: RaftError<NodeId>) -> Vec<u8> {
     }
 }
 
-/// Hands one AppendEntries to `raft`; a failure of the node itself is the reply's `error`.
-pub(crate) async fn append_entries(
-    raft: &Raft,
-    request: pb::AppendEntriesRequest,
-) -> Result<pb::AppendEntriesReply, Status> {
-    let req = AppendEntriesRequest::<TypeConfig>::from_pb(request)?;
-    Ok(match raft.append_entries(req).await {
-        Ok(resp) => resp.into_pb(),
-        Err(e) => pb::AppendEntriesReply {
-            result: Some(pb::append_entries_reply::Result::Error(fatal_json(e))),
-        },
-    })
-}
-
-/// Whether the node ends the stream or link that carried `reply` after sending it: a reply
-/// that reports this node failed or stopped, refuses a malformed request, or is empty.
-pub(crate) fn ends_exchange(reply: &pb::AppendEntriesReply) -> bool {
-    use pb::append_entries_reply::Result as R;
-    matches!(reply.result, None | Some(R::Error(_) | R::Rejected(_)))
-}
-
-/// The replies of an `AppendEntriesStream`, one per request, in order.
-type AppendEntriesReplies =
-    Pin<Box<dyn Stream<Item = Result<pb::AppendEntriesReply, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
     async fn append_entries(
@@ -102,45 +64,15 @@ impl RaftService for RaftGrpc {
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
         self.policy.admit(request.extensions()).await?.full()?;
-        Ok(Response::new(
-            append_entries(&self.raft, request.into_inner()).await?,
-        ))
-    }
-
-    type AppendEntriesStreamStream = AppendEntriesReplies;
-
-    /// Each request is handed to Raft only once the previous one is answered, so replies
-    /// come back in the order of the requests. The stream ends after a request that does not
-    /// decode (with its error), after a reply that reports this node failed or stopped, after
-    /// a request from a caller the policy no longer admits, and when the server stops; the
-    /// leader then opens a new one.
-    async fn append_entries_stream(
-        &self,
-        request: Request<Streaming<pb::AppendEntriesRequest>>,
-    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
-        let caller = self.policy.admit(request.extensions()).await?.full()?;
-        let open = Some((self.raft.clone(), request.into_inner()));
-        let replies = futures::stream::unfold(open, move |open| {
-            let caller = caller.clone();
-            async move {
-                let (raft, mut requests) = open?;
-                let reply = match requests.next().await? {
-                    Ok(req) => match caller.recheck() {
-                        Ok(()) => append_entries(&raft, req).await,
-                        Err(s) => Err(s),
-                    },
-                    Err(s) => Err(s),
-                };
-                let failed = reply.as_ref().map_or(true, ends_exchange);
-                let next = if failed { None } else { Some((raft, requests)) };
-                Some((reply, next))
-            }
-        });
-        let mut stop = self.stop.clone();
-        let stopped = async move {
-            let _ = stop.wait_for(|stop| *stop).await;
+        // A failure of this node itself is the reply's `error`.
+        let req = AppendEntriesRequest::<TypeConfig>::from_pb(request.into_inner())?;
+        let reply = match self.raft.append_entries(req).await {
+            Ok(resp) => resp.into_pb(),
+            Err(e) => pb::AppendEntriesReply {
+                result: Some(pb::append_entries_reply::Result::Error(fatal_json(e))),
+            },
         };
-        Ok(Response::new(Box::pin(replies.take_until(stopped))))
+        Ok(Response::new(reply))
     }
 
     async fn vote(

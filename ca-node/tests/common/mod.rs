@@ -562,22 +562,3 @@ pub fn cluster_client(
         ca_node::raft_tls::tls_channel(addr, tls).unwrap(),
     )
 }
-
-/// Sends `req` on a replication link (a 4-byte big-endian length, then the message) and
-/// reads the reply the same way.
-pub async fn link_exchange(
-    link: &mut ca_raft::link::BoxLink,
-    req: &ca_proto::raft::AppendEntriesRequest,
-) -> std::io::Result<ca_proto::raft::AppendEntriesReply> {
-    use prost::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = req.encode_to_vec();
-    link.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    link.write_all(&body).await?;
-    link.flush().await?;
-    let mut len = [0u8; 4];
-    link.read_exact(&mut len).await?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    link.read_exact(&mut reply).await?;
-    ca_proto::raft::AppendEntriesReply::decode(reply.as_slice()).map_err(std::io::Error::other)
-}

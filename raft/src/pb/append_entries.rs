@@ -57,7 +57,7 @@ impl FromPb<Reply> for AppendEntriesResponse<NodeId> {
             }
             Reply::Conflict(_) => AppendEntriesResponse::Conflict,
             Reply::HigherVote(v) => AppendEntriesResponse::HigherVote(Vote::from_pb(v)?),
-            Reply::Error(_) | Reply::Rejected(_) => {
+            Reply::Error(_) => {
                 return Err(tonic::Status::internal(
                     "an error reply is not an AppendEntries response",
                 ))

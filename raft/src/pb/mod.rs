@@ -45,8 +45,8 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
 }
 
 /// Fuzz targets for what a peer sends (see `ca_identity`'s fuzz module for how they run):
-/// arbitrary bytes and mutations of a valid message, decoded as the Raft service and the
-/// replication link decode them, then converted. Nothing may panic.
+/// arbitrary bytes and mutations of a valid message, decoded as the Raft service decodes
+/// them, then converted. Nothing may panic.
 #[cfg(test)]
 mod fuzz {
     use ca_proto::raft as pb;
