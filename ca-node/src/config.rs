@@ -97,7 +97,7 @@ pub struct NodeConfig {
     pub ttl: TtlConfig,
     /// When authorities are replaced.
     #[serde(default)]
-    pub rotation: RotationConfig,
+    pub rotation: ca_authority::Rotation,
     /// Raft timings.
     #[serde(default)]
     pub raft: RaftConfig,
@@ -157,37 +157,6 @@ impl Default for TtlConfig {
             jwt_svid: 300,
             agent_svid: 3600,
             join_token: 600,
-        }
-    }
-}
-
-/// When authorities (root, intermediates, JWT keys) are replaced: the next one is
-/// *prepared* (created; roots and JWT keys are published in the bundles) when the current
-/// one has used `prepare_fraction` of its lifetime, and *activated* (signs from then on;
-/// the current one is retired) at `activate_fraction`. The defaults are SPIRE's, 1/2 and 5/6.
-/// An SVID must fit into what is left of its issuer when the next one activates, so
-/// `ttl.x509_svid` and `ttl.agent_svid` may be at most `(1 - activate_fraction) *
-/// ttl.intermediate` (and likewise for JWT-SVIDs and intermediates under the root).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RotationConfig {
-    /// Fraction of the current authority's lifetime at which the next one is prepared.
-    pub prepare_fraction: f64,
-    /// Fraction of the current authority's lifetime at which the next one is activated.
-    pub activate_fraction: f64,
-    /// Seconds a new root or JWT key is published before it is used when it was prepared on
-    /// request (`rotate-root`, `rotate-jwt-key`) rather than on schedule: long enough for
-    /// every agent (sync every few seconds) and every relying party (bundle refresh hint:
-    /// 60 s) to fetch the bundle that has it.
-    pub propagation_window: i64,
-}
-
-impl Default for RotationConfig {
-    fn default() -> Self {
-        Self {
-            prepare_fraction: 0.5,
-            activate_fraction: 5.0 / 6.0,
-            propagation_window: 300,
         }
     }
 }
@@ -351,15 +320,6 @@ impl RaftConfig {
     }
 }
 
-impl RotationConfig {
-    /// What is left of an authority of lifetime `ttl` when its successor activates: the
-    /// longest lifetime anything it signs can have in full.
-    pub fn left_at_activation(&self, ttl: i64) -> i64 {
-        // (The epsilon keeps 5/6 of 86400 s at exactly 14400 s despite binary fractions.)
-        ((1.0 - self.activate_fraction) * ttl as f64 + 1e-6).floor() as i64
-    }
-}
-
 fn default_node_listen() -> SocketAddr {
     "127.0.0.1:8081".parse().expect("literal")
 }
@@ -424,7 +384,7 @@ impl NodeConfig {
             jwt_key_algorithm: default_ca_alg(),
             intermediate_mode: IntermediateMode::default(),
             ttl: TtlConfig::default(),
-            rotation: RotationConfig::default(),
+            rotation: ca_authority::Rotation::default(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             max_clock_skew_secs: default_max_clock_skew(),

@@ -400,7 +400,7 @@ impl Metrics {
         &self,
         auths: &[AuthorityRecord],
         me: &str,
-        schedule: &crate::config::RotationConfig,
+        schedule: &ca_authority::Rotation,
         now: i64,
     ) {
         for g in [

@@ -20,7 +20,9 @@ use ca_state::{
 };
 use rcgen::PublicKeyData;
 
-use crate::config::{IntermediateMode, RotationConfig};
+use ca_authority::schedule::{candidates, next_step, Policy, Rotation, Step, Usable};
+
+use crate::config::IntermediateMode;
 use crate::Error;
 use keys::{KeyManagers, RoleKeys};
 use x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
@@ -45,7 +47,7 @@ pub struct CaSettings {
     /// Algorithm of JWT signing keys.
     pub jwt_key_algorithm: KeyAlgorithm,
     /// When authorities are prepared and activated.
-    pub rotation: RotationConfig,
+    pub rotation: Rotation,
 }
 
 /// A usable authority: its journal record and key handle.
@@ -139,27 +141,7 @@ fn now() -> i64 {
     ca_identity::unix_now()
 }
 
-/// CA certificates start this many seconds in the past, for clocks slightly behind.
-const BACKDATE: i64 = 60;
-
-/// When `a` was made (the backdating of CA certificates is not counted as lifetime).
-pub fn issued_at(a: &AuthorityRecord) -> i64 {
-    if a.cert_der.is_empty() {
-        a.not_before
-    } else {
-        a.not_before + BACKDATE
-    }
-}
-
-/// The fraction of its lifetime `a` has used at `t`.
-pub fn age_fraction(a: &AuthorityRecord, t: i64) -> f64 {
-    let start = issued_at(a);
-    let life = a.not_after - start;
-    if life <= 0 {
-        return 1.0;
-    }
-    (t - start) as f64 / life as f64
-}
+pub use ca_authority::{age_fraction, issued_at, BACKDATE};
 
 /// The subject key identifier of a CA certificate.
 pub fn subject_key_id(cert_der: &[u8]) -> Option<Vec<u8>> {
@@ -191,18 +173,9 @@ async fn set_state(p: &dyn Proposer, id: &str, state: AuthorityState) -> Result<
     .await
 }
 
-/// Whether a rotation of `active` (of `kind`, on `node_id`) was requested and not yet done.
-fn requested(
-    requests: &[RotationRequest],
-    kind: AuthorityKind,
-    node_id: &str,
-    active: Option<&AuthorityRecord>,
-) -> bool {
-    active.is_some_and(|a| {
-        requests
-            .iter()
-            .any(|r| r.kind == kind && r.node_id == node_id && r.replaces == a.id)
-    })
+/// The journal entry `id`, if any.
+fn find<'a>(auths: &'a [AuthorityRecord], id: Option<&str>) -> Option<&'a AuthorityRecord> {
+    id.and_then(|id| auths.iter().find(|a| a.id == id))
 }
 
 /// The newest authority matching `f`.
@@ -365,28 +338,28 @@ impl Ca {
         }
     }
 
-    /// Whether `a` is an authority of `kind` in `state` belonging to this node.
-    fn is_mine(&self, a: &AuthorityRecord, kind: AuthorityKind, state: AuthorityState) -> bool {
-        a.kind == kind && a.state == state && a.node_id == self.settings.node_id
-    }
-
-    /// Retires this node's authorities of `kind` that are active or prepared in `auths`,
-    /// except `keep`.
-    async fn retire_others(
-        &self,
-        auths: &[AuthorityRecord],
-        kind: AuthorityKind,
-        keep: &str,
-    ) -> Result<(), Error> {
-        for old in auths.iter().filter(|a| {
-            a.id != keep
-                && (self.is_mine(a, kind, AuthorityState::Active)
-                    || self.is_mine(a, kind, AuthorityState::Prepared))
-        }) {
-            set_state(self.proposer.as_ref(), &old.id, AuthorityState::Retired).await?;
-            tracing::info!(authority = %old.id, kind = kind.as_str(), was = old.state.as_str(), "retired (what it signed stays valid until it expires)");
+    /// Retires the authorities `ids` (of `kind`), as a schedule step asked.
+    async fn retire(&self, ids: &[String], kind: AuthorityKind) -> Result<(), Error> {
+        for id in ids {
+            set_state(self.proposer.as_ref(), id, AuthorityState::Retired).await?;
+            tracing::info!(authority = %id, kind = kind.as_str(), "retired (what it signed stays valid until it expires)");
         }
         Ok(())
+    }
+
+    /// The schedule's view of this node for `kind`.
+    fn policy(&self, kind: AuthorityKind, leader: bool) -> Policy {
+        let s = &self.settings;
+        Policy {
+            node_id: s.node_id.clone(),
+            rotation: s.rotation.clone(),
+            ttl: match kind {
+                AuthorityKind::Root => s.root_ttl,
+                AuthorityKind::Intermediate => s.intermediate_ttl,
+                AuthorityKind::Jwt => s.jwt_key_ttl,
+            },
+            leader,
+        }
     }
 
     async fn load_key(&self, rec: &AuthorityRecord) -> Result<Arc<dyn SigningKey>, Error> {
@@ -441,84 +414,55 @@ impl Ca {
         t: i64,
         leader: bool,
     ) -> Result<Signer, Error> {
+        let kind = AuthorityKind::Root;
         let have = self.current.read().expect("ca lock").root.clone();
-        let root = |state: AuthorityState| {
-            move |a: &AuthorityRecord| {
-                a.kind == AuthorityKind::Root && a.state == state && a.not_after > t
+        let plan = next_step(
+            kind,
+            auths,
+            requests,
+            t,
+            &self.policy(kind, leader),
+            Usable::ALL,
+        );
+        let current = find(auths, plan.current.as_deref());
+        match (plan.step, current) {
+            (Some(Step::Replace { why, .. }), _) => {
+                let root = self.create_root(AuthorityState::Active).await?;
+                tracing::info!(authority = %root.record.id, why, "created the cluster root");
+                Ok(root)
             }
-        };
-        let active = newest(auths, root(AuthorityState::Active));
-        let prepared = newest(auths, root(AuthorityState::Prepared));
-        let r = &self.settings.rotation;
-        let Some(active) = active else {
-            return match prepared {
-                Some(p) => {
-                    // The active root expired (or was never activated): nothing else can
-                    // sign intermediates, so the prepared one activates at once.
-                    set_state(self.proposer.as_ref(), &p.id, AuthorityState::Active).await?;
-                    tracing::warn!(authority = %p.id, "activated the prepared root at once: there was no active root");
-                    let mut rec = p.clone();
-                    rec.state = AuthorityState::Active;
-                    self.signer_for(&rec, None).await
-                }
-                None => self.create_root(AuthorityState::Active).await,
-            };
-        };
-        let was_requested = requested(requests, AuthorityKind::Root, "", Some(active));
-        let frac = age_fraction(active, t);
-        if leader {
-            match prepared {
-                None if was_requested || frac >= r.prepare_fraction => {
-                    let why = if was_requested {
-                        "rotation requested by an operator"
-                    } else {
-                        "scheduled: the active root reached rotation.prepare_fraction"
-                    };
-                    match self.create_root(AuthorityState::Prepared).await {
-                        Ok(p) => {
-                            tracing::info!(authority = %p.record.id, replaces = %active.id, why, "prepared a new root: published in the trust bundle from now on; intermediates are signed by it once it is activated after the propagation window")
-                        }
-                        Err(e) => {
-                            tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s");
-                            self.keys
-                                .metrics()
-                                .authority_event(AuthorityKind::Root, "failed");
-                        }
+            (Some(Step::Activate { id, retire, why }), _) => {
+                set_state(self.proposer.as_ref(), &id, AuthorityState::Active).await?;
+                self.retire(&retire, kind).await?;
+                match current {
+                    None => {
+                        tracing::warn!(authority = %id, why, "activated the prepared root at once")
+                    }
+                    Some(old) => {
+                        tracing::info!(authority = %id, replaces = %old.id, why, "activated the new root: intermediates are now signed by it; the old root stays in the bundle until everything it signed has expired")
                     }
                 }
-                Some(p) => {
-                    let published = t - issued_at(p);
-                    let window = if was_requested {
-                        r.propagation_window
-                    } else {
-                        let scheduled = ((r.activate_fraction - r.prepare_fraction)
-                            * self.settings.root_ttl as f64)
-                            as i64;
-                        r.propagation_window.min(scheduled)
-                    };
-                    let due = was_requested || frac >= r.activate_fraction;
-                    if due && published >= window {
-                        set_state(self.proposer.as_ref(), &p.id, AuthorityState::Active).await?;
-                        set_state(self.proposer.as_ref(), &active.id, AuthorityState::Retired)
-                            .await?;
-                        for stray in auths.iter().filter(|a| {
-                            a.kind == AuthorityKind::Root
-                                && a.state == AuthorityState::Prepared
-                                && a.id != p.id
-                        }) {
-                            set_state(self.proposer.as_ref(), &stray.id, AuthorityState::Retired)
-                                .await?;
-                        }
-                        tracing::info!(authority = %p.id, replaces = %active.id, published_for_secs = published, "activated the new root: intermediates are now signed by it; the old root stays in the bundle until everything it signed has expired");
-                        let mut rec = p.clone();
-                        rec.state = AuthorityState::Active;
-                        return self.signer_for(&rec, have.as_ref()).await;
+                let mut rec = find(auths, Some(&id))
+                    .expect("the schedule names a journal entry")
+                    .clone();
+                rec.state = AuthorityState::Active;
+                self.signer_for(&rec, have.as_ref()).await
+            }
+            (Some(Step::Prepare { why, .. }), Some(active)) => {
+                match self.create_root(AuthorityState::Prepared).await {
+                    Ok(p) => {
+                        tracing::info!(authority = %p.record.id, replaces = %active.id, why, "prepared a new root: published in the trust bundle from now on; intermediates are signed by it once it is activated after the propagation window")
+                    }
+                    Err(e) => {
+                        tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s");
+                        self.keys.metrics().authority_event(kind, "failed");
                     }
                 }
-                None => {}
+                self.signer_for(active, have.as_ref()).await
             }
+            (_, Some(active)) => self.signer_for(active, have.as_ref()).await,
+            (_, None) => unreachable!("the schedule keeps no root without an active one"),
         }
-        self.signer_for(active, have.as_ref()).await
     }
 
     /// The usable signer of this node's prepared intermediate `rec`, if it was signed by
@@ -553,8 +497,8 @@ impl Ca {
     ) -> Result<Signer, Error> {
         let kind = AuthorityKind::Intermediate;
         let have = self.current.read().expect("ca lock").intermediate.clone();
-        let active = newest(auths, |a| self.is_mine(a, kind, AuthorityState::Active));
-        let usable_active = match active {
+        let c = candidates(kind, auths, &self.settings.node_id, t);
+        let usable_active = match c.active {
             Some(rec) if rec.not_after > t && rec.cert_der_issued_by(&root.record) => {
                 match (&have, rec.key_backend.as_str()) {
                     (Some(h), _) if h.record.id == rec.id => Some(h.clone()),
@@ -564,89 +508,70 @@ impl Ca {
             }
             _ => None,
         };
-        let prepared = newest(auths, |a| {
-            self.is_mine(a, kind, AuthorityState::Prepared) && a.not_after > t
-        });
-        let usable_prepared = match prepared {
+        let usable_prepared = match c.prepared {
             Some(p) => self.usable_prepared_intermediate(p, root).await,
             None => None,
         };
-        let r = &self.settings.rotation;
-        let why = match (&usable_active, active) {
-            (None, None) => Some("this node has no active intermediate"),
-            (None, Some(a)) if a.not_after <= t => Some("the active intermediate expired"),
-            (None, Some(_)) => Some(
-                "the active intermediate is not usable (signed by a root that is no longer active, or a memory-mode key lost with the previous process)",
-            ),
-            (Some(a), _) if requested(requests, kind, &self.settings.node_id, Some(&a.record)) => {
-                Some("rotation requested by an operator")
-            }
-            (Some(a), _) if age_fraction(&a.record, t) >= r.activate_fraction => {
-                Some("scheduled: the active intermediate reached rotation.activate_fraction")
-            }
-            _ => None,
+        let usable = Usable {
+            active: usable_active.is_some(),
+            prepared: usable_prepared.is_some(),
         };
-        if let Some(why) = why {
-            // Intermediates are not in the trust bundle (SVID chains carry them), so the
-            // next one may sign as soon as it exists.
-            let next = match usable_prepared {
-                Some(p) => Ok(p),
-                None => {
-                    self.create_intermediate(root, AuthorityState::Prepared)
-                        .await
-                }
-            };
-            match next {
-                Ok(next) => {
-                    set_state(
-                        self.proposer.as_ref(),
-                        &next.record.id,
-                        AuthorityState::Active,
-                    )
-                    .await?;
-                    self.retire_others(auths, kind, &next.record.id).await?;
-                    tracing::info!(authority = %next.record.id, replaces = active.map(|a| a.id.as_str()).unwrap_or("-"), why, not_after = next.record.not_after, "activated intermediate CA");
-                    let mut next = next;
-                    next.record.state = AuthorityState::Active;
-                    self.current.write().expect("ca lock").prepared_intermediate = None;
-                    return Ok(next);
-                }
-                Err(e) => match usable_active {
-                    Some(a) => {
-                        tracing::warn!(authority = %a.record.id, why, error = %e, "cannot replace the intermediate yet (root or key manager unavailable?); it stays active; retrying every 5s");
-                        self.keys
-                            .metrics()
-                            .authority_event(AuthorityKind::Intermediate, "failed");
-                        return Ok(a);
+        let plan = next_step(kind, auths, requests, t, &self.policy(kind, false), usable);
+        let (next, retire, why) = match plan.step {
+            None => return Ok(usable_active.expect("the schedule keeps only a usable one")),
+            Some(Step::Prepare { retire, why }) => {
+                let active = usable_active.expect("the schedule prepares beside a usable one");
+                self.retire(&retire, kind).await?;
+                match self
+                    .create_intermediate(root, AuthorityState::Prepared)
+                    .await
+                {
+                    Ok(p) => {
+                        tracing::info!(authority = %p.record.id, current = %active.record.id, why, "prepared the next intermediate CA (activated at rotation.activate_fraction)");
+                        self.current.write().expect("ca lock").prepared_intermediate = Some(p);
                     }
-                    None => return Err(e),
-                },
-            }
-        }
-        let active = usable_active.expect("checked above");
-        if usable_prepared.is_none() && age_fraction(&active.record, t) >= r.prepare_fraction {
-            // Prepared ones that can no longer be used (other root, lost key) are retired
-            // first so they do not linger.
-            if let Some(p) = prepared {
-                set_state(self.proposer.as_ref(), &p.id, AuthorityState::Retired).await?;
-            }
-            match self
-                .create_intermediate(root, AuthorityState::Prepared)
-                .await
-            {
-                Ok(p) => {
-                    tracing::info!(authority = %p.record.id, current = %active.record.id, "prepared the next intermediate CA (activated at rotation.activate_fraction)");
-                    self.current.write().expect("ca lock").prepared_intermediate = Some(p);
+                    Err(e) => {
+                        tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s");
+                        self.keys.metrics().authority_event(kind, "failed");
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s");
-                    self.keys
-                        .metrics()
-                        .authority_event(AuthorityKind::Intermediate, "failed");
-                }
+                return Ok(active);
             }
+            Some(Step::Activate { retire, why, .. }) => (
+                Ok(usable_prepared.expect("the schedule activates a usable one")),
+                retire,
+                why,
+            ),
+            Some(Step::Replace { retire, why }) => (
+                self.create_intermediate(root, AuthorityState::Prepared)
+                    .await,
+                retire,
+                why,
+            ),
+        };
+        match next {
+            Ok(mut next) => {
+                set_state(
+                    self.proposer.as_ref(),
+                    &next.record.id,
+                    AuthorityState::Active,
+                )
+                .await?;
+                self.retire(&retire, kind).await?;
+                tracing::info!(authority = %next.record.id, replaces = c.active.map(|a| a.id.as_str()).unwrap_or("-"), why, not_after = next.record.not_after, "activated intermediate CA");
+                next.record.state = AuthorityState::Active;
+                self.current.write().expect("ca lock").prepared_intermediate = None;
+                Ok(next)
+            }
+            Err(e) => match usable_active {
+                Some(a) => {
+                    tracing::warn!(authority = %a.record.id, why, error = %e, "cannot replace the intermediate yet (root or key manager unavailable?); it stays active; retrying every 5s");
+                    self.keys.metrics().authority_event(kind, "failed");
+                    Ok(a)
+                }
+                None => Err(e),
+            },
         }
-        Ok(active)
     }
 
     async fn ensure_jwt(
@@ -657,86 +582,60 @@ impl Ca {
     ) -> Result<Signer, Error> {
         let kind = AuthorityKind::Jwt;
         let have = self.current.read().expect("ca lock").jwt.clone();
-        let active = newest(auths, |a| {
-            self.is_mine(a, kind, AuthorityState::Active) && a.not_after > t
-        });
-        let prepared = newest(auths, |a| {
-            self.is_mine(a, kind, AuthorityState::Prepared) && a.not_after > t
-        });
-        let r = &self.settings.rotation;
-        let Some(active) = active else {
-            // Nothing signs JWT-SVIDs here: the prepared key (published already) or a new
-            // one activates at once.
-            let next = match prepared {
-                Some(p) => self.signer_for(p, None).await?,
-                None => self.create_jwt_key(AuthorityState::Prepared).await?,
-            };
-            set_state(
-                self.proposer.as_ref(),
-                &next.record.id,
-                AuthorityState::Active,
-            )
-            .await?;
-            self.retire_others(auths, kind, &next.record.id).await?;
-            tracing::info!(authority = %next.record.id, "activated JWT signing key at once: this node had no usable active one");
-            let mut next = next;
-            next.record.state = AuthorityState::Active;
-            return Ok(next);
-        };
-        let was_requested = requested(requests, kind, &self.settings.node_id, Some(active));
-        let frac = age_fraction(active, t);
-        match prepared {
-            None if was_requested || frac >= r.prepare_fraction => {
+        let plan = next_step(
+            kind,
+            auths,
+            requests,
+            t,
+            &self.policy(kind, false),
+            Usable::ALL,
+        );
+        let current = find(auths, plan.current.as_deref());
+        let (next, retire, why) = match (plan.step, current) {
+            (None, Some(active)) => return self.signer_for(active, have.as_ref()).await,
+            (Some(Step::Prepare { why, .. }), Some(active)) => {
                 match self.create_jwt_key(AuthorityState::Prepared).await {
                     Ok(p) => {
-                        tracing::info!(authority = %p.record.id, current = %active.id, requested = was_requested, "prepared the next JWT signing key: published in the JWT bundle now, signs after the propagation window")
+                        tracing::info!(authority = %p.record.id, current = %active.id, why, "prepared the next JWT signing key: published in the JWT bundle now, signs after the propagation window")
                     }
                     Err(e) => {
                         tracing::warn!(current = %active.id, error = %e, "cannot prepare the next JWT key yet (key manager unavailable?); the current one stays active; retrying every 5s");
-                        self.keys
-                            .metrics()
-                            .authority_event(AuthorityKind::Jwt, "failed");
+                        self.keys.metrics().authority_event(kind, "failed");
                     }
                 }
+                return self.signer_for(active, have.as_ref()).await;
             }
-            Some(p) => {
-                let published = t - issued_at(p);
-                let window = if was_requested {
-                    r.propagation_window
-                } else {
-                    let scheduled = ((r.activate_fraction - r.prepare_fraction)
-                        * self.settings.jwt_key_ttl as f64)
-                        as i64;
-                    r.propagation_window.min(scheduled)
-                };
-                let due = was_requested || frac >= r.activate_fraction;
-                if (due && published >= window) || active.not_after - t <= 1 {
-                    match self.signer_for(p, None).await {
-                        Ok(next) => {
-                            set_state(
-                                self.proposer.as_ref(),
-                                &next.record.id,
-                                AuthorityState::Active,
-                            )
-                            .await?;
-                            self.retire_others(auths, kind, &next.record.id).await?;
-                            tracing::info!(authority = %next.record.id, replaces = %active.id, published_for_secs = published, "activated JWT signing key; the old one stays in the JWT bundle until it expires");
-                            let mut next = next;
-                            next.record.state = AuthorityState::Active;
-                            return Ok(next);
-                        }
-                        Err(e) => {
-                            tracing::warn!(authority = %p.id, error = %e, "cannot load the prepared JWT key yet; the current one stays active; retrying every 5s");
-                            self.keys
-                                .metrics()
-                                .authority_event(AuthorityKind::Jwt, "failed");
-                        }
-                    }
-                }
+            (Some(Step::Replace { retire, why }), _) => (
+                self.create_jwt_key(AuthorityState::Prepared).await,
+                retire,
+                why,
+            ),
+            (Some(Step::Activate { id, retire, why }), _) => {
+                let rec = find(auths, Some(&id)).expect("the schedule names a journal entry");
+                (self.signer_for(rec, None).await, retire, why)
             }
-            None => {}
+            (_, None) => unreachable!("the schedule keeps no JWT key without an active one"),
+        };
+        match (next, current) {
+            (Ok(mut next), _) => {
+                set_state(
+                    self.proposer.as_ref(),
+                    &next.record.id,
+                    AuthorityState::Active,
+                )
+                .await?;
+                self.retire(&retire, kind).await?;
+                tracing::info!(authority = %next.record.id, replaces = current.map(|a| a.id.as_str()).unwrap_or("-"), why, "activated JWT signing key; the old one stays in the JWT bundle until it expires");
+                next.record.state = AuthorityState::Active;
+                Ok(next)
+            }
+            (Err(e), Some(active)) => {
+                tracing::warn!(error = %e, why, "cannot load the next JWT key yet; the current one stays active; retrying every 5s");
+                self.keys.metrics().authority_event(kind, "failed");
+                self.signer_for(active, have.as_ref()).await
+            }
+            (Err(e), None) => Err(e),
         }
-        self.signer_for(active, have.as_ref()).await
     }
 
     /// The signer of `rec`: the one already loaded if it is the same authority, else its
