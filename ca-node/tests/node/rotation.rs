@@ -12,20 +12,18 @@
 //!   why, and never leaves a node without an active intermediate;
 //! - bad admin and CLI input is refused with a clear message and changes nothing.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use ca_node::dev::DevCluster;
 use ca_node::NodeConfig;
 use ca_proto::admin::*;
 use ca_state::{AuthorityKind, AuthorityRecord, AuthorityState};
 use ca_test_support::mtls::{aki, alice, bob, PickId, Traffic};
-use common::*;
 use spiffe::{JwtSvid, WorkloadApiClient, X509Source};
 use tonic::Code;
 

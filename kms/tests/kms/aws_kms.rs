@@ -20,8 +20,6 @@ use ca_kms::{Error, KeyAlgorithm, KeyManager, SigningKey};
 use ca_test_support::kms_proxy::{Proxy, Rule};
 use ca_test_support::moto::{self, Moto};
 
-mod common;
-
 fn config(test: &str, endpoint: &str) -> AwsKmsConfig {
     moto::fast_config("test.example.org", test, endpoint)
 }
@@ -51,7 +49,7 @@ async fn conforms_against_the_emulator() {
 }
 
 async fn conformance_with(cfg: AwsKmsConfig, sdk: SdkConfig) {
-    common::conformance(
+    crate::common::conformance(
         move || {
             let km = AwsKmsManager::with_sdk_config(cfg.clone(), &sdk).unwrap();
             assert!(km.is_production_grade());

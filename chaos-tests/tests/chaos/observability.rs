@@ -6,8 +6,6 @@
 //! must show as counter increases. `promtool` checks the rule files and runs their unit tests.
 //! An agent that cannot sync turns not ready on `/readyz`, with the reason.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -278,13 +276,14 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_dashboard_query_and_rule_has_data_from_a_real_cluster() -> Result<()> {
+    let _solo = crate::common::solo().await;
     let test = "observability";
     // A short propagation window, so that a requested JWT key rotation completes here.
     let mut c = Cluster::start_configured(
         test,
         3,
-        common::bins(),
-        common::mode(test),
+        crate::common::bins(),
+        crate::common::mode(test),
         "\n[rotation]\npropagation_window = 3\n",
     )
     .await?;
@@ -540,8 +539,9 @@ async fn http_get(c: &mut Cluster, port: u16, path: &str) -> Result<(u16, String
 /// metrics, and is ready again once a node answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_cannot_sync_is_not_ready_and_says_why() -> Result<()> {
+    let _solo = crate::common::solo().await;
     let test = "agent-readyz";
-    let mut c = Cluster::start(test, 1, common::bins(), common::mode(test)).await?;
+    let mut c = Cluster::start(test, 1, crate::common::bins(), crate::common::mode(test)).await?;
     let agent = c.start_agent("a1", 0).await?;
     let port: u16 = c.agents[agent]
         .health_addr

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use ca_kms::soft::SoftKeyManager;
 use ca_kms::{Error, KeyAlgorithm, KeyManager};
 
-mod common;
-use common::conformance;
+use crate::common::conformance;
 
 #[tokio::test]
 async fn soft_backend_conforms() {

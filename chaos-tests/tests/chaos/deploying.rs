@@ -9,8 +9,6 @@
 //! may be lost, and the restored cluster must hold every entry. The wall time from empty
 //! hosts to the workloads' first exchange is printed.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -199,7 +197,8 @@ fn node_sockets(site: &Shared, ids: [&str; 3]) -> Vec<(String, PathBuf)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn the_deployment_guide_works_as_written() {
-    let mode = common::mode(TEST);
+    let _solo = crate::common::solo().await;
+    let mode = crate::common::mode(TEST);
     if mode != Mode::Netns {
         say(&format!(
             "[{TEST}] SKIPPED: five hosts need network namespaces (root with `ip netns`); mode is {mode}"

@@ -19,3 +19,11 @@ pub fn mode(test: &str) -> Mode {
     say(&format!("[{test}] network mode: {mode} ({why})"));
     mode
 }
+
+/// Runs the cluster scenarios of this binary one at a time: each starts real processes and
+/// measures timings (fail-over, catch-up) that another scenario beside it on the same two
+/// cores would distort. Held for the whole scenario.
+pub async fn solo() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE_AT_A_TIME.lock().await
+}

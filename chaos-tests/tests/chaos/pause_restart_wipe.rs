@@ -22,8 +22,6 @@
 //! from the others, reports not ready and mints nothing, while they stay ready; with its
 //! clock right again it is ready again.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chaos_tests::load::{check_writes, wait_fetch, Fetcher, Targets, Writers};
@@ -34,9 +32,10 @@ const TEST: &str = "pause-restart-wipe";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_restart_and_wipe_lose_no_acknowledged_write() {
+    let _solo = crate::common::solo().await;
     let t0 = Instant::now();
-    let mode = common::mode(TEST);
-    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+    let mode = crate::common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let a = c.start_agent("host-a", 0).await.expect("the agent starts");
@@ -253,8 +252,9 @@ async fn wait_clock_refusal(c: &Cluster, i: usize, timeout: Duration) -> String 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_wrong_clock_stops_minting_and_the_others_do_not() {
-    let mode = common::mode("clock-skew");
-    let mut c = Cluster::start("clock-skew", 3, common::bins(), mode)
+    let _solo = crate::common::solo().await;
+    let mode = crate::common::mode("clock-skew");
+    let mut c = Cluster::start("clock-skew", 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let skewed = 2;
@@ -320,6 +320,7 @@ impl Drop for Tmpfs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_a_node_which_comes_back_by_itself_with_room() {
+    let _solo = crate::common::solo().await;
     const TEST: &str = "disk-full";
     if !nix::unistd::geteuid().is_root() {
         assert!(
@@ -331,8 +332,8 @@ async fn a_full_disk_stops_a_node_which_comes_back_by_itself_with_room() {
         ));
         return;
     }
-    let mode = common::mode(TEST);
-    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+    let mode = crate::common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let all: Vec<usize> = (0..3).collect();
@@ -448,6 +449,7 @@ async fn authorities(c: &Cluster, i: usize) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_jump_on_a_running_node_changes_no_authority() {
+    let _solo = crate::common::solo().await;
     clock_jump("clock-jump", false).await;
 }
 
@@ -456,12 +458,13 @@ async fn a_clock_jump_on_a_running_node_changes_no_authority() {
 /// here (a quorum of disagreeing answers is not needed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_jump_with_a_member_down_changes_no_authority() {
+    let _solo = crate::common::solo().await;
     clock_jump("clock-jump-member-down", true).await;
 }
 
 async fn clock_jump(test: &str, member_down: bool) {
-    let mode = common::mode(test);
-    let mut c = Cluster::start(test, 3, common::bins(), mode)
+    let mode = crate::common::mode(test);
+    let mut c = Cluster::start(test, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let j = 2;

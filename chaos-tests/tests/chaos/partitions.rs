@@ -12,8 +12,6 @@
 //! same afterwards, no failed fetch while a majority is connected. Needs the netns mode;
 //! in loopback mode the test says SKIPPED.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chaos_tests::load::{check_writes, wait_fetch, Fetcher, Outcome, Targets, Writers};
@@ -26,15 +24,16 @@ const HOLD: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_then_heal_lose_no_acknowledged_write() {
+    let _solo = crate::common::solo().await;
     let t0 = Instant::now();
-    let mode = common::mode(TEST);
+    let mode = crate::common::mode(TEST);
     if mode != Mode::Netns {
         say(&format!(
             "[{TEST}] SKIPPED: partitions need the netns mode (root, `ip netns`, `iptables`); nothing was checked"
         ));
         return;
     }
-    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+    let mut c = Cluster::start(TEST, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let a = c.start_agent("host-a", 0).await.expect("the agent starts");

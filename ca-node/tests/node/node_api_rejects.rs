@@ -2,11 +2,10 @@
 //! socket, against a node started with `ca_node::start`): every refusal has the right
 //! status code, a message that says what is wrong, and leaves the stored state unchanged.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine as _;
 use ca_proto::node::{
     attest_agent_request, attest_params, AttestAgentRequest, BatchNewX509SvidRequest,
@@ -14,7 +13,6 @@ use ca_proto::node::{
     X509PopChain,
 };
 use ca_proto::types::Entry;
-use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SigningKey as _,

@@ -1,10 +1,8 @@
 //! Listing entries and agents in pages over the real admin socket: pages in order, together
 //! exactly the whole list, filters applied per page, and bad paging input refused.
 
-mod common;
-
+use crate::common::*;
 use ca_proto::admin::{CreateEntryRequest, ListAgentsRequest, ListEntriesRequest};
-use common::*;
 use tonic::Code;
 
 const PARENT: &str = "spiffe://dev.example.org/agent/host-1";

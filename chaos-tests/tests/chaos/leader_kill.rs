@@ -7,8 +7,6 @@
 //! majority is always alive). Figures: per kill, time to a new leader and time until
 //! writes are acknowledged again.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chaos_tests::load::{check_writes, wait_fetch, Fetcher, Targets, Writers};
@@ -20,9 +18,10 @@ const KILLS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_repeatedly_loses_no_acknowledged_write() {
+    let _solo = crate::common::solo().await;
     let t0 = Instant::now();
-    let mode = common::mode(TEST);
-    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+    let mode = crate::common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let a = c.start_agent("host-a", 0).await.expect("the agent starts");

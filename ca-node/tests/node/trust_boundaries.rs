@@ -4,11 +4,10 @@
 //! removed node and an SVID from a revoked intermediate are refused at once; a ca-node's
 //! join token is never redeemed by an agent.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use async_trait::async_trait;
 use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_kms::memory::MemoryKey;
@@ -22,7 +21,6 @@ use ca_state::{
     AgentRecord, AuthorityKind, AuthorityRecord, AuthorityState, Command, EntryRecord,
     SelectorRecord,
 };
-use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
 

@@ -4,8 +4,6 @@
 //!
 //! Every test holds a [`SoftHsm`] (the process-wide PKCS#11 lock) for its whole run.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,8 +17,8 @@ use ca_test_support::pki::{openssl_verify, verify_signed_by};
 use ca_test_support::softhsm::SoftHsm;
 use ca_test_support::{logs, moto};
 
-use common::node_checks::*;
-use common::TD;
+use crate::common::node_checks::*;
+use crate::common::TD;
 
 fn pkcs11(hsm: &SoftHsm, token: &str, prefix: &str) -> KeyManagerConfig {
     KeyManagerConfig::Pkcs11(hsm.config(token, prefix))

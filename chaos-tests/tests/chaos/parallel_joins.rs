@@ -3,8 +3,6 @@
 //! both through node 1), in several fresh clusters. Every round must end with three ready
 //! voters that agree on the membership and replicate a write; no join may fail.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chaos_tests::report::say;
@@ -15,10 +13,11 @@ const ROUNDS: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_joining_at_once_all_become_voters() {
-    let mode = common::mode(TEST);
+    let _solo = crate::common::solo().await;
+    let mode = crate::common::mode(TEST);
     for round in 1..=ROUNDS {
         let t0 = Instant::now();
-        let mut c = Cluster::start(&format!("{TEST}-{round}"), 1, common::bins(), mode)
+        let mut c = Cluster::start(&format!("{TEST}-{round}"), 1, crate::common::bins(), mode)
             .await
             .expect("the first node starts");
         let mut joining = Vec::new();

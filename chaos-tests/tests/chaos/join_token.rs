@@ -7,8 +7,6 @@
 //! - ca-nodes: three `ca-node join` processes for the same new node ID started together
 //!   with the same ca-node join token, each through a different member; exactly one joins.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chaos_tests::cluster::wait_agent;
@@ -20,9 +18,10 @@ const ROUNDS: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_join_token_presented_to_three_nodes_at_once_is_used_once() {
+    let _solo = crate::common::solo().await;
     let t0 = Instant::now();
-    let mode = common::mode(TEST);
-    let mut c = Cluster::start(TEST, 3, common::bins(), mode)
+    let mode = crate::common::mode(TEST);
+    let mut c = Cluster::start(TEST, 3, crate::common::bins(), mode)
         .await
         .expect("the cluster forms");
     let servers: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();

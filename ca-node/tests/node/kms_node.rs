@@ -6,8 +6,6 @@
 //!
 //! The tests share one emulator; each uses its own node ID, hence its own aliases and tags.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -21,8 +19,8 @@ use ca_test_support::kms_proxy::{Proxy, Rule};
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
 use ca_test_support::{logs, moto};
 
-use common::node_checks::*;
-use common::TD;
+use crate::common::node_checks::*;
+use crate::common::TD;
 
 fn kms_config(node_id: &str, endpoint: &str) -> AwsKmsConfig {
     moto::fast_config(TD, node_id, endpoint)
@@ -176,11 +174,11 @@ async fn a_batch_has_its_kms_signatures_in_flight_together() {
         .await
         .unwrap();
     let agent_id = format!("spiffe://{TD}/agent/batch");
-    let svid = common::new_agent(&node, &agent_id).await;
+    let svid = crate::common::new_agent(&node, &agent_id).await;
     let entry = node
         .core
         .validate_entry(
-            &common::entry(
+            &crate::common::entry(
                 &format!("spiffe://{TD}/workload/batch"),
                 &agent_id,
                 &["unix:uid:1000"],
@@ -209,7 +207,7 @@ async fn a_batch_has_its_kms_signatures_in_flight_together() {
         })
         .collect();
 
-    let mut client = common::agent_client(&node, &svid);
+    let mut client = crate::common::agent_client(&node, &svid);
     proxy.rule(Rule::slow("Sign", None, Duration::from_millis(500)));
     let started = Instant::now();
     let call = tokio::spawn(async move {

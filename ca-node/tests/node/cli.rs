@@ -3,11 +3,9 @@
 //! input with an actionable message and a non-zero exit; `healthcheck` tells a ready node
 //! from a missing one.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// `ca-node run --config` with `extra` appended to an otherwise valid config: must exit
 /// non-zero (without starting) and say each of `needles` on stderr.

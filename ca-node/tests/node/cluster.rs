@@ -5,17 +5,15 @@
 //! every member at once, the Raft and cluster services refuse anything but a member, and
 //! state backups restore into a new cluster.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::*;
 use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_node::dev::DevCluster;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;
 use ca_state::{AuthorityKind, AuthorityState};
-use common::*;
 use tonic::Code;
 
 fn quiet(_: usize, c: &mut ca_node::NodeConfig) {

@@ -2,14 +2,12 @@
 //! or NotFound as appropriate, a message that names the field and the rule, and nothing
 //! stored (no command applied at all when validation refuses the request).
 
-mod common;
-
+use crate::common::*;
 use ca_proto::admin::{
     BanAgentRequest, CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest,
     EvictAgentRequest, GetAgentRequest, GetEntryRequest, ListEntriesRequest, UpdateEntryRequest,
 };
 use ca_proto::types::Entry;
-use common::*;
 use tonic::Code;
 
 const PARENT: &str = "spiffe://dev.example.org/agent/host-1";

@@ -3,11 +3,10 @@
 //! can still fetch; a node process killed with SIGKILL right after acknowledged admin
 //! writes has all of them when it comes back.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::common::*;
 use ca_node::dev::{DevEnv, DEMO_ID};
 use ca_proto::admin::{
     CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest, GetBundleRequest,
@@ -16,7 +15,6 @@ use ca_proto::admin::{
 use ca_proto::node::attest_params;
 use ca_proto::types::Entry;
 use ca_proto::workload::X509svidRequest;
-use common::*;
 
 /// Fetches this process's X.509-SVIDs from the agent: (SPIFFE IDs, bundle of the first).
 async fn fetch_x509(socket: &Path) -> (Vec<String>, Vec<u8>) {

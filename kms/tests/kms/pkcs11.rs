@@ -22,8 +22,6 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-mod common;
-
 async fn sign_verifies(key: &Arc<dyn ca_kms::SigningKey>, msg: &[u8]) {
     let sig = key.sign(msg).await.unwrap();
     ca_identity::pubkey::verify_x509_signature(key.public_key_spki(), msg, &sig).unwrap();
@@ -34,7 +32,7 @@ async fn softhsm_backend_conforms() {
     let hsm = SoftHsm::new().await;
     hsm.init_token("conformance");
     let cfg = hsm.config("conformance", "ca-");
-    common::conformance(
+    crate::common::conformance(
         move || Arc::new(Pkcs11KeyManager::open(&cfg).unwrap()),
         &[
             KeyAlgorithm::EcP256,

@@ -1,0 +1,4 @@
+//! The agent's integration tests, one binary.
+
+mod fake_node;
+mod workload_api;
