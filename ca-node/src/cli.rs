@@ -1,6 +1,8 @@
 //! The `ca-node` command line. Server commands (`run`, `dev`) start a node; every other
 //! command talks to the local node's admin Unix socket.
 
+use crate::config::DEFAULT_ADMIN_SOCKET;
+use crate::server::wait_for_signal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -9,9 +11,6 @@ use ca_proto::admin::*;
 use ca_proto::types;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::transport::{Channel, Endpoint};
-
-/// Where the admin socket is unless configured otherwise.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spiffe-ca/admin.sock";
 
 #[derive(Parser, Debug)]
 #[command(name = "ca-node", version, about = "SPIFFE certificate authority node")]
@@ -1488,16 +1487,6 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 Err(format!("Server is unhealthy: {}", r.detail))
             }
         }
-    }
-}
-
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

@@ -9,6 +9,12 @@ use serde::Deserialize;
 
 use crate::Error;
 
+/// Where the admin socket is unless configured otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spiffe-ca/admin.sock";
+
+/// At most this many CSRs in one `BatchNewX509Svid` (agents send 100 at a time).
+pub const MAX_BATCH_CSRS: usize = 500;
+
 /// Where intermediate keys live.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -263,7 +269,7 @@ impl LimitsConfig {
                 ));
             }
         }
-        let batch = crate::node_api::MAX_BATCH_CSRS;
+        let batch = MAX_BATCH_CSRS;
         if self.signings_per_second > 0.0 && (self.signing_burst as usize) < batch {
             return c(format!(
                 "limits.signing_burst = {} is below the largest batch an agent sends ({batch} CSRs), so such batches could never pass; use at least {batch}",
@@ -327,7 +333,7 @@ fn default_max_clock_skew() -> u64 {
     10
 }
 fn default_admin_socket() -> PathBuf {
-    PathBuf::from(crate::cli::DEFAULT_ADMIN_SOCKET)
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
 }
 fn default_km() -> KeyManagerConfig {
     KeyManagerConfig::Soft { dir: None }

@@ -456,7 +456,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
         env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
         print_ready(&env.endpoint(), &[&env.node]);
         tracing::info!(agent = %env.agent.spiffe_id(), "dev environment ready; Ctrl-C to stop");
-        crate::cli::wait_for_signal().await;
+        crate::server::wait_for_signal().await;
         env.shutdown().await;
         return Ok(());
     }
@@ -470,7 +470,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
     env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
     print_ready(&env.endpoint(), &env.nodes.iter().collect::<Vec<_>>());
     tracing::info!(agent = %env.agent.spiffe_id(), nodes, "dev cluster ready; Ctrl-C to stop");
-    crate::cli::wait_for_signal().await;
+    crate::server::wait_for_signal().await;
     env.shutdown().await;
     Ok(())
 }

@@ -448,7 +448,7 @@ impl Metrics {
             } else {
                 ("prepare", schedule.prepare_fraction)
             };
-            let start = crate::ca::issued_at(active);
+            let start = ca_authority::issued_at(active);
             let due = start + ((active.not_after - start) as f64 * fraction) as i64;
             self.authority_next_step
                 .with_label_values(&[kind.as_str(), node, step])

@@ -22,6 +22,7 @@ struct Caller {
 }
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::MAX_BATCH_CSRS;
 use crate::convert::{bundle_to_proto, entry_to_proto};
 use crate::core::{propose, NodeCore};
 use crate::Error;
@@ -30,8 +31,6 @@ use crate::Error;
 /// key-manager signatures can be in flight together. A PKCS#11 manager's session pool caps
 /// them further; the bound keeps one big batch (agents send up to 100) from flooding a KMS.
 pub const BATCH_MINT_CONCURRENCY: usize = 32;
-/// At most this many CSRs in one `BatchNewX509Svid` (agents send 100 at a time).
-pub const MAX_BATCH_CSRS: usize = 500;
 
 /// The node API service.
 #[derive(Clone, Debug)]

@@ -1076,3 +1076,13 @@ fn minting_readiness(core: &NodeCore) -> (bool, String) {
         (false, format!("not ready: {}", problems.join("; ")))
     }
 }
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -20,6 +20,8 @@
 //! - [`http`]: a tiny HTTP/1.1 GET for a node's `/readyz` and `/metrics`, and the value of
 //!   one metric series.
 //! - [`logs`]: this process's `tracing` output captured in memory, to check what was logged.
+//! - [`layering`]: the module graph of a crate and its cycles; the workspace's own test
+//!   keeps the known cycles from growing.
 //! - [`pki`]: certificate chain checks (signatures; `openssl verify` as an independent
 //!   validator).
 //!
@@ -54,6 +56,7 @@
 pub mod fuzz;
 pub mod http;
 pub mod kms_proxy;
+pub mod layering;
 pub mod logs;
 pub mod moto;
 pub mod mtls;

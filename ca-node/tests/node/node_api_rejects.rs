@@ -924,7 +924,7 @@ async fn an_oversized_batch_is_refused_before_any_signing() {
     let node = start_node(dir.path(), |_| {}).await;
     let agent = new_agent(&node, "").await;
     let mut c = agent_client(&node, &agent);
-    let max = ca_node::node_api::MAX_BATCH_CSRS;
+    let max = ca_node::config::MAX_BATCH_CSRS;
     let params = vec![
         NewX509SvidParams {
             entry_id: "x".into(),
@@ -1096,7 +1096,7 @@ async fn signing_is_rate_limited_per_agent() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |c| {
         c.limits.signings_per_second = 0.01;
-        c.limits.signing_burst = ca_node::node_api::MAX_BATCH_CSRS as u32;
+        c.limits.signing_burst = ca_node::config::MAX_BATCH_CSRS as u32;
     })
     .await;
     let (greedy, entry) = agent_with_entry(&node, "greedy").await;
@@ -1108,7 +1108,7 @@ async fn signing_is_rate_limited_per_agent() {
             entry_id: "no-such-entry".into(),
             csr: vec![],
         };
-        ca_node::node_api::MAX_BATCH_CSRS
+        ca_node::config::MAX_BATCH_CSRS
     ];
     c.batch_new_x509_svid(BatchNewX509SvidRequest { params })
         .await
