@@ -271,6 +271,13 @@ pub trait JwtMinter: Send + Sync {
     async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), Status>;
 }
 
+#[async_trait::async_trait]
+impl JwtMinter for NodeClient {
+    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), Status> {
+        self.new_jwt_svid(entry_id, audience).await
+    }
+}
+
 /// What a cached JWT-SVID is filed under: entry, its revision, and the audience set
 /// (sorted, duplicates removed, so order and repetition do not matter).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -33,9 +33,16 @@ pub fn stale_after(sync_interval: Duration) -> Duration {
 }
 
 async fn metrics(State(h): State<Health>) -> String {
-    let cache = h.cache.borrow().clone();
-    let svid = h.svid.borrow().clone();
-    h.metrics.render(&cache, &svid)
+    let (svids_cached, earliest_expiry) = {
+        let cache = h.cache.borrow();
+        let earliest = cache.svids.values().map(|s| s.not_after).min();
+        (cache.svids.len(), earliest.unwrap_or(0))
+    };
+    h.metrics.render(crate::metrics::CacheGauges {
+        svids_cached,
+        earliest_expiry,
+        own_svid_expiry: h.svid.borrow().not_after,
+    })
 }
 
 async fn healthz() -> &'static str {

@@ -11,9 +11,6 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::cache::CacheState;
-use crate::persist::AgentSvid;
-
 /// Workload API methods (the gRPC method names), as labels.
 const METHODS: [&str; 5] = [
     "FetchX509SVID",
@@ -163,18 +160,28 @@ impl AgentMetrics {
         m
     }
 
-    /// The text exposition format, the cache gauges read from `cache` and `svid` now.
-    pub fn render(&self, cache: &CacheState, svid: &AgentSvid) -> String {
-        self.svids_cached.set(cache.svids.len() as i64);
-        self.earliest_expiry
-            .set(cache.svids.values().map(|s| s.not_after).min().unwrap_or(0));
-        self.own_svid_expiry.set(svid.not_after);
+    /// The text exposition format, with the cache gauges set to `now`.
+    pub fn render(&self, now: CacheGauges) -> String {
+        self.svids_cached.set(now.svids_cached as i64);
+        self.earliest_expiry.set(now.earliest_expiry);
+        self.own_svid_expiry.set(now.own_svid_expiry);
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("encode metrics");
         String::from_utf8(buf).expect("utf8 metrics")
     }
+}
+
+/// The cache gauges, read at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheGauges {
+    /// X509-SVIDs cached.
+    pub svids_cached: usize,
+    /// The earliest `not_after` among them (Unix seconds; 0 if none).
+    pub earliest_expiry: i64,
+    /// The agent's own SVID's `not_after`.
+    pub own_svid_expiry: i64,
 }
 
 /// Counts Workload API calls by method and code, and keeps streams counted open while

@@ -397,13 +397,6 @@ impl NodeClient {
     }
 }
 
-#[async_trait::async_trait]
-impl crate::cache::JwtMinter for NodeClient {
-    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<(String, i64), Status> {
-        self.new_jwt_svid(entry_id, audience).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

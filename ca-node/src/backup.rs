@@ -57,7 +57,7 @@ pub struct Restored {
 
 /// Restores the backup `from` into the empty data dir `data_dir` (see the module docs).
 pub async fn restore(from: &Path, data_dir: &Path) -> Result<Restored, Error> {
-    if crate::cluster::has_state(data_dir) || crate::cluster::read_marker(data_dir)?.is_some() {
+    if crate::registry::has_state(data_dir) || crate::registry::read_marker(data_dir)?.is_some() {
         return Err(Error::Config(format!(
             "data_dir {} already holds a node's state; restore into an empty data dir",
             data_dir.display()

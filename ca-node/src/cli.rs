@@ -1020,9 +1020,9 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             };
             let bundle_pem = std::fs::read_to_string(bundle)
                 .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
-            let joining = crate::cluster::join(
+            let joining = crate::bootstrap::join(
                 cfg,
-                crate::cluster::JoinOptions {
+                crate::bootstrap::JoinOptions {
                     peer: peer.clone(),
                     token,
                     bundle_pem,
@@ -1126,7 +1126,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 }
                 data.extend_from_slice(&chunk.data);
             }
-            crate::cluster::write_private(out, &data).map_err(|e| e.to_string())?;
+            crate::registry::write_private(out, &data).map_err(|e| e.to_string())?;
             println!(
                 "Saved the state up to log index {applied} to {} ({} bytes)",
                 out.display(),

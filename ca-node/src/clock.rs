@@ -13,7 +13,7 @@
 //!
 //! A clock that jumps between two measurements is caught before the next lifecycle
 //! decision: the maintenance round first compares how far the wall clock moved since the
-//! last measurement with how far the monotonic clock did ([`jumped`]), and measures again
+//! last measurement with how far the monotonic clock did ([`crate::wallclock::jumped`]), and measures again
 //! at once if they differ.
 
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use tonic::Request;
 
 use crate::cluster::Peers;
 use crate::core::NodeCore;
+use crate::wallclock::{jumped, unix_time_micros, Checked};
 
 /// How often offsets are measured.
 pub const INTERVAL: Duration = Duration::from_secs(10);
@@ -78,14 +79,6 @@ pub fn judge(
     ))
 }
 
-/// This node's time for `Cluster.Clock`, microseconds since the Unix epoch.
-pub fn unix_time_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// Asks every other member for its time (at most 2 s each, in parallel).
 async fn measure(core: &NodeCore) -> Vec<PeerClock> {
     let td = core.config.trust_domain();
@@ -131,38 +124,10 @@ async fn measure(core: &NodeCore) -> Vec<PeerClock> {
         .collect()
 }
 
-/// The wall clock (Unix ms) and the monotonic clock when the offsets were last measured.
-#[derive(Clone, Copy, Debug)]
-pub struct Checked {
-    /// Monotonic time of the measurement.
-    pub at: Instant,
-    /// Wall-clock time of the measurement, Unix milliseconds.
-    pub wall_ms: i64,
-}
-
-/// Whether the wall clock moved differently from the monotonic clock since `last` by more
-/// than half of `max_skew_ms` (a jump, or a measurement never made). Pure, for the tests.
-pub fn jumped(last: Option<Checked>, now: Checked, max_skew_ms: i64) -> bool {
-    let Some(last) = last else {
-        return true;
-    };
-    let mono =
-        i64::try_from(now.at.saturating_duration_since(last.at).as_millis()).unwrap_or(i64::MAX);
-    let wall = now.wall_ms - last.wall_ms;
-    (wall - mono).abs() > max_skew_ms / 2
-}
-
 fn max_skew_ms(core: &NodeCore) -> i64 {
     i64::try_from(core.config.max_clock_skew_secs)
         .unwrap_or(i64::MAX / 1000)
         .saturating_mul(1000)
-}
-
-fn checked_now() -> Checked {
-    Checked {
-        at: Instant::now(),
-        wall_ms: unix_time_micros() / 1000,
-    }
 }
 
 /// Before a lifecycle decision: measures the offsets again if the wall clock jumped since
@@ -173,7 +138,7 @@ pub async fn recheck_if_jumped(core: &NodeCore) {
         return;
     }
     let max_skew_ms = max_skew_ms(core);
-    if jumped(core.ca.clock_checked(), checked_now(), max_skew_ms) {
+    if jumped(core.ca.clock_checked(), Checked::now(), max_skew_ms) {
         tracing::warn!("the wall clock moved unlike the monotonic clock since the last comparison with the other members: comparing again before any lifecycle decision");
         check_with(core, true).await;
     }
@@ -192,7 +157,7 @@ async fn check_with(core: &NodeCore, jumped: bool) {
         return;
     }
     let max_skew_ms = max_skew_ms(core);
-    let started = checked_now();
+    let started = Checked::now();
     let measured = measure(core).await;
     core.metrics.clock_offset.reset();
     for p in &measured {

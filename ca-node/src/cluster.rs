@@ -1,14 +1,11 @@
-//! The cluster of ca-nodes: how a node joins, how members use the root, and the files a
-//! node keeps about its membership.
+//! The cluster of ca-nodes as a member serves it: the `Cluster` service (a joining node's
+//! `Join` and `AddMe`, members' `SignIntermediate`, `IssuedCounts` and `Clock`), the root
+//! used across members, and membership changes.
 //!
-//! - **Joining** ([`join`]): an operator creates a join token on a member for
-//!   `spiffe://TD/ca-node/<new node id>` (`ca-node token generate --spiffe-id ...`). The new
-//!   node, given the trust bundle (PEM roots) and a member's address, calls `Cluster.Join`
-//!   over TLS (the member verified against the bundle as a `spiffe://TD/ca-node/*`) with the
-//!   token and a CSR; the member consumes the token through Raft (at most once in the whole
-//!   cluster, whichever member is asked) and returns the node's first ca-node SVID. The new
-//!   node starts with it, calls `Cluster.AddMe` presenting that SVID, and is added as a
-//!   learner, caught up (log or snapshot), and promoted to voter.
+//! - **Joining** (the member's side; the new node's is [`crate::bootstrap::join`]): the
+//!   member consumes a ca-node join token through Raft (at most once in the whole cluster,
+//!   whichever member is asked) and returns the node's first ca-node SVID; `AddMe`, with
+//!   that SVID, adds it as a learner, which catches up (log or snapshot) and is promoted.
 //! - **The root** ([`ClusterRootKeyManager`]): every node signs its own intermediate with
 //!   the cluster root. If this node's root key manager holds the root key (a network HSM
 //!   or a KMS key shared by every node: the production setup), it signs locally. If not
@@ -16,13 +13,9 @@
 //!   members in turn (`Cluster.SignIntermediate`); a member whose key manager holds the root
 //!   checks that it is an intermediate CA certificate for the calling node of this trust
 //!   domain within the configured lifetime, and signs it.
-//! - **Files** in `data_dir`: [`MARKER_FILE`] (this data dir's Raft ID and whether it was
-//!   initialized or joined), [`NODE_SVID_FILE`] (the node's current serving SVID and key,
-//!   0600, so a restarted node can talk to its peers before its CA is ready) and
-//!   [`BUNDLE_FILE`] (the bundle a joining node was given).
+//! - The files a node keeps about its membership are [`crate::registry`]'s.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +26,8 @@ use ca_kms::{KeyAlgorithm, KeyManager, KeyProtection, SigningKey};
 use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::cluster_server::{Cluster, ClusterServer};
 use ca_proto::admin::*;
-use ca_raft::{NodeId, NodeInfo, RaftNode, Role, StateMachine};
+use ca_raft::{NodeId, NodeInfo, RaftNode, StateMachine};
 use ca_state::{AgentRecord, AuthorityKind, AuthorityState, Command};
-use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -43,118 +35,9 @@ use crate::config::valid_node_id;
 use crate::convert::bundle_to_proto;
 use crate::core::{propose, NodeCore};
 use crate::raft_tls;
-use crate::{Error, NodeConfig, NodeHandle};
+use crate::Error;
 
-/// The data dir's membership marker (JSON).
-pub const MARKER_FILE: &str = "cluster.json";
-/// The node's current serving SVID and its key (PEM, 0600).
-pub const NODE_SVID_FILE: &str = "node-svid.pem";
-/// The trust bundle a joining node was given (PEM roots).
-pub const BUNDLE_FILE: &str = "bootstrap-bundle.pem";
-
-/// How a data dir became a member.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// It initialized a new cluster (`ca-node init`, or `run` on an empty data dir).
-    Init,
-    /// It joined an existing cluster (`ca-node join`).
-    Join,
-}
-
-/// What [`MARKER_FILE`] records.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Marker {
-    /// The Raft ID this data dir belongs to (never changes).
-    pub raft_id: u64,
-    /// How it became a member.
-    pub origin: Origin,
-}
-
-fn io_err(what: &str, p: &Path, e: std::io::Error) -> Error {
-    Error::Config(format!("{what} {}: {e}", p.display()))
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename), mode 0600.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io_err("cannot write", &tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err("cannot rename to", path, e))
-}
-
-/// Reads the marker of `data_dir`, if any.
-pub fn read_marker(data_dir: &Path) -> Result<Option<Marker>, Error> {
-    let p = data_dir.join(MARKER_FILE);
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| Error::Config(format!("{}: {e}", p.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("cannot read", &p, e)),
-    }
-}
-
-/// Writes the marker of `data_dir`.
-pub fn write_marker(data_dir: &Path, m: &Marker) -> Result<(), Error> {
-    write_private(
-        &data_dir.join(MARKER_FILE),
-        &serde_json::to_vec_pretty(m).expect("json"),
-    )
-}
-
-/// A PKCS#8 private key, wiped from memory when dropped.
-pub type SecretKey = zeroize::Zeroizing<Vec<u8>>;
-
-/// Saves the node's serving SVID (chain, leaf first) and its PKCS#8 key.
-pub fn save_node_svid(data_dir: &Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), Error> {
-    let mut blocks: Vec<pem::Pem> = chain
-        .iter()
-        .map(|c| pem::Pem::new("CERTIFICATE", c.clone()))
-        .collect();
-    blocks.push(pem::Pem::new("PRIVATE KEY", key_pkcs8.to_vec()));
-    let text = zeroize::Zeroizing::new(pem::encode_many(&blocks));
-    write_private(&data_dir.join(NODE_SVID_FILE), text.as_bytes())
-}
-
-/// The saved serving SVID (chain, key), if there is one that has not expired.
-pub fn load_node_svid(data_dir: &Path) -> Option<(Vec<Vec<u8>>, SecretKey)> {
-    let text =
-        zeroize::Zeroizing::new(std::fs::read_to_string(data_dir.join(NODE_SVID_FILE)).ok()?);
-    let blocks = pem::parse_many(text.as_bytes()).ok()?;
-    let chain: Vec<Vec<u8>> = blocks
-        .iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(|b| b.contents().to_vec())
-        .collect();
-    let key = blocks
-        .iter()
-        .find(|b| b.tag() == "PRIVATE KEY")?
-        .contents()
-        .to_vec()
-        .into();
-    let info = ca_identity::x509::cert_info(chain.first()?).ok()?;
-    (info.not_after > ca_identity::unix_now()).then_some((chain, key))
-}
-
-/// Whether `data_dir` holds replicated state already (a node that ran before).
-pub fn has_state(data_dir: &Path) -> bool {
-    [ca_raft::STATE_DB_FILE, ca_raft::LOG_DB_FILE]
-        .iter()
-        .any(|f| data_dir.join(f).exists())
-}
-
-fn valid_addr(a: &str) -> bool {
+pub(crate) fn valid_addr(a: &str) -> bool {
     a.rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
 }
@@ -798,7 +681,7 @@ impl Cluster for ClusterService {
 
     async fn clock(&self, _req: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
         Ok(Response::new(ClockResponse {
-            unix_time_micros: crate::clock::unix_time_micros(),
+            unix_time_micros: crate::wallclock::unix_time_micros(),
         }))
     }
 }
@@ -842,223 +725,9 @@ pub async fn issued_counts_everywhere(
     (all, silent)
 }
 
-// ---------------------------------------------------------------------------------------
-// Joining (client side)
-
-/// How a node joins an existing cluster.
-#[derive(Clone, Debug)]
-pub struct JoinOptions {
-    /// A member's node API address, `host:port`.
-    pub peer: String,
-    /// The join token created for `spiffe://TD/ca-node/<this node id>`.
-    pub token: String,
-    /// The trust bundle's X.509 roots, PEM.
-    pub bundle_pem: String,
-    /// Become a voter once caught up (else stay a learner).
-    pub promote: bool,
-    /// How long to keep trying to be added and promoted.
-    pub timeout: Duration,
-}
-
-/// Joins an existing cluster (`ca-node join`): gets a ca-node SVID with the token, starts
-/// the node, has it added as a learner and (with `promote`) promoted once caught up.
-/// Returns the running node. The data dir must be empty of state.
-pub async fn join(config: NodeConfig, opts: JoinOptions) -> Result<NodeHandle, Error> {
-    config.validate()?;
-    if has_state(&config.data_dir) || read_marker(&config.data_dir)?.is_some() {
-        return Err(Error::Config(format!(
-            "data_dir {} already belongs to a node; start it with `ca-node run`, or wipe it (and `ca-node cluster remove` the old member) to join again",
-            config.data_dir.display()
-        )));
-    }
-    let td = config.trust_domain();
-    let roots = ca_identity::bundle::certs_from_pem(&opts.bundle_pem)
-        .map_err(|e| Error::Config(format!("the trust bundle: {e}")))?;
-    if roots.is_empty() {
-        return Err(Error::Config(
-            "the trust bundle holds no certificate".into(),
-        ));
-    }
-    let roots = LiveRoots::new(roots);
-    // The node's TLS key (not a CA key).
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| Error::Internal(format!("node key: {e}")))?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .map_err(|e| Error::Internal(format!("CSR: {e}")))?;
-    let tls = raft_tls::any_node_tls(&SvidResolver::default(), &roots, td.clone());
-    let channel = raft_tls::tls_channel(&opts.peer, tls)
-        .map_err(|e| Error::Config(format!("peer {:?}: {e}", opts.peer)))?;
-    let mut req = Request::new(JoinRequest {
-        token: opts.token.clone(),
-        csr: csr.der().to_vec(),
-        node_id: config.node_id.clone(),
-    });
-    req.set_timeout(Duration::from_secs(30));
-    let resp = ClusterClient::new(channel)
-        .join(req)
-        .await
-        .map_err(|s| join_error(&opts.peer, s))?
-        .into_inner();
-    if resp.svid_chain.is_empty() {
-        return Err(Error::Internal(
-            "the member answered Join without an SVID".into(),
-        ));
-    }
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| io_err("cannot create", &config.data_dir, e))?;
-    let key_der = key.serialize_der();
-    save_node_svid(&config.data_dir, &resp.svid_chain, &key_der)?;
-    let bundle_roots = resp
-        .bundle
-        .map(|b| b.x509_authorities)
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| roots.get().iter().map(|c| c.to_vec()).collect());
-    let pem_text = pem::encode_many(
-        &bundle_roots
-            .iter()
-            .map(|c| pem::Pem::new("CERTIFICATE", c.clone()))
-            .collect::<Vec<_>>(),
-    );
-    write_private(&config.data_dir.join(BUNDLE_FILE), pem_text.as_bytes())?;
-    write_marker(
-        &config.data_dir,
-        &Marker {
-            raft_id: config.raft_id,
-            origin: Origin::Join,
-        },
-    )?;
-    tracing::info!(peer = %opts.peer, node = %config.node_id, "joined: received this node's first SVID; starting");
-
-    let raft_id = config.raft_id;
-    let node = crate::server::start_with(config, crate::server::Bootstrap::Join).await?;
-    // AddMe presents the SVID Join issued (the node replaces its own once its CA is ready).
-    let join_svid = SvidResolver::default();
-    join_svid.set(&resp.svid_chain, &key_der)?;
-    match add_me(&node, &join_svid, &roots, &td, &opts, raft_id).await {
-        Ok(()) => Ok(node),
-        Err(e) => {
-            node.shutdown().await;
-            Err(e)
-        }
-    }
-}
-
-fn join_error(peer: &str, s: Status) -> Error {
-    let m = format!("joining through {peer}: {}", s.message());
-    match s.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Error::PermissionDenied(m),
-        tonic::Code::InvalidArgument => Error::InvalidArgument(m),
-        tonic::Code::AlreadyExists => Error::AlreadyExists(m),
-        _ => Error::Unavailable(m),
-    }
-}
-
-async fn add_me(
-    node: &NodeHandle,
-    join_svid: &SvidResolver,
-    roots: &LiveRoots,
-    td: &TrustDomain,
-    opts: &JoinOptions,
-    raft_id: NodeId,
-) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + opts.timeout;
-    let tls = raft_tls::any_node_tls(join_svid, roots, td.clone());
-    let channel = raft_tls::tls_channel(&opts.peer, tls)
-        .map_err(|e| Error::Config(format!("peer {:?}: {e}", opts.peer)))?;
-    let mut client = ClusterClient::new(channel);
-    loop {
-        let mut req = Request::new(AddMeRequest {
-            raft_id,
-            addr: node.core.advertise_addr.clone(),
-            promote: opts.promote,
-        });
-        req.set_timeout(Duration::from_secs(90));
-        match client.add_me(req).await {
-            Ok(_) => break,
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unknown
-                ) && tokio::time::Instant::now() < deadline =>
-            {
-                tracing::info!(status = %s.message(), "not added yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(s) => return Err(join_error(&opts.peer, s)),
-        }
-    }
-    // Wait until this node sees itself as it should be.
-    let want = if opts.promote {
-        Role::Follower
-    } else {
-        Role::Learner
-    };
-    loop {
-        let st = node.core.raft.status();
-        let me = st.members.get(&raft_id);
-        let ok = match want {
-            Role::Learner => me.is_some(),
-            _ => me.is_some_and(|m| m.voter) && !st.joint,
-        };
-        if ok {
-            tracing::info!(
-                raft_id,
-                voter = opts.promote,
-                "this node is a member of the cluster"
-            );
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(Error::Unavailable(format!(
-                "this node was not {} within {:?}",
-                if opts.promote {
-                    "promoted to voter"
-                } else {
-                    "added"
-                },
-                opts.timeout
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Its CA (intermediate, JWT key) now, rather than at the next maintenance tick.
-    loop {
-        match crate::server::ensure_ca(&node.core).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => tracing::info!(error = %e, "this node's CA is not ready yet; retrying"),
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(Error::Unavailable(format!(
-                "this node joined but its CA was not ready within {:?}",
-                opts.timeout
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn marker_and_svid_files_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_marker(dir.path()).unwrap(), None);
-        let m = Marker {
-            raft_id: 7,
-            origin: Origin::Join,
-        };
-        write_marker(dir.path(), &m).unwrap();
-        assert_eq!(read_marker(dir.path()).unwrap(), Some(m));
-        assert!(load_node_svid(dir.path()).is_none());
-        assert!(!has_state(dir.path()));
-    }
 
     #[test]
     fn addresses_need_host_and_port() {

@@ -1,14 +1,13 @@
-//! The node core shared by its APIs: config, state, proposer, CA, metrics; and the rules
-//! for registration entries and join tokens.
+//! The node core shared by its APIs: config, state, proposer, CA, metrics.
 
 use std::sync::Arc;
 
 use ca_identity::tls::{LiveRoots, SvidResolver};
-use ca_identity::{Selector, SpiffeId};
+use ca_identity::SpiffeId;
 use ca_kms::KeyManager;
 use ca_proto::types;
 use ca_raft::{Proposer, RaftNode, StateMachine};
-use ca_state::{Command, EntryRecord, JoinTokenRecord, Response, SelectorRecord};
+use ca_state::{Command, EntryRecord, JoinTokenRecord, Response};
 
 use crate::ca::Ca;
 use crate::config::NodeConfig;
@@ -51,112 +50,6 @@ pub async fn propose(p: &dyn Proposer, cmd: Command) -> Result<Response, Error> 
     }
 }
 
-fn valid_dns_name(d: &str) -> bool {
-    let d = d.strip_prefix("*.").unwrap_or(d);
-    !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
-/// Parses a SPIFFE ID that must be in this trust domain; `what` names the field.
-pub fn parse_local_id(config: &NodeConfig, what: &str, s: &str) -> Result<SpiffeId, Error> {
-    let id = SpiffeId::parse(s).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
-    if !id.is_member_of(&config.trust_domain()) {
-        return Err(Error::InvalidArgument(format!(
-            "{what}: {id} is not in this CA's trust domain {}",
-            config.trust_domain
-        )));
-    }
-    Ok(id)
-}
-
-/// Validates an entry from the admin API and turns it into a record.
-pub fn validate_entry(
-    config: &NodeConfig,
-    e: &types::Entry,
-    id: String,
-    created_at: i64,
-) -> Result<EntryRecord, Error> {
-    let spiffe_id = parse_local_id(config, "spiffe_id", &e.spiffe_id)?;
-    if spiffe_id.path().is_empty() {
-        return Err(Error::InvalidArgument(
-            "spiffe_id: a workload SPIFFE ID needs a path, e.g. spiffe://TD/service/name".into(),
-        ));
-    }
-    if crate::config::is_reserved_path(&spiffe_id) {
-        return Err(Error::InvalidArgument(
-            "spiffe_id: the /ca-node/ path is reserved for CA nodes".into(),
-        ));
-    }
-    let parent = parse_local_id(config, "parent_id", &e.parent_id)?;
-    if parent == spiffe_id {
-        return Err(Error::InvalidArgument(
-            "parent_id must differ from spiffe_id".into(),
-        ));
-    }
-    if e.selectors.is_empty() {
-        return Err(Error::InvalidArgument(
-            "an entry needs at least one selector, e.g. unix:uid:1001".into(),
-        ));
-    }
-    let mut selectors = Vec::new();
-    for s in &e.selectors {
-        let sel = Selector::new(s.r#type.clone(), s.value.clone());
-        sel.validate()?;
-        selectors.push(SelectorRecord {
-            kind: sel.kind,
-            value: sel.value,
-        });
-    }
-    selectors.sort();
-    selectors.dedup();
-    let max_x509 = config.max_x509_svid_ttl();
-    if e.x509_svid_ttl < 0 || e.x509_svid_ttl > max_x509 {
-        return Err(Error::InvalidArgument(format!(
-            "x509_svid_ttl {}s: must be between 0 (default, {}s) and {max_x509}s (half the intermediate CA lifetime; an SVID never outlives its issuer)",
-            e.x509_svid_ttl, config.ttl.x509_svid
-        )));
-    }
-    let max_jwt = config.max_jwt_svid_ttl();
-    if e.jwt_svid_ttl < 0 || e.jwt_svid_ttl > max_jwt {
-        return Err(Error::InvalidArgument(format!(
-            "jwt_svid_ttl {}s: must be between 0 (default, {}s) and {max_jwt}s (half the JWT key lifetime)",
-            e.jwt_svid_ttl, config.ttl.jwt_svid
-        )));
-    }
-    for d in &e.dns_names {
-        if !valid_dns_name(d) {
-            return Err(Error::InvalidArgument(format!(
-                "dns name {d:?} is not a valid DNS name"
-            )));
-        }
-    }
-    if e.hint.len() > 1024 {
-        return Err(Error::InvalidArgument(
-            "hint is longer than 1024 bytes".into(),
-        ));
-    }
-    Ok(EntryRecord {
-        id,
-        spiffe_id: spiffe_id.to_string(),
-        parent_id: parent.to_string(),
-        selectors,
-        x509_svid_ttl: e.x509_svid_ttl,
-        jwt_svid_ttl: e.jwt_svid_ttl,
-        dns_names: e.dns_names.clone(),
-        admin: e.admin,
-        hint: e.hint.clone(),
-        created_at,
-        revision: 0,
-    })
-}
-
 impl NodeCore {
     /// A read barrier: returns once this node has applied everything committed before the
     /// call, so the reads that follow are current (linearizable). `UNAVAILABLE` without a
@@ -168,7 +61,7 @@ impl NodeCore {
 
     /// Parses a SPIFFE ID that must be in this trust domain; `what` names the field.
     pub fn parse_local_id(&self, what: &str, s: &str) -> Result<SpiffeId, Error> {
-        parse_local_id(&self.config, what, s)
+        crate::validate::parse_local_id(&self.config, what, s)
     }
 
     /// Validates an entry from the admin API and turns it into a record.
@@ -178,7 +71,7 @@ impl NodeCore {
         id: String,
         created_at: i64,
     ) -> Result<EntryRecord, Error> {
-        validate_entry(&self.config, e, id, created_at)
+        crate::validate::validate_entry(&self.config, e, id, created_at)
     }
 
     /// Creates a join token (random UUID), optionally for a given agent SPIFFE ID.

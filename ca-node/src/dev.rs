@@ -279,13 +279,13 @@ impl DevCluster {
                 c
             })
             .collect();
-        let restart = crate::cluster::has_state(&configs[0].data_dir);
+        let restart = crate::registry::has_state(&configs[0].data_dir);
         let mut nodes = Vec::with_capacity(n);
         let started = async {
             if restart {
                 // Members wait for each other's quorum: start them together.
                 let all = futures::future::join_all(configs.iter().cloned().map(|c| async move {
-                    if crate::cluster::has_state(&c.data_dir) {
+                    if crate::registry::has_state(&c.data_dir) {
                         crate::start(c).await.map(Some)
                     } else {
                         Ok(None)
@@ -383,9 +383,9 @@ impl DevCluster {
 async fn join_dev_node(first: &NodeHandle, cfg: NodeConfig) -> Result<NodeHandle, Error> {
     let id = format!("spiffe://{}/ca-node/{}", cfg.trust_domain, cfg.node_id);
     let token = first.core.create_join_token(&id, 600).await?;
-    crate::cluster::join(
+    crate::bootstrap::join(
         cfg,
-        crate::cluster::JoinOptions {
+        crate::bootstrap::JoinOptions {
             peer: first.core.advertise_addr.clone(),
             token: token.token,
             bundle_pem: first.core.ca.bundle()?.x509_pem(),

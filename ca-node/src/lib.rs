@@ -1,7 +1,6 @@
 //! The CA server node.
 //!
-//! A node is the certificate authority of one SPIFFE trust domain (together with its peers,
-//! once replication lands): it keeps the root and its own intermediate in a key manager,
+//! A node is the certificate authority of one SPIFFE trust domain, together with its peers: it keeps the root and its own intermediate in a key manager,
 //! attests agents (join token, x509pop), serves them the entries they are authorized for,
 //! signs their workloads' CSRs into X.509-SVIDs and mints JWT-SVIDs.
 //!
@@ -11,14 +10,18 @@
 //! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID.
 //! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
 //! - [`server`]: starting and stopping all of it; [`dev`]: the one-command local setup.
-//! - [`cluster`]: joining, membership, the root used across members; [`raft_tls`]: mTLS
-//!   between ca-nodes; [`backup`]: state backups and disaster recovery.
+//! - [`registry`]: the files a node keeps about its membership; [`wallclock`]: this node's
+//!   own clock readings; [`validate`]: what an entry must be before it reaches the log.
+//! - [`cluster`]: membership and the root used across members, the cluster service;
+//!   [`bootstrap`]: joining a cluster; [`raft_tls`]: mTLS between ca-nodes; [`clock`]:
+//!   comparing clocks with the members; [`backup`]: state backups and disaster recovery.
 //! - [`cli`]: the `ca-node` command line (the binary is a thin wrapper around it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin_api;
 pub mod backup;
+pub mod bootstrap;
 pub mod ca;
 pub mod cli;
 pub mod clock;
@@ -32,7 +35,10 @@ pub mod metrics;
 pub mod node_api;
 pub mod peer_gate;
 pub mod raft_tls;
+pub mod registry;
 pub mod server;
+pub mod validate;
+pub mod wallclock;
 
 pub use config::NodeConfig;
 pub use error::Error;

@@ -310,7 +310,7 @@ impl PeerGate {
                 }
                 let proto = crate::convert::entry_to_proto(entry);
                 let mut valid =
-                    crate::core::validate_entry(&inner.config, &proto, entry.id.clone(), 0)
+                    crate::validate::validate_entry(&inner.config, &proto, entry.id.clone(), 0)
                         .map_err(|e| e.to_string())?;
                 valid.created_at = entry.created_at;
                 valid.revision = entry.revision;
@@ -391,7 +391,7 @@ impl PeerGate {
     }
 
     fn local_id(&self, what: &str, s: &str) -> Result<SpiffeId, String> {
-        crate::core::parse_local_id(&self.inner.config, what, s).map_err(|e| e.to_string())
+        crate::validate::parse_local_id(&self.inner.config, what, s).map_err(|e| e.to_string())
     }
 
     fn check_agent(&self, agent: &AgentRecord) -> Result<(), String> {

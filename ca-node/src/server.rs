@@ -194,7 +194,7 @@ async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<(i6
     core.raft.reconnect();
     // Kept for the next start: a restarted node talks to its peers with it before its CA is
     // ready (a memory-mode intermediate, for one, needs the cluster to be replaced).
-    if let Err(e) = cluster::save_node_svid(&core.config.data_dir, &chain, &key_der) {
+    if let Err(e) = crate::registry::save_node_svid(&core.config.data_dir, &chain, &key_der) {
         tracing::warn!(error = %e, "could not save the node SVID");
     }
     let info = ca_identity::x509::cert_info(&chain[0])?;
@@ -331,7 +331,7 @@ async fn initial_roots(config: &NodeConfig, sm: &StateMachine) -> Result<Vec<Vec
     if !roots.is_empty() {
         return Ok(roots);
     }
-    match std::fs::read_to_string(config.data_dir.join(cluster::BUNDLE_FILE)) {
+    match std::fs::read_to_string(config.data_dir.join(crate::registry::BUNDLE_FILE)) {
         Ok(text) => Ok(ca_identity::bundle::certs_from_pem(&text)?),
         Err(_) => Ok(Vec::new()),
     }
@@ -402,7 +402,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     config.validate()?;
     mkdir_private(&config.data_dir)?;
     let td = config.trust_domain();
-    let marker = cluster::read_marker(&config.data_dir)?;
+    let marker = crate::registry::read_marker(&config.data_dir)?;
     if let Some(m) = &marker {
         if m.raft_id != config.raft_id {
             return Err(Error::Config(format!(
@@ -448,7 +448,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let advertise = advertise_addr(&config, node_addr);
 
     let svid = SvidResolver::default();
-    if let Some((chain, key)) = cluster::load_node_svid(&config.data_dir) {
+    if let Some((chain, key)) = crate::registry::load_node_svid(&config.data_dir) {
         if let Err(e) = svid.set(&chain, &key) {
             tracing::warn!(error = %e, "the saved node SVID is unusable; waiting for the CA");
         }
@@ -469,7 +469,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     let restored = marker.is_none() && !sm.authorities().await?.is_empty();
     let raft = RaftNode::start(raft_config, log, sm.clone(), connector).await?;
     let initialized = raft.is_initialized().await?;
-    let joined = marker.as_ref().map(|m| m.origin) == Some(cluster::Origin::Join);
+    let joined = marker.as_ref().map(|m| m.origin) == Some(crate::registry::Origin::Join);
     let new_cluster = match (bootstrap, initialized) {
         (Bootstrap::Init, true) => {
             let _ = raft.shutdown().await;
@@ -532,14 +532,14 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         }
     }
     if marker.is_none() {
-        cluster::write_marker(
+        crate::registry::write_marker(
             &config.data_dir,
-            &cluster::Marker {
+            &crate::registry::Marker {
                 raft_id: config.raft_id,
                 origin: if bootstrap == Bootstrap::Join {
-                    cluster::Origin::Join
+                    crate::registry::Origin::Join
                 } else {
-                    cluster::Origin::Init
+                    crate::registry::Origin::Init
                 },
             },
         )?;

@@ -804,9 +804,9 @@ impl Cluster {
         Ok(id)
     }
 
-    /// Entries under `parent_id` as node `i` has them ([`crate::load::entries_at`]).
+    /// Entries under `parent_id` as node `i` has them ([`entries_at`]).
     pub async fn entries(&self, i: usize, parent_id: &str) -> Result<Vec<types::Entry>> {
-        crate::load::entries_at(&self.nodes[i].admin_socket(), parent_id).await
+        entries_at(&self.nodes[i].admin_socket(), parent_id).await
     }
 
     /// Attested agents as node `i` has them.
@@ -891,4 +891,22 @@ impl Drop for Cluster {
             p.kill_hard();
         }
     }
+}
+
+/// Entries under `parent_id` as the node behind admin socket `sock` has them (a
+/// linearizable read answered from that node's own state once it has applied the cluster's
+/// commit index).
+pub async fn entries_at(sock: &std::path::Path, parent_id: &str) -> Result<Vec<types::Entry>> {
+    let parent = parent_id.to_owned();
+    Ok(
+        admin_call(sock, Duration::from_secs(15), |mut a| async move {
+            a.list_entries(ca_proto::admin::ListEntriesRequest {
+                parent_id: parent,
+                ..Default::default()
+            })
+            .await
+        })
+        .await?
+        .entries,
+    )
 }

@@ -13,7 +13,7 @@ use ca_proto::admin::CreateEntryRequest;
 use ca_proto::types;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{admin_call, Cluster, TD};
+use crate::cluster::{admin_call, entries_at, Cluster, TD};
 
 /// The parent ID of every entry the writers create (no agent has it: nothing is minted).
 pub fn writer_parent(test: &str) -> String {
@@ -366,24 +366,6 @@ pub async fn check_writes(c: &Cluster, test: &str, ledger: &Ledger) -> Result<Wr
         .map(|i| (c.nodes[i].node_id.clone(), c.nodes[i].admin_socket()))
         .collect();
     check_writes_at(&nodes, &writer_parent(test), ledger).await
-}
-
-/// Entries under `parent_id` as the node behind admin socket `sock` has them (a
-/// linearizable read answered from that node's own state once it has applied the cluster's
-/// commit index).
-pub async fn entries_at(sock: &std::path::Path, parent_id: &str) -> Result<Vec<types::Entry>> {
-    let parent = parent_id.to_owned();
-    Ok(
-        admin_call(sock, Duration::from_secs(15), |mut a| async move {
-            a.list_entries(ca_proto::admin::ListEntriesRequest {
-                parent_id: parent,
-                ..Default::default()
-            })
-            .await
-        })
-        .await?
-        .entries,
-    )
 }
 
 /// Reads the entries under `parent` (the writers') from every node in `nodes` (node ID,

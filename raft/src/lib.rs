@@ -55,6 +55,7 @@
 pub mod batcher;
 mod db;
 pub mod log_store;
+mod membership;
 pub mod network;
 pub mod node;
 mod pb;
@@ -63,6 +64,7 @@ pub mod proposer;
 pub mod service;
 mod sm_store;
 pub mod snapshot;
+mod snapshot_dir;
 pub mod state_machine;
 pub mod types;
 

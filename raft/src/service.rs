@@ -11,8 +11,8 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
+use crate::membership::{change_membership_local, MembershipChange, MembershipLock};
 use crate::network::MAX_MESSAGE_SIZE;
-use crate::node::{change_membership_local, MembershipChange, MembershipLock};
 use crate::pb::{from_json, to_json, FromPb, IntoPb};
 use crate::policy::PeerPolicy;
 use crate::types::{NodeId, Raft, TypeConfig};
@@ -144,7 +144,7 @@ impl RaftService for RaftGrpc {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 R::ForwardToLeader(f.into_pb())
             }
-            Err(RaftError::APIError(e)) => R::Error(crate::node::membership_refusal(&e)),
+            Err(RaftError::APIError(e)) => R::Error(crate::membership::membership_refusal(&e)),
             Err(e) => R::Error(e.to_string()),
         };
         Ok(Response::new(pb::ChangeMembershipReply {

@@ -31,7 +31,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
 
 use crate::db::{lock, query_all, Db, DbOptions, Running};
-use crate::snapshot::{SnapshotDir, SnapshotFile};
+use crate::snapshot::SnapshotFile;
+use crate::snapshot_dir::SnapshotDir;
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use crate::{Error, Result};
 

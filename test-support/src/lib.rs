@@ -21,7 +21,7 @@
 //!   one metric series.
 //! - [`logs`]: this process's `tracing` output captured in memory, to check what was logged.
 //! - [`layering`]: the module graph of a crate and its cycles; the workspace's own test
-//!   keeps the known cycles from growing.
+//!   fails on any cycle.
 //! - [`pki`]: certificate chain checks (signatures; `openssl verify` as an independent
 //!   validator).
 //!

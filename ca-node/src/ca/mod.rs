@@ -121,7 +121,7 @@ pub struct Ca {
     /// Why this node's clock cannot be trusted to mint, if it cannot ([`crate::clock`]).
     clock_problem: RwLock<Option<String>>,
     /// When the clocks were last compared.
-    clock_checked: RwLock<Option<crate::clock::Checked>>,
+    clock_checked: RwLock<Option<crate::wallclock::Checked>>,
     /// Authorities whose key this process has deleted from its key manager (or found
     /// gone) since the journal recorded its destruction.
     keys_deleted: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -209,7 +209,7 @@ impl Ca {
     }
 
     /// Records when the clocks were compared.
-    pub fn set_clock_checked(&self, at: crate::clock::Checked) {
+    pub fn set_clock_checked(&self, at: crate::wallclock::Checked) {
         *self
             .clock_checked
             .write()
@@ -217,7 +217,7 @@ impl Ca {
     }
 
     /// When the clocks were last compared, if ever.
-    pub fn clock_checked(&self) -> Option<crate::clock::Checked> {
+    pub fn clock_checked(&self) -> Option<crate::wallclock::Checked> {
         *self.clock_checked.read().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -353,9 +353,9 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
         .create_join_token("spiffe://dev.example.org/ca-node/dev-3", 600)
         .await
         .unwrap();
-    let rejoined = ca_node::cluster::join(
+    let rejoined = ca_node::bootstrap::join(
         cfg,
-        ca_node::cluster::JoinOptions {
+        ca_node::bootstrap::JoinOptions {
             peer: nodes[1].core.advertise_addr.clone(),
             token: token.token,
             bundle_pem: nodes[0].core.ca.bundle().unwrap().x509_pem(),

@@ -634,7 +634,7 @@ async fn a_removed_node_is_refused_within_a_second() {
     let env = start_cluster(tmp.path()).await;
     let roots = roots_of(&env.nodes[0]);
     // dev-3's SVID (valid for an hour), as it keeps it on disk.
-    let (chain, key) = ca_node::cluster::load_node_svid(&env.nodes[2].core.config.data_dir)
+    let (chain, key) = ca_node::registry::load_node_svid(&env.nodes[2].core.config.data_dir)
         .expect("dev-3 saved its SVID");
     let removed = svid_of(&chain, &key);
     // Admitted while a member.

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use ca_proto::admin::ClusterStatusRequest;
 use chaos_tests::cluster::admin_call;
+use chaos_tests::cluster::entries_at;
 use chaos_tests::deploy::{Guide, Site};
-use chaos_tests::load::{check_writes_at, entries_at, Targets, Writers};
+use chaos_tests::load::{check_writes_at, Targets, Writers};
 use chaos_tests::net::Network;
 use chaos_tests::process::Proc;
 use chaos_tests::report::{ms, say};

@@ -4,7 +4,7 @@ use ca_proto::raft as pb;
 use ca_proto::raft::change_membership_request::Change;
 
 use super::{missing, FromPb, IntoPb};
-use crate::node::MembershipChange;
+use crate::membership::MembershipChange;
 use crate::types::NodeInfo;
 
 impl IntoPb<pb::ChangeMembershipRequest> for MembershipChange {

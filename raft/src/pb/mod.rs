@@ -55,7 +55,7 @@ mod fuzz {
     use prost::Message;
 
     use super::{FromPb, IntoPb};
-    use crate::node::MembershipChange;
+    use crate::membership::MembershipChange;
     use crate::types::{LogId, TypeConfig, Vote};
 
     #[test]

@@ -1,0 +1,44 @@
+//! Readings of this node's own clocks: the wall clock as `Cluster.Clock` reports it, and a
+//! pair of wall and monotonic readings to tell whether the wall clock jumped between two
+//! of them. Comparing with the other members is [`crate::clock`]'s job.
+
+use std::time::Instant;
+
+/// This node's time for `Cluster.Clock`, microseconds since the Unix epoch.
+pub fn unix_time_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The wall clock (Unix ms) and the monotonic clock when the offsets were last measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked {
+    /// Monotonic time of the measurement.
+    pub at: Instant,
+    /// Wall-clock time of the measurement, Unix milliseconds.
+    pub wall_ms: i64,
+}
+
+impl Checked {
+    /// Both clocks now.
+    pub fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            wall_ms: unix_time_micros() / 1000,
+        }
+    }
+}
+
+/// Whether the wall clock moved differently from the monotonic clock since `last` by more
+/// than half of `max_skew_ms` (a jump, or a measurement never made). Pure, for the tests.
+pub fn jumped(last: Option<Checked>, now: Checked, max_skew_ms: i64) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    let mono =
+        i64::try_from(now.at.saturating_duration_since(last.at).as_millis()).unwrap_or(i64::MAX);
+    let wall = now.wall_ms - last.wall_ms;
+    (wall - mono).abs() > max_skew_ms / 2
+}
