@@ -171,10 +171,9 @@ pub fn build_config(
     Ok(cfg)
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback address nothing listens on right now.
 pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    Ok(l.local_addr()?)
+    Ok(SocketAddr::from(([127, 0, 0, 1], ca_test_support::free_port())))
 }
 
 /// An admin API client over the Unix socket at `socket`.

@@ -7,7 +7,7 @@
 //!   "unplugged" and "plugged back in" by moving its directory away and back, and a locked
 //!   user PIN (which SoftHSM2 cannot produce) from a forwarding PKCS#11 module in front of
 //!   it (`pkcs11-fault/pkcs11_fault.c`, built by this crate's build script).
-//! - [`moto`]: the AWS KMS emulator moto started on `127.0.0.1` on a free port (killed on
+//! - [`moto`]: the AWS KMS emulator moto started on `127.0.0.1` on a [`free_port`] (killed on
 //!   drop; a clear install hint when python3 or moto is missing), one shared per test
 //!   binary ([`moto::shared`]) with dummy credentials and nothing from the machine's own
 //!   AWS configuration, and a KMS configuration with short timeouts for tests.
@@ -62,3 +62,11 @@ pub mod moto;
 pub mod mtls;
 pub mod pki;
 pub mod softhsm;
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}

@@ -2,7 +2,7 @@
 //! port by the test binary. A missing python3 or moto fails the test with an install hint.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener as StdListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ impl Moto {
     /// Starts one with extra environment variables (e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0`
     /// to make it check credentials) and waits until it accepts connections.
     pub fn start(env: &[(&str, &str)]) -> Moto {
-        let port = free_port();
+        let port = crate::free_port();
         let log = tempfile::NamedTempFile::new().expect("temporary log file");
         let mut cmd = Command::new("python3");
         cmd.arg("-c")
@@ -115,13 +115,6 @@ impl Moto {
     }
 }
 
-/// A TCP port free on 127.0.0.1 right now.
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
-}
 
 /// Dummy credentials through the standard chain, and nothing from this machine's own AWS
 /// configuration (profiles, files, instance metadata). [`shared`] calls it first.

@@ -374,13 +374,7 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ca-node")
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+pub use ca_test_support::free_port;
 
 /// Writes a node config under `dir` (admin socket and data in `dir`, node API on
 /// `node_listen`) with `extra` TOML appended; returns (config path, admin socket).
