@@ -1,4 +1,17 @@
-//! The lifecycle of the CA's authorities, decided without doing anything.
+//! The certificate authority of a node: its authorities' lifecycle, decided by a pure
+//! schedule and carried out through the CA journal; key handling; certificate building;
+//! minting; bundles.
+//!
+//! - [`schedule`]: what to prepare, activate and retire next (pure; table-tested).
+//! - [`engine`]: [`Ca`], which asks the schedule, carries its steps out through the
+//!   [`Journal`] (the node implements it over Raft), keeps the signers of the active
+//!   authorities, mints X.509-SVIDs and JWT-SVIDs and builds the bundles.
+//! - [`keys`]: the key managers of the three roles, every signature metered and each
+//!   role's health tracked ([`keys::KeyEvents`] is where they report).
+//! - [`x509`]: certificates built by rcgen and signed by an async key (an HSM or KMS
+//!   signature never blocks a thread).
+//!
+//! # The schedule
 //!
 //! Every node keeps an active root (one for the cluster), an active intermediate and an
 //! active JWT signing key (one each per node), and replaces each before it runs out: the
@@ -43,8 +56,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod engine;
+mod error;
+pub mod journal;
+pub mod keys;
 pub mod schedule;
+pub mod x509;
 
+pub use engine::{Ca, CaSettings, Checked, IntermediateMode, Signer, Tainted};
+pub use error::{Error, Result};
+pub use journal::Journal;
 pub use schedule::{Plan, Policy, Rotation, Step};
 
 /// CA certificates start this many seconds in the past, for clocks slightly behind.

@@ -173,7 +173,10 @@ pub fn build_config(
 
 /// A loopback address nothing listens on right now.
 pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], ca_test_support::free_port())))
+    Ok(SocketAddr::from((
+        [127, 0, 0, 1],
+        ca_test_support::free_port(),
+    )))
 }
 
 /// An admin API client over the Unix socket at `socket`.

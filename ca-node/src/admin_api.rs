@@ -402,7 +402,7 @@ impl Admin for AdminApi {
         &self,
         _req: Request<GetBundleRequest>,
     ) -> Result<Response<GetBundleResponse>, Status> {
-        let b = self.core.ca.bundle()?;
+        let b = self.core.ca.bundle().map_err(Error::from)?;
         Ok(Response::new(GetBundleResponse {
             spiffe_bundle_json: b.to_spiffe_json().map_err(Error::from)?,
             pem: b.x509_pem(),
@@ -536,7 +536,12 @@ impl Admin for AdminApi {
         };
         let mut out = Vec::new();
         for n in nodes {
-            let q = self.core.ca.request_rotation(kind, &n).await?;
+            let q = self
+                .core
+                .ca
+                .request_rotation(kind, &n)
+                .await
+                .map_err(Error::from)?;
             out.push(RotationRequested {
                 kind: q.kind.as_str().into(),
                 node_id: q.node_id,
@@ -572,7 +577,12 @@ impl Admin for AdminApi {
             .into());
         }
         self.core.read_barrier().await?;
-        let a = self.core.ca.revoke(r.id.trim(), kind).await?;
+        let a = self
+            .core
+            .ca
+            .revoke(r.id.trim(), kind)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(RevokeAuthorityResponse {
             authority: Some(Authority {
                 id: a.id.clone(),

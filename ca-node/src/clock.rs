@@ -25,7 +25,7 @@ use tonic::Request;
 
 use crate::cluster::Peers;
 use crate::core::NodeCore;
-use crate::wallclock::{jumped, unix_time_micros, Checked};
+use crate::wallclock::{checked_now, jumped, unix_time_micros};
 
 /// How often offsets are measured.
 pub const INTERVAL: Duration = Duration::from_secs(10);
@@ -138,7 +138,7 @@ pub async fn recheck_if_jumped(core: &NodeCore) {
         return;
     }
     let max_skew_ms = max_skew_ms(core);
-    if jumped(core.ca.clock_checked(), Checked::now(), max_skew_ms) {
+    if jumped(core.ca.clock_checked(), checked_now(), max_skew_ms) {
         tracing::warn!("the wall clock moved unlike the monotonic clock since the last comparison with the other members: comparing again before any lifecycle decision");
         check_with(core, true).await;
     }
@@ -157,7 +157,7 @@ async fn check_with(core: &NodeCore, jumped: bool) {
         return;
     }
     let max_skew_ms = max_skew_ms(core);
-    let started = Checked::now();
+    let started = checked_now();
     let measured = measure(core).await;
     core.metrics.clock_offset.reset();
     for p in &measured {
@@ -205,6 +205,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wallclock::Checked;
 
     fn peer(id: &str, offset_ms: i64, rtt_ms: i64) -> PeerClock {
         PeerClock {

@@ -15,16 +15,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spiffe-ca/admin.sock";
 /// At most this many CSRs in one `BatchNewX509Svid` (agents send 100 at a time).
 pub const MAX_BATCH_CSRS: usize = 500;
 
-/// Where intermediate keys live.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum IntermediateMode {
-    /// Generated and used inside the key manager: every SVID is a key-manager signature.
-    #[default]
-    KeyManager,
-    /// Generated in RAM, never stored, signed by the key-manager root; short-lived.
-    Memory,
-}
+pub use ca_authority::IntermediateMode;
 
 /// Which key manager holds the CA keys.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

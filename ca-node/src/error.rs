@@ -42,6 +42,27 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<ca_authority::Error> for Error {
+    fn from(e: ca_authority::Error) -> Self {
+        use ca_authority::Error as A;
+        match e {
+            A::Config(m) => Error::Config(m),
+            A::InvalidArgument(m) => Error::InvalidArgument(m),
+            A::NotFound(m) => Error::NotFound(m),
+            A::FailedPrecondition(m) => Error::FailedPrecondition(m),
+            A::Unavailable(m) => Error::Unavailable(m),
+            A::Rejected { code, message } => from_rejection(code, message),
+            A::KeyManager(e) => Error::KeyManager(e),
+            // The journal is the node's Raft state: its own error, as it was raised.
+            A::Journal(e) => match e.downcast::<ca_raft::Error>() {
+                Ok(e) => Error::State(*e),
+                Err(e) => Error::Internal(e.to_string()),
+            },
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<ca_identity::Error> for Error {
     fn from(e: ca_identity::Error) -> Self {
         Error::InvalidArgument(e.to_string())

@@ -279,6 +279,7 @@ impl NodeApi {
                 .ca
                 .mint_x509_svid(&id, &csr.public_key, ttl, &entry.dns_names)
                 .await
+                .map_err(Error::from)
         }
         .await;
         self.core
@@ -606,7 +607,7 @@ impl Node for NodeApi {
         &self,
         _req: Request<GetBundleRequest>,
     ) -> Result<Response<GetBundleResponse>, Status> {
-        let r = self.core.ca.bundle();
+        let r = self.core.ca.bundle().map_err(Error::from);
         count(&self.core, "GetBundle", &r);
         Ok(Response::new(GetBundleResponse {
             bundle: Some(bundle_to_proto(r?.as_ref())),

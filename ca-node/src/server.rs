@@ -577,7 +577,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     for km in [&root_km, &intermediate_km, &jwt_km] {
         metrics.init_key_manager(km.backend());
     }
-    let keys = KeyManagers::new(root_km, intermediate_km, jwt_km, metrics.clone());
+    let keys = KeyManagers::new(root_km, intermediate_km, jwt_km, Arc::new(metrics.clone()));
     let ca = Ca::new(
         CaSettings {
             trust_domain: td.clone(),
@@ -591,8 +591,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
             rotation: config.rotation.clone(),
         },
         keys,
-        sm.clone(),
-        proposer.clone(),
+        Arc::new(crate::ca::RaftJournal::new(sm.clone(), proposer.clone())),
     );
     let core = Arc::new(NodeCore {
         config: config.clone(),

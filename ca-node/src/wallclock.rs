@@ -12,22 +12,13 @@ pub fn unix_time_micros() -> i64 {
         .unwrap_or(0)
 }
 
-/// The wall clock (Unix ms) and the monotonic clock when the offsets were last measured.
-#[derive(Clone, Copy, Debug)]
-pub struct Checked {
-    /// Monotonic time of the measurement.
-    pub at: Instant,
-    /// Wall-clock time of the measurement, Unix milliseconds.
-    pub wall_ms: i64,
-}
+pub use ca_authority::Checked;
 
-impl Checked {
-    /// Both clocks now.
-    pub fn now() -> Self {
-        Self {
-            at: Instant::now(),
-            wall_ms: unix_time_micros() / 1000,
-        }
+/// Both clocks now.
+pub fn checked_now() -> Checked {
+    Checked {
+        at: Instant::now(),
+        wall_ms: unix_time_micros() / 1000,
     }
 }
 

@@ -115,7 +115,6 @@ impl Moto {
     }
 }
 
-
 /// Dummy credentials through the standard chain, and nothing from this machine's own AWS
 /// configuration (profiles, files, instance metadata). [`shared`] calls it first.
 pub fn isolate_aws_environment() {

@@ -34,7 +34,11 @@ fn hsm_config(dir: &Path, hsm: &SoftHsm, token: &str) -> NodeConfig {
 async fn mint_x509(node: &NodeHandle) -> Result<Vec<Vec<u8>>, ca_node::Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/hsm")).unwrap();
-    node.core.ca.mint_x509_svid(&id, &key, 60, &[]).await
+    node.core
+        .ca
+        .mint_x509_svid(&id, &key, 60, &[])
+        .await
+        .map_err(ca_node::Error::from)
 }
 
 async fn mint_jwt(node: &NodeHandle) -> Result<String, ca_node::Error> {

@@ -1,12 +1,9 @@
 //! The certificate authority of one node: the cluster root, this node's intermediate and
 //! JWT key (all recorded in the CA journal), and minting of X.509-SVIDs and JWT-SVIDs.
 //!
-//! Keys go through the [`KeyManager`]; the root always lives there. The intermediate lives
+//! Keys go through the role's [`ca_kms::KeyManager`]; the root always lives there. The intermediate lives
 //! there too, or (memory mode) only in RAM, in which case a new one is made at every start.
 //! An SVID's lifetime never exceeds its issuer's remaining lifetime.
-
-pub mod keys;
-pub mod x509;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,18 +11,39 @@ use std::sync::{Arc, Mutex, RwLock};
 use ca_identity::{JwtAuthority, SpiffeId, TrustBundle, TrustDomain};
 use ca_kms::memory::MemoryKey;
 use ca_kms::{KeyAlgorithm, SigningKey};
-use ca_raft::{Proposer, StateMachine};
 use ca_state::{
     AuthorityKind, AuthorityRecord, AuthorityState, Command, Response, RotationRequest,
 };
 use rcgen::PublicKeyData;
 
-use ca_authority::schedule::{candidates, next_step, Policy, Rotation, Step, Usable};
+use serde::Deserialize;
 
-use crate::config::IntermediateMode;
-use crate::Error;
-use keys::{KeyManagers, RoleKeys};
-use x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
+use crate::journal::Journal;
+use crate::keys::{KeyManagers, RoleKeys};
+use crate::schedule::{candidates, next_step, Policy, Rotation, Step, Usable};
+use crate::x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
+use crate::{issued_at, Error, BACKDATE};
+
+/// Where intermediate keys live.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IntermediateMode {
+    /// Generated and used inside the key manager: every SVID is a key-manager signature.
+    #[default]
+    KeyManager,
+    /// Generated in RAM, never stored, signed by the key-manager root; short-lived.
+    Memory,
+}
+
+/// The wall clock (Unix ms) and the monotonic clock at one moment: when this node's clock
+/// was last compared with the other members'.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked {
+    /// Monotonic time of the measurement.
+    pub at: std::time::Instant,
+    /// Wall-clock time of the measurement, Unix milliseconds.
+    pub wall_ms: i64,
+}
 
 /// Settings of the CA taken from the node config.
 #[derive(Clone, Debug)]
@@ -111,17 +129,17 @@ impl IssuedCounts {
 pub struct Ca {
     settings: CaSettings,
     keys: KeyManagers,
-    sm: StateMachine,
-    proposer: Arc<dyn Proposer>,
+    journal: Arc<dyn Journal>,
     current: RwLock<Current>,
     issued: IssuedCounts,
     /// One upkeep round at a time: a joining node's first round and the maintenance loop's
     /// must not both see "no JWT key yet" and make one each.
     upkeep: tokio::sync::Mutex<()>,
-    /// Why this node's clock cannot be trusted to mint, if it cannot ([`crate::clock`]).
+    /// Why this node's clock cannot be trusted to mint, if it cannot (the node compares it
+    /// with the other members').
     clock_problem: RwLock<Option<String>>,
     /// When the clocks were last compared.
-    clock_checked: RwLock<Option<crate::wallclock::Checked>>,
+    clock_checked: RwLock<Option<Checked>>,
     /// Authorities whose key this process has deleted from its key manager (or found
     /// gone) since the journal recorded its destruction.
     keys_deleted: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -141,8 +159,6 @@ fn now() -> i64 {
     ca_identity::unix_now()
 }
 
-pub use ca_authority::{age_fraction, issued_at, BACKDATE};
-
 /// The subject key identifier of a CA certificate.
 pub fn subject_key_id(cert_der: &[u8]) -> Option<Vec<u8>> {
     ca_identity::x509::cert_info(cert_der)
@@ -154,14 +170,14 @@ fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-async fn propose_ok(p: &dyn Proposer, cmd: Command) -> Result<(), Error> {
+async fn propose_ok(p: &dyn Journal, cmd: Command) -> Result<(), Error> {
     match p.propose(cmd).await? {
-        Response::Rejected { code, message } => Err(crate::error::from_rejection(code, message)),
+        Response::Rejected { code, message } => Err(Error::Rejected { code, message }),
         _ => Ok(()),
     }
 }
 
-async fn set_state(p: &dyn Proposer, id: &str, state: AuthorityState) -> Result<(), Error> {
+async fn set_state(p: &dyn Journal, id: &str, state: AuthorityState) -> Result<(), Error> {
     propose_ok(
         p,
         Command::SetAuthorityState {
@@ -188,17 +204,11 @@ fn newest(
 
 impl Ca {
     /// A CA over the given key manager and state.
-    pub fn new(
-        settings: CaSettings,
-        keys: KeyManagers,
-        sm: StateMachine,
-        proposer: Arc<dyn Proposer>,
-    ) -> Self {
+    pub fn new(settings: CaSettings, keys: KeyManagers, journal: Arc<dyn Journal>) -> Self {
         Self {
             settings,
             keys,
-            sm,
-            proposer,
+            journal,
             current: RwLock::new(Current::default()),
             issued: IssuedCounts::default(),
             upkeep: tokio::sync::Mutex::new(()),
@@ -209,7 +219,7 @@ impl Ca {
     }
 
     /// Records when the clocks were compared.
-    pub fn set_clock_checked(&self, at: crate::wallclock::Checked) {
+    pub fn set_clock_checked(&self, at: Checked) {
         *self
             .clock_checked
             .write()
@@ -217,7 +227,7 @@ impl Ca {
     }
 
     /// When the clocks were last compared, if ever.
-    pub fn clock_checked(&self) -> Option<crate::wallclock::Checked> {
+    pub fn clock_checked(&self) -> Option<Checked> {
         *self.clock_checked.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -341,7 +351,7 @@ impl Ca {
     /// Retires the authorities `ids` (of `kind`), as a schedule step asked.
     async fn retire(&self, ids: &[String], kind: AuthorityKind) -> Result<(), Error> {
         for id in ids {
-            set_state(self.proposer.as_ref(), id, AuthorityState::Retired).await?;
+            set_state(self.journal.as_ref(), id, AuthorityState::Retired).await?;
             tracing::info!(authority = %id, kind = kind.as_str(), "retired (what it signed stays valid until it expires)");
         }
         Ok(())
@@ -390,13 +400,13 @@ impl Ca {
     /// active, the reason is logged, and the next call tries again.
     pub async fn ensure_authorities(&self, leader: bool) -> Result<(), Error> {
         let _one_at_a_time = self.upkeep.lock().await;
-        let auths = self.sm.authorities().await?;
-        let requests = self.sm.rotation_requests().await?;
+        let auths = self.journal.authorities().await?;
+        let requests = self.journal.rotation_requests().await?;
         let t = now();
         let root = self.ensure_root(&auths, &requests, t, leader).await?;
         self.current.write().expect("ca lock").root = Some(root.clone());
         // The root step may have changed the journal (activated a root).
-        let auths = self.sm.authorities().await?;
+        let auths = self.journal.authorities().await?;
         let intermediate = self
             .ensure_intermediate(&auths, &requests, &root, t)
             .await?;
@@ -432,7 +442,7 @@ impl Ca {
                 Ok(root)
             }
             (Some(Step::Activate { id, retire, why }), _) => {
-                set_state(self.proposer.as_ref(), &id, AuthorityState::Active).await?;
+                set_state(self.journal.as_ref(), &id, AuthorityState::Active).await?;
                 self.retire(&retire, kind).await?;
                 match current {
                     None => {
@@ -455,7 +465,7 @@ impl Ca {
                     }
                     Err(e) => {
                         tracing::warn!(replaces = %active.id, why, error = %e, "cannot create the next root yet (root key manager unavailable?); the current root stays active; retrying every 5s");
-                        self.keys.metrics().authority_event(kind, "failed");
+                        self.keys.events().authority_event(kind, "failed");
                     }
                 }
                 self.signer_for(active, have.as_ref()).await
@@ -532,7 +542,7 @@ impl Ca {
                     }
                     Err(e) => {
                         tracing::warn!(current = %active.record.id, error = %e, "cannot prepare the next intermediate yet (root or key manager unavailable?); the current one stays active; retrying every 5s");
-                        self.keys.metrics().authority_event(kind, "failed");
+                        self.keys.events().authority_event(kind, "failed");
                     }
                 }
                 return Ok(active);
@@ -552,7 +562,7 @@ impl Ca {
         match next {
             Ok(mut next) => {
                 set_state(
-                    self.proposer.as_ref(),
+                    self.journal.as_ref(),
                     &next.record.id,
                     AuthorityState::Active,
                 )
@@ -566,7 +576,7 @@ impl Ca {
             Err(e) => match usable_active {
                 Some(a) => {
                     tracing::warn!(authority = %a.record.id, why, error = %e, "cannot replace the intermediate yet (root or key manager unavailable?); it stays active; retrying every 5s");
-                    self.keys.metrics().authority_event(kind, "failed");
+                    self.keys.events().authority_event(kind, "failed");
                     Ok(a)
                 }
                 None => Err(e),
@@ -600,7 +610,7 @@ impl Ca {
                     }
                     Err(e) => {
                         tracing::warn!(current = %active.id, error = %e, "cannot prepare the next JWT key yet (key manager unavailable?); the current one stays active; retrying every 5s");
-                        self.keys.metrics().authority_event(kind, "failed");
+                        self.keys.events().authority_event(kind, "failed");
                     }
                 }
                 return self.signer_for(active, have.as_ref()).await;
@@ -619,7 +629,7 @@ impl Ca {
         match (next, current) {
             (Ok(mut next), _) => {
                 set_state(
-                    self.proposer.as_ref(),
+                    self.journal.as_ref(),
                     &next.record.id,
                     AuthorityState::Active,
                 )
@@ -631,7 +641,7 @@ impl Ca {
             }
             (Err(e), Some(active)) => {
                 tracing::warn!(error = %e, why, "cannot load the next JWT key yet; the current one stays active; retrying every 5s");
-                self.keys.metrics().authority_event(kind, "failed");
+                self.keys.events().authority_event(kind, "failed");
                 self.signer_for(active, have.as_ref()).await
             }
             (Err(e), None) => Err(e),
@@ -666,7 +676,7 @@ impl Ca {
         kind: AuthorityKind,
         node_id: &str,
     ) -> Result<RotationRequest, Error> {
-        let auths = self.sm.authorities().await?;
+        let auths = self.journal.authorities().await?;
         let t = now();
         let active = if kind == AuthorityKind::Root {
             if let Some(p) = newest(&auths, |a| {
@@ -704,7 +714,7 @@ impl Ca {
             replaces: active.id.clone(),
         };
         propose_ok(
-            self.proposer.as_ref(),
+            self.journal.as_ref(),
             Command::RequestRotation {
                 request: request.clone(),
             },
@@ -719,7 +729,7 @@ impl Ca {
     /// signed, and its node replaces it (at once: no propagation window for a compromised
     /// key). Refuses unknown IDs, roots, the wrong kind and what is revoked already.
     pub async fn revoke(&self, id: &str, kind: AuthorityKind) -> Result<AuthorityRecord, Error> {
-        let auths = self.sm.authorities().await?;
+        let auths = self.journal.authorities().await?;
         let Some(a) = auths.iter().find(|a| a.id == id) else {
             let known: Vec<&str> = auths
                 .iter()
@@ -775,7 +785,7 @@ impl Ca {
                 "{id} is revoked already"
             )));
         }
-        set_state(self.proposer.as_ref(), id, AuthorityState::Revoked).await?;
+        set_state(self.journal.as_ref(), id, AuthorityState::Revoked).await?;
         tracing::warn!(authority = %id, kind = kind.as_str(), node = %a.node_id, "REVOKED: no node signs with or publishes it from now on; agents replace every SVID it signed");
         let mut a = a.clone();
         a.state = AuthorityState::Revoked;
@@ -793,7 +803,7 @@ impl Ca {
     pub async fn destroy_expired_keys(&self) -> Result<usize, Error> {
         let t = now();
         let mut destroyed = 0;
-        for a in self.sm.authorities().await? {
+        for a in self.journal.authorities().await? {
             let mine = a.kind == AuthorityKind::Root || a.node_id == self.settings.node_id;
             if !mine || a.key_backend == "memory" {
                 continue;
@@ -821,7 +831,7 @@ impl Ca {
                     continue;
                 }
                 propose_ok(
-                    self.proposer.as_ref(),
+                    self.journal.as_ref(),
                     Command::KeyDestroyed {
                         id: a.id.clone(),
                         at: t,
@@ -852,7 +862,7 @@ impl Ca {
     /// revoked authorities whose SVIDs agents must replace.
     pub async fn refresh_bundle(&self) -> Result<Arc<TrustBundle>, Error> {
         let t = now();
-        let auths = self.sm.authorities().await?;
+        let auths = self.journal.authorities().await?;
         let live = |a: &&AuthorityRecord| a.state != AuthorityState::Revoked && a.not_after > t;
         let live_intermediate_akis: Vec<Vec<u8>> = auths
             .iter()
@@ -883,7 +893,7 @@ impl Ca {
                     expires_at: a.not_after,
                 })
                 .collect(),
-            sequence_number: self.sm.authorities_version().await?,
+            sequence_number: self.journal.authorities_version().await?,
             refresh_hint: 60,
         });
         let revoked = |k: AuthorityKind| {
@@ -980,7 +990,7 @@ impl Ca {
             key_destroyed: false,
         };
         propose_ok(
-            self.proposer.as_ref(),
+            self.journal.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },
@@ -1064,7 +1074,7 @@ impl Ca {
         // The key is in the journal before the root certifies it (a member holding the root
         // signs only a key recorded so), so every intermediate the root ever signed is there.
         propose_ok(
-            self.proposer.as_ref(),
+            self.journal.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },
@@ -1079,14 +1089,14 @@ impl Ca {
             Ok(c) => c,
             Err(e) => {
                 // Never certified: out of the way of the next attempt.
-                let _ = set_state(self.proposer.as_ref(), &id, AuthorityState::Retired).await;
+                let _ = set_state(self.journal.as_ref(), &id, AuthorityState::Retired).await;
                 return Err(e);
             }
         };
         record.cert_der = cert;
         record.state = state;
         propose_ok(
-            self.proposer.as_ref(),
+            self.journal.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },
@@ -1118,7 +1128,7 @@ impl Ca {
             key_destroyed: false,
         };
         if let Err(e) = propose_ok(
-            self.proposer.as_ref(),
+            self.journal.as_ref(),
             Command::PutAuthority {
                 authority: record.clone(),
             },

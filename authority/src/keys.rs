@@ -8,7 +8,25 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ca_kms::{KeyAlgorithm, KeyManager, SigningKey};
 
-use crate::metrics::Metrics;
+use ca_state::AuthorityKind;
+
+/// Where the key managers' operations and the CA's lifecycle events are reported: the
+/// node's metrics.
+pub trait KeyEvents: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether role `role`'s key manager is usable, after an operation on it.
+    fn key_manager_up(&self, role: KeyRole, up: bool);
+    /// An operation on key manager `backend` failed with an error of `kind`.
+    fn key_manager_error(&self, backend: &str, kind: &str);
+    /// A signature started.
+    fn sign_started(&self);
+    /// A signature by `backend` for `role` ended after `seconds`.
+    fn sign_finished(&self, backend: &str, role: KeyRole, seconds: f64);
+    /// A lifecycle step of an authority of `kind` (`event`: `failed`, ...).
+    fn authority_event(&self, kind: AuthorityKind, event: &str);
+}
+
+/// The events a key manager's operations report to.
+type Events = Arc<dyn KeyEvents>;
 
 /// What a key is used for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,12 +99,12 @@ pub struct RoleKeys {
     pub km: Arc<dyn KeyManager>,
     /// Health from the last operation.
     pub health: Arc<KeyHealth>,
-    metrics: Metrics,
+    metrics: Events,
 }
 
 impl RoleKeys {
     /// Wraps `km` for `role`.
-    pub fn new(role: KeyRole, km: Arc<dyn KeyManager>, metrics: Metrics) -> Self {
+    pub fn new(role: KeyRole, km: Arc<dyn KeyManager>, metrics: Events) -> Self {
         Self {
             role,
             km,
@@ -96,7 +114,13 @@ impl RoleKeys {
     }
 
     fn observe<T>(&self, r: ca_kms::Result<T>) -> ca_kms::Result<T> {
-        observe(&self.metrics, &self.health, self.km.backend(), self.role, r)
+        observe(
+            self.metrics.as_ref(),
+            &self.health,
+            self.km.backend(),
+            self.role,
+            r,
+        )
     }
 
     fn wrap(&self, key: Arc<dyn SigningKey>) -> Arc<dyn SigningKey> {
@@ -148,7 +172,7 @@ impl RoleKeys {
 }
 
 fn observe<T>(
-    m: &Metrics,
+    m: &dyn KeyEvents,
     health: &KeyHealth,
     backend: &str,
     role: KeyRole,
@@ -156,12 +180,10 @@ fn observe<T>(
 ) -> ca_kms::Result<T> {
     health.record(r.as_ref().map(|_| ()));
     if backend != "memory" {
-        m.keymanager_up
-            .with_label_values(&[role.as_str()])
-            .set(i64::from(health.problem().is_none()));
+        m.key_manager_up(role, health.problem().is_none());
     }
     if let Err(e) = &r {
-        m.km_errors.with_label_values(&[backend, e.kind()]).inc();
+        m.key_manager_error(backend, e.kind());
     }
     r
 }
@@ -178,15 +200,15 @@ pub struct KeyManagers {
 }
 
 impl KeyManagers {
-    /// The node's metrics (which every role's keys report to).
-    pub fn metrics(&self) -> &Metrics {
-        &self.root.metrics
+    /// Where every role's keys report to.
+    pub fn events(&self) -> &dyn KeyEvents {
+        self.root.metrics.as_ref()
     }
 }
 
 impl KeyManagers {
     /// Every role on one key manager.
-    pub fn single(km: Arc<dyn KeyManager>, metrics: Metrics) -> Self {
+    pub fn single(km: Arc<dyn KeyManager>, metrics: Events) -> Self {
         Self::new(km.clone(), km.clone(), km, metrics)
     }
 
@@ -195,7 +217,7 @@ impl KeyManagers {
         root: Arc<dyn KeyManager>,
         intermediate: Arc<dyn KeyManager>,
         jwt: Arc<dyn KeyManager>,
-        metrics: Metrics,
+        metrics: Events,
     ) -> Self {
         Self {
             root: RoleKeys::new(KeyRole::Root, root, metrics.clone()),
@@ -211,7 +233,7 @@ struct MeteredKey {
     inner: Arc<dyn SigningKey>,
     backend: &'static str,
     role: KeyRole,
-    metrics: Metrics,
+    metrics: Events,
     health: Arc<KeyHealth>,
 }
 
@@ -227,14 +249,11 @@ impl SigningKey for MeteredKey {
         self.inner.public_key_spki()
     }
     async fn sign(&self, msg: &[u8]) -> ca_kms::Result<Vec<u8>> {
-        let m = &self.metrics;
-        m.km_in_flight.inc();
+        let m = self.metrics.as_ref();
+        m.sign_started();
         let start = std::time::Instant::now();
         let r = self.inner.sign(msg).await;
-        m.km_in_flight.dec();
-        m.km_sign_seconds
-            .with_label_values(&[self.backend, self.role.as_str()])
-            .observe(start.elapsed().as_secs_f64());
+        m.sign_finished(self.backend, self.role, start.elapsed().as_secs_f64());
         observe(m, &self.health, self.backend, self.role, r)
     }
 }
