@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -18,6 +17,8 @@ use ca_proto::admin::{
 };
 use tonic::transport::Channel;
 
+use ca_test_support::process::Proc;
+
 use crate::node::{free_port, ResolvedExe, SELF_EXEC_ENV, TRUST_DOMAIN};
 
 /// How long forming the cluster may take.
@@ -26,7 +27,7 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(120);
 /// One node process of the cluster.
 #[derive(Debug)]
 pub struct ClusterNode {
-    child: tokio::process::Child,
+    proc: Proc,
     /// Raft ID (1-based, as the index).
     pub raft_id: u64,
     /// Node API address.
@@ -43,14 +44,14 @@ impl ClusterNode {
         crate::node::admin_client(&self.admin_socket).await
     }
 
-    /// Its process ID, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        crate::node::log_tail(&self.log_path, n)
+        self.proc.log_tail(n)
     }
 }
 
@@ -151,27 +152,20 @@ impl CaCluster {
         let config_path = self.dir.path().join(format!("node-{i}.toml"));
         std::fs::write(&config_path, toml::to_string(&cfg)?)?;
         let log_path = self.dir.path().join(format!("node-{i}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = tokio::process::Command::new(&exe.program);
+        let mut cmd = std::process::Command::new(&exe.program);
         cmd.arg(if join_args.is_empty() { "init" } else { "join" })
             .arg("--config")
             .arg(&config_path)
             .args(join_args)
             .env_remove("RUST_LOG")
             .env_remove(SELF_EXEC_ENV)
-            .env_remove("TOKIO_WORKER_THREADS")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
+            .env_remove("TOKIO_WORKER_THREADS");
         if exe.self_exec {
             cmd.env(SELF_EXEC_ENV, "1");
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", exe.program.display()))?;
+        let proc = Proc::spawn(&format!("ca-node {i}"), cmd, &log_path)?;
         Ok(ClusterNode {
-            child,
+            proc,
             raft_id: i,
             node_addr,
             admin_socket: self.dir.path().join(format!("admin-{i}.sock")),
@@ -183,7 +177,7 @@ impl CaCluster {
         let mut last = String::from("not started");
         loop {
             let node = &mut self.nodes[idx];
-            if let Some(status) = node.child.try_wait()? {
+            if let Some(status) = node.proc.exited() {
                 bail!(
                     "node {} exited during start-up ({status}); its log:\n{}",
                     node.raft_id,
@@ -249,22 +243,16 @@ impl CaCluster {
     }
 
     /// Stops every node (SIGTERM, then kill after 10 s).
-    pub async fn stop(mut self) {
-        for n in &mut self.nodes {
-            if let Some(pid) = n.child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+    pub async fn stop(self) {
+        let mut nodes = self.nodes;
+        let _ = tokio::task::spawn_blocking(move || {
+            for n in &mut nodes {
+                let _ = n.proc.signal(nix::sys::signal::Signal::SIGTERM);
             }
-        }
-        for n in &mut self.nodes {
-            if tokio::time::timeout(Duration::from_secs(10), n.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = n.child.kill().await;
+            for n in &mut nodes {
+                n.proc.terminate(Duration::from_secs(10));
             }
-        }
+        })
+        .await;
     }
 }

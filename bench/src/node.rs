@@ -8,9 +8,9 @@
 //! calls the same `ca_node::cli::main` the `ca-node` binary consists of. Either way the node
 //! is its own process, so its CPU time is its own.
 
+use ca_test_support::process::Proc;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -187,17 +187,10 @@ pub(crate) async fn admin_client(socket: &Path) -> anyhow::Result<AdminClient<Ch
     Ok(AdminClient::new(ch))
 }
 
-/// The last `n` lines of the log file at `path` (empty if unreadable).
-pub(crate) fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// A running node process; killed when dropped.
 #[derive(Debug)]
 pub struct NodeProcess {
-    child: tokio::process::Child,
+    proc: Proc,
     pid: u32,
     dir: tempfile::TempDir,
     keep_dir: bool,
@@ -256,19 +249,12 @@ impl NodeProcess {
         .context("writing the node configuration")
         .map_err(fail)?;
         let log_path = dir.path().join("node.log");
-        let log = std::fs::File::create(&log_path)
-            .context("creating the node log")
-            .map_err(fail)?;
-        let mut cmd = tokio::process::Command::new(&exe.program);
+        let mut cmd = std::process::Command::new(&exe.program);
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
-            .env_remove(SELF_EXEC_ENV)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| fail(e.into()))?)
-            .stderr(log)
-            .kill_on_drop(true);
+            .env_remove(SELF_EXEC_ENV);
         if exe.self_exec {
             cmd.env(SELF_EXEC_ENV, "1");
         }
@@ -286,15 +272,10 @@ impl NodeProcess {
                 cmd.env_remove("TOKIO_WORKER_THREADS");
             }
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", exe.program.display()))
-            .map_err(fail)?;
-        let pid = child
-            .id()
-            .ok_or_else(|| fail(anyhow!("the node exited at once")))?;
+        let proc = Proc::spawn("ca-node", cmd, &log_path).map_err(fail)?;
+        let pid = proc.pid();
         let mut node = NodeProcess {
-            child,
+            proc,
             pid,
             keep_dir: settings.keep_dir,
             exe: exe.clone(),
@@ -310,7 +291,7 @@ impl NodeProcess {
             Err(e) => {
                 let tail = node.log_tail(20);
                 let clash = tail.contains("cannot listen on");
-                let _ = node.child.start_kill();
+                node.proc.kill_hard();
                 Err((
                     e.context(format!("node log ({}):\n{tail}", node.log_path.display())),
                     clash,
@@ -323,7 +304,7 @@ impl NodeProcess {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last = String::from("not started");
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.proc.exited() {
                 bail!("the node exited during start-up ({status})");
             }
             if self.admin_socket.exists() {
@@ -404,27 +385,23 @@ impl NodeProcess {
 
     /// The last `n` lines of the node's log.
     pub fn log_tail(&self, n: usize) -> String {
-        log_tail(&self.log_path, n)
+        self.proc.log_tail(n)
     }
 
     /// Stops the node with SIGTERM (SIGKILL after 10 s). Returns the directory when it is
     /// to be kept.
-    pub async fn stop(mut self) -> anyhow::Result<Option<PathBuf>> {
-        use nix::sys::signal::{kill, Signal};
-        use nix::unistd::Pid;
-        if self.child.try_wait()?.is_none() {
-            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-            match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
-                Ok(r) => {
-                    r?;
-                }
-                Err(_) => {
-                    self.child.kill().await?;
-                }
-            }
-        }
-        if self.keep_dir {
-            Ok(Some(self.dir.keep()))
+    pub async fn stop(self) -> anyhow::Result<Option<PathBuf>> {
+        let NodeProcess {
+            mut proc,
+            dir,
+            keep_dir,
+            ..
+        } = self;
+        tokio::task::spawn_blocking(move || proc.terminate(Duration::from_secs(10)))
+            .await
+            .context("stopping the node")?;
+        if keep_dir {
+            Ok(Some(dir.keep()))
         } else {
             Ok(None)
         }

@@ -352,7 +352,7 @@ async fn run_levels(
     let ca_client = ca.nodes[ca_leader].admin().await?;
     let etcd_leader = etcd.leader().await?;
     let kv = EtcdCluster::kv(etcd.channel(etcd_leader).await?);
-    let ca_pids: Vec<u32> = ca.nodes.iter().filter_map(|n| n.pid()).collect();
+    let ca_pids: Vec<u32> = ca.nodes.iter().map(|n| n.pid()).collect();
     let etcd_pids: Vec<u32> = etcd.members.iter().filter_map(|m| m.pid()).collect();
     let ca_seq = Arc::new(AtomicU64::new(0));
     let etcd_seq = Arc::new(AtomicU64::new(0));

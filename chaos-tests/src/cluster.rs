@@ -14,8 +14,8 @@ use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
 use crate::net::{Host, Mode, Network};
-use crate::process::Proc;
 use crate::report::say;
+use ca_test_support::process::Proc;
 
 /// The trust domain of every test cluster.
 pub const TD: &str = "chaos.example.org";
@@ -388,7 +388,7 @@ impl Cluster {
                 bail!(
                     "node {} exited ({s}) before it was ready; log:\n{}",
                     self.nodes[i].node_id,
-                    crate::process::log_tail(&self.nodes[i].log_path(), 30)
+                    ca_test_support::process::log_tail(&self.nodes[i].log_path(), 30)
                 );
             }
             match admin_call(
@@ -406,7 +406,7 @@ impl Cluster {
                 bail!(
                     "node {} not ready within {timeout:?}: {last}; log:\n{}",
                     self.nodes[i].node_id,
-                    crate::process::log_tail(&self.nodes[i].log_path(), 30)
+                    ca_test_support::process::log_tail(&self.nodes[i].log_path(), 30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -861,7 +861,7 @@ impl Drop for Cluster {
                     n.raft_id,
                     n.state,
                     n.log_path().display(),
-                    crate::process::log_tail(&n.log_path(), 40)
+                    ca_test_support::process::log_tail(&n.log_path(), 40)
                 ));
             }
             for a in &self.agents {

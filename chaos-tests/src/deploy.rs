@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::net::{Host, Network};
-use crate::process::Proc;
+use ca_test_support::process::Proc;
 
 /// One marked command block of the guide.
 #[derive(Clone, Debug)]
@@ -583,7 +583,7 @@ impl Site {
 
     /// The log of `unit` on host `on`, last `n` lines.
     pub fn log_tail(&self, on: &str, unit: &str, n: usize) -> String {
-        crate::process::log_tail(&self.host(on).root.join(format!("{unit}.log")), n)
+        ca_test_support::process::log_tail(&self.host(on).root.join(format!("{unit}.log")), n)
     }
 }
 

@@ -50,7 +50,6 @@ pub mod cluster;
 pub mod deploy;
 pub mod load;
 pub mod net;
-pub mod process;
 pub mod report;
 
 pub use cluster::{Binaries, Cluster, NodeState, TD};

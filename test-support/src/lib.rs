@@ -22,6 +22,8 @@
 //! - [`logs`]: this process's `tracing` output captured in memory, to check what was logged.
 //! - [`layering`]: the module graph of a crate and its cycles; the workspace's own test
 //!   fails on any cycle.
+//! - [`process`]: child processes (a `ca-node`, an agent) with their output in a log file,
+//!   signalled, stopped gracefully or killed, and killed on drop.
 //! - [`pki`]: certificate chain checks (signatures; `openssl verify` as an independent
 //!   validator).
 //!
@@ -61,6 +63,7 @@ pub mod logs;
 pub mod moto;
 pub mod mtls;
 pub mod pki;
+pub mod process;
 pub mod softhsm;
 
 /// A TCP port free on 127.0.0.1 right now.

@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ca_proto::admin::ClusterStatusRequest;
+use ca_test_support::process::Proc;
 use chaos_tests::cluster::admin_call;
 use chaos_tests::cluster::entries_at;
 use chaos_tests::deploy::{Guide, Site};
 use chaos_tests::load::{check_writes_at, Targets, Writers};
 use chaos_tests::net::Network;
-use chaos_tests::process::Proc;
 use chaos_tests::report::{ms, say};
 use chaos_tests::Mode;
 

@@ -151,7 +151,7 @@ async fn one_join_token_presented_to_three_nodes_at_once_is_used_once() {
         "ca-node joins that used the one token: {won:?}"
     );
     for k in &lost {
-        let log = chaos_tests::process::log_tail(&c.nodes[joiners[*k]].log_path(), 3);
+        let log = ca_test_support::process::log_tail(&c.nodes[joiners[*k]].log_path(), 3);
         assert!(
             log.contains("join token already used") || log.contains("already a member"),
             "ca-node join {k} failed for another reason than the used token:\n{log}"

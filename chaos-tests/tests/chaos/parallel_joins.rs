@@ -39,7 +39,7 @@ async fn nodes_joining_at_once_all_become_voters() {
         }
         for (i, _) in &joining {
             if let Err(e) = c.wait_voter(*i, Duration::from_secs(90)).await {
-                let log = chaos_tests::process::log_tail(&c.nodes[*i].log_path(), 15);
+                let log = ca_test_support::process::log_tail(&c.nodes[*i].log_path(), 15);
                 panic!(
                     "round {round}: {} did not become a voter: {e}\n{log}",
                     c.nodes[*i].node_id

@@ -385,14 +385,14 @@ async fn a_full_disk_stops_a_node_which_comes_back_by_itself_with_room() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the node with a full disk did not stop serving: {}",
-            chaos_tests::process::log_tail(&c.nodes[f].log_path(), 20)
+            ca_test_support::process::log_tail(&c.nodes[f].log_path(), 20)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         log_says(&c, "cannot be written") && log_says(&c, "MiB free"),
         "the log says why: {}",
-        chaos_tests::process::log_tail(&c.nodes[f].log_path(), 20)
+        ca_test_support::process::log_tail(&c.nodes[f].log_path(), 20)
     );
     say(&format!(
         "[{TEST}] the node stopped serving {} ms after its disk filled",

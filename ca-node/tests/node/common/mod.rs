@@ -8,7 +8,7 @@ pub mod node_checks;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -391,10 +391,10 @@ pub fn write_config(dir: &Path, node_listen: &str, extra: &str) -> (PathBuf, Pat
 
 /// A `ca-node run` process, killed (SIGKILL) when dropped.
 pub struct NodeProcess {
-    child: Option<Child>,
+    proc: ca_test_support::process::Proc,
     /// Its admin socket.
     pub admin_socket: PathBuf,
-    /// Where its stderr goes.
+    /// Where its output goes.
     pub log: PathBuf,
 }
 
@@ -403,24 +403,16 @@ impl NodeProcess {
     pub async fn start(config: &Path, admin_socket: &Path, log: &Path) -> Self {
         // Earlier runs leave the socket file behind when killed; wait for a fresh one.
         let _ = std::fs::remove_file(admin_socket);
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = Command::new(bin())
-            .arg("run")
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
             .arg("--config")
             .arg(config)
             .env_remove("CA_NODE_ADMIN_SOCKET")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn ca-node");
+            .env_remove("RUST_LOG");
+        let proc =
+            ca_test_support::process::Proc::spawn("ca-node", cmd, log).expect("spawn ca-node");
         let mut p = Self {
-            child: Some(child),
+            proc,
             admin_socket: admin_socket.to_owned(),
             log: log.to_owned(),
         };
@@ -431,13 +423,7 @@ impl NodeProcess {
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .expect("child")
-                .try_wait()
-                .expect("wait")
-            {
+            if let Some(status) = self.proc.exited() {
                 panic!(
                     "ca-node exited during start ({status}); its log:\n{}",
                     self.log_text()
@@ -462,27 +448,14 @@ impl NodeProcess {
         }
     }
 
-    /// The process's stderr so far.
+    /// The process's output so far.
     pub fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL, and wait for it to be gone.
     pub fn kill_hard(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill_hard();
+        self.proc.kill_hard();
     }
 }
 
