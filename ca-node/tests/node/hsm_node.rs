@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ca_kms::pkcs11::Pkcs11KeyManager;
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
-use ca_node::{NodeConfig, NodeHandle};
+use ca_node::NodeConfig;
 use ca_state::AuthorityKind;
 use ca_test_support::http::metric;
 use ca_test_support::pki::{openssl_verify, verify_signed_by};
@@ -31,25 +31,8 @@ fn hsm_config(dir: &Path, hsm: &SoftHsm, token: &str) -> NodeConfig {
     cfg
 }
 
-async fn mint_x509(node: &NodeHandle) -> Result<Vec<Vec<u8>>, ca_node::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/hsm")).unwrap();
-    node.core
-        .ca
-        .mint_x509_svid(&id, &key, 60, &[])
-        .await
-        .map_err(ca_node::Error::from)
-}
-
-async fn mint_jwt(node: &NodeHandle) -> Result<String, ca_node::Error> {
-    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/hsm")).unwrap();
-    let (token, _) = node
-        .core
-        .ca
-        .mint_jwt_svid(&id, &["aud-1".to_string()], 60)
-        .await?;
-    Ok(token)
-}
+/// The workload path this file mints for.
+const SERVICE: &str = "hsm";
 
 /// The keys in the token, read by a manager of its own (not the node's).
 async fn token_keys(hsm: &SoftHsm, token: &str, prefix: &str) -> (Pkcs11KeyManager, Vec<String>) {
@@ -148,7 +131,7 @@ async fn keys_live_in_the_token_and_survive_a_restart() {
     assert_eq!(roots(node), vec![root.cert_der.clone()]);
     openssl_verify(&roots(node), &svid.chain);
 
-    let token = mint_jwt(node).await.unwrap();
+    let token = mint_jwt(node, SERVICE).await.unwrap();
     check_jwt(node, &token);
 
     // Every signature went to the token.
@@ -169,9 +152,9 @@ async fn keys_live_in_the_token_and_survive_a_restart() {
     assert_eq!(roots(&node), vec![root.cert_der.clone()]);
     let again = node.core.ca.intermediate().unwrap();
     assert_eq!(again.record.id, int.id);
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &int.cert_der);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     let (_, keys_after) = token_keys(&hsm, "ca", "n1-").await;
     assert_eq!(keys_after, keys, "no new keys at restart");
     node.shutdown().await;
@@ -197,7 +180,7 @@ async fn memory_mode_keeps_the_intermediate_out_of_the_token() {
     let (_, keys) = token_keys(&hsm, "ca-mem", "n1-").await;
     assert_eq!(keys, sorted(vec![root.key_id.clone(), jwt.key_id.clone()]));
 
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &first.cert_der);
     verify_signed_by(&first.cert_der, &root.cert_der);
     node.shutdown().await;
@@ -207,7 +190,7 @@ async fn memory_mode_keeps_the_intermediate_out_of_the_token() {
     assert_ne!(second.id, first.id, "a new intermediate after the restart");
     assert_eq!(second.key_backend, "memory");
     assert_eq!(roots(&node), vec![root.cert_der.clone()], "the same root");
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &second.cert_der);
     verify_signed_by(&second.cert_der, &root.cert_der);
     let (_, after) = token_keys(&hsm, "ca-mem", "n1-").await;
@@ -263,10 +246,10 @@ async fn each_role_uses_its_own_key_manager() {
         "nothing in soft keys"
     );
 
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &int.cert_der);
     verify_signed_by(&int.cert_der, &root.cert_der);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     let text = metrics(&node).await;
     for s in [
         "ca_keymanager_sign_seconds_count{backend=\"pkcs11\",role=\"root\"}",
@@ -281,7 +264,7 @@ async fn each_role_uses_its_own_key_manager() {
     let node = ca_node::start(cfg).await.unwrap();
     assert_eq!(roots(&node), vec![root.cert_der.clone()]);
     assert_eq!(active(&node, AuthorityKind::Jwt).await.id, jwt.id);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     node.shutdown().await;
 }
 
@@ -296,7 +279,7 @@ async fn removed_token_makes_the_node_unready_until_it_is_back() {
     let cfg = hsm_config(tmp.path(), &hsm, "ca-pull");
     let node = ca_node::start(cfg).await.unwrap();
     assert_eq!(readyz(&node).await.0, 200);
-    mint_x509(&node).await.unwrap();
+    mint_x509(&node, SERVICE).await.unwrap();
     let errors = "ca_keymanager_errors_total{backend=\"pkcs11\",kind=\"unavailable\"}";
     let before = series(&metrics(&node).await, errors);
 
@@ -306,7 +289,7 @@ async fn removed_token_makes_the_node_unready_until_it_is_back() {
     let err = wait_for(
         "minting fails with the token removed",
         Duration::from_secs(15),
-        || async move { mint_x509(n).await.err() },
+        || async move { mint_x509(n, SERVICE).await.err() },
     )
     .await;
     eprintln!(
@@ -321,9 +304,9 @@ async fn removed_token_makes_the_node_unready_until_it_is_back() {
         "{err:?}"
     );
     assert!(err.to_string().contains("ca-pull"), "{err}");
-    let status: tonic::Status = mint_x509(&node).await.unwrap_err().into();
+    let status: tonic::Status = mint_x509(&node, SERVICE).await.unwrap_err().into();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-    let err = mint_jwt(&node).await.unwrap_err();
+    let err = mint_jwt(&node, SERVICE).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -364,9 +347,9 @@ async fn removed_token_makes_the_node_unready_until_it_is_back() {
         metric(&text, "ca_keymanager_up{role=\"intermediate\"}"),
         Some(1.0)
     );
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &chain[1]);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     node.shutdown().await;
 }
 
@@ -407,7 +390,9 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
         "the failed rotation shows in the root's metrics",
         Duration::from_secs(20),
         || async move {
-            let chain = mint_x509(n).await.expect("minting with the root gone");
+            let chain = mint_x509(n, SERVICE)
+                .await
+                .expect("minting with the root gone");
             assert_eq!(&chain[1], first_cert);
             let (code, body) = readyz(n).await;
             assert_eq!(code, 200, "{body}");
@@ -420,7 +405,10 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
     assert!(ca_identity::unix_now() < first.not_after);
     let (code, body) = readyz(&node).await;
     assert_eq!(code, 200, "still ready on the old intermediate: {body}");
-    verify_signed_by(&mint_x509(&node).await.unwrap()[0], &first.cert_der);
+    verify_signed_by(
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
+        &first.cert_der,
+    );
     let said = logs.lines_with(&["'ca-root'"]);
     assert!(!said.is_empty(), "no log says why:\n{}", logs.text());
     eprintln!("the node says: {}", said[0]);
@@ -443,10 +431,10 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
     let text = metrics(&node).await;
     assert_eq!(metric(&text, "ca_keymanager_up{role=\"root\"}"), Some(1.0));
     assert_eq!(readyz(&node).await.0, 200);
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &second.cert_der);
     // The JWT key's token (same module, re-initialized meanwhile) kept working.
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     node.shutdown().await;
 }
 
@@ -484,7 +472,9 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
         "a failed rotation shows in the root's metrics",
         Duration::from_secs(20),
         || async move {
-            let chain = mint_x509(n).await.expect("minting with the root gone");
+            let chain = mint_x509(n, SERVICE)
+                .await
+                .expect("minting with the root gone");
             assert_eq!(&chain[1], first_cert);
             assert_eq!(readyz(n).await.0, 200);
             let text = metrics(n).await;
@@ -599,14 +589,14 @@ async fn locked_pin_makes_the_node_unready_until_it_is_unlocked() {
     let mut cfg = hsm_config(tmp.path(), &hsm, "ca-lock");
     cfg.key_manager = KeyManagerConfig::Pkcs11(hsm.fault_config("ca-lock", "n1-"));
     let node = ca_node::start(cfg).await.unwrap();
-    mint_x509(&node).await.unwrap();
+    mint_x509(&node, SERVICE).await.unwrap();
     let errors = "ca_keymanager_errors_total{backend=\"pkcs11\",kind=\"permission_denied\"}";
     let before = series(&metrics(&node).await, errors);
 
     // Locked, and the token's sessions logged out (as when the PIN is locked from outside).
     hsm.set_pin_locked(true);
     hsm.logout("ca-lock");
-    let err = mint_x509(&node).await.unwrap_err();
+    let err = mint_x509(&node, SERVICE).await.unwrap_err();
     assert_permission_denied(&err, "PIN locked for token 'ca-lock'");
     let n = &node;
     let body = wait_for(
@@ -628,7 +618,7 @@ async fn locked_pin_makes_the_node_unready_until_it_is_unlocked() {
         || async move { (readyz(n).await.0 == 200).then_some(()) },
     )
     .await;
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     verify_signed_by(&chain[0], &chain[1]);
     node.shutdown().await;
 }

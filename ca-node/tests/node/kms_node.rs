@@ -41,25 +41,8 @@ async fn own_manager(node_id: &str) -> AwsKmsManager {
         .unwrap()
 }
 
-async fn mint_x509(node: &NodeHandle) -> Result<Vec<Vec<u8>>, ca_node::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/kms")).unwrap();
-    node.core
-        .ca
-        .mint_x509_svid(&id, &key, 60, &[])
-        .await
-        .map_err(ca_node::Error::from)
-}
-
-async fn mint_jwt(node: &NodeHandle) -> Result<String, ca_node::Error> {
-    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/kms")).unwrap();
-    let (token, _) = node
-        .core
-        .ca
-        .mint_jwt_svid(&id, &["aud-1".to_string()], 60)
-        .await?;
-    Ok(token)
-}
+/// The workload path this file mints for.
+const SERVICE: &str = "kms";
 
 /// This node's authorities of `kind` (any state).
 async fn authorities(node: &NodeHandle, kind: AuthorityKind) -> Vec<AuthorityRecord> {
@@ -137,13 +120,13 @@ async fn keys_live_in_kms_and_survive_a_restart() {
         assert_eq!(spki, a.public_key, "{}", a.id);
     }
 
-    let chain = mint_x509(&node).await.unwrap();
+    let chain = mint_x509(&node, SERVICE).await.unwrap();
     assert_eq!(chain[1], int.cert_der);
     verify_signed_by(&chain[0], &int.cert_der);
     verify_signed_by(&int.cert_der, &root.cert_der);
     verify_signed_by(&root.cert_der, &root.cert_der);
     openssl_verify(&roots(&node), &chain);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     let text = metrics(&node).await;
     for role in ["root", "intermediate", "jwt"] {
         let s = format!("ca_keymanager_sign_seconds_count{{backend=\"aws_kms\",role=\"{role}\"}}");
@@ -154,8 +137,8 @@ async fn keys_live_in_kms_and_survive_a_restart() {
     let node = ca_node::start(cfg).await.unwrap();
     assert_eq!(roots(&node), vec![root.cert_der.clone()], "the same root");
     assert_eq!(node.core.ca.intermediate().unwrap().record.id, int.id);
-    verify_signed_by(&mint_x509(&node).await.unwrap()[0], &int.cert_der);
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    verify_signed_by(&mint_x509(&node, SERVICE).await.unwrap()[0], &int.cert_der);
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     let mut after = km.list().await.unwrap();
     after.sort();
     assert_eq!(after, want, "no new keys at restart");
@@ -279,7 +262,10 @@ async fn memory_mode_keeps_the_intermediate_out_of_kms() {
         v
     };
     assert_eq!(in_kms, want(&[&root.key_id, &jwt.key_id]));
-    verify_signed_by(&mint_x509(&node).await.unwrap()[0], &first.cert_der);
+    verify_signed_by(
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
+        &first.cert_der,
+    );
     verify_signed_by(&first.cert_der, &root.cert_der);
     node.shutdown().await;
 
@@ -287,7 +273,10 @@ async fn memory_mode_keeps_the_intermediate_out_of_kms() {
     let second = active(&node, AuthorityKind::Intermediate).await;
     assert_ne!(second.id, first.id);
     assert_eq!(roots(&node), vec![root.cert_der.clone()]);
-    verify_signed_by(&mint_x509(&node).await.unwrap()[0], &second.cert_der);
+    verify_signed_by(
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
+        &second.cert_der,
+    );
     verify_signed_by(&second.cert_der, &root.cert_der);
     assert_eq!(
         kms_keys_of("kms-b").await,
@@ -312,7 +301,7 @@ async fn outage_makes_the_node_unready_until_kms_is_back() {
 
     proxy.stop();
     let t = Instant::now();
-    let err = mint_x509(&node).await.unwrap_err();
+    let err = mint_x509(&node, SERVICE).await.unwrap_err();
     eprintln!(
         "minting with KMS down failed after {:?}: {err}",
         t.elapsed()
@@ -327,7 +316,7 @@ async fn outage_makes_the_node_unready_until_kms_is_back() {
     assert!(err.to_string().contains("Sign"), "{err}");
     let status: tonic::Status = err.into();
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    let err = mint_jwt(&node).await.unwrap_err();
+    let err = mint_jwt(&node, SERVICE).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -368,10 +357,10 @@ async fn outage_makes_the_node_unready_until_kms_is_back() {
         Some(1.0)
     );
     verify_signed_by(
-        &mint_x509(&node).await.unwrap()[0],
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
         &node.core.ca.intermediate().unwrap().record.cert_der,
     );
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     node.shutdown().await;
 }
 
@@ -399,14 +388,14 @@ async fn throttling_is_absorbed_by_retries() {
     let node = std::sync::Arc::new(node);
     for _ in 0..8 {
         let n = node.clone();
-        set.spawn(async move { mint_x509(&n).await });
+        set.spawn(async move { mint_x509(&n, SERVICE).await });
     }
     while let Some(r) = set.join_next().await {
         let chain = r.unwrap().expect("minting through throttling");
         verify_signed_by(&chain[0], &chain[1]);
     }
     proxy.rule(Rule::throttle("Sign", 3));
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     assert_eq!(
         proxy.count("Sign") - signs,
         9 + 8 + 3,
@@ -422,7 +411,7 @@ async fn throttling_is_absorbed_by_retries() {
 
     // Throttling that does not stop.
     proxy.rule(Rule::throttle("Sign", u32::MAX));
-    let err = mint_x509(&node).await.unwrap_err();
+    let err = mint_x509(&node, SERVICE).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -445,7 +434,7 @@ async fn throttling_is_absorbed_by_retries() {
     )
     .await;
     eprintln!("throttling stopped: ready again after {:?}", calm.elapsed());
-    mint_x509(&node).await.unwrap();
+    mint_x509(&node, SERVICE).await.unwrap();
     std::sync::Arc::try_unwrap(node).unwrap().shutdown().await;
 }
 
@@ -484,7 +473,7 @@ async fn memory_mode_keeps_minting_while_the_root_kms_is_down() {
         "the failed rotation shows in the root's metrics",
         Duration::from_secs(20),
         || async move {
-            let chain = mint_x509(n)
+            let chain = mint_x509(n, SERVICE)
                 .await
                 .expect("minting with the root's KMS down");
             assert_eq!(&chain[1], first_cert);
@@ -501,7 +490,7 @@ async fn memory_mode_keeps_minting_while_the_root_kms_is_down() {
         200,
         "still ready on the old intermediate"
     );
-    check_jwt(&node, &mint_jwt(&node).await.unwrap());
+    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     // The root probe (every maintenance tick) or the failed rotation says why.
     let mut said = logs.lines_with(&["spiffe-ca/dev_example_org/kms-mem/root"]);
     said.extend(logs.lines_with(&["the root's key manager is not usable"]));
@@ -527,7 +516,10 @@ async fn memory_mode_keeps_minting_while_the_root_kms_is_down() {
         metric(&metrics(&node).await, "ca_keymanager_up{role=\"root\"}"),
         Some(1.0)
     );
-    verify_signed_by(&mint_x509(&node).await.unwrap()[0], &second.cert_der);
+    verify_signed_by(
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
+        &second.cert_der,
+    );
     node.shutdown().await;
 }
 
@@ -547,7 +539,7 @@ async fn kms_down_at_start_starts_not_ready_then_recovers() {
     let (code, body) = readyz(&node).await;
     assert_eq!(code, 503);
     assert!(body.contains("no active intermediate CA"), "{body}");
-    assert!(mint_x509(&node).await.is_err());
+    assert!(mint_x509(&node, SERVICE).await.is_err());
     assert_eq!(
         metric(&metrics(&node).await, "ca_keymanager_up{role=\"root\"}"),
         Some(0.0)
@@ -574,7 +566,7 @@ async fn kms_down_at_start_starts_not_ready_then_recovers() {
     assert!(took < Duration::from_secs(12), "{took:?}");
     assert_eq!(authorities(&node, AuthorityKind::Root).await.len(), 1);
     verify_signed_by(
-        &mint_x509(&node).await.unwrap()[0],
+        &mint_x509(&node, SERVICE).await.unwrap()[0],
         &node.core.ca.intermediate().unwrap().record.cert_der,
     );
     node.shutdown().await;

@@ -1,6 +1,7 @@
 //! Checks on a running in-process node shared by the key-manager node tests
 //! (`hsm_node.rs`, `kms_node.rs`): its roots, a JWT-SVID against its bundle, its active
-//! authority of a kind, `/readyz` and `/metrics`, and polling until something holds.
+//! authority of a kind, `/readyz` and `/metrics`, minting straight from its CA, and polling
+//! until something holds.
 
 use std::time::{Duration, Instant};
 
@@ -75,4 +76,28 @@ where
         assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Mints an X509-SVID for `spiffe://TD/service/<service>` with a new P-256 key, straight
+/// from the node's CA.
+pub async fn mint_x509(node: &NodeHandle, service: &str) -> Result<Vec<Vec<u8>>, ca_node::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/{service}")).unwrap();
+    node.core
+        .ca
+        .mint_x509_svid(&id, &key, 60, &[])
+        .await
+        .map_err(ca_node::Error::from)
+}
+
+/// Mints a JWT-SVID for `spiffe://TD/service/<service>` (audience `aud-1`), straight from
+/// the node's CA.
+pub async fn mint_jwt(node: &NodeHandle, service: &str) -> Result<String, ca_node::Error> {
+    let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/{service}")).unwrap();
+    let (token, _) = node
+        .core
+        .ca
+        .mint_jwt_svid(&id, &["aud-1".to_string()], 60)
+        .await?;
+    Ok(token)
 }
