@@ -10,7 +10,7 @@
 //! run ([`baseline`]), the ratio of the two, throughput and batch latency ([`report`]).
 //!
 //! ```text
-//! cargo build --release -p ca-bench -p ca-node
+//! cargo build --release -p ca-bench -p ca-node-cli
 //! cargo run --release -p ca-bench --bin issuance-load            # table
 //! cargo run --release -p ca-bench --bin issuance-load -- --json  # JSON
 //! ```

@@ -3,9 +3,9 @@
 //!
 //! Which executable runs it ([`NodeExe`]): an explicit path, the `ca-node` binary next to
 //! this benchmark's own executable (same target directory, e.g. after
-//! `cargo build --release -p ca-bench -p ca-node`), or — when there is none — this
+//! `cargo build --release -p ca-bench -p ca-node-cli`), or — when there is none — this
 //! benchmark's executable itself re-run in "be ca-node" mode ([`SELF_EXEC_ENV`]), which
-//! calls the same `ca_node::cli::main` the `ca-node` binary consists of. Either way the node
+//! calls the same `ca_node_cli::main` the `ca-node` binary consists of. Either way the node
 //! is its own process, so its CPU time is its own.
 
 use ca_test_support::process::Proc;
@@ -19,7 +19,7 @@ use ca_proto::admin::HealthRequest;
 use tonic::transport::Channel;
 
 /// Set (to `1`) in the environment of a self-executed node: the benchmark binary then runs
-/// `ca_node::cli::main` instead of the benchmark.
+/// `ca_node_cli::main` instead of the benchmark.
 pub const SELF_EXEC_ENV: &str = "CA_BENCH_EXEC_CA_NODE";
 
 /// The trust domain of the benchmark node.
@@ -68,7 +68,7 @@ impl ResolvedExe {
     pub fn describe(&self) -> String {
         if self.self_exec {
             format!(
-                "{} (this benchmark, re-run as ca-node: the same ca_node::cli::main)",
+                "{} (this benchmark, re-run as ca-node: the same ca_node_cli::main)",
                 self.program.display()
             )
         } else {
@@ -181,7 +181,7 @@ pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
 
 /// An admin API client over the Unix socket at `socket`.
 pub(crate) async fn admin_client(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
-    let ch = ca_node::cli::uds_channel(socket)
+    let ch = ca_node_cli::uds_channel(socket)
         .await
         .map_err(|e| anyhow!(e))?;
     Ok(AdminClient::new(ch))

@@ -17,7 +17,7 @@
 //! linearizable read) and etcd's revision must both equal the number of acknowledged writes.
 //!
 //! ```text
-//! cargo build --release -p ca-bench -p ca-node
+//! cargo build --release -p ca-bench -p ca-node-cli
 //! cargo run --release -p ca-bench --bin cluster-write-load                 # table
 //! cargo run --release -p ca-bench --bin cluster-write-load -- --json       # JSON
 //! ```
@@ -445,7 +445,7 @@ async fn run_levels(
     let listed = ca.nodes[follower]
         .admin()
         .await?
-        .max_decoding_message_size(ca_node::cli::ADMIN_MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(ca_node_cli::ADMIN_MAX_MESSAGE_BYTES)
         .list_entries(ListEntriesRequest::default())
         .await?
         .into_inner()

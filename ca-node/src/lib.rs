@@ -9,13 +9,13 @@
 //! - [`core`]: what the APIs share; rules for entries and join tokens.
 //! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID.
 //! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
-//! - [`server`]: starting and stopping all of it; [`dev`]: the one-command local setup.
+//! - [`server`]: starting and stopping all of it. The one-command local setup is the
+//!   `ca-dev` crate's, the `ca-node` command line the `ca-node-cli` crate's.
 //! - [`registry`]: the files a node keeps about its membership; [`wallclock`]: this node's
 //!   own clock readings; [`validate`]: what an entry must be before it reaches the log.
 //! - [`cluster`]: membership and the root used across members, the cluster service;
 //!   [`bootstrap`]: joining a cluster; [`raft_tls`]: mTLS between ca-nodes; [`clock`]:
 //!   comparing clocks with the members; [`backup`]: state backups and disaster recovery.
-//! - [`cli`]: the `ca-node` command line (the binary is a thin wrapper around it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,13 +23,11 @@ pub mod admin_api;
 pub mod backup;
 pub mod bootstrap;
 pub mod ca;
-pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod core;
-pub mod dev;
 pub mod error;
 pub mod metrics;
 pub mod node_api;

@@ -45,7 +45,7 @@ where
     Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
     tokio::time::timeout(timeout, async {
-        let ch = ca_node::cli::uds_channel(sock)
+        let ch = ca_node_cli::uds_channel(sock)
             .await
             .map_err(anyhow::Error::msg)?;
         let r = f(AdminClient::new(ch))

@@ -5,7 +5,7 @@
 //!
 //! `cargo test -p chaos-tests` (also part of `cargo test --workspace`). The two programs
 //! are this crate's own binary targets `chaos-ca-node` and `chaos-agent`, which are exactly
-//! `ca_node::cli::main` and `ca_agent::cli::main`: Cargo builds them before it runs this
+//! `ca_node_cli::main` and `ca_agent::cli::main`: Cargo builds them before it runs this
 //! crate's tests and passes their paths as `CARGO_BIN_EXE_*`, so a test never runs a
 //! missing or stale binary.
 //!

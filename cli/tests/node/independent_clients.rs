@@ -1,6 +1,6 @@
 //! End-to-end tests with independent SPIFFE clients.
 //!
-//! A real node and a real agent ([`ca_node::dev::DevEnv`]: mTLS gRPC on loopback, the
+//! A real node and a real agent ([`ca_dev::DevEnv`]: mTLS gRPC on loopback, the
 //! Workload API on a Unix socket) serve workloads that are not ours: the Rust `spiffe`
 //! crate, the Python `spiffe` package (a script in `tests/py/`) and `openssl verify`. Every
 //! X509-SVID and JWT-SVID rule is asserted on what was really issued, with checks that do
@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
-use ca_node::dev::{self, DevEnv, DEMO_ID, DEV_TRUST_DOMAIN};
+use ca_dev::{DevEnv, DEMO_ID, DEV_TRUST_DOMAIN};
 use ca_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use ca_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -85,7 +85,7 @@ async fn register(env: &DevEnv, spec: EntrySpec<'_>) -> Result<()> {
         hint: spec.hint.into(),
         ..Default::default()
     };
-    let channel = ca_node::cli::uds_channel(&env.node.admin_socket)
+    let channel = ca_node_cli::uds_channel(&env.node.admin_socket)
         .await
         .map_err(|e| anyhow!("admin socket: {e}"))?;
     ca_proto::admin::admin_client::AdminClient::new(channel)
@@ -99,7 +99,7 @@ async fn start_env(dir: &Path, tweak: impl FnOnce(&mut ca_node::NodeConfig)) -> 
     let dir = dir.join("env");
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
-    let mut cfg = dev::node_config(&dir);
+    let mut cfg = ca_dev::node_config(&dir);
     tweak(&mut cfg);
     DevEnv::start_with(cfg, |_| {})
         .await

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use async_trait::async_trait;
+use ca_dev::DevCluster;
 use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_kms::memory::MemoryKey;
 use ca_kms::{KeyAlgorithm, SigningKey};
 use ca_node::ca::x509::{ca_params, make_cert, svid_params, IssuerKey, RawPublicKey};
-use ca_node::dev::DevCluster;
 use ca_proto::admin::cluster_client::ClusterClient;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;

@@ -26,7 +26,7 @@ fn pkcs11(hsm: &SoftHsm, token: &str, prefix: &str) -> KeyManagerConfig {
 
 /// The dev node configuration under `dir` with every key in token `token`.
 fn hsm_config(dir: &Path, hsm: &SoftHsm, token: &str) -> NodeConfig {
-    let mut cfg = ca_node::dev::node_config(dir);
+    let mut cfg = ca_dev::node_config(dir);
     cfg.key_manager = pkcs11(hsm, token, "n1-");
     cfg
 }
@@ -69,7 +69,7 @@ async fn keys_live_in_the_token_and_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = hsm_config(&tmp.path().canonicalize().unwrap(), &hsm, "ca");
 
-    let env = ca_node::dev::DevEnv::start_with(cfg.clone(), |_| {})
+    let env = ca_dev::DevEnv::start_with(cfg.clone(), |_| {})
         .await
         .expect("node and agent start on the token");
     let node = &env.node;
@@ -206,7 +206,7 @@ async fn each_role_uses_its_own_key_manager() {
     let hsm = SoftHsm::new().await;
     hsm.init_token("ca-roles");
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = ca_node::dev::node_config(tmp.path());
+    let mut cfg = ca_dev::node_config(tmp.path());
     cfg.node_id = "roles-1".into();
     let soft_dir = cfg.data_dir.join("keys");
     cfg.key_manager = KeyManagerConfig::Soft {
@@ -364,7 +364,7 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
     hsm.init_token("ca-root");
     hsm.init_token("ca-jwt");
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = ca_node::dev::node_config(tmp.path());
+    let mut cfg = ca_dev::node_config(tmp.path());
     cfg.root_key_manager = Some(pkcs11(&hsm, "ca-root", "r-"));
     cfg.key_manager = pkcs11(&hsm, "ca-jwt", "j-");
     cfg.intermediate_mode = IntermediateMode::Memory;
@@ -449,7 +449,7 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
     hsm.init_token("ca-root2");
     hsm.init_token("ca-int");
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = ca_node::dev::node_config(tmp.path());
+    let mut cfg = ca_dev::node_config(tmp.path());
     cfg.root_key_manager = Some(pkcs11(&hsm, "ca-root2", "r-"));
     cfg.key_manager = pkcs11(&hsm, "ca-int", "i-");
     // Rotation is due 10 s after the intermediate is made; it is valid for 20 s.

@@ -1,4 +1,4 @@
-//! `ca-node`: see `ca_node::cli`.
+//! `ca-node`: see [`ca_node_cli`].
 
 /// mimalloc instead of glibc's malloc: the node allocates and frees small buffers across
 /// many threads (gRPC, Raft, SQLite), where glibc's arenas cost ~15 % of its CPU under load.
@@ -6,5 +6,5 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    ca_node::cli::main()
+    ca_node_cli::main()
 }

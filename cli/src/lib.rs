@@ -1,8 +1,10 @@
 //! The `ca-node` command line. Server commands (`run`, `dev`) start a node; every other
 //! command talks to the local node's admin Unix socket.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-use crate::config::DEFAULT_ADMIN_SOCKET;
-use crate::server::wait_for_signal;
+use ca_node::config::DEFAULT_ADMIN_SOCKET;
+use ca_node::server::wait_for_signal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -913,7 +915,7 @@ pub const ROOM_TO_RESTART: u64 = 16 << 20;
 /// signal while it waits ends it with the failure.
 /// `init`/`join --no-serve`: waits until the node is ready (its CA can mint), then stops it
 /// cleanly.
-async fn stop_when_ready(node: crate::NodeHandle) -> Result<(), String> {
+async fn stop_when_ready(node: ca_node::NodeHandle) -> Result<(), String> {
     let ready = tokio::select! {
         r = node.wait_ready(std::time::Duration::from_secs(120)) => r,
         _ = wait_for_signal() => Err("interrupted".into()),
@@ -930,7 +932,7 @@ async fn stop_when_ready(node: crate::NodeHandle) -> Result<(), String> {
     }
 }
 
-async fn run_until_signal(node: crate::NodeHandle, config: &Path) -> Result<(), String> {
+async fn run_until_signal(node: ca_node::NodeHandle, config: &Path) -> Result<(), String> {
     let failed = node.failure();
     ca_identity::systemd::notify("READY=1\nSTATUS=serving");
     let why = tokio::select! {
@@ -947,7 +949,7 @@ async fn run_until_signal(node: crate::NodeHandle, config: &Path) -> Result<(), 
     tracing::error!(data_dir = %data_dir.display(), "stopped: waiting for {} MiB free to start again", ROOM_TO_RESTART >> 20);
     let room = async {
         loop {
-            if crate::server::free_bytes(&data_dir).is_some_and(|b| b >= ROOM_TO_RESTART) {
+            if ca_node::server::free_bytes(&data_dir).is_some_and(|b| b >= ROOM_TO_RESTART) {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -976,15 +978,15 @@ async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
 async fn run_cli(cli: Cli) -> Result<(), String> {
     match &cli.cmd {
         Cmd::Run { config } => {
-            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
-            let node = crate::start(cfg).await.map_err(|e| e.to_string())?;
+            let node = ca_node::start(cfg).await.map_err(|e| e.to_string())?;
             run_until_signal(node, config).await
         }
         Cmd::Init { config, no_serve } => {
-            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
-            let node = crate::server::start_with(cfg, crate::server::Bootstrap::Init)
+            let node = ca_node::server::start_with(cfg, ca_node::server::Bootstrap::Init)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(
@@ -1006,7 +1008,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             timeout,
             no_serve,
         } => {
-            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let token = match (token, token_file) {
                 (Some(t), None) => t.trim().to_owned(),
@@ -1020,9 +1022,9 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             };
             let bundle_pem = std::fs::read_to_string(bundle)
                 .map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
-            let joining = crate::bootstrap::join(
+            let joining = ca_node::bootstrap::join(
                 cfg,
-                crate::bootstrap::JoinOptions {
+                ca_node::bootstrap::JoinOptions {
                     peer: peer.clone(),
                     token,
                     bundle_pem,
@@ -1050,9 +1052,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
         }
         Cmd::Dev { dir, nodes } => {
             ca_identity::logging::init("info", &cli.log_format);
-            crate::dev::run(dir, *nodes)
-                .await
-                .map_err(|e| e.to_string())
+            ca_dev::run(dir, *nodes).await.map_err(|e| e.to_string())
         }
         Cmd::Cluster(cmd) => {
             let mut c = admin(&cli).await?;
@@ -1126,7 +1126,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 }
                 data.extend_from_slice(&chunk.data);
             }
-            crate::registry::write_private(out, &data).map_err(|e| e.to_string())?;
+            ca_node::registry::write_private(out, &data).map_err(|e| e.to_string())?;
             println!(
                 "Saved the state up to log index {applied} to {} ({} bytes)",
                 out.display(),
@@ -1135,8 +1135,8 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Snapshot(SnapshotCmd::Restore { file, config }) => {
-            let cfg = crate::NodeConfig::load(config).map_err(|e| e.to_string())?;
-            let r = crate::backup::restore(file, &cfg.data_dir)
+            let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
+            let r = ca_node::backup::restore(file, &cfg.data_dir)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(
@@ -1166,7 +1166,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                         .collect::<Result<Vec<_>, _>>()?;
                     let mut created = Vec::new();
                     let mut failed = Vec::new();
-                    let max = crate::admin_api::MAX_BATCH_ENTRIES;
+                    let max = ca_node::admin_api::MAX_BATCH_ENTRIES;
                     for (k, batch) in entries.chunks(max).enumerate() {
                         let r = c
                             .batch_create_entries(BatchCreateEntriesRequest {

@@ -10,7 +10,7 @@ use ca_state::{AuthorityKind, AuthorityState};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retired_keys_are_destroyed_after_they_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ca_node::dev::node_config(dir.path());
+    let mut cfg = ca_dev::node_config(dir.path());
     cfg.ttl.intermediate = 6;
     // Replaced at half-life (prepared at a quarter), as these timings assume.
     cfg.rotation.prepare_fraction = 0.25;

@@ -1,6 +1,6 @@
 """An independent SPIFFE client (the `spiffe` package from PyPI) against our agent.
 
-Run by ca-node/tests/node/independent_clients.rs with SPIFFE_ENDPOINT_SOCKET set:
+Run by cli/tests/node/independent_clients.rs with SPIFFE_ENDPOINT_SOCKET set:
 
     python3 workload_client.py OUT_DIR AUDIENCE
 

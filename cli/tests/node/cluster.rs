@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::common::*;
+use ca_dev::DevCluster;
 use ca_identity::tls::{LiveRoots, SvidResolver};
-use ca_node::dev::DevCluster;
 use ca_proto::admin::*;
 use ca_proto::raft::raft_service_client::RaftServiceClient;
 use ca_state::{AuthorityKind, AuthorityState};
@@ -130,7 +130,7 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
 
     // The agent, configured with all three addresses, gets SVIDs.
     env.register_demo().await.unwrap();
-    env.wait_for_svid(ca_node::dev::DEMO_ID, DEADLINE)
+    env.wait_for_svid(ca_dev::DEMO_ID, DEADLINE)
         .await
         .expect("the agent gets the demo SVID");
 

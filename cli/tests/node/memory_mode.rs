@@ -38,7 +38,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_intermediate_never_reaches_the_key_manager_and_is_replaced_on_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ca_node::dev::node_config(dir.path());
+    let mut cfg = ca_dev::node_config(dir.path());
     cfg.intermediate_mode = IntermediateMode::Memory;
     let keys_dir = cfg.data_dir.join("keys");
 

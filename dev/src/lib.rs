@@ -7,6 +7,8 @@
 //!
 //! [`DevCluster`] is that environment as a library value; [`DevEnv`] is the single-node
 //! variant (`ca-node dev --nodes 1`), which the integration tests and the benchmarks use.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,9 @@ use std::time::Duration;
 
 use ca_proto::types;
 
-use crate::config::NodeConfig;
-use crate::core::NodeCore;
-use crate::{Error, NodeHandle};
+use ca_node::config::NodeConfig;
+use ca_node::core::NodeCore;
+use ca_node::{Error, NodeHandle};
 
 /// The dev trust domain.
 pub const DEV_TRUST_DOMAIN: &str = "dev.example.org";
@@ -71,7 +73,7 @@ impl DevEnv {
             Some(p) => abs(p)?,
             None => return Err(Error::Config("the node's data_dir has no parent".into())),
         };
-        let node = crate::start(node_cfg).await?;
+        let node = ca_node::start(node_cfg).await?;
         let agent = match start_dev_agent(&dir, std::slice::from_ref(&node), tweak).await {
             Ok(a) => a,
             Err(e) => {
@@ -148,7 +150,7 @@ pub async fn register_with(
         uuid::Uuid::new_v4().to_string(),
         ca_identity::unix_now(),
     )?;
-    match crate::core::propose(
+    match ca_node::core::propose(
         core.proposer.as_ref(),
         ca_state::Command::CreateEntry { entry: rec },
     )
@@ -279,14 +281,14 @@ impl DevCluster {
                 c
             })
             .collect();
-        let restart = crate::registry::has_state(&configs[0].data_dir);
+        let restart = ca_node::registry::has_state(&configs[0].data_dir);
         let mut nodes = Vec::with_capacity(n);
         let started = async {
             if restart {
                 // Members wait for each other's quorum: start them together.
                 let all = futures::future::join_all(configs.iter().cloned().map(|c| async move {
-                    if crate::registry::has_state(&c.data_dir) {
-                        crate::start(c).await.map(Some)
+                    if ca_node::registry::has_state(&c.data_dir) {
+                        ca_node::start(c).await.map(Some)
                     } else {
                         Ok(None)
                     }
@@ -305,8 +307,11 @@ impl DevCluster {
                 }
             } else {
                 nodes.push(
-                    crate::server::start_with(configs[0].clone(), crate::server::Bootstrap::Init)
-                        .await?,
+                    ca_node::server::start_with(
+                        configs[0].clone(),
+                        ca_node::server::Bootstrap::Init,
+                    )
+                    .await?,
                 );
                 for c in &configs[1..] {
                     let h = join_dev_node(&nodes[0], c.clone()).await?;
@@ -383,9 +388,9 @@ impl DevCluster {
 async fn join_dev_node(first: &NodeHandle, cfg: NodeConfig) -> Result<NodeHandle, Error> {
     let id = format!("spiffe://{}/ca-node/{}", cfg.trust_domain, cfg.node_id);
     let token = first.core.create_join_token(&id, 600).await?;
-    crate::bootstrap::join(
+    ca_node::bootstrap::join(
         cfg,
-        crate::bootstrap::JoinOptions {
+        ca_node::bootstrap::JoinOptions {
             peer: first.core.advertise_addr.clone(),
             token: token.token,
             bundle_pem: first.core.ca.bundle()?.x509_pem(),
@@ -456,7 +461,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
         env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
         print_ready(&env.endpoint(), &[&env.node]);
         tracing::info!(agent = %env.agent.spiffe_id(), "dev environment ready; Ctrl-C to stop");
-        crate::server::wait_for_signal().await;
+        ca_node::server::wait_for_signal().await;
         env.shutdown().await;
         return Ok(());
     }
@@ -470,7 +475,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
     env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
     print_ready(&env.endpoint(), &env.nodes.iter().collect::<Vec<_>>());
     tracing::info!(agent = %env.agent.spiffe_id(), nodes, "dev cluster ready; Ctrl-C to stop");
-    crate::server::wait_for_signal().await;
+    ca_node::server::wait_for_signal().await;
     env.shutdown().await;
     Ok(())
 }

@@ -28,7 +28,7 @@ fn kms_config(node_id: &str, endpoint: &str) -> AwsKmsConfig {
 
 /// The dev node configuration under `dir` as node `node_id`, every key in KMS at `endpoint`.
 fn node_config(dir: &std::path::Path, node_id: &str, endpoint: &str) -> NodeConfig {
-    let mut cfg = ca_node::dev::node_config(dir);
+    let mut cfg = ca_dev::node_config(dir);
     cfg.node_id = node_id.into();
     cfg.key_manager = KeyManagerConfig::AwsKms(kms_config(node_id, endpoint));
     cfg

@@ -30,7 +30,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
 /// The trust domain of every test node.
-pub const TD: &str = ca_node::dev::DEV_TRUST_DOMAIN;
+pub const TD: &str = ca_dev::DEV_TRUST_DOMAIN;
 
 /// How long anything in these tests may take to become true.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -40,7 +40,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The dev node configuration under `dir` without the HTTP listener.
 pub fn node_config(dir: &Path) -> NodeConfig {
-    let mut cfg = ca_node::dev::node_config(dir);
+    let mut cfg = ca_dev::node_config(dir);
     cfg.http_listen = None;
     cfg.log_level = "warn".into();
     cfg
@@ -341,7 +341,7 @@ pub fn assert_status<T: std::fmt::Debug>(
 /// An admin client over the node's real Unix socket.
 pub async fn admin(socket: &Path) -> AdminClient<Channel> {
     AdminClient::new(
-        ca_node::cli::uds_channel(socket)
+        ca_node_cli::uds_channel(socket)
             .await
             .expect("admin socket connects"),
     )
@@ -430,7 +430,7 @@ impl NodeProcess {
                 );
             }
             if self.admin_socket.exists() {
-                if let Ok(ch) = ca_node::cli::uds_channel(&self.admin_socket).await {
+                if let Ok(ch) = ca_node_cli::uds_channel(&self.admin_socket).await {
                     let r = AdminClient::new(ch)
                         .health(ca_proto::admin::HealthRequest {})
                         .await;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ca_node::dev::DevCluster;
+use ca_dev::DevCluster;
 use ca_node::NodeConfig;
 use ca_proto::admin::*;
 use ca_state::{AuthorityKind, AuthorityRecord, AuthorityState};

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::common::*;
-use ca_node::dev::{DevEnv, DEMO_ID};
+use ca_dev::{DevEnv, DEMO_ID};
 use ca_proto::admin::{
     CreateEntryRequest, CreateJoinTokenRequest, DeleteEntryRequest, GetBundleRequest,
     ListAgentsRequest, ListEntriesRequest, UpdateEntryRequest,
@@ -81,7 +81,7 @@ async fn node_and_agent_restart_keep_entries_agents_identity_and_root() {
     env.shutdown().await;
 
     // Same directories, same node configuration (new loopback ports).
-    let env = DevEnv::start_with(ca_node::dev::node_config(&dir), |_| {})
+    let env = DevEnv::start_with(ca_dev::node_config(&dir), |_| {})
         .await
         .expect("dev env restarts");
     assert_eq!(
@@ -320,7 +320,7 @@ async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
     let entries_before = snapshot(&env.node.core.sm).await.entries;
     env.shutdown().await;
 
-    let cfg = ca_node::dev::node_config(&dir);
+    let cfg = ca_dev::node_config(&dir);
     let log = cfg.data_dir.join(ca_raft::LOG_DB_FILE);
     // The log and its SQLite side files, to put back at the end (a rollback journal may
     // vanish while the database closes: only what is there counts).
@@ -371,7 +371,7 @@ async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
     for (p, bytes) in &saved {
         std::fs::write(p, bytes).unwrap();
     }
-    let env = DevEnv::start_with(ca_node::dev::node_config(&dir), |_| {})
+    let env = DevEnv::start_with(ca_dev::node_config(&dir), |_| {})
         .await
         .expect("the node starts with its log back");
     assert_eq!(snapshot(&env.node.core.sm).await.entries, entries_before);
