@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use ca_identity::serve::ConnectionInfo;
 use ca_identity::tls::{Authorizer, LiveRoots, SvidResolver};
 use ca_identity::{SpiffeId, TrustDomain};
-use ca_raft::network::BoxError;
+use ca_raft::BoxError;
 use ca_raft::{Connector, NodeId, NodeInfo};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, ServerName};

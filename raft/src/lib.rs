@@ -1,38 +1,33 @@
-//! Replicated state of the CA: every change is a [`Command`] applied, in log order, by one
-//! deterministic [`StateMachine`] to a durable SQLite store (rusqlite, each connection on
-//! its own thread), replicated across the cluster with openraft.
+//! Replication of the CA's state: every change is a [`ca_state::Command`], appended to a
+//! Raft log (openraft), and applied in log order by [`StateMachine`], which runs
+//! `ca_state::apply` on a durable SQLite store on every replica.
 //!
 //! Nothing else writes state. A [`Proposer`] takes a command to the log and returns the
-//! state machine's [`Response`] once it is applied: [`RaftProposer`] in a cluster,
-//! [`LocalProposer`] for one node without Raft (development, tests).
-//!
-//! Commands carry everything that varies (timestamps, random tokens, serials), so applying
-//! the same log on any replica gives the same state. A command that breaks a rule
-//! (duplicate entry, used join token) is still applied, as a no-op with a
-//! [`Response::Rejected`], so replicas agree on that too.
+//! state machine's [`ca_state::Response`] once it is applied: [`RaftProposer`] in a
+//! cluster, [`LocalProposer`] for one node without Raft (development, tests).
 //!
 //! # Guide
 //! - [`types`]: the openraft [`TypeConfig`] (commands, responses, `u64` node IDs,
 //!   [`NodeInfo`] members, [`SnapshotFile`] snapshots), declared once, and aliases.
-//! - `db`: SQLite connections (rusqlite), each on its own thread; a job runs all its
-//!   statements there for one hand-off from async code.
-//! - [`log_store`]: [`LogStore`], the Raft log, vote and purge point in their own SQLite
-//!   database ([`LOG_DB_FILE`]); every write is committed (fsync) before openraft hears
-//!   it is flushed; appends that queue up are committed together.
-//! - [`state_machine`]: [`StateMachine`] over [`STATE_DB_FILE`]; each batch of entries is
-//!   applied together with the last applied log ID and membership, and applied batches are
-//!   committed in groups (any read commits first; the log holds the rest). It is also
-//!   openraft's state machine storage: snapshots are `VACUUM INTO` copies of the database
-//!   ([`snapshot`]), installed by copying their tables over in one transaction.
-//! - [`batcher`]: writes that arrive together are proposed as one log entry.
-//! - [`network`]: the client side of the transport, one unary gRPC call per RPC
-//!   (`ca_proto::raft`), over channels from a caller's [`Connector`] (the node brings
-//!   mutually authenticated TLS); [`service`]: the server side, [`RaftGrpc`], which the
-//!   node mounts on its own server; [`policy`]: the [`PeerPolicy`] it checks every call and
-//!   proposal with.
+//! - [`store`]: where a replica keeps things. `db`: SQLite connections (rusqlite), each on
+//!   its own thread, a job running all its statements there for one hand-off from async
+//!   code; [`store::log_store`]: [`LogStore`], the Raft log, vote and purge point in their
+//!   own database ([`LOG_DB_FILE`]), every write committed (fsync) before openraft hears it
+//!   is flushed, appends that queue up committed together; [`store::state_machine`]:
+//!   [`StateMachine`] over [`STATE_DB_FILE`], each batch of entries applied together with
+//!   the last applied log ID and membership, applied batches committed in groups (any read
+//!   commits first; the log holds the rest), snapshots `VACUUM INTO` copies installed by
+//!   copying their tables over in one transaction ([`snapshot`]).
+//! - [`transport`]: [`transport::network`], the client side, one unary gRPC call per RPC
+//!   (`ca_proto::raft`) over channels from a caller's [`Connector`] (the node brings
+//!   mutually authenticated TLS); [`transport::service`], the server side, [`RaftGrpc`],
+//!   which the node mounts on its own server; [`transport::policy`], the [`PeerPolicy`] it
+//!   checks every call and proposal with.
+//! - `membership`: membership changes, one at a time per node.
 //! - [`node`]: [`RaftNode`], a running member: writes forwarded to the leader, the
 //!   linearizable read barrier [`RaftNode::ensure_linearizable`], `init`/`add`/`promote`/
-//!   `remove`, [`ClusterStatus`].
+//!   `remove`, [`ClusterStatus`]; [`node::batcher`]: writes that arrive together proposed
+//!   as one log entry; [`node::proposer`]: the [`Proposer`] seam.
 //!
 //! # Running a member
 //! ```no_run
@@ -52,30 +47,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod batcher;
-mod db;
-pub mod log_store;
 mod membership;
-pub mod network;
 pub mod node;
-mod pb;
-pub mod policy;
-pub mod proposer;
-pub mod service;
-mod sm_store;
 pub mod snapshot;
-mod snapshot_dir;
-pub mod state_machine;
+pub mod store;
+pub mod transport;
 pub mod types;
 
-pub use log_store::LogStore;
-pub use network::{Connector, PlaintextConnector};
+pub use node::proposer::{LocalProposer, Proposer, RaftProposer};
 pub use node::{ClusterStatus, RaftNode, RaftNodeConfig, Role, LOG_DB_FILE, STATE_DB_FILE};
-pub use policy::{Admitted, PeerPolicy};
-pub use proposer::{LocalProposer, Proposer, RaftProposer};
-pub use service::RaftGrpc;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{SnapshotActivity, StateMachine};
+pub use store::log_store::LogStore;
+pub use store::state_machine::{SnapshotActivity, StateMachine};
+pub use transport::network::{BoxError, Connector, PlaintextConnector};
+pub use transport::policy::{Admitted, PeerPolicy};
+pub use transport::service::RaftGrpc;
 pub use types::{NodeId, NodeInfo, TypeConfig};
 
 /// Errors of the store (not rule violations: those are [`Response::Rejected`]).

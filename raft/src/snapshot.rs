@@ -1,6 +1,6 @@
 //! Snapshot files: a snapshot is a consistent copy of the state database (an SQLite file
 //! made with `VACUUM INTO`), sent to other nodes in chunks: [`SnapshotFile`], openraft's
-//! snapshot data. The folder they are kept in is [`crate::snapshot_dir`]'s.
+//! snapshot data. The folder they are kept in is `store::snapshot_dir`'s.
 
 use std::io;
 use std::path::{Path, PathBuf};

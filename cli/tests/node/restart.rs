@@ -262,7 +262,7 @@ async fn acknowledged_admin_writes_survive_sigkill() {
 
     // Once more: the restarted node applies again what its log holds beyond the state on
     // disk (applied writes reach the state store's disk in groups, see
-    // `ca_raft::state_machine`). A read commits them; then SIGKILL again.
+    // `ca_raft::store::state_machine`). A read commits them; then SIGKILL again.
     let port = free_port();
     let (cfg, sock) = write_config(tmp.path(), &format!("127.0.0.1:{port}"), "");
     let mut node = NodeProcess::start(&cfg, &sock, &log).await;

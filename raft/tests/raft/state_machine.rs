@@ -535,7 +535,7 @@ fn entries_on_disk(path: &std::path::Path) -> i64 {
         .unwrap()
 }
 
-/// Applied batches are committed in groups (see `ca_raft::state_machine`): a read sees every
+/// Applied batches are committed in groups (see `ca_raft::store::state_machine`): a read sees every
 /// batch applied before it, other connections (a backup copy, the next start) get them from
 /// the checkpoint timer at the latest, and batches lost with the process are applied again
 /// from the log to the same state.

@@ -3,7 +3,7 @@
 //! a crash is idempotent and openraft finds its applied state where the data is).
 //!
 //! One connection, on its own thread, writes: a whole applied batch is one job there
-//! ([`crate::db`]), except that a few commands ([`APPLY_HERE_MAX`]) are applied on the
+//! (`crate::store::db`), except that a few commands ([`APPLY_HERE_MAX`]) are applied on the
 //! caller's thread, where the hand-offs to the thread and back would take about as long as
 //! the apply itself. Two more connections, on their own threads, serve the reads, and a fourth
 //! checkpoints the WAL beside the writer, every 50 ms in which something was applied
@@ -30,9 +30,9 @@ use ca_state::{JoinTokenRecord, Response, RotationRequest};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
 
-use crate::db::{lock, query_all, Db, DbOptions, Running};
 use crate::snapshot::SnapshotFile;
-use crate::snapshot_dir::SnapshotDir;
+use crate::store::db::{lock, query_all, Db, DbOptions, Running};
+use crate::store::snapshot_dir::SnapshotDir;
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use crate::{Error, Result};
 

@@ -5,7 +5,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 
 use crate::snapshot::SnapshotFile;
-use crate::state_machine::StateMachine;
+use crate::store::state_machine::StateMachine;
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };

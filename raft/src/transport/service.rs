@@ -12,9 +12,9 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use crate::membership::{change_membership_local, MembershipChange, MembershipLock};
-use crate::network::MAX_MESSAGE_SIZE;
-use crate::pb::{from_json, to_json, FromPb, IntoPb};
-use crate::policy::PeerPolicy;
+use crate::transport::network::MAX_MESSAGE_SIZE;
+use crate::transport::pb::{from_json, to_json, FromPb, IntoPb};
+use crate::transport::policy::PeerPolicy;
 use crate::types::{NodeId, Raft, TypeConfig};
 use ca_state::Command;
 

@@ -24,7 +24,7 @@ use openraft::raft::{
 };
 use tonic::transport::Channel;
 
-use crate::pb::{from_json, FromPb, IntoPb};
+use crate::transport::pb::{from_json, FromPb, IntoPb};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// A boxed error, as a [`Connector`] reports it.

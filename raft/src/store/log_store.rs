@@ -1,7 +1,7 @@
 //! The Raft log store: log entries, the vote and the last purged log ID in their own SQLite
 //! database (`raft-log.db` beside `state.db`), apart from the state machine.
 //!
-//! One connection on its own thread ([`crate::db`]) does all the work, in the order it is
+//! One connection on its own thread (`crate::store::db`) does all the work, in the order it is
 //! asked; it holds the database's locks for as long as it is open (exclusive locking mode),
 //! so no other process can open the log meanwhile. Every write is one transaction in WAL
 //! mode with `synchronous=FULL`, so it is on disk when the commit returns; only then is
@@ -28,7 +28,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::db::{lock, query_all, Db, DbOptions};
+use crate::store::db::{lock, query_all, Db, DbOptions};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::Result;
 

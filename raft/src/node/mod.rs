@@ -2,6 +2,9 @@
 //! and the operations the node needs from it — writes with forwarding to the leader,
 //! linearizable read barriers, cluster membership, status.
 
+pub mod batcher;
+pub mod proposer;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,15 +16,15 @@ use openraft::error::{
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::time::Instant;
 
-use crate::batcher::WriteBatcher;
-use crate::log_store::LogStore;
 use crate::membership::{
     change_membership_local, membership_refusal, MembershipChange, MembershipLock,
 };
-use crate::network::{Connector, Network, Peers};
-use crate::pb::{forward_from_pb, from_json, to_json, FromPb, IntoPb};
-use crate::service::RaftGrpc;
-use crate::state_machine::StateMachine;
+use crate::node::batcher::WriteBatcher;
+use crate::store::log_store::LogStore;
+use crate::store::state_machine::StateMachine;
+use crate::transport::network::{Connector, Network, Peers};
+use crate::transport::pb::{forward_from_pb, from_json, to_json, FromPb, IntoPb};
+use crate::transport::service::RaftGrpc;
 use crate::types::{LogId, NodeId, NodeInfo, Raft, RaftMetrics};
 use crate::{Error, Result};
 use ca_state::{Command, Response};
@@ -273,7 +276,7 @@ impl RaftNode {
     /// `policy` says who may call and propose (see [`RaftGrpc::new`]).
     pub fn grpc_service(
         &self,
-        policy: Arc<dyn crate::policy::PeerPolicy>,
+        policy: Arc<dyn crate::transport::policy::PeerPolicy>,
     ) -> ca_proto::raft::raft_service_server::RaftServiceServer<RaftGrpc> {
         RaftGrpc::new(
             self.inner.raft.clone(),
@@ -284,7 +287,7 @@ impl RaftNode {
     }
 
     /// Makes later calls to other members open new connections (see
-    /// [`crate::network::Peers::forget_all`]); calls under way finish on theirs.
+    /// [`crate::transport::network::Peers::forget_all`]); calls under way finish on theirs.
     pub fn reconnect(&self) {
         self.inner.peers.forget_all();
     }
@@ -308,7 +311,7 @@ impl RaftNode {
     /// After a timeout the outcome is unknown: the command may still be applied later.
     ///
     /// [`Command::batchable`] writes that arrive together share one log entry (see
-    /// [`crate::batcher`]); each caller gets its own command's answer.
+    /// [`crate::node::batcher`]); each caller gets its own command's answer.
     pub async fn write(&self, cmd: Command) -> Result<Response> {
         if cmd.batchable() {
             self.inner.batcher.write(cmd).await

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use crate::node::RaftNode;
-use crate::state_machine::StateMachine;
+use crate::store::state_machine::StateMachine;
 use crate::Result;
 use ca_state::{Command, Response};
 
