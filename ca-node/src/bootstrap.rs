@@ -200,7 +200,7 @@ async fn add_me(
     }
     // Its CA (intermediate, JWT key) now, rather than at the next maintenance tick.
     loop {
-        match crate::server::ensure_ca(&node.core).await {
+        match crate::tasks::ensure_ca(&node.core).await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => tracing::info!(error = %e, "this node's CA is not ready yet; retrying"),

@@ -35,6 +35,7 @@ pub mod peer_gate;
 pub mod raft_tls;
 pub mod registry;
 pub mod server;
+mod tasks;
 pub mod validate;
 pub mod wallclock;
 

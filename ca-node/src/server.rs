@@ -11,7 +11,7 @@ use ca_identity::tls::{LiveRoots, SvidResolver};
 use ca_kms::KeyManager;
 use ca_proto::node::node_server::NodeServer;
 use ca_raft::{
-    LogStore, NodeInfo, RaftNode, RaftNodeConfig, RaftProposer, Role, StateMachine, LOG_DB_FILE,
+    LogStore, NodeInfo, RaftNode, RaftNodeConfig, RaftProposer, StateMachine, LOG_DB_FILE,
     STATE_DB_FILE,
 };
 use tokio::net::TcpListener;
@@ -176,31 +176,6 @@ async fn open_key_managers(cfg: &NodeConfig) -> Result<[Arc<dyn KeyManager>; 3],
         .map_err(|_| Error::Internal("three roles".into()))
 }
 
-/// Issues (or renews) the node's own serving SVID `spiffe://TD/ca-node/<id>`, with the
-/// longest X.509-SVID lifetime the configuration allows (half the intermediate's); returns
-/// its (notBefore, notAfter), Unix seconds.
-async fn renew_node_svid(core: &NodeCore, resolver: &SvidResolver) -> Result<(i64, i64), Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| Error::Internal(format!("node key: {e}")))?;
-    let id = crate::raft_tls::ca_node_id(&core.config.trust_domain(), &core.config.node_id)?;
-    let chain = core
-        .ca
-        .mint_x509_svid(&id, &key, core.config.max_x509_svid_ttl(), &[])
-        .await?;
-    let key_der = zeroize::Zeroizing::new(key.serialize_der());
-    resolver.set(&chain, &key_der)?;
-    // Connections to other members keep the certificate they were opened with: open new
-    // ones, so that peers see this one (an older one may come from a revoked intermediate).
-    core.raft.reconnect();
-    // Kept for the next start: a restarted node talks to its peers with it before its CA is
-    // ready (a memory-mode intermediate, for one, needs the cluster to be replaced).
-    if let Err(e) = crate::registry::save_node_svid(&core.config.data_dir, &chain, &key_der) {
-        tracing::warn!(error = %e, "could not save the node SVID");
-    }
-    let info = ca_identity::x509::cert_info(&chain[0])?;
-    Ok((info.not_before, info.not_after))
-}
-
 /// At most this many connections on the node port at once (fewer if `RLIMIT_NOFILE` is
 /// lower; 512 descriptors are kept for everything else). An agent holds one.
 pub const MAX_NODE_CONNECTIONS: usize = 16_384;
@@ -335,66 +310,6 @@ async fn initial_roots(config: &NodeConfig, sm: &StateMachine) -> Result<Vec<Vec
         Ok(text) => Ok(ca_identity::bundle::certs_from_pem(&text)?),
         Err(_) => Ok(Vec::new()),
     }
-}
-
-/// Whether this node may run its CA now: the journal has an active root, or this node is
-/// the whole cluster and leads it (it creates the root). A node that joined waits for the
-/// log to bring the root.
-async fn ca_may_start(core: &NodeCore) -> Result<bool, Error> {
-    let has_root = core.sm.authorities().await?.iter().any(|a| {
-        a.kind == ca_state::AuthorityKind::Root && a.state == ca_state::AuthorityState::Active
-    });
-    if has_root {
-        return Ok(true);
-    }
-    let st = core.raft.status();
-    Ok(st.role == Role::Leader && st.members.len() == 1 && st.members.contains_key(&st.id))
-}
-
-/// One round of CA upkeep on the current journal: read barrier, then
-/// [`Ca::ensure_authorities`]. `Ok(false)`: not yet (no root replicated here yet).
-pub(crate) async fn ensure_ca(core: &NodeCore) -> Result<bool, Error> {
-    let st = core.raft.status();
-    if !st.members.contains_key(&st.id) {
-        return Ok(false); // not added to the cluster yet
-    }
-    core.read_barrier().await?;
-    if !ca_may_start(core).await? {
-        return Ok(false);
-    }
-    core.ca
-        .ensure_authorities(core.raft.status().role == Role::Leader)
-        .await?;
-    Ok(true)
-}
-
-/// [`ensure_ca`], unless this node's clock disagrees with the cluster's: the authorities'
-/// lifecycle is decided by the clock, so with a wrong one nothing is decided (`Ok(false)`).
-async fn ensure_ca_unless_clock_is_off(core: &NodeCore) -> Result<bool, Error> {
-    crate::clock::recheck_if_jumped(core).await;
-    if let Some(p) = core.ca.clock_problem() {
-        tracing::warn!("CA maintenance skipped: {p}");
-        return Ok(false);
-    }
-    ensure_ca(core).await
-}
-
-/// When the serving SVID in `svid` starts to be valid (Unix seconds), if there is one.
-fn current_not_before(svid: &SvidResolver) -> Option<i64> {
-    let key = svid.current()?;
-    let leaf = key.cert.first()?;
-    ca_identity::x509::cert_info(leaf.as_ref())
-        .ok()
-        .map(|i| i.not_before)
-}
-
-/// What the maintenance loop reacts to at once: the CA journal's version and the rotation
-/// requests.
-async fn ca_fingerprint(sm: &StateMachine) -> Option<(i64, Vec<ca_state::RotationRequest>)> {
-    Some((
-        sm.authorities_version().await.ok()?,
-        sm.rotation_requests().await.ok()?,
-    ))
 }
 
 /// Starts a node; see [`Bootstrap`]. Returns once every listener is bound.
@@ -723,7 +638,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     // Nothing is minted or decided by the clock before it is compared with the others'.
     crate::clock::check(&core).await;
     // The CA: root (first node only), this node's intermediate and JWT key.
-    let fatal = match ensure_ca_unless_clock_is_off(&core).await {
+    let fatal = match crate::tasks::ensure_ca_unless_clock_is_off(&core).await {
         Ok(true) => None,
         Ok(false) => {
             tracing::info!("waiting for the replicated log to bring the CA journal's root");
@@ -754,7 +669,7 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
         .unwrap_or_default();
     let svid_validity = match core.ca.intermediate() {
         Some(_) if core.ca.clock_problem().is_some() => None,
-        Some(_) => match renew_node_svid(&core, &svid).await {
+        Some(_) => match crate::tasks::renew_node_svid(&core, &svid).await {
             Ok(validity) => Some(validity),
             Err(e) => {
                 let _ = shutdown.send(true);
@@ -835,148 +750,28 @@ pub async fn start_with(config: NodeConfig, bootstrap: Bootstrap) -> Result<Node
     // Clock offsets to the other members: a node whose clock a quorum disagrees with stops
     // minting.
     tasks.push(crate::clock::spawn(core.clone(), shutdown.subscribe()));
-    tasks.push(tokio::spawn({
-        let metrics = core.metrics.clone();
-        let mut raft_metrics = raft.metrics();
-        let mut snapshots = core.sm.subscribe_snapshots();
-        let mut stop = shutdown.subscribe();
-        async move {
-            let mut before = None;
-            let mut snapshots_before = ca_raft::SnapshotActivity::default();
-            loop {
-                let now = ca_raft::node::status_from_metrics(&raft_metrics.borrow_and_update());
-                metrics.set_raft(before.as_ref(), &now);
-                before = Some(now);
-                let activity = *snapshots.borrow_and_update();
-                metrics.set_snapshots(&snapshots_before, &activity);
-                snapshots_before = activity;
-                tokio::select! {
-                    r = raft_metrics.changed() => if r.is_err() { return },
-                    r = snapshots.changed() => if r.is_err() { return },
-                    _ = stop.changed() => return,
-                }
-            }
-        }
-    }));
+    tasks.push(crate::tasks::spawn_raft_metrics(
+        &core,
+        shutdown.subscribe(),
+    ));
 
     // The node's serving SVID, renewed when half of its remaining life is gone (on its own
     // timer: short lifetimes must not wait for the maintenance tick), and as soon as the
     // intermediate changed (rotated or revoked), checked every second.
-    let rcore = core.clone();
-    let mut stop = shutdown.subscribe();
-    tasks.push(tokio::spawn(async move {
-        // Not renewed above: renew as soon as possible (`not_after` 0), but know whether
-        // the SVID saved by the last run is from the future.
-        let (mut not_before, mut not_after) = svid_validity
-            .unwrap_or_else(|| (current_not_before(&svid).unwrap_or(0), 0));
-        let mut issuer = svid_issuer;
-        let mut renew_at_ms = 0i64;
-        loop {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or_default();
-            if renew_at_ms == 0 {
-                renew_at_ms = if not_after == 0 {
-                    now_ms + 1000
-                } else {
-                    now_ms + ((not_after * 1000 - now_ms) / 2).max(200)
-                };
-            }
-            let wait_ms = (renew_at_ms - now_ms).clamp(0, 1000);
-            tokio::select! {
-                _ = stop.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
-            }
-            let Some(int) = rcore.ca.intermediate() else {
-                continue;
-            };
-            let now_ms = now_ms + wait_ms;
-            if rcore.ca.clock_problem().is_some() {
-                continue;
-            }
-            // A certificate minted while this node's clock ran ahead is not valid yet for
-            // anyone else: replace it as soon as the clock is right.
-            let from_the_future = not_before * 1000 > now_ms;
-            if now_ms < renew_at_ms && int.record.id == issuer && !from_the_future {
-                continue;
-            }
-            match renew_node_svid(&rcore, &svid).await {
-                Ok((nb, na)) => {
-                    not_before = nb;
-                    not_after = na;
-                    issuer = int.record.id;
-                    renew_at_ms = 0;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "renewing the node's serving SVID failed; will retry");
-                    renew_at_ms = now_ms + 1000;
-                }
-            }
-        }
-    }));
+    tasks.push(crate::tasks::spawn_svid_renewal(
+        core.clone(),
+        svid.clone(),
+        svid_validity,
+        svid_issuer,
+        shutdown.subscribe(),
+    ));
 
     // Maintenance: the authorities' lifecycle, expired key destruction, bundle refresh.
-    let mcore = core.clone();
-    let mut stop = shutdown.subscribe();
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        // Besides every 5 s, a round runs as soon as the CA journal or the rotation requests
-        // change (a revocation or a rotation request takes effect at once on its node).
-        // Other writes (entries, agents) do not wake it.
-        let mut applied = mcore.sm.subscribe_ca();
-        let mut seen = ca_fingerprint(&mcore.sm).await;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                _ = tick.tick() => {}
-                changed = applied.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    if ca_fingerprint(&mcore.sm).await == seen {
-                        continue;
-                    }
-                    // Let a burst of entries (a rotation is several) land first.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            seen = ca_fingerprint(&mcore.sm).await;
-            let current = match ensure_ca_unless_clock_is_off(&mcore).await {
-                Ok(started) => started,
-                Err(e @ (Error::State(ca_raft::Error::Unavailable(_)) | Error::Unavailable(_))) => {
-                    tracing::warn!(error = %e, "CA maintenance skipped: no leader with a quorum; will retry in 5s");
-                    false
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "CA maintenance failed; will retry in 5s");
-                    false
-                }
-            };
-            mcore.ca.probe_key_managers().await;
-            if current {
-                if let Err(e) = mcore.ca.destroy_expired_keys().await {
-                    tracing::warn!(error = %e, "destroying expired authority keys failed; will retry");
-                }
-            } else if mcore.ca.bundle().is_ok() {
-                // Without a quorum the journal may still have changed here (applied late).
-                let _ = mcore.ca.refresh_bundle().await;
-            }
-            if let Ok(b) = mcore.ca.bundle() {
-                if !b.x509_authorities.is_empty() {
-                    roots.set(b.x509_authorities.clone());
-                }
-            }
-            if let Ok(auths) = mcore.sm.authorities().await {
-                mcore.metrics.set_authorities(
-                    &auths,
-                    &mcore.config.node_id,
-                    &mcore.config.rotation,
-                    ca_identity::unix_now(),
-                );
-            }
-        }
-    }));
+    tasks.push(crate::tasks::spawn_maintenance(
+        core.clone(),
+        roots.clone(),
+        shutdown.subscribe(),
+    ));
 
     tracing::info!(%node_addr, admin_socket = %admin_socket.display(), trust_domain = %config.trust_domain, node_id = %config.node_id, "ca-node started");
     let (failed_tx, failed) = watch::channel(None);
