@@ -41,10 +41,8 @@ enum Cmd {
         /// The TOML configuration.
         #[arg(long)]
         config: PathBuf,
-        /// Return once done (the node is a member and ready) instead of serving on: for
-        /// systemd, which then runs `ca-node run` with the same config.
-        #[arg(long)]
-        no_serve: bool,
+        #[command(flatten)]
+        then: AfterBootstrap,
     },
     /// Join an existing cluster with a join token created on a member for
     /// spiffe://TD/ca-node/<this node id>; then runs the node (restart it with `run`).
@@ -70,10 +68,8 @@ enum Cmd {
         /// Seconds to keep trying to be added and promoted.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
-        /// Return once done (the node is a member and ready) instead of serving on: for
-        /// systemd, which then runs `ca-node run` with the same config.
-        #[arg(long)]
-        no_serve: bool,
+        #[command(flatten)]
+        then: AfterBootstrap,
     },
     /// Start a local development environment (three nodes + an agent, software keys) and
     /// print SPIFFE_ENDPOINT_SOCKET=unix:///... ; runs until interrupted.
@@ -908,11 +904,25 @@ where
 /// failure starts again by itself.
 pub const ROOM_TO_RESTART: u64 = 16 << 20;
 
-/// Keeps `node` running until SIGINT/SIGTERM, then stops it. If it fails for good instead
-/// (its Raft log or state cannot be written: a full disk), it stops serving, waits until
-/// its data dir has [`ROOM_TO_RESTART`] free, then starts again as `ca-node run --config
-/// CONFIG` in this same process (exec), recovering from its log like any restart; a
-/// signal while it waits ends it with the failure.
+/// What `init` and `join` do once the node is a member.
+#[derive(Args, Debug)]
+struct AfterBootstrap {
+    /// Return once done (the node is a member and ready) instead of serving on: for
+    /// systemd, which then runs `ca-node run` with the same config.
+    #[arg(long)]
+    no_serve: bool,
+}
+
+impl AfterBootstrap {
+    /// Serves `node` until a signal, or with `--no-serve` stops it once it is ready.
+    async fn serve(&self, node: ca_node::NodeHandle, config: &Path) -> Result<(), String> {
+        if self.no_serve {
+            return stop_when_ready(node).await;
+        }
+        run_until_signal(node, config).await
+    }
+}
+
 /// `init`/`join --no-serve`: waits until the node is ready (its CA can mint), then stops it
 /// cleanly.
 async fn stop_when_ready(node: ca_node::NodeHandle) -> Result<(), String> {
@@ -932,6 +942,11 @@ async fn stop_when_ready(node: ca_node::NodeHandle) -> Result<(), String> {
     }
 }
 
+/// Keeps `node` running until SIGINT/SIGTERM, then stops it. If it fails for good instead
+/// (its Raft log or state cannot be written: a full disk), it stops serving, waits until
+/// its data dir has [`ROOM_TO_RESTART`] free, then starts again as `ca-node run --config
+/// CONFIG` in this same process (exec), recovering from its log like any restart; a
+/// signal while it waits ends it with the failure.
 async fn run_until_signal(node: ca_node::NodeHandle, config: &Path) -> Result<(), String> {
     let failed = node.failure();
     ca_identity::systemd::notify("READY=1\nSTATUS=serving");
@@ -983,7 +998,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             let node = ca_node::start(cfg).await.map_err(|e| e.to_string())?;
             run_until_signal(node, config).await
         }
-        Cmd::Init { config, no_serve } => {
+        Cmd::Init { config, then } => {
             let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
             let node = ca_node::server::start_with(cfg, ca_node::server::Bootstrap::Init)
@@ -993,10 +1008,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
                 node.core.config.raft_id, node.core.config.trust_domain
             );
-            if *no_serve {
-                return stop_when_ready(node).await;
-            }
-            run_until_signal(node, config).await
+            then.serve(node, config).await
         }
         Cmd::Join {
             config,
@@ -1006,7 +1018,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             bundle,
             learner,
             timeout,
-            no_serve,
+            then,
         } => {
             let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
@@ -1045,10 +1057,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
                 node.core.config.raft_id,
                 if *learner { "learner" } else { "voter" }
             );
-            if *no_serve {
-                return stop_when_ready(node).await;
-            }
-            run_until_signal(node, config).await
+            then.serve(node, config).await
         }
         Cmd::Dev { dir, nodes } => {
             ca_identity::logging::init("info", &cli.log_format);
