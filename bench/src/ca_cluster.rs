@@ -246,11 +246,14 @@ impl CaCluster {
     pub async fn stop(self) {
         let mut nodes = self.nodes;
         let _ = tokio::task::spawn_blocking(move || {
+            // All asked to stop first, so they stop together; then each waited for.
             for n in &mut nodes {
                 let _ = n.proc.signal(nix::sys::signal::Signal::SIGTERM);
             }
             for n in &mut nodes {
-                n.proc.terminate(Duration::from_secs(10));
+                if n.proc.wait_exit(Duration::from_secs(10)).is_none() {
+                    n.proc.kill_hard();
+                }
             }
         })
         .await;

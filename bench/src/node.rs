@@ -191,7 +191,6 @@ pub(crate) async fn admin_client(socket: &Path) -> anyhow::Result<AdminClient<Ch
 #[derive(Debug)]
 pub struct NodeProcess {
     proc: Proc,
-    pid: u32,
     dir: tempfile::TempDir,
     keep_dir: bool,
     /// The executable used.
@@ -273,10 +272,8 @@ impl NodeProcess {
             }
         }
         let proc = Proc::spawn("ca-node", cmd, &log_path).map_err(fail)?;
-        let pid = proc.pid();
         let mut node = NodeProcess {
             proc,
-            pid,
             keep_dir: settings.keep_dir,
             exe: exe.clone(),
             config,
@@ -329,7 +326,7 @@ impl NodeProcess {
 
     /// The node's process ID.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     /// The temporary directory (config, state, log).
@@ -339,10 +336,10 @@ impl NodeProcess {
 
     /// CPU time the node has used so far: (user, system).
     pub fn cpu(&self) -> anyhow::Result<(Duration, Duration)> {
-        crate::procstat::process_cpu_split(self.pid).with_context(|| {
+        crate::procstat::process_cpu_split(self.proc.pid()).with_context(|| {
             format!(
                 "reading the node's CPU time from /proc/{}/stat (is this Linux?)",
-                self.pid
+                self.proc.pid()
             )
         })
     }

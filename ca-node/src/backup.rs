@@ -64,8 +64,11 @@ pub async fn restore(from: &Path, data_dir: &Path) -> Result<Restored, Error> {
         )));
     }
     let checked = from.to_owned();
-    blocking(move || ca_state::backup::check_copy(&checked)).await?;
-    let applied = applied_index(from).await?;
+    let applied = blocking(move || {
+        ca_state::backup::check_copy(&checked)?;
+        ca_state::backup::applied_index(&checked)
+    })
+    .await?;
     std::fs::create_dir_all(data_dir).map_err(|e| db_err("creating", data_dir, e))?;
     {
         use std::os::unix::fs::PermissionsExt;

@@ -253,7 +253,7 @@ impl PeerGate {
     }
 
     /// Like [`PeerGate::admit_certs`], the view confirmed before a refusal.
-    pub async fn admit_certs_confirmed(
+    async fn admit_certs_confirmed(
         &self,
         certs: Option<&[CertificateDer<'_>]>,
     ) -> Result<Admitted, Status> {

@@ -394,8 +394,6 @@ pub struct NodeProcess {
     proc: ca_test_support::process::Proc,
     /// Its admin socket.
     pub admin_socket: PathBuf,
-    /// Where its output goes.
-    pub log: PathBuf,
 }
 
 impl NodeProcess {
@@ -414,7 +412,6 @@ impl NodeProcess {
         let mut p = Self {
             proc,
             admin_socket: admin_socket.to_owned(),
-            log: log.to_owned(),
         };
         p.wait_ready().await;
         p
@@ -450,7 +447,7 @@ impl NodeProcess {
 
     /// The process's output so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.proc.log()).unwrap_or_default()
     }
 
     /// SIGKILL, and wait for it to be gone.
