@@ -104,7 +104,7 @@ pub async fn join(config: NodeConfig, opts: JoinOptions) -> Result<NodeHandle, E
     tracing::info!(peer = %opts.peer, node = %config.node_id, "joined: received this node's first SVID; starting");
 
     let raft_id = config.raft_id;
-    let node = crate::server::start_with(config, crate::server::Bootstrap::Join).await?;
+    let node = crate::node::start_with(config, crate::node::Bootstrap::Join).await?;
     // AddMe presents the SVID Join issued (the node replaces its own once its CA is ready).
     let join_svid = SvidResolver::default();
     join_svid.set(&resp.svid_chain, &key_der)?;
@@ -200,7 +200,7 @@ async fn add_me(
     }
     // Its CA (intermediate, JWT key) now, rather than at the next maintenance tick.
     loop {
-        match crate::tasks::ensure_ca(&node.core).await {
+        match crate::node::tasks::ensure_ca(&node.core).await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => tracing::info!(error = %e, "this node's CA is not ready yet; retrying"),

@@ -15,31 +15,32 @@ use crate::error::from_rejection;
 use crate::metrics::Metrics;
 use crate::Error;
 
-/// Everything a node's APIs need.
+/// Everything a node's APIs need. Built once by [`crate::node::start_with`]; outside this
+/// crate (the CLI, the dev cluster, tests) it is read through the accessors below.
 #[derive(Debug)]
 pub struct NodeCore {
     /// Configuration.
-    pub config: NodeConfig,
+    pub(crate) config: NodeConfig,
     /// Replicated state (reads).
-    pub sm: StateMachine,
+    pub(crate) sm: StateMachine,
     /// Replicated log (writes).
-    pub proposer: Arc<dyn Proposer>,
+    pub(crate) proposer: Arc<dyn Proposer>,
     /// The CA.
-    pub ca: Ca,
+    pub(crate) ca: Ca,
     /// Metrics.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// This node's Raft member (cluster status, membership, read barrier).
-    pub raft: RaftNode,
+    pub(crate) raft: RaftNode,
     /// The node's own SVID (`spiffe://TD/ca-node/<id>`), served and presented to peers.
-    pub svid: SvidResolver,
+    pub(crate) svid: SvidResolver,
     /// The X.509 roots peers and agents are verified against.
-    pub roots: LiveRoots,
+    pub(crate) roots: LiveRoots,
     /// This node's own root key manager (without forwarding to other members).
-    pub local_root_km: Arc<dyn KeyManager>,
+    pub(crate) local_root_km: Arc<dyn KeyManager>,
     /// `host:port` members reach this node at.
-    pub advertise_addr: String,
+    pub(crate) advertise_addr: String,
     /// Who may use the Raft transport and cluster service, and what may be proposed.
-    pub gate: crate::peer_gate::PeerGate,
+    pub(crate) gate: crate::peer_gate::PeerGate,
 }
 
 /// Proposes a command, turning a refusal into an error.
@@ -51,6 +52,46 @@ pub async fn propose(p: &dyn Proposer, cmd: Command) -> Result<Response, Error> 
 }
 
 impl NodeCore {
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The replicated state as applied on this node (reads).
+    pub fn state(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// Where writes go: the replicated log, through the peer gate's checks and metrics.
+    pub fn proposer(&self) -> &dyn Proposer {
+        self.proposer.as_ref()
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This node's Raft member.
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// The node's own serving SVID.
+    pub fn svid(&self) -> &SvidResolver {
+        &self.svid
+    }
+
+    /// The `host:port` members reach this node at.
+    pub fn advertise_addr(&self) -> &str {
+        &self.advertise_addr
+    }
+
     /// A read barrier: returns once this node has applied everything committed before the
     /// call, so the reads that follow are current (linearizable). `UNAVAILABLE` without a
     /// leader and a quorum.

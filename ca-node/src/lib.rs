@@ -30,15 +30,14 @@ pub mod convert;
 pub mod core;
 pub mod error;
 pub mod metrics;
+pub mod node;
 pub mod node_api;
 pub mod peer_gate;
 pub mod raft_tls;
 pub mod registry;
-pub mod server;
-mod tasks;
 pub mod validate;
 pub mod wallclock;
 
 pub use config::NodeConfig;
 pub use error::Error;
-pub use server::{start, NodeHandle};
+pub use node::{start, NodeHandle};

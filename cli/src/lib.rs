@@ -4,7 +4,7 @@
 #![warn(missing_docs)]
 
 use ca_node::config::DEFAULT_ADMIN_SOCKET;
-use ca_node::server::wait_for_signal;
+use ca_node::node::wait_for_signal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -959,12 +959,12 @@ async fn run_until_signal(node: ca_node::NodeHandle, config: &Path) -> Result<()
         }
         why = failed => why,
     };
-    let data_dir = node.core.config.data_dir.clone();
+    let data_dir = node.core.config().data_dir.clone();
     node.shutdown().await;
     tracing::error!(data_dir = %data_dir.display(), "stopped: waiting for {} MiB free to start again", ROOM_TO_RESTART >> 20);
     let room = async {
         loop {
-            if ca_node::server::free_bytes(&data_dir).is_some_and(|b| b >= ROOM_TO_RESTART) {
+            if ca_node::node::free_bytes(&data_dir).is_some_and(|b| b >= ROOM_TO_RESTART) {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -1001,12 +1001,12 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
         Cmd::Init { config, then } => {
             let cfg = ca_node::NodeConfig::load(config).map_err(|e| e.to_string())?;
             ca_identity::logging::init(&cfg.log_level, &cli.log_format);
-            let node = ca_node::server::start_with(cfg, ca_node::server::Bootstrap::Init)
+            let node = ca_node::node::start_with(cfg, ca_node::node::Bootstrap::Init)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(
                 "Initialized a new cluster: this node (raft id {}) is its only member. Create join tokens with `ca-node token generate --spiffe-id spiffe://{}/ca-node/<node id>`.",
-                node.core.config.raft_id, node.core.config.trust_domain
+                node.core.config().raft_id, node.core.config().trust_domain
             );
             then.serve(node, config).await
         }
@@ -1054,7 +1054,7 @@ async fn run_cli(cli: Cli) -> Result<(), String> {
             };
             println!(
                 "Joined the cluster as raft id {} ({}).",
-                node.core.config.raft_id,
+                node.core.config().raft_id,
                 if *learner { "learner" } else { "voter" }
             );
             then.serve(node, config).await

@@ -151,7 +151,7 @@ pub async fn register_with(
         ca_identity::unix_now(),
     )?;
     match ca_node::core::propose(
-        core.proposer.as_ref(),
+        core.proposer(),
         ca_state::Command::CreateEntry { entry: rec },
     )
     .await
@@ -307,11 +307,8 @@ impl DevCluster {
                 }
             } else {
                 nodes.push(
-                    ca_node::server::start_with(
-                        configs[0].clone(),
-                        ca_node::server::Bootstrap::Init,
-                    )
-                    .await?,
+                    ca_node::node::start_with(configs[0].clone(), ca_node::node::Bootstrap::Init)
+                        .await?,
                 );
                 for c in &configs[1..] {
                     let h = join_dev_node(&nodes[0], c.clone()).await?;
@@ -371,8 +368,10 @@ impl DevCluster {
         let id = self
             .nodes
             .iter()
-            .find_map(|n| n.core.raft.status().leader)?;
-        self.nodes.iter().position(|n| n.core.config.raft_id == id)
+            .find_map(|n| n.core.raft().status().leader)?;
+        self.nodes
+            .iter()
+            .position(|n| n.core.config().raft_id == id)
     }
 
     /// Stops the agent, then the nodes.
@@ -391,9 +390,9 @@ async fn join_dev_node(first: &NodeHandle, cfg: NodeConfig) -> Result<NodeHandle
     ca_node::bootstrap::join(
         cfg,
         ca_node::bootstrap::JoinOptions {
-            peer: first.core.advertise_addr.clone(),
+            peer: first.core.advertise_addr().to_string(),
             token: token.token,
-            bundle_pem: first.core.ca.bundle()?.x509_pem(),
+            bundle_pem: first.core.ca().bundle()?.x509_pem(),
             promote: true,
             timeout: Duration::from_secs(60),
         },
@@ -408,11 +407,11 @@ async fn start_dev_agent(
 ) -> Result<ca_agent::AgentHandle, Error> {
     let first = &nodes[0];
     let bundle_path = dir.join("bundle.pem");
-    std::fs::write(&bundle_path, first.core.ca.bundle()?.x509_pem())
+    std::fs::write(&bundle_path, first.core.ca().bundle()?.x509_pem())
         .map_err(|e| Error::Internal(format!("writing {}: {e}", bundle_path.display())))?;
     let token = first.core.create_join_token("", 600).await?;
     let mut agent_cfg = ca_agent::AgentConfig {
-        trust_domain: first.core.config.trust_domain.clone(),
+        trust_domain: first.core.config().trust_domain.clone(),
         server_addresses: nodes.iter().map(|n| n.node_addr.to_string()).collect(),
         data_dir: dir.join("agent"),
         socket_path: dir.join("agent.sock"),
@@ -437,8 +436,8 @@ fn print_ready(endpoint: &str, nodes: &[&NodeHandle]) {
         for n in nodes {
             println!(
                 "# node {} (raft id {}): node API {}, admin socket {}{}",
-                n.core.config.node_id,
-                n.core.config.raft_id,
+                n.core.config().node_id,
+                n.core.config().raft_id,
                 n.node_addr,
                 n.admin_socket.display(),
                 n.http_addr
@@ -461,7 +460,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
         env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
         print_ready(&env.endpoint(), &[&env.node]);
         tracing::info!(agent = %env.agent.spiffe_id(), "dev environment ready; Ctrl-C to stop");
-        ca_node::server::wait_for_signal().await;
+        ca_node::node::wait_for_signal().await;
         env.shutdown().await;
         return Ok(());
     }
@@ -475,7 +474,7 @@ pub async fn run(dir: &Path, nodes: usize) -> Result<(), Error> {
     env.wait_for_svid(DEMO_ID, Duration::from_secs(30)).await?;
     print_ready(&env.endpoint(), &env.nodes.iter().collect::<Vec<_>>());
     tracing::info!(agent = %env.agent.spiffe_id(), nodes, "dev cluster ready; Ctrl-C to stop");
-    ca_node::server::wait_for_signal().await;
+    ca_node::node::wait_for_signal().await;
     env.shutdown().await;
     Ok(())
 }

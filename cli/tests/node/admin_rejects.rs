@@ -46,8 +46,8 @@ async fn malformed_spiffe_ids_are_refused_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let applied = node.core.sm.last_applied();
-    let before = snapshot(&node.core.sm).await;
+    let applied = node.core.state().last_applied();
+    let before = snapshot(node.core.state()).await;
 
     let too_long = format!("spiffe://{TD}/{}", "a".repeat(2100));
     let too_long_reason = "longer than 2048";
@@ -129,11 +129,11 @@ async fn malformed_spiffe_ids_are_refused_and_nothing_is_applied() {
     assert!(failures.is_empty(), "{failures:#?}");
 
     assert_eq!(
-        node.core.sm.last_applied(),
+        node.core.state().last_applied(),
         applied,
         "a refused request applied a command"
     );
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -142,7 +142,7 @@ async fn malformed_selectors_are_refused_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let applied = node.core.sm.last_applied();
+    let applied = node.core.state().last_applied();
 
     let sel = |t: &str, v: &str| ca_proto::types::Selector {
         r#type: t.into(),
@@ -188,8 +188,8 @@ async fn malformed_selectors_are_refused_and_nothing_is_applied() {
         );
     }
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(node.core.sm.last_applied(), applied);
-    assert!(node.core.sm.entries().await.unwrap().is_empty());
+    assert_eq!(node.core.state().last_applied(), applied);
+    assert!(node.core.state().entries().await.unwrap().is_empty());
     node.shutdown().await;
 }
 
@@ -198,9 +198,9 @@ async fn bad_ttls_dns_names_and_hints_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let applied = node.core.sm.last_applied();
-    let max_x509 = node.core.config.max_x509_svid_ttl();
-    let max_jwt = node.core.config.max_jwt_svid_ttl();
+    let applied = node.core.state().last_applied();
+    let max_x509 = node.core.config().max_x509_svid_ttl();
+    let max_jwt = node.core.config().max_jwt_svid_ttl();
 
     let with = |f: &dyn Fn(&mut Entry)| {
         let mut e = entry(GOOD_ID, PARENT, &["unix:uid:1000"]);
@@ -247,8 +247,8 @@ async fn bad_ttls_dns_names_and_hints_are_refused() {
         collect(&mut failures, needles, r, Code::InvalidArgument, needles);
     }
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(node.core.sm.last_applied(), applied);
-    assert!(node.core.sm.entries().await.unwrap().is_empty());
+    assert_eq!(node.core.state().last_applied(), applied);
+    assert!(node.core.state().entries().await.unwrap().is_empty());
 
     // Control: the limits themselves are accepted.
     let ok = a
@@ -280,7 +280,7 @@ async fn duplicate_entries_are_refused() {
         .into_inner()
         .entry
         .unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     // Same entry, and the same selectors in another order (and repeated).
     for selectors in [
@@ -298,7 +298,7 @@ async fn duplicate_entries_are_refused() {
             &["same SPIFFE ID, parent ID and selectors exists", &first.id],
         );
     }
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
 
     // Control: a different selector set is a different entry.
     a.create_entry(CreateEntryRequest {
@@ -306,7 +306,7 @@ async fn duplicate_entries_are_refused() {
     })
     .await
     .expect("a different selector set is allowed");
-    assert_eq!(node.core.sm.entries().await.unwrap().len(), 2);
+    assert_eq!(node.core.state().entries().await.unwrap().len(), 2);
     node.shutdown().await;
 }
 
@@ -324,7 +324,7 @@ async fn update_delete_and_get_of_a_missing_entry_are_not_found() {
         .into_inner()
         .entry
         .unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let missing = "3f1d1c1e-0000-4000-8000-000000000000";
 
     let mut e = entry(GOOD_ID, PARENT, &["unix:uid:2000"]);
@@ -383,8 +383,8 @@ async fn update_delete_and_get_of_a_missing_entry_are_not_found() {
         &["spiffe_id", "trust domain"],
     );
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
-    let stored = node.core.sm.entry(&kept.id).await.unwrap().unwrap();
+    assert_eq!(snapshot(node.core.state()).await, before);
+    let stored = node.core.state().entry(&kept.id).await.unwrap().unwrap();
     assert_eq!(stored.revision, kept.revision);
     assert_eq!(stored.selectors[0].value, "uid:1000");
     node.shutdown().await;
@@ -413,7 +413,7 @@ async fn an_update_cannot_turn_an_entry_into_a_duplicate() {
         .into_inner()
         .entry
         .unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut copy = second.clone();
     copy.selectors = first.selectors.clone();
     assert_status(
@@ -422,7 +422,7 @@ async fn an_update_cannot_turn_an_entry_into_a_duplicate() {
         Code::AlreadyExists,
         &["same SPIFFE ID, parent ID and selectors exists", &first.id],
     );
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -431,7 +431,7 @@ async fn bad_join_token_requests_are_refused_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let applied = node.core.sm.last_applied();
+    let applied = node.core.state().last_applied();
 
     let req = |id: &str, ttl: i64| CreateJoinTokenRequest {
         spiffe_id: id.into(),
@@ -480,7 +480,7 @@ async fn bad_join_token_requests_are_refused_and_nothing_is_applied() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
     assert_eq!(
-        node.core.sm.last_applied(),
+        node.core.state().last_applied(),
         applied,
         "a refused join token request applied a command"
     );
@@ -492,7 +492,7 @@ async fn bad_join_token_requests_are_refused_and_nothing_is_applied() {
         .expect("ttl 0 is the default")
         .into_inner();
     let ttl = t.expires_at - ca_identity::unix_now();
-    let default = node.core.config.ttl.join_token;
+    let default = node.core.config().ttl.join_token;
     assert!(
         (default - 5..=default).contains(&ttl),
         "{ttl} vs default {default}"
@@ -505,7 +505,7 @@ async fn agent_commands_for_a_missing_agent_are_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let id = "spiffe://dev.example.org/agent/nobody";
     assert_status(
         a.get_agent(GetAgentRequest {
@@ -531,7 +531,7 @@ async fn agent_commands_for_a_missing_agent_are_not_found() {
         Code::NotFound,
         &["no agent", id],
     );
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert!(
         before.agents.is_empty(),
         "ban must not create an agent record"
@@ -581,7 +581,7 @@ async fn every_admin_method_refuses_another_user() {
     }
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
-    let applied = node.core.sm.last_applied();
+    let applied = node.core.state().last_applied();
     let mut p = node.admin_socket.parent().unwrap().to_path_buf();
     while p.starts_with(dir.path()) {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -625,7 +625,7 @@ async fn every_admin_method_refuses_another_user() {
     }
     assert!(failures.is_empty(), "not refused:\n{}", failures.join("\n"));
     assert_eq!(
-        node.core.sm.last_applied(),
+        node.core.state().last_applied(),
         applied,
         "something was applied"
     );
@@ -640,7 +640,7 @@ async fn a_batch_of_entries_is_answered_entry_by_entry() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let mut a = admin(&node.admin_socket).await;
-    let applied = node.core.sm.last_applied();
+    let applied = node.core.state().last_applied();
     let too_many: Vec<Entry> = (0..=ca_node::admin_api::MAX_BATCH_ENTRIES)
         .map(|i| {
             entry(
@@ -656,7 +656,7 @@ async fn a_batch_of_entries_is_answered_entry_by_entry() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("at most 1000"), "{}", e.message());
-    assert_eq!(node.core.sm.last_applied(), applied, "nothing applied");
+    assert_eq!(node.core.state().last_applied(), applied, "nothing applied");
 
     let first = entry(GOOD_ID, PARENT, &["unix:uid:1000"]);
     let r = a

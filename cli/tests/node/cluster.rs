@@ -33,20 +33,20 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
     let env = start_cluster(tmp.path()).await;
 
     // Three voters, one leader, every node agreeing.
-    let st = env.nodes[0].core.raft.status();
+    let st = env.nodes[0].core.raft().status();
     assert_eq!(st.members.len(), 3, "{st:?}");
     assert!(st.members.values().all(|m| m.voter), "{st:?}");
     let leader = env.leader().expect("a leader");
     for n in &env.nodes {
         assert_eq!(
-            n.core.raft.status().leader,
-            Some(env.nodes[leader].core.config.raft_id)
+            n.core.raft().status().leader,
+            Some(env.nodes[leader].core.config().raft_id)
         );
     }
 
     // Every node has its own active intermediate, signed by the one root (nodes 2 and 3
     // had node 1 sign theirs: only node 1's key directory holds the root key).
-    let auths = env.nodes[2].core.sm.authorities().await.unwrap();
+    let auths = env.nodes[2].core.state().authorities().await.unwrap();
     let roots: Vec<_> = auths
         .iter()
         .filter(|a| a.kind == AuthorityKind::Root)
@@ -81,7 +81,7 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
         }
     }
     for n in &env.nodes {
-        let int = n.core.ca.intermediate().expect("an intermediate");
+        let int = n.core.ca().intermediate().expect("an intermediate");
         let info = ca_identity::x509::cert_info(&int.record.cert_der).unwrap();
         let root = ca_identity::x509::cert_info(&roots[0].cert_der).unwrap();
         assert_eq!(info.authority_key_id, root.subject_key_id);
@@ -141,7 +141,7 @@ async fn three_nodes_replicate_forward_and_sign_their_own_intermediates() {
         .unwrap()
         .into_inner();
     assert_eq!(s.members.len(), 3);
-    assert_eq!(s.leader_id, env.nodes[leader].core.config.raft_id);
+    assert_eq!(s.leader_id, env.nodes[leader].core.config().raft_id);
 
     env.shutdown().await;
 }
@@ -219,7 +219,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
     let node_svid = SvidResolver::default();
     node_svid.set(&chain, &key.serialize_der()).unwrap();
     let td = ca_identity::TrustDomain::new(TD).unwrap();
-    let member_svid = env.nodes[1].core.svid.clone();
+    let member_svid = env.nodes[1].core.svid().clone();
     for (who, svid, code) in [
         ("no certificate", &none, Some(Code::Unauthenticated)),
         ("an agent", &agent_svid, Some(Code::PermissionDenied)),
@@ -275,7 +275,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
     // A member refuses to sign anything but an intermediate for the caller.
     let root = env.nodes[0]
         .core
-        .sm
+        .state()
         .authorities()
         .await
         .unwrap()
@@ -284,7 +284,7 @@ async fn a_node_join_token_is_used_once_and_only_ca_nodes_reach_raft() {
         .unwrap();
     let leaf_tbs = {
         // The TBS of dev-3's own intermediate, asked for by member dev-2: refused.
-        let int = env.nodes[2].core.ca.intermediate().unwrap();
+        let int = env.nodes[2].core.ca().intermediate().unwrap();
         let cert = x509_parser::parse_x509_certificate(&int.record.cert_der)
             .unwrap()
             .1;
@@ -325,16 +325,16 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     a.remove_member(RemoveMemberRequest { raft_id: 3 })
         .await
         .expect("removed");
-    let st = env.nodes[0].core.raft.status();
+    let st = env.nodes[0].core.raft().status();
     assert_eq!(st.members.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
-    let auths = env.nodes[0].core.sm.authorities().await.unwrap();
+    let auths = env.nodes[0].core.state().authorities().await.unwrap();
     assert!(auths
         .iter()
         .filter(|a| a.node_id == "dev-3")
         .all(|a| a.state == AuthorityState::Revoked));
     assert!(env.nodes[0]
         .core
-        .sm
+        .state()
         .agent("spiffe://dev.example.org/ca-node/dev-3")
         .await
         .unwrap()
@@ -343,7 +343,7 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     // Wipe it and join again under a new raft id.
     let mut nodes = env.nodes;
     let old = nodes.pop().unwrap();
-    let old_cfg = old.core.config.clone();
+    let old_cfg = old.core.config().clone();
     old.shutdown().await;
     std::fs::remove_dir_all(&old_cfg.data_dir).unwrap();
     let mut cfg = old_cfg.clone();
@@ -356,17 +356,17 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     let rejoined = ca_node::bootstrap::join(
         cfg,
         ca_node::bootstrap::JoinOptions {
-            peer: nodes[1].core.advertise_addr.clone(),
+            peer: nodes[1].core.advertise_addr().to_string(),
             token: token.token,
-            bundle_pem: nodes[0].core.ca.bundle().unwrap().x509_pem(),
+            bundle_pem: nodes[0].core.ca().bundle().unwrap().x509_pem(),
             promote: true,
             timeout: Duration::from_secs(60),
         },
     )
     .await
     .expect("the wiped node joins again");
-    assert!(rejoined.core.ca.intermediate().is_some());
-    let st = nodes[0].core.raft.status();
+    assert!(rejoined.core.ca().intermediate().is_some());
+    let st = nodes[0].core.raft().status();
     assert_eq!(
         st.members.keys().copied().collect::<Vec<_>>(),
         vec![1, 2, 33]
@@ -375,7 +375,7 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     // It caught up with everything written before it joined.
     assert!(rejoined
         .core
-        .sm
+        .state()
         .entries()
         .await
         .unwrap()
@@ -399,7 +399,7 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     let backup = tmp.path().join("backup.db");
     std::fs::write(&backup, &data).unwrap();
     let root_before = roots_of(&nodes[0]);
-    let root_key_dir = nodes[0].core.config.data_dir.join("keys");
+    let root_key_dir = nodes[0].core.config().data_dir.join("keys");
     let _ = env.agent.shutdown().await;
     rejoined.shutdown().await;
     for n in nodes {
@@ -425,17 +425,17 @@ async fn remove_then_rejoin_and_restore_a_backup_as_a_new_cluster() {
     }
     let node = ca_node::start(cfg).await.expect("the restored node starts");
     assert_eq!(roots_of(&node), root_before);
-    let st = node.core.raft.status();
+    let st = node.core.raft().status();
     assert_eq!(st.members.len(), 1);
     assert!(node
         .core
-        .sm
+        .state()
         .entries()
         .await
         .unwrap()
         .iter()
         .any(|e| e.spiffe_id == "spiffe://dev.example.org/service/kept"));
-    assert!(node.core.ca.intermediate().is_some());
+    assert!(node.core.ca().intermediate().is_some());
     node.shutdown().await;
     // Restoring into a data dir that holds a node is refused.
     let err = ca_node::backup::restore(&backup, &dr.path().join("restored"))

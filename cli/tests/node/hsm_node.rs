@@ -13,12 +13,13 @@ use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::NodeConfig;
 use ca_state::AuthorityKind;
 use ca_test_support::http::metric;
-use ca_test_support::pki::{openssl_verify, verify_signed_by};
+use ca_test_support::pki::verify_signed_by;
 use ca_test_support::softhsm::SoftHsm;
 use ca_test_support::{logs, moto};
 
 use crate::common::node_checks::*;
 use crate::common::TD;
+use crate::key_backends::sorted;
 
 fn pkcs11(hsm: &SoftHsm, token: &str, prefix: &str) -> KeyManagerConfig {
     KeyManagerConfig::Pkcs11(hsm.config(token, prefix))
@@ -52,150 +53,6 @@ fn assert_permission_denied(err: &ca_node::Error, what: &str) {
         "{err:?}"
     );
     assert!(err.to_string().contains(what), "{err}");
-}
-
-fn sorted(mut v: Vec<String>) -> Vec<String> {
-    v.sort();
-    v
-}
-
-/// Intermediate in the token: root, intermediate and JWT keys are generated in the token,
-/// not extractable; an agent's SVID and a JWT-SVID minted with them verify (openssl too);
-/// a restart finds the same root and intermediate in the token.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_live_in_the_token_and_survive_a_restart() {
-    let hsm = SoftHsm::new().await;
-    hsm.init_token("ca");
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = hsm_config(&tmp.path().canonicalize().unwrap(), &hsm, "ca");
-
-    let env = ca_dev::DevEnv::start_with(cfg.clone(), |_| {})
-        .await
-        .expect("node and agent start on the token");
-    let node = &env.node;
-    let root = active(node, AuthorityKind::Root).await;
-    let int = active(node, AuthorityKind::Intermediate).await;
-    let jwt = active(node, AuthorityKind::Jwt).await;
-    for a in [&root, &int, &jwt] {
-        assert_eq!(a.key_backend, "pkcs11", "{a:?}");
-    }
-
-    // The token holds exactly these three keys, none of them extractable.
-    let (km, keys) = token_keys(&hsm, "ca", "n1-").await;
-    assert_eq!(
-        keys,
-        sorted(vec![
-            root.key_id.clone(),
-            int.key_id.clone(),
-            jwt.key_id.clone()
-        ])
-    );
-    for k in &keys {
-        let p = km.protection(k).await.unwrap();
-        assert!(!p.extractable, "{k}: {}", p.detail);
-        assert!(p.detail.contains("CKA_EXTRACTABLE=false"), "{}", p.detail);
-        assert!(
-            p.detail.contains("CKA_NEVER_EXTRACTABLE=true"),
-            "{}",
-            p.detail
-        );
-        // The public key in the journal is the token's.
-        let spki = km.get(k).await.unwrap().public_key_spki().to_vec();
-        let rec = [&root, &int, &jwt]
-            .into_iter()
-            .find(|a| &a.key_id == k)
-            .unwrap();
-        assert_eq!(spki, rec.public_key, "{k}");
-    }
-
-    // An agent's workload gets an X.509-SVID through the node API, chained to the root.
-    let uid = nix::unistd::getuid().as_raw();
-    let id = format!("spiffe://{TD}/service/hsm-workload");
-    env.register(&id, &[format!("unix:uid:{uid}")])
-        .await
-        .unwrap();
-    env.wait_for_svid(&id, Duration::from_secs(20))
-        .await
-        .unwrap();
-    let cache = env.agent.cache().current();
-    let svid = cache
-        .svids
-        .values()
-        .find(|s| s.spiffe_id.as_str() == id)
-        .unwrap();
-    assert_eq!(svid.chain.len(), 2);
-    assert_eq!(svid.chain[1], int.cert_der);
-    verify_signed_by(&svid.chain[0], &svid.chain[1]);
-    verify_signed_by(&svid.chain[1], &root.cert_der);
-    verify_signed_by(&root.cert_der, &root.cert_der);
-    assert_eq!(roots(node), vec![root.cert_der.clone()]);
-    openssl_verify(&roots(node), &svid.chain);
-
-    let token = mint_jwt(node, SERVICE).await.unwrap();
-    check_jwt(node, &token);
-
-    // Every signature went to the token.
-    let text = metrics(node).await;
-    for (role, min) in [("root", 2.0), ("intermediate", 2.0), ("jwt", 1.0)] {
-        let s = format!("ca_keymanager_sign_seconds_count{{backend=\"pkcs11\",role=\"{role}\"}}");
-        assert!(series(&text, &s) >= min, "{s}: {text}");
-        assert_eq!(
-            metric(&text, &format!("ca_keymanager_up{{role=\"{role}\"}}")),
-            Some(1.0)
-        );
-    }
-    assert!(!text.contains("backend=\"soft\""), "{text}");
-    env.shutdown().await;
-
-    // Restart: the same root and intermediate, their keys found in the token again.
-    let node = ca_node::start(cfg).await.expect("restart");
-    assert_eq!(roots(&node), vec![root.cert_der.clone()]);
-    let again = node.core.ca.intermediate().unwrap();
-    assert_eq!(again.record.id, int.id);
-    let chain = mint_x509(&node, SERVICE).await.unwrap();
-    verify_signed_by(&chain[0], &int.cert_der);
-    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
-    let (_, keys_after) = token_keys(&hsm, "ca", "n1-").await;
-    assert_eq!(keys_after, keys, "no new keys at restart");
-    node.shutdown().await;
-}
-
-/// Memory mode with the root in the token: the intermediate's key is never in the token,
-/// and a restart makes a new intermediate under the same root.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_mode_keeps_the_intermediate_out_of_the_token() {
-    let hsm = SoftHsm::new().await;
-    hsm.init_token("ca-mem");
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = hsm_config(tmp.path(), &hsm, "ca-mem");
-    cfg.intermediate_mode = IntermediateMode::Memory;
-
-    let node = ca_node::start(cfg.clone()).await.unwrap();
-    let root = active(&node, AuthorityKind::Root).await;
-    let first = active(&node, AuthorityKind::Intermediate).await;
-    let jwt = active(&node, AuthorityKind::Jwt).await;
-    assert_eq!(root.key_backend, "pkcs11");
-    assert_eq!(jwt.key_backend, "pkcs11");
-    assert_eq!(first.key_backend, "memory");
-    let (_, keys) = token_keys(&hsm, "ca-mem", "n1-").await;
-    assert_eq!(keys, sorted(vec![root.key_id.clone(), jwt.key_id.clone()]));
-
-    let chain = mint_x509(&node, SERVICE).await.unwrap();
-    verify_signed_by(&chain[0], &first.cert_der);
-    verify_signed_by(&first.cert_der, &root.cert_der);
-    node.shutdown().await;
-
-    let node = ca_node::start(cfg).await.unwrap();
-    let second = active(&node, AuthorityKind::Intermediate).await;
-    assert_ne!(second.id, first.id, "a new intermediate after the restart");
-    assert_eq!(second.key_backend, "memory");
-    assert_eq!(roots(&node), vec![root.cert_der.clone()], "the same root");
-    let chain = mint_x509(&node, SERVICE).await.unwrap();
-    verify_signed_by(&chain[0], &second.cert_der);
-    verify_signed_by(&second.cert_der, &root.cert_der);
-    let (_, after) = token_keys(&hsm, "ca-mem", "n1-").await;
-    assert_eq!(after, keys, "still only the root and JWT keys in the token");
-    node.shutdown().await;
 }
 
 /// One key manager per role: the root in the token, the JWT key in KMS, the intermediate
@@ -420,7 +277,7 @@ async fn memory_mode_keeps_minting_while_the_root_token_is_gone() {
         "a new intermediate once the root is back",
         Duration::from_secs(15),
         || async move {
-            let i = n.core.ca.intermediate()?;
+            let i = n.core.ca().intermediate()?;
             (&i.record.id != first_id).then_some(i.record)
         },
     )
@@ -502,7 +359,7 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
         "a new intermediate once the root is back",
         Duration::from_secs(15),
         || async move {
-            let i = n.core.ca.intermediate()?;
+            let i = n.core.ca().intermediate()?;
             (&i.record.id != first_id).then_some(i.record)
         },
     )
@@ -511,7 +368,7 @@ async fn failed_rotation_leaves_no_key_in_the_token() {
     let (_, after) = token_keys(&hsm, "ca-int", "i-").await;
     let journal: Vec<String> = node
         .core
-        .sm
+        .state()
         .authorities()
         .await
         .unwrap()

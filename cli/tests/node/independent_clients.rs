@@ -112,7 +112,7 @@ fn socket_path(env: &DevEnv) -> PathBuf {
 
 /// The trust bundle as the node publishes it: root DERs and the JWT key IDs.
 fn node_bundle(env: &DevEnv) -> (Vec<Vec<u8>>, BTreeSet<String>) {
-    let b = env.node.core.ca.bundle().expect("node bundle");
+    let b = env.node.core.ca().bundle().expect("node bundle");
     let kids = b.jwt_authorities.iter().map(|k| k.key_id.clone()).collect();
     (b.x509_authorities.clone(), kids)
 }
@@ -999,7 +999,7 @@ async fn python_spiffe_package_fetches_and_validates() -> Result<()> {
         .collect();
     assert_eq!(py_kids, kids, "the JWT bundle Python fetched is the node's");
     let node_jwks: serde_json::Value =
-        serde_json::from_str(&env.node.core.ca.bundle()?.jwt_jwks_json()?)?;
+        serde_json::from_str(&env.node.core.ca().bundle()?.jwt_jwks_json()?)?;
     let jwks = node_jwks["keys"]
         .as_array()
         .expect("keys")

@@ -21,13 +21,13 @@ async fn retired_keys_are_destroyed_after_they_expire() {
     cfg.ttl.jwt_svid = 3;
     let keys_dir = cfg.data_dir.join("keys");
     let node = ca_node::start(cfg).await.unwrap();
-    let first_int = node.core.ca.intermediate().unwrap().record;
+    let first_int = node.core.ca().intermediate().unwrap().record;
     let soft = ca_kms::soft::SoftKeyManager::open(&keys_dir).unwrap();
     assert!(soft.list().await.unwrap().contains(&first_int.key_id));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (int, jwt) = loop {
-        let auths = node.core.sm.authorities().await.unwrap();
+        let auths = node.core.state().authorities().await.unwrap();
         let done = |kind| {
             auths
                 .iter()
@@ -53,13 +53,13 @@ async fn retired_keys_are_destroyed_after_they_expire() {
     assert!(!stored.contains(&int.key_id), "{stored:?}");
     assert!(!stored.contains(&jwt.key_id), "{stored:?}");
     // The node kept an active intermediate and JWT key the whole time, and still mints.
-    let cur = node.core.ca.intermediate().unwrap();
+    let cur = node.core.ca().intermediate().unwrap();
     assert_eq!(cur.record.state, AuthorityState::Active);
     assert!(stored.contains(&cur.record.key_id));
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let id = ca_identity::SpiffeId::parse("spiffe://dev.example.org/x").unwrap();
     node.core
-        .ca
+        .ca()
         .mint_x509_svid(&id, &key, 3, &[])
         .await
         .unwrap();

@@ -6,21 +6,21 @@
 //!
 //! The tests share one emulator; each uses its own node ID, hence its own aliases and tags.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ca_kms::aws_kms::{AwsKmsConfig, AwsKmsManager, TAG_KEY_NAME, TAG_NODE_ID};
+use ca_kms::aws_kms::{AwsKmsConfig, AwsKmsManager};
 use ca_kms::KeyManager;
 use ca_node::config::{IntermediateMode, KeyManagerConfig};
 use ca_node::{NodeConfig, NodeHandle};
 use ca_state::{AuthorityKind, AuthorityRecord};
 use ca_test_support::http::metric;
 use ca_test_support::kms_proxy::{Proxy, Rule};
-use ca_test_support::pki::{openssl_verify, verify_signed_by};
+use ca_test_support::pki::verify_signed_by;
 use ca_test_support::{logs, moto};
 
 use crate::common::node_checks::*;
 use crate::common::TD;
+use crate::key_backends::kms_keys_of;
 
 fn kms_config(node_id: &str, endpoint: &str) -> AwsKmsConfig {
     moto::fast_config(TD, node_id, endpoint)
@@ -46,104 +46,12 @@ const SERVICE: &str = "kms";
 
 /// This node's authorities of `kind` (any state).
 async fn authorities(node: &NodeHandle, kind: AuthorityKind) -> Vec<AuthorityRecord> {
-    let auths = node.core.sm.authorities().await.unwrap();
+    let auths = node.core.state().authorities().await.unwrap();
     auths.into_iter().filter(|a| a.kind == kind).collect()
 }
 
 const KMS_UNAVAILABLE: &str =
     "ca_keymanager_errors_total{backend=\"aws_kms\",kind=\"unavailable\"}";
-
-/// Every KMS key tagged with node `node_id`: its key name (tag) and state, sorted.
-async fn kms_keys_of(node_id: &str) -> Vec<(String, String)> {
-    let km = own_manager(node_id).await;
-    let c = km.client();
-    let mut out = Vec::new();
-    let keys = c.list_keys().limit(1000).send().await.unwrap();
-    for k in keys.keys() {
-        let id = k.key_id().unwrap();
-        let tags: BTreeMap<String, String> = c
-            .list_resource_tags()
-            .key_id(id)
-            .send()
-            .await
-            .unwrap()
-            .tags()
-            .iter()
-            .map(|t| (t.tag_key().to_owned(), t.tag_value().to_owned()))
-            .collect();
-        if tags.get(TAG_NODE_ID).map(String::as_str) != Some(node_id) {
-            continue;
-        }
-        let md = c.describe_key().key_id(id).send().await.unwrap();
-        let state = md
-            .key_metadata
-            .unwrap()
-            .key_state()
-            .unwrap()
-            .as_str()
-            .to_owned();
-        out.push((tags[TAG_KEY_NAME].clone(), state));
-    }
-    out.sort();
-    out
-}
-
-/// Intermediate in KMS: root, intermediate and JWT keys are KMS keys (not extractable, as
-/// KMS reports them); an X.509-SVID (openssl verifies it) and a JWT-SVID minted with them
-/// verify; a restart finds the same root and intermediate in KMS.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_live_in_kms_and_survive_a_restart() {
-    let kms = moto::shared();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = node_config(tmp.path(), "kms-a", &kms.url());
-    let node = ca_node::start(cfg.clone()).await.unwrap();
-    let root = active(&node, AuthorityKind::Root).await;
-    let int = active(&node, AuthorityKind::Intermediate).await;
-    let jwt = active(&node, AuthorityKind::Jwt).await;
-    for a in [&root, &int, &jwt] {
-        assert_eq!(a.key_backend, "aws_kms", "{a:?}");
-    }
-
-    let km = own_manager("kms-a").await;
-    let mut listed = km.list().await.unwrap();
-    listed.sort();
-    let mut want = vec![root.key_id.clone(), int.key_id.clone(), jwt.key_id.clone()];
-    want.sort();
-    assert_eq!(listed, want);
-    for a in [&root, &int, &jwt] {
-        let p = km.protection(&a.key_id).await.unwrap();
-        assert!(!p.extractable, "{}", p.detail);
-        for needle in ["Origin=AWS_KMS", "KeyUsage=SIGN_VERIFY", "KeyState=Enabled"] {
-            assert!(p.detail.contains(needle), "{}", p.detail);
-        }
-        let spki = km.get(&a.key_id).await.unwrap().public_key_spki().to_vec();
-        assert_eq!(spki, a.public_key, "{}", a.id);
-    }
-
-    let chain = mint_x509(&node, SERVICE).await.unwrap();
-    assert_eq!(chain[1], int.cert_der);
-    verify_signed_by(&chain[0], &int.cert_der);
-    verify_signed_by(&int.cert_der, &root.cert_der);
-    verify_signed_by(&root.cert_der, &root.cert_der);
-    openssl_verify(&roots(&node), &chain);
-    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
-    let text = metrics(&node).await;
-    for role in ["root", "intermediate", "jwt"] {
-        let s = format!("ca_keymanager_sign_seconds_count{{backend=\"aws_kms\",role=\"{role}\"}}");
-        assert!(series(&text, &s) >= 1.0, "{s}: {text}");
-    }
-    node.shutdown().await;
-
-    let node = ca_node::start(cfg).await.unwrap();
-    assert_eq!(roots(&node), vec![root.cert_der.clone()], "the same root");
-    assert_eq!(node.core.ca.intermediate().unwrap().record.id, int.id);
-    verify_signed_by(&mint_x509(&node, SERVICE).await.unwrap()[0], &int.cert_der);
-    check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
-    let mut after = km.list().await.unwrap();
-    after.sort();
-    assert_eq!(after, want, "no new keys at restart");
-    node.shutdown().await;
-}
 
 /// One `BatchNewX509Svid` call over the node API has the KMS signatures of its CSRs in
 /// flight together, not one after another: with every `Sign` held 500 ms by the proxy, the
@@ -175,7 +83,7 @@ async fn a_batch_has_its_kms_signatures_in_flight_together() {
         )
         .unwrap();
     ca_node::core::propose(
-        node.core.proposer.as_ref(),
+        node.core.proposer(),
         ca_state::Command::CreateEntry {
             entry: entry.clone(),
         },
@@ -236,52 +144,6 @@ async fn a_batch_has_its_kms_signatures_in_flight_together() {
             verify_signed_by(&r.svid_chain[0], &int.cert_der);
         }
     }
-    node.shutdown().await;
-}
-
-/// Memory mode with the root in KMS: no intermediate key in KMS; a restart makes a new
-/// intermediate under the same root.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_mode_keeps_the_intermediate_out_of_kms() {
-    let kms = moto::shared();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = node_config(tmp.path(), "kms-b", &kms.url());
-    cfg.intermediate_mode = IntermediateMode::Memory;
-    let node = ca_node::start(cfg.clone()).await.unwrap();
-    let root = active(&node, AuthorityKind::Root).await;
-    let first = active(&node, AuthorityKind::Intermediate).await;
-    let jwt = active(&node, AuthorityKind::Jwt).await;
-    assert_eq!(first.key_backend, "memory");
-    let in_kms = kms_keys_of("kms-b").await;
-    let want = |ids: &[&str]| {
-        let mut v: Vec<(String, String)> = ids
-            .iter()
-            .map(|i| (i.to_string(), "Enabled".to_string()))
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(in_kms, want(&[&root.key_id, &jwt.key_id]));
-    verify_signed_by(
-        &mint_x509(&node, SERVICE).await.unwrap()[0],
-        &first.cert_der,
-    );
-    verify_signed_by(&first.cert_der, &root.cert_der);
-    node.shutdown().await;
-
-    let node = ca_node::start(cfg).await.unwrap();
-    let second = active(&node, AuthorityKind::Intermediate).await;
-    assert_ne!(second.id, first.id);
-    assert_eq!(roots(&node), vec![root.cert_der.clone()]);
-    verify_signed_by(
-        &mint_x509(&node, SERVICE).await.unwrap()[0],
-        &second.cert_der,
-    );
-    verify_signed_by(&second.cert_der, &root.cert_der);
-    assert_eq!(
-        kms_keys_of("kms-b").await,
-        want(&[&root.key_id, &jwt.key_id])
-    );
     node.shutdown().await;
 }
 
@@ -358,7 +220,7 @@ async fn outage_makes_the_node_unready_until_kms_is_back() {
     );
     verify_signed_by(
         &mint_x509(&node, SERVICE).await.unwrap()[0],
-        &node.core.ca.intermediate().unwrap().record.cert_der,
+        &node.core.ca().intermediate().unwrap().record.cert_der,
     );
     check_jwt(&node, &mint_jwt(&node, SERVICE).await.unwrap());
     node.shutdown().await;
@@ -504,7 +366,7 @@ async fn memory_mode_keeps_minting_while_the_root_kms_is_down() {
         "a new intermediate once the root's KMS is back",
         Duration::from_secs(15),
         || async move {
-            let i = n.core.ca.intermediate()?;
+            let i = n.core.ca().intermediate()?;
             (&i.record.id != first_id).then_some(i.record)
         },
     )
@@ -567,7 +429,7 @@ async fn kms_down_at_start_starts_not_ready_then_recovers() {
     assert_eq!(authorities(&node, AuthorityKind::Root).await.len(), 1);
     verify_signed_by(
         &mint_x509(&node, SERVICE).await.unwrap()[0],
-        &node.core.ca.intermediate().unwrap().record.cert_der,
+        &node.core.ca().intermediate().unwrap().record.cert_der,
     );
     node.shutdown().await;
 }

@@ -7,6 +7,7 @@ mod cluster;
 mod common;
 mod hsm_node;
 mod independent_clients;
+mod key_backends;
 mod key_lifecycle;
 mod kms_node;
 mod memory_mode;

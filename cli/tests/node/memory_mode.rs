@@ -21,7 +21,7 @@ async fn mint(node: &ca_node::NodeHandle) -> Vec<Vec<u8>> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let id = ca_identity::SpiffeId::parse("spiffe://dev.example.org/service/mem").unwrap();
     node.core
-        .ca
+        .ca()
         .mint_x509_svid(&id, &key, 60, &[])
         .await
         .unwrap()
@@ -43,9 +43,13 @@ async fn memory_intermediate_never_reaches_the_key_manager_and_is_replaced_on_re
     let keys_dir = cfg.data_dir.join("keys");
 
     let node = ca_node::start(cfg.clone()).await.unwrap();
-    let first = node.core.ca.intermediate().expect("an active intermediate");
+    let first = node
+        .core
+        .ca()
+        .intermediate()
+        .expect("an active intermediate");
     assert_eq!(first.record.key_backend, "memory");
-    let root = node.core.ca.bundle().unwrap().x509_authorities.clone();
+    let root = node.core.ca().bundle().unwrap().x509_authorities.clone();
     assert_eq!(root.len(), 1);
 
     // The soft key manager holds the root and the JWT key, never the intermediate.
@@ -66,7 +70,7 @@ async fn memory_intermediate_never_reaches_the_key_manager_and_is_replaced_on_re
     let leaf = ca_identity::x509::cert_info(&chain[0]).unwrap();
     assert!(leaf.not_after <= first.record.not_after);
 
-    let text = node.core.metrics.render();
+    let text = node.core.metrics().render();
     assert!(
         metric(
             &text,
@@ -86,10 +90,10 @@ async fn memory_intermediate_never_reaches_the_key_manager_and_is_replaced_on_re
     // Restart: the key died with the process, so a new intermediate is made under the same
     // root and the old one is retired in the journal.
     let node = ca_node::start(cfg).await.unwrap();
-    let second = node.core.ca.intermediate().unwrap();
+    let second = node.core.ca().intermediate().unwrap();
     assert_ne!(second.record.id, first.record.id);
-    assert_eq!(node.core.ca.bundle().unwrap().x509_authorities, root);
-    let auths = node.core.sm.authorities().await.unwrap();
+    assert_eq!(node.core.ca().bundle().unwrap().x509_authorities, root);
+    let auths = node.core.state().authorities().await.unwrap();
     let old = auths.iter().find(|a| a.id == first.record.id).unwrap();
     assert_eq!(old.state, AuthorityState::Retired);
     let active: Vec<_> = auths

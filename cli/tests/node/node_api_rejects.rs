@@ -63,7 +63,7 @@ async fn add_entry(node: &ca_node::NodeHandle, spiffe_id: &str, parent: &str) ->
         )
         .expect("valid entry");
     ca_node::core::propose(
-        node.core.proposer.as_ref(),
+        node.core.proposer(),
         ca_state::Command::CreateEntry { entry: rec.clone() },
     )
     .await
@@ -78,7 +78,7 @@ async fn add_entry(node: &ca_node::NodeHandle, spiffe_id: &str, parent: &str) ->
 async fn unknown_join_token_is_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     let r = attest_join_token(&node, "00000000-0000-0000-0000-000000000000").await;
     assert_status(
@@ -87,7 +87,7 @@ async fn unknown_join_token_is_refused_and_nothing_is_stored() {
         &["unknown join token", "ca-node token generate"],
     );
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert!(before.agents.is_empty());
     node.shutdown().await;
 }
@@ -102,20 +102,31 @@ async fn used_join_token_is_refused_and_the_first_agent_is_untouched() {
         .await
         .expect("first use succeeds");
     assert_eq!(first.spiffe_id, t.spiffe_id);
-    let used = node.core.sm.join_token(&t.token).await.unwrap().unwrap();
+    let used = node
+        .core
+        .state()
+        .join_token(&t.token)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(used.used_at.is_some());
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     assert_eq!(before.agents.len(), 1);
 
     let r = attest_join_token(&node, &t.token).await;
     assert_status(r, Code::PermissionDenied, &["join token already used"]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     // Same agent record (serial of the first SVID), token unchanged.
     let (serial, _) = first.serial_and_expiry();
     assert_eq!(before.agents[0].x509_svid_serial, serial);
     assert_eq!(
-        node.core.sm.join_token(&t.token).await.unwrap().unwrap(),
+        node.core
+            .state()
+            .join_token(&t.token)
+            .await
+            .unwrap()
+            .unwrap(),
         used
     );
     node.shutdown().await;
@@ -132,14 +143,20 @@ async fn expired_join_token_is_refused_and_stays_unused() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     let r = attest_join_token(&node, &t.token).await;
     assert_status(r, Code::PermissionDenied, &["join token expired"]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert!(before.agents.is_empty());
-    let rec = node.core.sm.join_token(&t.token).await.unwrap().unwrap();
+    let rec = node
+        .core
+        .state()
+        .join_token(&t.token)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         rec.used_at, None,
         "a refused attestation must not use the token"
@@ -152,7 +169,7 @@ async fn attestation_without_parameters_or_data_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let t = node.core.create_join_token("", 600).await.unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
 
     // Parameters without any attestation data.
@@ -186,10 +203,10 @@ async fn attestation_without_parameters_or_data_is_refused() {
         &["first message must carry the attestation parameters"],
     );
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert_eq!(
         node.core
-            .sm
+            .state()
             .join_token(&t.token)
             .await
             .unwrap()
@@ -205,7 +222,7 @@ async fn a_bad_csr_does_not_consume_the_join_token() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
     let t = node.core.create_join_token("", 600).await.unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
 
     let r = attest_raw(&mut c, params(vec![], join_token(&t.token)), None).await;
@@ -230,8 +247,14 @@ async fn a_bad_csr_does_not_consume_the_join_token() {
     let r = attest_raw(&mut c, params(tampered, join_token(&t.token)), None).await;
     assert_status(r, Code::InvalidArgument, &["correctly signed PKCS#10"]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
-    let rec = node.core.sm.join_token(&t.token).await.unwrap().unwrap();
+    assert_eq!(snapshot(node.core.state()).await, before);
+    let rec = node
+        .core
+        .state()
+        .join_token(&t.token)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         rec.used_at, None,
         "a refused attestation must not use the token"
@@ -256,14 +279,20 @@ async fn a_banned_agent_cannot_attest_again_and_the_new_token_stays_unused() {
     .await
     .expect("ban");
     let t = node.core.create_join_token(&id, 600).await.unwrap();
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     let r = attest_join_token(&node, &t.token).await;
     assert_status(r, Code::PermissionDenied, &["banned", &id]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert!(before.agents[0].banned);
-    let rec = node.core.sm.join_token(&t.token).await.unwrap().unwrap();
+    let rec = node
+        .core
+        .state()
+        .join_token(&t.token)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.used_at, None);
     node.shutdown().await;
 }
@@ -318,7 +347,7 @@ async fn x509pop_with_a_certificate_from_another_ca_is_refused() {
     let (node, _ca) = x509pop_node(dir.path()).await;
     let (rogue_ca, _) = provisioning_ca("rogue CA");
     let (cert, key) = host_cert(&rogue_ca, "host-1");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
 
     let sign = move |ch: &[u8]| key.sign(ch).unwrap();
@@ -353,7 +382,7 @@ async fn x509pop_with_a_certificate_from_another_ca_is_refused() {
     let r = attest_raw(&mut c, params(good_csr(), x509pop(vec![])), None).await;
     assert_status(r, Code::InvalidArgument, &["x509pop: no certificates"]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     assert!(before.agents.is_empty());
     node.shutdown().await;
 }
@@ -363,7 +392,7 @@ async fn x509pop_with_a_wrong_challenge_signature_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (node, ca) = x509pop_node(dir.path()).await;
     let (cert, key) = host_cert(&ca, "host-1");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
 
     // Signed with another key.
@@ -404,7 +433,7 @@ async fn x509pop_with_a_wrong_challenge_signature_is_refused() {
     let r = attest_raw(&mut c, params(vec![], x509pop(vec![cert.clone()])), None).await;
     assert_status(r, Code::InvalidArgument, &["the CSR is empty"]);
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
 
     // Control: the right key over the challenge attests.
     let right = |ch: &[u8]| key.sign(ch).unwrap();
@@ -421,7 +450,7 @@ async fn x509pop_with_a_wrong_challenge_signature_is_refused() {
         "{}",
         ok.spiffe_id
     );
-    let agents = node.core.sm.agents().await.unwrap();
+    let agents = node.core.state().agents().await.unwrap();
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].attestation_type, "x509pop");
     node.shutdown().await;
@@ -433,7 +462,7 @@ async fn x509pop_is_refused_when_not_configured() {
     let node = start_node(dir.path(), |_| {}).await;
     let (ca, _) = provisioning_ca("provisioning CA");
     let (cert, key) = host_cert(&ca, "host-1");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
     let sign = move |ch: &[u8]| key.sign(ch).unwrap();
     let r = attest_raw(&mut c, params(good_csr(), x509pop(vec![cert])), Some(&sign)).await;
@@ -442,7 +471,7 @@ async fn x509pop_is_refused_when_not_configured() {
         Code::PermissionDenied,
         &["x509pop attestation is not enabled", "x509pop_ca_bundle"],
     );
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -453,7 +482,7 @@ async fn x509pop_is_refused_when_not_configured() {
 async fn calls_without_a_valid_agent_certificate_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), |_| {}).await;
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     // No client certificate: GetBundle works, everything else is Unauthenticated.
     let mut c = node_client(node.node_addr, &roots_of(&node), None, ServerCheck::Verify);
@@ -512,7 +541,7 @@ async fn calls_without_a_valid_agent_certificate_are_refused() {
         "the refusal should say the certificate's issuer is unknown: {s:?}"
     );
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -583,7 +612,7 @@ async fn a_banned_agent_is_refused_on_every_call() {
     })
     .await
     .expect("ban");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     assert_every_call_refused(
         &node,
@@ -595,9 +624,15 @@ async fn a_banned_agent_is_refused_on_every_call() {
     .await;
 
     // Nothing changed; in particular RenewAgent recorded no new SVID.
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     let (serial, _) = svid.serial_and_expiry();
-    let rec = node.core.sm.agent(&svid.spiffe_id).await.unwrap().unwrap();
+    let rec = node
+        .core
+        .state()
+        .agent(&svid.spiffe_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(rec.banned);
     assert_eq!(rec.x509_svid_serial, serial);
     node.shutdown().await;
@@ -616,7 +651,7 @@ async fn an_evicted_agent_is_refused_on_every_call() {
     })
     .await
     .expect("evict");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     assert_eq!(before.agents.len(), 1);
 
     assert_every_call_refused(
@@ -629,8 +664,14 @@ async fn an_evicted_agent_is_refused_on_every_call() {
     .await;
 
     // No call brought the evicted agent back.
-    assert_eq!(snapshot(&node.core.sm).await, before);
-    assert!(node.core.sm.agent(&svid.spiffe_id).await.unwrap().is_none());
+    assert_eq!(snapshot(node.core.state()).await, before);
+    assert!(node
+        .core
+        .state()
+        .agent(&svid.spiffe_id)
+        .await
+        .unwrap()
+        .is_none());
     // The other agent is unaffected.
     let mut c = agent_client(&node, &other);
     c.sync_entries(SyncEntriesRequest {})
@@ -658,7 +699,7 @@ async fn an_expired_agent_svid_is_refused() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
 
     // Only the node's verdict on the client certificate is under test: the client accepts
     // any server certificate (the node's own serving SVID has the same short lifetime).
@@ -694,7 +735,7 @@ async fn an_expired_agent_svid_is_refused() {
         );
     }
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -725,7 +766,7 @@ async fn batch_new_x509_svid_refuses_each_bad_item_with_a_reason() {
     let node = start_node(dir.path(), |_| {}).await;
     let (svid, mine) = agent_with_entry(&node, "host-1").await;
     let (_, theirs) = agent_with_entry(&node, "host-2").await;
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = agent_client(&node, &svid);
 
     // (entry ID, CSR, `|`-separated parts of the expected error; empty: must succeed)
@@ -786,7 +827,7 @@ async fn batch_new_x509_svid_refuses_each_bad_item_with_a_reason() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -796,7 +837,7 @@ async fn new_jwt_svid_refuses_unauthorized_entries_and_empty_audiences() {
     let node = start_node(dir.path(), |_| {}).await;
     let (svid, mine) = agent_with_entry(&node, "host-1").await;
     let (_, theirs) = agent_with_entry(&node, "host-2").await;
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let mut c = agent_client(&node, &svid);
 
     let jwt = |entry_id: &str, audience: &[&str]| NewJwtSvidRequest {
@@ -837,7 +878,7 @@ async fn new_jwt_svid_refuses_unauthorized_entries_and_empty_audiences() {
         .expect("authorized");
     assert!(!ok.into_inner().token.is_empty());
 
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -882,12 +923,12 @@ async fn a_replaced_agent_svid_is_refused() {
         .sync_entries(SyncEntriesRequest {})
         .await
         .expect("the current SVID works");
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let r = agent_client(&node, &old)
         .renew_agent(RenewAgentRequest { csr: good_csr() })
         .await;
     assert_status(r, Code::PermissionDenied, &[]);
-    assert_eq!(snapshot(&node.core.sm).await, before);
+    assert_eq!(snapshot(node.core.state()).await, before);
     node.shutdown().await;
 }
 
@@ -1038,7 +1079,7 @@ async fn silent_connections_without_a_certificate_are_bounded_per_address_and_in
         .get_bundle(GetBundleRequest {})
         .await
         .expect("served once the slots are free");
-    let m = node.core.metrics.render();
+    let m = node.core.metrics().render();
     assert!(
         m.contains("ca_node_api_rate_limited_total{limit=\"unauthenticated_connections\"} 12"),
         "{m}"
@@ -1060,7 +1101,7 @@ async fn attestation_is_rate_limited_per_source_address_without_consuming_tokens
         let r = attest_join_token(&node, &format!("guess-{i}")).await;
         assert_status(r, Code::PermissionDenied, &[]);
     }
-    let before = snapshot(&node.core.sm).await;
+    let before = snapshot(node.core.state()).await;
     let r = attest_join_token(&node, &t.token).await;
     assert_status(
         r,
@@ -1073,11 +1114,11 @@ async fn attestation_is_rate_limited_per_source_address_without_consuming_tokens
         ],
     );
     assert_eq!(
-        snapshot(&node.core.sm).await,
+        snapshot(node.core.state()).await,
         before,
         "no agent was created"
     );
-    let m = node.core.metrics.render();
+    let m = node.core.metrics().render();
     assert!(
         m.contains("ca_node_api_rate_limited_total{limit=\"attestation\"} 1"),
         "{m}"

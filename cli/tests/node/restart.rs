@@ -74,10 +74,10 @@ async fn node_and_agent_restart_keep_entries_agents_identity_and_root() {
     );
 
     let agent_id = env.agent.spiffe_id();
-    let state_before = snapshot(&env.node.core.sm).await;
+    let state_before = snapshot(env.node.core.state()).await;
     assert_eq!(state_before.entries.len(), 3);
     assert_eq!(state_before.agents.len(), 1);
-    let ca_before = env.node.core.ca.bundle().unwrap();
+    let ca_before = env.node.core.ca().bundle().unwrap();
     env.shutdown().await;
 
     // Same directories, same node configuration (new loopback ports).
@@ -89,14 +89,14 @@ async fn node_and_agent_restart_keep_entries_agents_identity_and_root() {
         agent_id,
         "the agent kept its identity"
     );
-    let state_after = snapshot(&env.node.core.sm).await;
+    let state_after = snapshot(env.node.core.state()).await;
     assert_eq!(state_after.entries, state_before.entries);
     assert_eq!(
         state_after.agents, state_before.agents,
         "no agent lost, none added (the restarted agent did not attest again)"
     );
     assert_eq!(state_after.authorities, state_before.authorities);
-    let ca_after = env.node.core.ca.bundle().unwrap();
+    let ca_after = env.node.core.ca().bundle().unwrap();
     assert_eq!(
         ca_after.x509_authorities, ca_before.x509_authorities,
         "same CA root"
@@ -317,7 +317,7 @@ async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
     let env = DevEnv::start(tmp.path()).await.expect("dev env starts");
     let dir = env.dir.clone();
     env.register_demo().await.unwrap();
-    let entries_before = snapshot(&env.node.core.sm).await.entries;
+    let entries_before = snapshot(env.node.core.state()).await.entries;
     env.shutdown().await;
 
     let cfg = ca_dev::node_config(&dir);
@@ -332,7 +332,7 @@ async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
         .collect();
     let names: Vec<&std::path::PathBuf> = saved.iter().map(|(p, _)| p).collect();
     assert!(names.contains(&&log), "{names:?}");
-    let start = || ca_node::server::start(cfg.clone());
+    let start = || ca_node::node::start(cfg.clone());
 
     for (p, _) in &saved {
         let _ = std::fs::remove_file(p);
@@ -374,6 +374,9 @@ async fn a_lost_raft_log_beside_applied_state_refuses_to_start() {
     let env = DevEnv::start_with(ca_dev::node_config(&dir), |_| {})
         .await
         .expect("the node starts with its log back");
-    assert_eq!(snapshot(&env.node.core.sm).await.entries, entries_before);
+    assert_eq!(
+        snapshot(env.node.core.state()).await.entries,
+        entries_before
+    );
     env.shutdown().await;
 }

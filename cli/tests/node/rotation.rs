@@ -70,9 +70,9 @@ fn active_intermediates(nodes: &[ca_node::NodeHandle]) -> BTreeMap<String, Strin
         .iter()
         .map(|n| {
             (
-                n.core.config.node_id.clone(),
+                n.core.config().node_id.clone(),
                 n.core
-                    .ca
+                    .ca()
                     .intermediate()
                     .map(|i| i.record.id)
                     .unwrap_or_default(),
@@ -82,7 +82,7 @@ fn active_intermediates(nodes: &[ca_node::NodeHandle]) -> BTreeMap<String, Strin
 }
 
 async fn journal(node: &ca_node::NodeHandle) -> Vec<AuthorityRecord> {
-    node.core.sm.authorities().await.unwrap()
+    node.core.state().authorities().await.unwrap()
 }
 
 fn short_lived(_: usize, c: &mut NodeConfig) {
@@ -313,7 +313,7 @@ async fn workloads_keep_talking_through_every_rotation() {
                 .iter()
                 .all(|n| {
                     n.core
-                        .ca
+                        .ca()
                         .intermediate()
                         .is_some_and(|i| &aki(&i.record.cert_der) == nski)
                 })
@@ -350,7 +350,7 @@ async fn workloads_keep_talking_through_every_rotation() {
     .await;
     assert!(n0
         .core
-        .ca
+        .ca()
         .bundle()
         .unwrap()
         .x509_authorities
@@ -426,7 +426,7 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
     let owner = env
         .nodes
         .iter()
-        .position(|n| n.core.config.node_id == victim.node_id)
+        .position(|n| n.core.config().node_id == victim.node_id)
         .unwrap();
     eprintln!(
         "the SVIDs were signed by {} of node {}",
@@ -443,7 +443,7 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
     assert_eq!(first.svids().len(), ENTRIES);
 
     // Its node is cut off (stopped) while the revocation happens.
-    let owner_cfg = env.nodes[owner].core.config.clone();
+    let owner_cfg = env.nodes[owner].core.config().clone();
     let owner_node = env.nodes.remove(owner);
     owner_node.shutdown().await;
     // The remaining two elect a leader (if the owner led) before the clock starts.
@@ -452,10 +452,10 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
         "a leader among the remaining nodes",
         DEADLINE,
         || async move {
-            let l = nodes[0].core.raft.status().leader?;
+            let l = nodes[0].core.raft().status().leader?;
             nodes
                 .iter()
-                .any(|n| n.core.config.raft_id == l)
+                .any(|n| n.core.config().raft_id == l)
                 .then_some(())
         },
     )
@@ -516,7 +516,12 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let wid = ca_identity::SpiffeId::parse(&ids[0]).unwrap();
     for n in &env.nodes {
-        let chain = n.core.ca.mint_x509_svid(&wid, &key, 60, &[]).await.unwrap();
+        let chain = n
+            .core
+            .ca()
+            .mint_x509_svid(&wid, &key, 60, &[])
+            .await
+            .unwrap();
         assert_ne!(chain[1], victim.cert_der);
     }
     // Its node comes back: it learns the revocation from the log, replaces its
@@ -524,18 +529,18 @@ async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
     let back = ca_node::start(owner_cfg).await.expect("the node restarts");
     let b = &back;
     let int = wait_for("the returning node's CA", DEADLINE, || async move {
-        b.core.ca.intermediate()
+        b.core.ca().intermediate()
     })
     .await;
     assert_ne!(int.record.id, victim.id);
     let chain = back
         .core
-        .ca
+        .ca()
         .mint_x509_svid(&wid, &key, 60, &[])
         .await
         .unwrap();
     assert_ne!(chain[1], victim.cert_der);
-    assert!(!back.core.ca.bundle().unwrap().x509_authorities.is_empty());
+    assert!(!back.core.ca().bundle().unwrap().x509_authorities.is_empty());
     let vid = &victim.id;
     let destroyed = wait_for("the revoked key destroyed", DEADLINE, || async move {
         journal(b)
@@ -641,13 +646,13 @@ async fn revoked_jwt_key_leaves_the_bundle_and_tokens_are_reissued() {
     for n in &env.nodes {
         assert!(n
             .core
-            .ca
+            .ca()
             .bundle()
             .unwrap()
             .jwt_authorities
             .iter()
             .all(|k| k.key_id != kid));
-        assert_ne!(n.core.ca.jwt_key().unwrap().record.id, kid);
+        assert_ne!(n.core.ca().jwt_key().unwrap().record.id, kid);
     }
     eprintln!("JWT REVOKE: a token from another key {took:?} after the revoke");
     env.shutdown().await;
@@ -667,7 +672,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
     // Node 3 is down when every intermediate is rotated: 1 and 2 rotate at once, 3 keeps its
     // active intermediate in the journal and rotates when it is back.
     let before = active_intermediates(&env.nodes);
-    let cfg3 = env.nodes[2].core.config.clone();
+    let cfg3 = env.nodes[2].core.config().clone();
     let n3 = env.nodes.remove(2);
     n3.shutdown().await;
     let r = rotate(&env.nodes[0], "intermediate", true).await;
@@ -691,7 +696,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
     let n3 = ca_node::start(cfg3).await.expect("node 3 restarts");
     let (n3r, old3) = (&n3, &before["dev-3"]);
     let n3_int = wait_for("node 3 rotates once it is back", DEADLINE, || async move {
-        let i = n3r.core.ca.intermediate()?;
+        let i = n3r.core.ca().intermediate()?;
         (&i.record.id != old3).then_some(i.record.id)
     })
     .await;
@@ -725,7 +730,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
             std::fs::rename(&f, away.join(f.file_name().unwrap()))
         })
         .unwrap();
-    let n2_before = env.nodes[1].core.ca.intermediate().unwrap().record.id;
+    let n2_before = env.nodes[1].core.ca().intermediate().unwrap().record.id;
     let mut a = admin(&env.nodes[0].admin_socket).await;
     a.rotate_authority(RotateAuthorityRequest {
         kind: "intermediate".into(),
@@ -749,7 +754,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let wid = ca_identity::SpiffeId::parse(ALICE).unwrap();
     for _ in 0..3 {
-        let cur = env.nodes[1].core.ca.intermediate().unwrap();
+        let cur = env.nodes[1].core.ca().intermediate().unwrap();
         assert_eq!(cur.record.id, n2_before, "no rotation without the root");
         assert!(journal(&env.nodes[0])
             .await
@@ -757,7 +762,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
             .any(|a| a.id == n2_before && a.state == AuthorityState::Active));
         env.nodes[1]
             .core
-            .ca
+            .ca()
             .mint_x509_svid(&wid, &key, 60, &[])
             .await
             .expect("node 2 keeps minting");
@@ -773,7 +778,7 @@ async fn rotation_waits_for_a_down_node_and_an_unavailable_root() {
         "node 2 rotates once the root is back",
         DEADLINE,
         || async move {
-            let i = n2.core.ca.intermediate()?;
+            let i = n2.core.ca().intermediate()?;
             (&i.record.id != nb).then_some(i.record.id)
         },
     )
@@ -792,8 +797,8 @@ async fn ca_state(
     node: &ca_node::NodeHandle,
 ) -> (Vec<AuthorityRecord>, Vec<ca_state::RotationRequest>) {
     (
-        node.core.sm.authorities().await.unwrap(),
-        node.core.sm.rotation_requests().await.unwrap(),
+        node.core.state().authorities().await.unwrap(),
+        node.core.state().rotation_requests().await.unwrap(),
     )
 }
 
@@ -916,7 +921,7 @@ async fn bad_rotation_and_revocation_input_is_refused_and_changes_nothing() {
             .find(|a| a.kind == AuthorityKind::Root && a.state == AuthorityState::Prepared)
     })
     .await;
-    assert_eq!(node.core.ca.bundle().unwrap().x509_authorities.len(), 2);
+    assert_eq!(node.core.ca().bundle().unwrap().x509_authorities.len(), 2);
     let during = ca_state(&node).await;
     let err = a
         .rotate_authority(rot("root", "", false))

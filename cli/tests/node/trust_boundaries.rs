@@ -127,8 +127,8 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     let env = start_cluster(tmp.path()).await;
     let roots = roots_of(&env.nodes[0]);
     let leader = leader_addr(&env);
-    let member = env.nodes[1].core.svid.clone(); // dev-2's own SVID
-    let auths = env.nodes[0].core.sm.authorities().await.unwrap();
+    let member = env.nodes[1].core.svid().clone(); // dev-2's own SVID
+    let auths = env.nodes[0].core.state().authorities().await.unwrap();
     let dev1_int = auths
         .iter()
         .find(|a| {
@@ -138,8 +138,8 @@ async fn a_member_proposes_only_what_the_rules_allow() {
         })
         .unwrap()
         .clone();
-    let dev2_int = env.nodes[1].core.ca.intermediate().unwrap().record;
-    let entries_before = env.nodes[0].core.sm.entries().await.unwrap().len();
+    let dev2_int = env.nodes[1].core.ca().intermediate().unwrap().record;
+    let entries_before = env.nodes[0].core.state().entries().await.unwrap().len();
 
     let entry = |spiffe_id: &str, selector: (&str, &str)| EntryRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -343,11 +343,11 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     }
     // Nothing of it reached the state.
     assert_eq!(
-        env.nodes[0].core.sm.entries().await.unwrap().len(),
+        env.nodes[0].core.state().entries().await.unwrap().len(),
         entries_before
     );
     assert_eq!(
-        env.nodes[0].core.sm.authorities().await.unwrap(),
+        env.nodes[0].core.state().authorities().await.unwrap(),
         auths,
         "the CA journal is as it was"
     );
@@ -375,7 +375,7 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     env.nodes[0].core.read_barrier().await.unwrap();
     assert!(env.nodes[0]
         .core
-        .sm
+        .state()
         .entries()
         .await
         .unwrap()
@@ -385,10 +385,10 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     // Revocation is final, whoever proposes what: revoke dev-3's intermediate, then try
     // to bring it back as its own node would.
     let dev3 = &env.nodes[2];
-    let dev3_int = dev3.core.ca.intermediate().unwrap().record;
+    let dev3_int = dev3.core.ca().intermediate().unwrap().record;
     env.nodes[0]
         .core
-        .ca
+        .ca()
         .revoke(&dev3_int.id, AuthorityKind::Intermediate)
         .await
         .unwrap();
@@ -399,7 +399,7 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     };
     // Refused by the check or, if its view has not seen the revocation yet, by the state
     // machine: either way nothing changes.
-    match propose_raw(&leader, &roots, &dev3.core.svid, &back).await {
+    match propose_raw(&leader, &roots, dev3.core.svid(), &back).await {
         Err(s) => assert!(s.message().contains("revocation is final"), "{s:?}"),
         Ok(r) => {
             let text = reply_text(r);
@@ -408,7 +408,7 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     }
     let state = env.nodes[0]
         .core
-        .sm
+        .state()
         .authorities()
         .await
         .unwrap()
@@ -436,7 +436,7 @@ async fn a_member_proposes_only_what_the_rules_allow() {
     let text = reply_text(reply);
     assert!(text.contains("only active root"), "{text}");
     assert_eq!(
-        root_of(&env.nodes[0].core.sm.authorities().await.unwrap()).id,
+        root_of(&env.nodes[0].core.state().authorities().await.unwrap()).id,
         root.id
     );
     env.shutdown().await;
@@ -448,8 +448,8 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
     let env = start_cluster(tmp.path()).await;
     let roots = roots_of(&env.nodes[0]);
     let root_holder = env.nodes[0].node_addr.to_string(); // dev: node 1 holds the root key
-    let member = env.nodes[1].core.svid.clone();
-    let auths = env.nodes[0].core.sm.authorities().await.unwrap();
+    let member = env.nodes[1].core.svid().clone();
+    let auths = env.nodes[0].core.state().authorities().await.unwrap();
     let root = root_of(&auths);
 
     // A member asks the root to certify an intermediate around a key of its own choosing.
@@ -595,7 +595,7 @@ async fn the_root_signs_only_journal_keys_and_a_revoked_issuer_is_refused() {
                 other => assert!(
                     revoked_at.elapsed() < Duration::from_secs(1),
                     "{} still admits an SVID of a revoked intermediate: {other:?}",
-                    n.core.config.node_id
+                    n.core.config().node_id
                 ),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -634,7 +634,7 @@ async fn a_removed_node_is_refused_within_a_second() {
     let env = start_cluster(tmp.path()).await;
     let roots = roots_of(&env.nodes[0]);
     // dev-3's SVID (valid for an hour), as it keeps it on disk.
-    let (chain, key) = ca_node::registry::load_node_svid(&env.nodes[2].core.config.data_dir)
+    let (chain, key) = ca_node::registry::load_node_svid(&env.nodes[2].core.config().data_dir)
         .expect("dev-3 saved its SVID");
     let removed = svid_of(&chain, &key);
     // Admitted while a member.
@@ -702,7 +702,7 @@ async fn a_removed_node_is_refused_within_a_second() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Its intermediates and JWT keys are revoked: whatever its keys sign is refused.
-    let auths = env.nodes[0].core.sm.authorities().await.unwrap();
+    let auths = env.nodes[0].core.state().authorities().await.unwrap();
     assert!(auths
         .iter()
         .filter(|a| a.node_id == "dev-3")
@@ -729,7 +729,7 @@ async fn a_ca_node_join_token_is_never_redeemed_by_an_agent() {
     // Not consumed: the ca-node it was made for can still use it.
     let rec = env.nodes[0]
         .core
-        .sm
+        .state()
         .join_token(&token)
         .await
         .unwrap()

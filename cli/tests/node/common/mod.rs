@@ -56,7 +56,7 @@ pub async fn start_node(dir: &Path, tweak: impl FnOnce(&mut NodeConfig)) -> Node
 /// The node's current X.509 roots.
 pub fn roots_of(node: &NodeHandle) -> Vec<Vec<u8>> {
     node.core
-        .ca
+        .ca()
         .bundle()
         .expect("bundle")
         .x509_authorities

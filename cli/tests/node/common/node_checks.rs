@@ -13,12 +13,12 @@ use super::TD;
 
 /// The node's current X.509 roots.
 pub fn roots(node: &NodeHandle) -> Vec<Vec<u8>> {
-    node.core.ca.bundle().unwrap().x509_authorities.clone()
+    node.core.ca().bundle().unwrap().x509_authorities.clone()
 }
 
 /// The JWT-SVID (audience `aud-1`) verifies against the node's JWT bundle.
 pub fn check_jwt(node: &NodeHandle, token: &str) {
-    let bundle = node.core.ca.bundle().unwrap();
+    let bundle = node.core.ca().bundle().unwrap();
     if let Err(e) = ca_identity::jwt::validate(
         token,
         TD,
@@ -32,7 +32,7 @@ pub fn check_jwt(node: &NodeHandle, token: &str) {
 
 /// The one active authority of `kind` in the node's journal.
 pub async fn active(node: &NodeHandle, kind: AuthorityKind) -> AuthorityRecord {
-    let auths = node.core.sm.authorities().await.unwrap();
+    let auths = node.core.state().authorities().await.unwrap();
     let mut found: Vec<_> = auths
         .into_iter()
         .filter(|a| a.kind == kind && a.state == AuthorityState::Active)
@@ -84,7 +84,7 @@ pub async fn mint_x509(node: &NodeHandle, service: &str) -> Result<Vec<Vec<u8>>,
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/{service}")).unwrap();
     node.core
-        .ca
+        .ca()
         .mint_x509_svid(&id, &key, 60, &[])
         .await
         .map_err(ca_node::Error::from)
@@ -96,7 +96,7 @@ pub async fn mint_jwt(node: &NodeHandle, service: &str) -> Result<String, ca_nod
     let id = ca_identity::SpiffeId::parse(&format!("spiffe://{TD}/service/{service}")).unwrap();
     let (token, _) = node
         .core
-        .ca
+        .ca()
         .mint_jwt_svid(&id, &["aud-1".to_string()], 60)
         .await?;
     Ok(token)

@@ -1,5 +1,5 @@
 //! The node's upkeep: bringing its CA up to date with the journal ([`ensure_ca`]), renewing
-//! its own serving SVID, and the long-running tasks [`crate::server::start_with`] spawns
+//! its own serving SVID, and the long-running tasks [`crate::node::start_with`] spawns
 //! once the node is built besides serving its ports (the Raft and snapshot gauges, the
 //! SVID renewal timer, the CA maintenance loop).
 
