@@ -9,7 +9,7 @@
 //! changed, or past half its lifetime), dropping SVIDs of entries that disappeared. When no
 //! node is reachable it keeps what it has and retries with backoff.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -446,8 +446,25 @@ pub struct CacheManager {
     cache: Cache,
     store: Store,
     interval: Duration,
+    mode: SyncMode,
     metrics: Arc<crate::metrics::AgentMetrics>,
 }
+
+/// How the agent learns its entries and the bundle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// One `WatchEntries` stream: a full set, then the changes as they happen (and a full
+    /// set again every [`FULL_RESYNC`] as a safety net).
+    #[default]
+    Watch,
+    /// `SyncEntries` every `sync_interval_secs`: the whole set each time.
+    Poll,
+}
+
+/// In watch mode, how often the stream is opened again from nothing (a full set), in case
+/// a delta was ever lost.
+pub const FULL_RESYNC: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for CacheManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -494,8 +511,20 @@ impl CacheManager {
             cache,
             store,
             interval,
+            mode: SyncMode::Watch,
             metrics: Default::default(),
         }
+    }
+
+    /// Syncs in `mode` (watch by default).
+    pub fn with_mode(mut self, mode: SyncMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The sync mode.
+    pub fn mode(&self) -> SyncMode {
+        self.mode
     }
 
     /// Counts syncs, mints and bundle updates in `metrics` (a private set otherwise).
@@ -537,19 +566,7 @@ impl CacheManager {
     /// One sync: entries and bundle, then mint what is missing or due.
     pub async fn sync_once(&self) -> Result<(), Status> {
         let r = self.sync().await;
-        let result = if r.is_ok() { "ok" } else { "error" };
-        self.metrics.syncs.with_label_values(&[result]).inc();
-        if r.is_ok() {
-            self.metrics.last_sync.set(ca_identity::unix_now());
-        }
-        *self
-            .metrics
-            .last_sync_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = r
-            .as_ref()
-            .err()
-            .map(|s| crate::node_client::describe("entry sync", s));
+        self.record_sync(&r);
         r
     }
 
@@ -575,23 +592,47 @@ impl CacheManager {
             }
         }
         let tainted = resp.tainted_x509_authority_key_ids;
-        let newly_tainted = self.cache.current().svids.values().any(|s| {
-            s.is_tainted(&tainted)
-                && !s.is_tainted(&self.cache.current().tainted_x509_authority_key_ids)
-        });
-        if newly_tainted {
-            tracing::warn!(
-                "an intermediate that signed SVIDs this agent holds was revoked; re-minting them now"
-            );
-        }
+        self.note_tainted(&tainted);
         self.cache.update(|s| {
-            s.svids.retain(|id, _| entries.iter().any(|e| &e.id == id));
+            let ids: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            s.svids.retain(|id, _| ids.contains(id.as_str()));
             s.entries = entries;
             s.synced = true;
             s.tainted_x509_authority_key_ids = tainted;
             s.tainted_jwt_key_ids = resp.tainted_jwt_key_ids;
         });
         self.mint_due().await
+    }
+
+    /// Says so when an intermediate that signed SVIDs this agent holds is newly revoked.
+    fn note_tainted(&self, tainted: &[Vec<u8>]) {
+        let cur = self.cache.current();
+        let newly_tainted = cur
+            .svids
+            .values()
+            .any(|s| s.is_tainted(tainted) && !s.is_tainted(&cur.tainted_x509_authority_key_ids));
+        if newly_tainted {
+            tracing::warn!(
+                "an intermediate that signed SVIDs this agent holds was revoked; re-minting them now"
+            );
+        }
+    }
+
+    /// Records the outcome of an entry sync (a poll, or a watch stream's update or end).
+    fn record_sync(&self, r: &Result<(), Status>) {
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.syncs.with_label_values(&[result]).inc();
+        if r.is_ok() {
+            self.metrics.last_sync.set(ca_identity::unix_now());
+        }
+        *self
+            .metrics
+            .last_sync_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = r
+            .as_ref()
+            .err()
+            .map(|s| crate::node_client::describe("entry sync", s));
     }
 
     async fn mint_due(&self) -> Result<(), Status> {
@@ -655,20 +696,202 @@ impl CacheManager {
                 }
             }
             self.cache.update(|s| {
+                let ids: HashSet<&str> = s.entries.iter().map(|e| e.id.as_str()).collect();
+                let mut keep = Vec::new();
                 for m in minted {
                     // The entry may have changed or gone while we were minting.
-                    if s.entries.iter().any(|e| e.id == m.entry_id) {
-                        s.svids.insert(m.entry_id.clone(), m);
+                    if ids.contains(m.entry_id.as_str()) {
+                        keep.push(m);
                     }
+                }
+                for m in keep {
+                    s.svids.insert(m.entry_id.clone(), m);
                 }
             });
         }
         Ok(())
     }
 
-    /// Syncs every interval until `shutdown` fires; on failure keeps what it has and retries
-    /// with backoff.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Keeps the entries and bundle current until `shutdown` fires, in the manager's
+    /// [`SyncMode`]; on failure keeps what it has and retries with backoff.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        match self.mode {
+            SyncMode::Poll => self.run_poll(shutdown).await,
+            SyncMode::Watch => {
+                let this = Arc::new(self);
+                let minting = tokio::spawn(this.clone().run_minting(shutdown.clone()));
+                this.run_watch(shutdown).await;
+                let _ = minting.await;
+            }
+        }
+    }
+
+    /// Watch mode: one `WatchEntries` stream at a time, opened again (from the revision
+    /// the agent has) when it ends, and from nothing every [`FULL_RESYNC`].
+    async fn run_watch(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut revision = 0u64;
+        let mut full_since = tokio::time::Instant::now();
+        loop {
+            if full_since.elapsed() >= FULL_RESYNC {
+                revision = 0;
+            }
+            if revision == 0 {
+                full_since = tokio::time::Instant::now();
+            }
+            let r = tokio::select! {
+                r = self.watch_stream(&mut revision, full_since + FULL_RESYNC) => r,
+                _ = shutdown.changed() => return,
+            };
+            self.metrics.entry_watch_connected.set(0);
+            let delay = match r {
+                Ok(()) => {
+                    backoff.reset();
+                    Duration::from_millis(50)
+                }
+                Err(status) => {
+                    self.record_sync(&Err(status.clone()));
+                    let msg = describe("entry watch", &status);
+                    if status.code() == tonic::Code::PermissionDenied {
+                        tracing::error!("{msg}");
+                    } else {
+                        tracing::warn!("{msg}; serving cached SVIDs");
+                    }
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One stream: applies its updates until it ends (`Ok`) or fails, or `until`.
+    async fn watch_stream(
+        &self,
+        revision: &mut u64,
+        until: tokio::time::Instant,
+    ) -> Result<(), Status> {
+        let from = *revision;
+        let mut stream = self
+            .node
+            .call("WatchEntries", false, |mut c| async move {
+                c.watch_entries(ca_proto::node::WatchEntriesRequest { revision: from })
+                    .await
+            })
+            .await?
+            .into_inner();
+        // A full set arriving in chunks, until its last one.
+        let mut pending: Option<Vec<WorkloadEntry>> = None;
+        let mut alive = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m?,
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                _ = alive.tick() => {
+                    // The stream is open and the node pushes what changes: in sync.
+                    if self.metrics.entry_watch_connected.get() == 1 {
+                        self.metrics.last_sync.set(ca_identity::unix_now());
+                    }
+                    continue;
+                }
+            };
+            let Some(m) = msg else {
+                return Ok(()); // the node ended it (SVID expiry); open the next one
+            };
+            if let Some(b) = m.bundle.clone() {
+                match bundle_from_proto(b) {
+                    Ok(b) => self.apply_bundle(b),
+                    Err(e) => tracing::warn!("the node sent an unusable bundle: {e}"),
+                }
+                self.note_tainted(&m.tainted_x509_authority_key_ids);
+                let (x509, jwt) = (
+                    m.tainted_x509_authority_key_ids.clone(),
+                    m.tainted_jwt_key_ids.clone(),
+                );
+                self.cache.update(|s| {
+                    s.tainted_x509_authority_key_ids = x509;
+                    s.tainted_jwt_key_ids = jwt;
+                });
+            }
+            let entries = m
+                .entries
+                .iter()
+                .filter_map(|e| match WorkloadEntry::from_proto(e) {
+                    Ok(w) => Some(w),
+                    Err(why) => {
+                        tracing::debug!(entry = %e.id, "not serving entry: {why}");
+                        None
+                    }
+                });
+            if m.full {
+                pending = Some(entries.collect());
+            } else if let Some(p) = pending.as_mut() {
+                p.extend(entries);
+            } else {
+                let upserts: Vec<WorkloadEntry> = entries.collect();
+                let removed: HashSet<&str> =
+                    m.removed_entry_ids.iter().map(String::as_str).collect();
+                if !upserts.is_empty() || !removed.is_empty() {
+                    self.cache.update(|s| {
+                        let changed: HashSet<&str> =
+                            upserts.iter().map(|e| e.id.as_str()).collect();
+                        s.entries.retain(|e| {
+                            !removed.contains(e.id.as_str()) && !changed.contains(e.id.as_str())
+                        });
+                        s.svids.retain(|id, _| !removed.contains(id.as_str()));
+                        s.entries.extend(upserts);
+                        s.entries.sort_by(|a, b| a.id.cmp(&b.id));
+                    });
+                }
+            }
+            if m.more {
+                continue;
+            }
+            if let Some(set) = pending.take() {
+                self.cache.update(|s| {
+                    let ids: HashSet<&str> = set.iter().map(|e| e.id.as_str()).collect();
+                    s.svids.retain(|id, _| ids.contains(id.as_str()));
+                    s.entries = set;
+                    s.synced = true;
+                });
+            }
+            *revision = m.revision;
+            self.metrics.entry_watch_connected.set(1);
+            self.record_sync(&Ok(()));
+        }
+    }
+
+    /// Watch mode: mints what is missing or due whenever the entries or the tainted
+    /// authorities change, and every `interval` for renewals.
+    async fn run_minting(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.cache.subscribe();
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let delay = match self.mint_due().await {
+                Ok(()) => {
+                    backoff.reset();
+                    self.interval
+                }
+                Err(status) => {
+                    tracing::warn!("{}", describe("minting SVIDs", &status));
+                    backoff
+                        .next_delay()
+                        .min(self.interval.max(Duration::from_secs(1)) * 6)
+                }
+            };
+            changes.borrow_and_update();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                r = changes.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Poll mode: syncs every interval.
+    async fn run_poll(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let delay = match self.sync_once().await {

@@ -69,7 +69,12 @@ pub struct AgentConfig {
     /// Loopback address for HTTP `/healthz` and `/readyz`.
     #[serde(default)]
     pub health_addr: Option<SocketAddr>,
-    /// Seconds between entry syncs with the nodes.
+    /// How entries and the bundle reach the agent: `watch` (default: pushed by a node over
+    /// one stream) or `poll` (the whole set every `sync_interval_secs`).
+    #[serde(default)]
+    pub sync: crate::cache::SyncMode,
+    /// Seconds between entry polls (`sync = "poll"`), and between checks for SVIDs due
+    /// for renewal.
     #[serde(default = "default_sync_interval")]
     pub sync_interval_secs: u64,
     /// Log filter, e.g. `info` or `ca_agent=debug,info`.
@@ -176,6 +181,7 @@ impl Default for AgentConfig {
             join_token_file: None,
             x509pop: None,
             health_addr: None,
+            sync: Default::default(),
             sync_interval_secs: default_sync_interval(),
             log_level: default_log_level(),
             workload_api: WorkloadApiConfig::default(),

@@ -263,21 +263,37 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, Error> {
         store.clone(),
         Duration::from_secs(config.sync_interval_secs),
     )
+    .with_mode(config.sync)
     .with_metrics(metrics.clone());
-    match tokio::time::timeout(INITIAL_SYNC_WAIT, manager.sync_once()).await {
+    let initial = match manager.mode() {
+        cache::SyncMode::Poll => tokio::time::timeout(INITIAL_SYNC_WAIT, manager.sync_once())
+            .await
+            .map(|r| r.map_err(|s| node_client::describe("initial entry sync", &s))),
+        cache::SyncMode::Watch => Ok(Ok(())),
+    };
+    let manager = tokio::spawn(manager.run(shutdown_rx.clone()));
+    let initial = match initial {
+        // Watch mode: the stream's first full set.
+        Ok(Ok(())) if config.sync == cache::SyncMode::Watch => {
+            let mut c = cache.subscribe();
+            tokio::time::timeout(INITIAL_SYNC_WAIT, c.wait_for(|s| s.synced))
+                .await
+                .map(|_| Ok(()))
+        }
+        other => other,
+    };
+    match initial {
         Ok(Ok(())) => tracing::info!(
             entries = cache.current().entries.len(),
+            sync = ?config.sync,
             "initial entry sync done"
         ),
-        Ok(Err(s)) => tracing::warn!(
-            "{}; serving once a sync succeeds",
-            node_client::describe("initial entry sync", &s)
-        ),
+        Ok(Err(s)) => tracing::warn!("{s}; serving once a sync succeeds"),
         Err(_) => tracing::warn!("initial entry sync is slow; continuing in the background"),
     }
 
     let mut tasks = vec![
-        tokio::spawn(manager.run(shutdown_rx.clone())),
+        manager,
         tokio::spawn(attest::run_renewal(
             node.clone(),
             store.clone(),

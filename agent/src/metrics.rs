@@ -41,6 +41,8 @@ pub struct AgentMetrics {
     pub bundle_updates: IntCounter,
     /// When the last entry sync succeeded (Unix seconds).
     pub last_sync: IntGauge,
+    /// 1 while a `WatchEntries` stream is open and its first update applied (watch mode).
+    pub entry_watch_connected: IntGauge,
     /// Why the last entry sync failed, if it did (not exported: `/readyz` says it).
     pub last_sync_error: Arc<std::sync::Mutex<Option<String>>>,
     svids_cached: IntGauge,
@@ -133,7 +135,11 @@ impl AgentMetrics {
             ),
             last_sync: gauge(
                 "ca_agent_last_sync_success_timestamp_seconds",
-                "When the last entry sync succeeded (Unix seconds)",
+                "When the agent was last known in sync with a node (Unix seconds): a poll answered, or, in watch mode, every second while its stream is open",
+            ),
+            entry_watch_connected: gauge(
+                "ca_agent_entry_watch_connected",
+                "1 while the agent's WatchEntries stream to a node is open and current (sync = watch)",
             ),
             svids_cached: gauge("ca_agent_svids_cached", "X.509-SVIDs cached for workloads"),
             earliest_expiry: gauge(

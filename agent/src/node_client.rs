@@ -209,7 +209,8 @@ fn channel_for(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, Er
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::Config(format!("server address {addr:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let addr = addr.to_owned();
     let connector = tower::service_fn(move |_uri: http::Uri| {

@@ -143,6 +143,8 @@ pub struct Ca {
     /// Authorities whose key this process has deleted from its key manager (or found
     /// gone) since the journal recorded its destruction.
     keys_deleted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Bumped whenever the bundle or the tainted authorities change ([`Ca::subscribe_trust`]).
+    trust_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -215,7 +217,14 @@ impl Ca {
             clock_problem: RwLock::new(None),
             clock_checked: RwLock::new(None),
             keys_deleted: Default::default(),
+            trust_changes: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Changes whenever the trust bundle or the tainted authorities change (after
+    /// [`Ca::refresh_bundle`]): what agents are pushed.
+    pub fn subscribe_trust(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust_changes.subscribe()
     }
 
     /// Records when the clocks were compared.
@@ -909,8 +918,13 @@ impl Ca {
             jwt_key_ids: revoked(AuthorityKind::Jwt).map(|a| a.id.clone()).collect(),
         };
         let mut cur = self.current.write().expect("ca lock");
+        let changed = cur.bundle.as_deref() != Some(bundle.as_ref()) || cur.tainted != tainted;
         cur.bundle = Some(bundle.clone());
         cur.tainted = tainted;
+        drop(cur);
+        if changed {
+            self.trust_changes.send_modify(|n| *n += 1);
+        }
         Ok(bundle)
     }
 

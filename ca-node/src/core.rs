@@ -41,6 +41,8 @@ pub struct NodeCore {
     pub(crate) advertise_addr: String,
     /// Who may use the Raft transport and cluster service, and what may be proposed.
     pub(crate) gate: crate::peer_gate::PeerGate,
+    /// The open `WatchEntries` streams, woken by what changes for their agent.
+    pub(crate) watch_hub: Arc<crate::entry_watch::WatchHub>,
 }
 
 /// Proposes a command, turning a refusal into an error.

@@ -7,7 +7,8 @@
 //! - [`config`]: the TOML configuration, validated in full at start.
 //! - [`ca`]: root, intermediate and JWT key lifecycle through the CA journal; minting.
 //! - [`core`]: what the APIs share; rules for entries and join tokens.
-//! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID.
+//! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID;
+//!   [`entry_watch`]: its `WatchEntries` stream, pushing each agent's entries as they change.
 //! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
 //! - [`server`]: starting and stopping all of it. The one-command local setup is the
 //!   `ca-dev` crate's, the `ca-node` command line the `ca-node-cli` crate's.
@@ -28,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod core;
+pub mod entry_watch;
 pub mod error;
 pub mod metrics;
 pub mod node;

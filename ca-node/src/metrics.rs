@@ -73,6 +73,12 @@ pub struct Metrics {
     pub node_api_requests: IntCounterVec,
     /// Time to answer an agent's `SyncEntries`.
     pub sync_seconds: Histogram,
+    /// Open `WatchEntries` streams.
+    pub entry_watchers: IntGauge,
+    /// `WatchEntries` messages sent, by kind (`full`, `delta`, `bundle`).
+    pub entry_watch_messages: IntCounterVec,
+    /// Entries sent on `WatchEntries` streams.
+    pub entry_watch_entries: IntCounter,
     /// Node API calls refused by a rate limit or a connection bound, by limit.
     pub rate_limited: IntCounterVec,
     /// This node's proposals, by result (`ok`, `rejected` by the rules, `error`).
@@ -259,6 +265,19 @@ impl Metrics {
             sync_seconds: r.hist(
                 "ca_node_api_sync_seconds",
                 "Time to answer an agent's SyncEntries",
+            ),
+            entry_watchers: r.gauge(
+                "ca_node_entry_watchers",
+                "Open WatchEntries streams (agents pushed their entries by this node)",
+            ),
+            entry_watch_messages: r.counters(
+                "ca_node_entry_watch_messages_total",
+                "WatchEntries messages sent, by kind (full: a chunk of a full set, delta, bundle)",
+                &["kind"],
+            ),
+            entry_watch_entries: r.counter(
+                "ca_node_entry_watch_entries_total",
+                "Entries sent on WatchEntries streams (full sets and deltas)",
             ),
             rate_limited: r.counters(
                 "ca_node_api_rate_limited_total",

@@ -19,6 +19,8 @@ struct Caller {
     agent: AgentRecord,
     /// Serial (hex) of the SVID it presented.
     serial: String,
+    /// When that SVID expires, Unix seconds.
+    not_after: i64,
 }
 use tonic::{Request, Response, Status, Streaming};
 
@@ -137,17 +139,21 @@ impl NodeApi {
         // The certificate must be the agent's current SVID (or the one it just renewed):
         // after an eviction and a new attestation under the same ID, the old host's
         // certificate is refused even though it is otherwise valid.
-        let serial = certs
+        let info = certs
             .first()
-            .and_then(|c| ca_identity::x509::cert_info(c.as_ref()).ok())
-            .map(|i| i.serial_hex)
-            .unwrap_or_default();
+            .and_then(|c| ca_identity::x509::cert_info(c.as_ref()).ok());
+        let not_after = info.as_ref().map(|i| i.not_after).unwrap_or_default();
+        let serial = info.map(|i| i.serial_hex).unwrap_or_default();
         if serial != agent.x509_svid_serial && serial != agent.previous_x509_svid_serial {
             return Err(Error::PermissionDenied(format!(
                 "agent {id}: this SVID (serial {serial}) is no longer the agent's own; the agent was evicted and attested again elsewhere. Attest this host again with a new join token"
             )));
         }
-        Ok(Caller { agent, serial })
+        Ok(Caller {
+            agent,
+            serial,
+            not_after,
+        })
     }
 
     fn parse_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, Error> {
@@ -254,20 +260,31 @@ impl NodeApi {
 
     /// Mints the SVID of one `BatchNewX509Svid` item for `agent`, whose authorized entries
     /// are `entries`: the result carries the chain or this item's error.
+    /// Entry `entry_id`, if `agent` is authorized for it (from the entry index).
+    fn authorized_entry(
+        &self,
+        agent: &AgentRecord,
+        entry_id: &str,
+    ) -> Result<std::sync::Arc<EntryRecord>, Error> {
+        self.core
+            .sm
+            .entries_index(|i| i.authorized_entry(&agent.spiffe_id, entry_id))
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "entry {entry_id:?} does not exist or is not authorized for agent {}",
+                    agent.spiffe_id
+                ))
+            })
+    }
+
     async fn mint_batch_item(
         &self,
         agent: &AgentRecord,
-        entries: &[EntryRecord],
         p: &NewX509SvidParams,
     ) -> NewX509SvidResult {
         let start = std::time::Instant::now();
         let r: Result<Vec<Vec<u8>>, Error> = async {
-            let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
-                Error::PermissionDenied(format!(
-                    "entry {:?} does not exist or is not authorized for agent {}",
-                    p.entry_id, agent.spiffe_id
-                ))
-            })?;
+            let entry = self.authorized_entry(agent, &p.entry_id)?;
             let csr = Self::parse_csr(&p.csr)?;
             let id = SpiffeId::parse(&entry.spiffe_id)?;
             let ttl = if entry.x509_svid_ttl > 0 {
@@ -348,6 +365,7 @@ impl NodeApi {
 }
 
 type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestAgentResponse, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEntriesResponse, Status>> + Send>>;
 
 fn count<T>(core: &NodeCore, method: &str, r: &Result<T, Error>) {
     let code = match r {
@@ -363,6 +381,7 @@ fn count<T>(core: &NodeCore, method: &str, r: &Result<T, Error>) {
 #[tonic::async_trait]
 impl Node for NodeApi {
     type AttestAgentStream = AttestStream;
+    type WatchEntriesStream = WatchStream;
 
     async fn attest_agent(
         &self,
@@ -482,6 +501,7 @@ impl Node for NodeApi {
             let Caller {
                 agent,
                 serial: caller_serial,
+                ..
             } = self.caller(&req).await?;
             self.spend_signing(&agent.spiffe_id, 1)?;
             let csr = Self::parse_csr(&req.get_ref().csr)?;
@@ -511,10 +531,10 @@ impl Node for NodeApi {
         let start = std::time::Instant::now();
         let r = async {
             let agent = self.caller(&req).await?.agent;
-            let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
+            let entries = self.core.sm.authorized(&agent.spiffe_id);
             let tainted = self.core.ca.tainted();
             Ok(SyncEntriesResponse {
-                entries: entries.iter().map(entry_to_proto).collect(),
+                entries: entries.iter().map(|e| entry_to_proto(e)).collect(),
                 bundle: Some(bundle_to_proto(self.core.ca.bundle()?.as_ref())),
                 tainted_x509_authority_key_ids: tainted.x509_authority_key_ids,
                 tainted_jwt_key_ids: tainted.jwt_key_ids,
@@ -527,6 +547,28 @@ impl Node for NodeApi {
             .observe(start.elapsed().as_secs_f64());
         count(&self.core, "SyncEntries", &r);
         Ok(Response::new(r?))
+    }
+
+    async fn watch_entries(
+        &self,
+        req: Request<WatchEntriesRequest>,
+    ) -> Result<Response<Self::WatchEntriesStream>, Status> {
+        let r = self.caller(&req).await;
+        count(&self.core, "WatchEntries", &r);
+        let caller = r?;
+        let watcher = crate::entry_watch::Watcher {
+            agent: caller.agent.spiffe_id,
+            serial: caller.serial,
+            not_after: caller.not_after,
+            revision: req.get_ref().revision,
+        };
+        // A few messages of slack: a stream whose agent does not read holds one chunk, not
+        // the whole set.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(crate::entry_watch::serve(self.core.clone(), watcher, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn batch_new_x509_svid(
@@ -542,20 +584,18 @@ impl Node for NodeApi {
             }
             let agent = self.caller(&req).await?.agent;
             self.spend_signing(&agent.spiffe_id, n)?;
-            let entries: Vec<EntryRecord> =
-                self.core.sm.authorized_entries(&agent.spiffe_id).await?;
-            Ok((agent, entries))
+            Ok(agent)
         }
         .await;
         count(&self.core, "BatchNewX509Svid", &checked);
-        let (agent, entries) = checked?;
+        let agent = checked?;
         // The CSRs are minted concurrently, up to BATCH_MINT_CONCURRENCY at a time, so that a
         // key manager with a round trip per signature (KMS, a network HSM, a PKCS#11 session
         // pool) has this call's signatures in flight together instead of one after another.
         // `buffered` keeps the results in request order; each CSR fails on its own.
         let mut mints = Vec::with_capacity(req.get_ref().params.len());
         for p in &req.get_ref().params {
-            mints.push(self.mint_batch_item(&agent, &entries, p));
+            mints.push(self.mint_batch_item(&agent, p));
         }
         let results: Vec<NewX509SvidResult> =
             futures::StreamExt::buffered(futures::stream::iter(mints), BATCH_MINT_CONCURRENCY)
@@ -574,13 +614,7 @@ impl Node for NodeApi {
             let p = req.get_ref();
             ca_identity::jwt::check_audience(&p.audience)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            let entries = self.core.sm.authorized_entries(&agent.spiffe_id).await?;
-            let entry = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
-                Error::PermissionDenied(format!(
-                    "entry {:?} does not exist or is not authorized for agent {}",
-                    p.entry_id, agent.spiffe_id
-                ))
-            })?;
+            let entry = self.authorized_entry(&agent, &p.entry_id)?;
             let ttl = if entry.jwt_svid_ttl > 0 {
                 entry.jwt_svid_ttl
             } else {

@@ -112,6 +112,19 @@ pub enum Command {
 }
 
 impl Command {
+    /// The agent whose credentials a command replaces or withdraws (eviction, ban, a new
+    /// attestation under its ID): its open streams must check it again. Renewals are not
+    /// among them (the SVID renewed from stays valid until it expires).
+    pub fn agent_withdrawn(&self) -> Option<&str> {
+        match self {
+            Command::EvictAgent { spiffe_id } | Command::BanAgent { spiffe_id } => Some(spiffe_id),
+            Command::AttestWithJoinToken { agent, .. } | Command::RegisterAgent { agent } => {
+                Some(&agent.spiffe_id)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the command changes the CA journal or the rotation requests (what a node's CA
     /// maintenance acts on); a replica notifies its CA of these.
     pub fn changes_ca_journal(&self) -> bool {

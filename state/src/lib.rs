@@ -18,6 +18,8 @@
 //! - [`schema`]: the tables ([`schema::create`]), the row codecs, and the applied log
 //!   position the replication layer records beside the data.
 //! - [`apply`](mod@apply): the rules, one file per kind of record.
+//! - [`index`]: the entries in memory, indexed by parent, kept current on apply: the
+//!   entries an agent is authorized for, and which agents a change affects.
 //! - [`query`]: the reads the node serves (including the entries an agent is authorized
 //!   for).
 //! - [`backup`]: consistent copies of a live database, checking one, and resetting a copy
@@ -44,6 +46,7 @@
 pub mod apply;
 pub mod backup;
 pub mod command;
+pub mod index;
 pub mod query;
 pub mod records;
 pub mod schema;

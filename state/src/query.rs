@@ -20,6 +20,11 @@ pub fn entry(c: &Connection, id: &str) -> Result<Option<EntryRecord>> {
     )
 }
 
+/// Every entry, in no particular order (what the entry index is built from).
+pub fn entries(c: &Connection) -> Result<Vec<EntryRecord>> {
+    query_all(c, "SELECT * FROM entries", [], entry_from_row)
+}
+
 /// One page of entries, ordered by SPIFFE ID then ID: those with the given SPIFFE ID and
 /// parent ID (empty: any) that come after `after` (a SPIFFE ID and ID), at most `limit`
 /// (None: all).

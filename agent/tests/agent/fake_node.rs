@@ -1,6 +1,6 @@
 //! The whole agent against an in-test node API server (TLS on loopback, certificates from
 //! a test CA): attestation by join token and x509pop, failover past a dead address,
-//! entry sync and minting, re-minting on a revision change, agent SVID renewal with the
+//! entry sync (polled: `sync = "poll"`) and minting, re-minting on a revision change, agent SVID renewal with the
 //! SVID as client certificate, a ban, restart from the stored SVID, and expiry handling.
 
 use std::pin::Pin;
@@ -222,6 +222,17 @@ impl Node for FakeNode {
         }))
     }
 
+    type WatchEntriesStream = ReceiverStream<Result<WatchEntriesResponse, Status>>;
+
+    async fn watch_entries(
+        &self,
+        _: Request<WatchEntriesRequest>,
+    ) -> Result<Response<Self::WatchEntriesStream>, Status> {
+        Err(Status::unimplemented(
+            "this fake node answers SyncEntries polls only",
+        ))
+    }
+
     async fn batch_new_x509_svid(
         &self,
         request: Request<BatchNewX509SvidRequest>,
@@ -396,6 +407,8 @@ async fn agent_against_a_fake_node() {
         join_token: Some("good-1".into()),
         health_addr: Some("127.0.0.1:0".parse().unwrap()),
         sync_interval_secs: 1,
+        // The fake node answers polls only; the watch runs against real nodes.
+        sync: ca_agent::cache::SyncMode::Poll,
         ..Default::default()
     };
 
@@ -561,6 +574,7 @@ async fn x509pop_and_insecure_bootstrap() {
             cert_path,
             key_path,
         }),
+        sync: ca_agent::cache::SyncMode::Poll,
         ..Default::default()
     };
     let agent = ca_agent::start(config).await.unwrap();

@@ -200,6 +200,7 @@ async fn assemble(
         local_root_km: local_root,
         advertise_addr: advertise,
         gate,
+        watch_hub: Arc::default(),
     }))
 }
 

@@ -5,6 +5,7 @@ mod admin_rejects;
 mod cli;
 mod cluster;
 mod common;
+mod entry_watch;
 mod hsm_node;
 mod independent_clients;
 mod key_backends;

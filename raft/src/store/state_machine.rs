@@ -22,13 +22,14 @@
 //! installs received ones (their tables copied over its own in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use ca_state::index::{entry_changes, EntryChange, EntryIndex};
 use ca_state::{query, schema, AgentRecord, AuthorityRecord, Command, EntryRecord};
 use ca_state::{JoinTokenRecord, Response, RotationRequest};
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::snapshot::SnapshotFile;
 use crate::store::db::{lock, query_all, Db, DbOptions, Running};
@@ -154,6 +155,12 @@ pub struct StateMachine {
     applied: watch::Sender<u64>,
     /// Index of the last applied change to the CA journal or the rotation requests.
     ca_changed: watch::Sender<u64>,
+    /// The entries in memory, current with every apply ([`StateMachine::entries`]).
+    entries: Arc<RwLock<EntryIndex>>,
+    /// Index of the last applied change to the entries.
+    entries_changed: watch::Sender<u64>,
+    /// Agents whose credentials were withdrawn or replaced ([`Command::agent_withdrawn`]).
+    agents_withdrawn: broadcast::Sender<String>,
     snapshots: Arc<SnapshotDir>,
     snapshot_activity: watch::Sender<SnapshotActivity>,
     /// The checkpointing task's connection, which ends with the task.
@@ -173,6 +180,10 @@ pub struct SnapshotActivity {
     /// How long the last install took.
     pub last_install: Duration,
 }
+
+/// Agent events a slow receiver of [`StateMachine::subscribe_agents_withdrawn`] may be
+/// behind by before it lags.
+const AGENT_EVENTS: usize = 4096;
 
 /// How often a connection of its own checkpoints the state's WAL (see [`run_checkpoints`]).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
@@ -278,10 +289,11 @@ impl StateMachine {
         .await?;
         let readers = Db::open(path, opts("state-read", 2), |_| Ok(())).await?;
         let checkpointer = Db::open(path, opts("state-ckpt", 1), |_| Ok(())).await?;
-        let (last, _) = writer
+        let (last, entries) = writer
             .call(|c| {
                 schema::create(c)?;
-                read_applied(c)
+                let (last, _) = read_applied(c)?;
+                Ok::<_, Error>((last, query::entries(c)?))
             })
             .await?;
         let snapshots = SnapshotDir::open(&snapshot_dir(path))
@@ -303,6 +315,9 @@ impl StateMachine {
             writes,
             applied,
             ca_changed: watch::channel(last).0,
+            entries: Arc::new(RwLock::new(EntryIndex::new(entries, last))),
+            entries_changed: watch::channel(last).0,
+            agents_withdrawn: broadcast::channel(AGENT_EVENTS).0,
             snapshots: Arc::new(snapshots),
             snapshot_activity: watch::channel(SnapshotActivity::default()).0,
             checkpointer: checkpointer_running,
@@ -393,11 +408,27 @@ impl StateMachine {
         let here = command_count(&entries) <= APPLY_HERE_MAX;
         let writes = Arc::clone(&self.writes);
         let job = move |conn: &mut Connection| apply_batch(conn, entries, &writes);
-        let (out, applied) = if here {
+        let AppliedBatch {
+            responses: out,
+            last: applied,
+            entry_changes: changes,
+            agents_withdrawn,
+        } = if here {
             self.writer.call_here(job).await?
         } else {
             self.writer.call(job).await?
         };
+        if let Some(&(last_change, _)) = changes.last() {
+            let mut index = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            for (at, c) in &changes {
+                index.apply(*at, c);
+            }
+            drop(index);
+            self.entries_changed.send_replace(last_change);
+        }
+        for id in agents_withdrawn {
+            let _ = self.agents_withdrawn.send(id);
+        }
         if let Some(last) = applied {
             self.applied.send_replace(last.index);
         }
@@ -512,6 +543,10 @@ impl StateMachine {
             .set_current(meta, &path)
             .await
             .map_err(snap_err)?;
+        let at = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        let entries = self.read(query::entries).await?;
+        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = EntryIndex::new(entries, at);
+        self.entries_changed.send_replace(at);
         if let Some(l) = &meta.last_log_id {
             self.applied.send_replace(l.index);
             self.ca_changed.send_replace(l.index);
@@ -605,7 +640,32 @@ impl StateMachine {
             .await
     }
 
-    /// Entries an agent is authorized for ([`query::authorized_entries`]).
+    /// Reads the entries in memory, current with every apply (never waits on the database).
+    /// `f` must not block: appliers wait for it.
+    pub fn entries_index<T>(&self, f: impl FnOnce(&EntryIndex) -> T) -> T {
+        f(&self.entries.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes to the log index of the last applied change to the entries (and to the
+    /// installed snapshot's index when one replaces the state).
+    pub fn subscribe_entries(&self) -> watch::Receiver<u64> {
+        self.entries_changed.subscribe()
+    }
+
+    /// Agents whose credentials were withdrawn or replaced as they are applied (eviction,
+    /// ban, a new attestation under the ID). A receiver that lags must check every agent it
+    /// cares about again.
+    pub fn subscribe_agents_withdrawn(&self) -> broadcast::Receiver<String> {
+        self.agents_withdrawn.subscribe()
+    }
+
+    /// The entries an agent is authorized for, from the index in memory.
+    pub fn authorized(&self, agent_id: &str) -> Vec<Arc<EntryRecord>> {
+        self.entries_index(|i| i.authorized(agent_id))
+    }
+
+    /// Entries an agent is authorized for, read from the database
+    /// ([`query::authorized_entries`]; the index answers the same, see [`Self::authorized`]).
     pub async fn authorized_entries(&self, agent_id: &str) -> Result<Vec<EntryRecord>> {
         let agent_id = agent_id.to_owned();
         self.read(move |c| query::authorized_entries(c, &agent_id))
@@ -653,7 +713,7 @@ fn apply_batch(
     conn: &mut Connection,
     entries: Vec<Entry>,
     writes: &OpenWrites,
-) -> Result<(Vec<Response>, Option<LogId>)> {
+) -> Result<AppliedBatch> {
     writes.check()?;
     if conn.is_autocommit() {
         // IMMEDIATE: the write lock is taken before the first read, so nothing can make
@@ -691,15 +751,26 @@ fn apply_batch(
     }
 }
 
-fn apply_in_savepoint(
-    tx: &Connection,
-    entries: Vec<Entry>,
-) -> Result<(Vec<Response>, Option<LogId>)> {
+/// What applying a batch gave.
+struct AppliedBatch {
+    /// One response per log entry.
+    responses: Vec<Response>,
+    /// The last log ID applied (None if all were replays).
+    last: Option<LogId>,
+    /// The entry changes, per log index.
+    entry_changes: Vec<(u64, Vec<EntryChange>)>,
+    /// Agents whose credentials were withdrawn or replaced.
+    agents_withdrawn: Vec<String>,
+}
+
+fn apply_in_savepoint(tx: &Connection, entries: Vec<Entry>) -> Result<AppliedBatch> {
     let (last, _) = read_applied(tx)?;
     let mut next_index = last.map(|l| l.index + 1).unwrap_or(0);
     let mut applied: Option<LogId> = None;
     let mut membership: Option<StoredMembership> = None;
     let mut out = Vec::with_capacity(entries.len());
+    let mut changes = Vec::new();
+    let mut agents_withdrawn = Vec::new();
     for e in entries {
         let index = e.log_id.index;
         if index < next_index {
@@ -708,7 +779,17 @@ fn apply_in_savepoint(
         }
         let resp = match e.payload {
             EntryPayload::Blank => Response::Ok,
-            EntryPayload::Normal(cmd) => ca_state::apply(tx, &cmd, index)?,
+            EntryPayload::Normal(cmd) => {
+                let resp = ca_state::apply(tx, &cmd, index)?;
+                let changed = entry_changes(&cmd, &resp);
+                if !changed.is_empty() {
+                    changes.push((index, changed));
+                }
+                if let Some(id) = cmd.agent_withdrawn() {
+                    agents_withdrawn.push(id.to_owned());
+                }
+                resp
+            }
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(e.log_id), m));
                 Response::Ok
@@ -721,7 +802,12 @@ fn apply_in_savepoint(
     if let Some(last) = &applied {
         write_applied(tx, last, membership.as_ref())?;
     }
-    Ok((out, applied))
+    Ok(AppliedBatch {
+        responses: out,
+        last: applied,
+        entry_changes: changes,
+        agents_withdrawn,
+    })
 }
 
 fn snapshot_dir(state_path: &Path) -> PathBuf {

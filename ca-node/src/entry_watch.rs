@@ -1,0 +1,435 @@
+//! `WatchEntries`: each agent's authorized entries and the trust bundle, pushed as they
+//! change, served by any node from its own applied state (no Raft round trip).
+//!
+//! The [`WatchHub`] follows the state machine: after each applied entry change it asks the
+//! entry index which IDs' authorized sets may have changed and wakes only the streams of
+//! those agents; after an eviction, a ban or a new attestation it wakes that agent's
+//! streams to check the caller again. Each stream ([`serve`]) keeps the entries it has
+//! sent (shared `Arc`s of the index's, so memory per stream is a map of its own entries)
+//! and sends what differs: a full set first, in chunks of at most [`CHUNK_BYTES`], then
+//! deltas. The cost of a change is proportional to the agents it affects, not to all
+//! agents times all entries. A trust-bundle change (rotation, revocation) goes to every
+//! stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ca_proto::node::WatchEntriesResponse;
+use ca_state::EntryRecord;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use crate::convert::{bundle_to_proto, entry_to_proto};
+use crate::core::NodeCore;
+use crate::Error;
+
+/// Largest encoded size of the entries in one message (gRPC's default limit is 4 MiB).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// How long a stream that resumes from a revision this node has not applied yet waits for
+/// it before it sends a full set instead.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// What wakes one stream.
+#[derive(Debug, Default)]
+struct Signals {
+    /// Its agent's authorized set may have changed.
+    entries: Notify,
+    /// Its agent was evicted, banned or attested again: check the caller.
+    agent: Notify,
+}
+
+type Registered = HashMap<String, Vec<(u64, Arc<Signals>)>>;
+
+/// The open streams by agent, and the task that wakes them.
+#[derive(Debug)]
+pub struct WatchHub {
+    streams: Mutex<Registered>,
+    next_id: AtomicU64,
+    /// True once the node stops: every stream ends (its agent moves to another node).
+    stopping: watch::Sender<bool>,
+}
+
+impl Default for WatchHub {
+    fn default() -> Self {
+        Self {
+            streams: Mutex::default(),
+            next_id: AtomicU64::default(),
+            stopping: watch::channel(false).0,
+        }
+    }
+}
+
+/// A stream's registration; unregisters when dropped.
+struct Registration {
+    hub: Arc<WatchHub>,
+    agent: String,
+    id: u64,
+    signals: Arc<Signals>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut streams = self.hub.lock();
+        if let Some(v) = streams.get_mut(&self.agent) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
+                streams.remove(&self.agent);
+            }
+        }
+    }
+}
+
+impl WatchHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registered> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, agent: &str) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let signals = Arc::new(Signals::default());
+        self.lock()
+            .entry(agent.to_owned())
+            .or_default()
+            .push((id, signals.clone()));
+        Registration {
+            hub: self.clone(),
+            agent: agent.to_owned(),
+            id,
+            signals,
+        }
+    }
+
+    fn wake(&self, agents: Option<&[&str]>, which: fn(&Signals) -> &Notify) {
+        let streams = self.lock();
+        let wake = |v: &Vec<(u64, Arc<Signals>)>| {
+            for (_, s) in v {
+                which(s).notify_one();
+            }
+        };
+        match agents {
+            Some(ids) => ids.iter().filter_map(|id| streams.get(*id)).for_each(wake),
+            None => streams.values().for_each(wake),
+        }
+    }
+
+    /// Wakes the streams of the agents each applied change affects, until `stop` changes.
+    pub fn spawn(
+        self: &Arc<Self>,
+        core: &Arc<NodeCore>,
+        mut stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let hub = self.clone();
+        let sm = core.sm.clone();
+        tokio::spawn(async move {
+            let mut entries = sm.subscribe_entries();
+            let mut agents = sm.subscribe_agents_withdrawn();
+            let mut seen = sm.entries_index(|i| i.revision());
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => {
+                        hub.stopping.send_replace(true);
+                        return;
+                    }
+                    r = entries.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        let (now, affected) = sm.entries_index(|i| {
+                            let affected = i.affected_since(seen).map(|ids| {
+                                ids.into_iter().map(str::to_owned).collect::<Vec<_>>()
+                            });
+                            (i.revision(), affected)
+                        });
+                        seen = now;
+                        match affected {
+                            Some(ids) => {
+                                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                                hub.wake(Some(&ids), |s| &s.entries);
+                            }
+                            None => hub.wake(None, |s| &s.entries),
+                        }
+                    }
+                    r = agents.recv() => match r {
+                        Ok(id) => hub.wake(Some(&[id.as_str()]), |s| &s.agent),
+                        Err(broadcast::error::RecvError::Lagged(_)) => hub.wake(None, |s| &s.agent),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// What a stream needs to know of its caller.
+pub(crate) struct Watcher {
+    /// The agent's SPIFFE ID.
+    pub agent: String,
+    /// The serial of the SVID it called with.
+    pub serial: String,
+    /// When that SVID expires (Unix seconds): the stream ends then.
+    pub not_after: i64,
+    /// The revision the agent has (0: none).
+    pub revision: u64,
+}
+
+type Sender = mpsc::Sender<Result<WatchEntriesResponse, Status>>;
+
+/// Serves one stream into `tx` until the agent goes away, its SVID expires or its
+/// credentials are withdrawn.
+pub(crate) async fn serve(core: Arc<NodeCore>, w: Watcher, tx: Sender) {
+    let registration = core.watch_hub.register(&w.agent);
+    core.metrics.entry_watchers.inc();
+    let r = run(&core, &w, &registration.signals, &tx).await;
+    core.metrics.entry_watchers.dec();
+    if let Err(e) = r {
+        let _ = tx.send(Err(e.into())).await;
+    }
+}
+
+async fn run(core: &NodeCore, w: &Watcher, signals: &Signals, tx: &Sender) -> Result<(), Error> {
+    let sm = &core.sm;
+    let mut stopping = core.watch_hub.stopping.subscribe();
+    let mut trust = core.ca.subscribe_trust();
+    trust.borrow_and_update();
+    // A revision from a node ahead of this one: wait for it to be applied here.
+    if w.revision > sm.entries_index(|i| i.revision()) {
+        let mut applied = sm.subscribe_entries();
+        let _ = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= w.revision)).await;
+    }
+    let (mut seen, resumed, set) = sm.entries_index(|i| {
+        let resumed = w.revision > 0
+            && w.revision <= i.revision()
+            && i.changed_for(&w.agent, w.revision) == Some(false);
+        (i.revision(), resumed, i.authorized(&w.agent))
+    });
+    let mut sent: HashMap<String, Arc<EntryRecord>> =
+        set.iter().map(|e| (e.id.clone(), e.clone())).collect();
+    let first = bundle_message(core, seen)?;
+    if resumed {
+        send(core, tx, vec![first], "bundle").await?;
+    } else {
+        send(core, tx, chunks(first, true, &set, Vec::new()), "full").await?;
+    }
+    let expires = tokio::time::Instant::now()
+        + Duration::from_secs((w.not_after - ca_identity::unix_now()).max(0) as u64);
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            _ = tokio::time::sleep_until(expires) => return Ok(()),
+            _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                return Err(Error::Unavailable("this node is shutting down; watch another".into()));
+            }
+            _ = signals.agent.notified() => check_caller(core, w).await?,
+            r = trust.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                send(core, tx, vec![bundle_message(core, seen)?], "bundle").await?;
+            }
+            _ = signals.entries.notified() => {
+                let (now, set) = sm.entries_index(|i| {
+                    let set = match i.changed_for(&w.agent, seen) {
+                        Some(false) => None,
+                        _ => Some(i.authorized(&w.agent)),
+                    };
+                    (i.revision(), set)
+                });
+                seen = now;
+                let Some(set) = set else { continue };
+                let (changed, removed) = diff(&mut sent, set);
+                if changed.is_empty() && removed.is_empty() {
+                    continue;
+                }
+                let head = WatchEntriesResponse { revision: seen, ..Default::default() };
+                send(core, tx, chunks(head, false, &changed, removed), "delta").await?;
+            }
+        }
+    }
+}
+
+/// Brings `sent` to `now`; returns the entries added or changed and the IDs gone.
+fn diff(
+    sent: &mut HashMap<String, Arc<EntryRecord>>,
+    now: Vec<Arc<EntryRecord>>,
+) -> (Vec<Arc<EntryRecord>>, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut next = HashMap::with_capacity(now.len());
+    for e in now {
+        match sent.remove(&e.id) {
+            Some(old) if Arc::ptr_eq(&old, &e) || *old == *e => {}
+            _ => changed.push(e.clone()),
+        }
+        next.insert(e.id.clone(), e);
+    }
+    let mut removed: Vec<String> = sent.drain().map(|(id, _)| id).collect();
+    removed.sort();
+    *sent = next;
+    (changed, removed)
+}
+
+/// The caller is still the agent it was when the stream opened: attested, not banned, and
+/// calling with its current (or just renewed) SVID.
+async fn check_caller(core: &NodeCore, w: &Watcher) -> Result<(), Error> {
+    let agent = core.sm.agent(&w.agent).await?.ok_or_else(|| {
+        Error::PermissionDenied(format!("agent {} was evicted; attest again", w.agent))
+    })?;
+    if agent.banned {
+        return Err(Error::PermissionDenied(format!(
+            "agent {} is banned",
+            w.agent
+        )));
+    }
+    if w.serial != agent.x509_svid_serial && w.serial != agent.previous_x509_svid_serial {
+        return Err(Error::PermissionDenied(format!(
+            "agent {}: this SVID (serial {}) is no longer the agent's own; it was attested again elsewhere",
+            w.agent, w.serial
+        )));
+    }
+    Ok(())
+}
+
+/// A message with the current bundle and tainted authorities, at `revision`.
+fn bundle_message(core: &NodeCore, revision: u64) -> Result<WatchEntriesResponse, Error> {
+    let tainted = core.ca.tainted();
+    Ok(WatchEntriesResponse {
+        revision,
+        bundle: Some(bundle_to_proto(core.ca.bundle()?.as_ref())),
+        tainted_x509_authority_key_ids: tainted.x509_authority_key_ids,
+        tainted_jwt_key_ids: tainted.jwt_key_ids,
+        ..Default::default()
+    })
+}
+
+/// `head` carrying `entries` and `removed`, split into messages of at most [`CHUNK_BYTES`]
+/// of entries each; `full` marks the first as the start of a full set. Every message but
+/// the last has `more` set; the IDs removed ride in the last.
+fn chunks(
+    head: WatchEntriesResponse,
+    full: bool,
+    entries: &[Arc<EntryRecord>],
+    removed: Vec<String>,
+) -> Vec<WatchEntriesResponse> {
+    let revision = head.revision;
+    let mut out = vec![WatchEntriesResponse { full, ..head }];
+    let mut bytes = 0;
+    for e in entries {
+        let p = entry_to_proto(e);
+        let len = p.encoded_len();
+        let last = out.last_mut().expect("one message at least");
+        if bytes > 0 && bytes + len > CHUNK_BYTES {
+            last.more = true;
+            out.push(WatchEntriesResponse {
+                revision,
+                ..Default::default()
+            });
+            bytes = 0;
+        }
+        bytes += len;
+        out.last_mut()
+            .expect("one message at least")
+            .entries
+            .push(p);
+    }
+    out.last_mut()
+        .expect("one message at least")
+        .removed_entry_ids = removed;
+    out
+}
+
+async fn send(
+    core: &NodeCore,
+    tx: &Sender,
+    messages: Vec<WatchEntriesResponse>,
+    kind: &str,
+) -> Result<(), Error> {
+    for m in messages {
+        core.metrics
+            .entry_watch_messages
+            .with_label_values(&[kind])
+            .inc();
+        core.metrics
+            .entry_watch_entries
+            .inc_by(m.entries.len() as u64);
+        if tx.send(Ok(m)).await.is_err() {
+            // The agent went away; the stream ends quietly.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, hint: &str) -> Arc<EntryRecord> {
+        Arc::new(EntryRecord {
+            id: id.into(),
+            spiffe_id: format!("spiffe://td/{id}"),
+            parent_id: "spiffe://td/agent".into(),
+            selectors: Vec::new(),
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: Vec::new(),
+            admin: false,
+            hint: hint.into(),
+            created_at: 0,
+            revision: 0,
+        })
+    }
+
+    #[test]
+    fn diff_sends_only_what_changed() {
+        let (a, b, c) = (entry("a", ""), entry("b", ""), entry("c", ""));
+        let mut sent: HashMap<String, Arc<EntryRecord>> = [&a, &b]
+            .iter()
+            .map(|e| (e.id.clone(), (*e).clone()))
+            .collect();
+        let b2 = entry("b", "changed");
+        let (changed, removed) = diff(&mut sent, vec![a.clone(), b2.clone(), c.clone()]);
+        assert_eq!(changed, vec![b2.clone(), c.clone()]);
+        assert!(removed.is_empty());
+        // An equal record in a new Arc (a rebuilt index) is not a change.
+        let (changed, removed) = diff(&mut sent, vec![entry("a", ""), b2.clone()]);
+        assert!(changed.is_empty());
+        assert_eq!(removed, ["c"]);
+        assert_eq!(sent.len(), 2);
+    }
+
+    #[test]
+    fn chunks_stay_under_the_limit_and_carry_everything_once() {
+        let big = "x".repeat(100_000);
+        let entries: Vec<_> = (0..25).map(|i| entry(&format!("e{i:02}"), &big)).collect();
+        let head = WatchEntriesResponse {
+            revision: 9,
+            ..Default::default()
+        };
+        let msgs = chunks(head, true, &entries, vec!["gone".into()]);
+        assert!(msgs.len() >= 3, "{}", msgs.len());
+        assert!(msgs[0].full && msgs[1..].iter().all(|m| !m.full));
+        assert!(msgs[..msgs.len() - 1].iter().all(|m| m.more));
+        assert!(!msgs.last().unwrap().more);
+        assert!(msgs.iter().all(|m| m.revision == 9));
+        let ids: Vec<String> = msgs
+            .iter()
+            .flat_map(|m| m.entries.iter().map(|e| e.id.clone()))
+            .collect();
+        assert_eq!(
+            ids,
+            entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>()
+        );
+        for m in &msgs {
+            assert!(m.entries.iter().map(|e| e.encoded_len()).sum::<usize>() <= CHUNK_BYTES);
+        }
+        assert_eq!(msgs.last().unwrap().removed_entry_ids, ["gone"]);
+        // Nothing to send still makes one message (a full set of nothing).
+        let one = chunks(WatchEntriesResponse::default(), true, &[], Vec::new());
+        assert_eq!(one.len(), 1);
+        assert!(one[0].full && !one[0].more);
+    }
+}
