@@ -61,9 +61,11 @@ pub struct CaCluster {
     /// The nodes, node 1 first.
     pub nodes: Vec<ClusterNode>,
     dir: tempfile::TempDir,
+    /// Settings every node's configuration gets on top of the defaults.
+    extra: toml::Table,
 }
 
-fn node_config(dir: &Path, i: u64, node_listen: SocketAddr) -> toml::Table {
+fn node_config(dir: &Path, i: u64, node_listen: SocketAddr, extra: &toml::Table) -> toml::Table {
     let s = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned());
     let mut km = toml::Table::new();
     km.insert("type".into(), "soft".into());
@@ -79,6 +81,9 @@ fn node_config(dir: &Path, i: u64, node_listen: SocketAddr) -> toml::Table {
         s(dir.join(format!("admin-{i}.sock"))),
     );
     cfg.insert("node_listen".into(), node_listen.to_string().into());
+    for (k, v) in extra {
+        cfg.insert(k.clone(), v.clone());
+    }
     cfg
 }
 
@@ -86,6 +91,16 @@ impl CaCluster {
     /// Starts `n` nodes with `exe` and waits until all are voters, agree on a leader, and are
     /// ready.
     pub async fn start(exe: &ResolvedExe, n: usize) -> anyhow::Result<Self> {
+        Self::start_with(exe, n, toml::Table::new()).await
+    }
+
+    /// [`CaCluster::start`], every node's configuration with `extra`'s settings on top
+    /// (top-level keys replace the defaults').
+    pub async fn start_with(
+        exe: &ResolvedExe,
+        n: usize,
+        extra: toml::Table,
+    ) -> anyhow::Result<Self> {
         if n == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -96,6 +111,7 @@ impl CaCluster {
         let mut cluster = CaCluster {
             nodes: Vec::new(),
             dir,
+            extra,
         };
         let deadline = Instant::now() + FORM_TIMEOUT;
         let first = cluster.spawn(exe, 1, &[]).await?;
@@ -148,7 +164,7 @@ impl CaCluster {
         join_args: &[String],
     ) -> anyhow::Result<ClusterNode> {
         let node_addr = free_port()?;
-        let cfg = node_config(self.dir.path(), i, node_addr);
+        let cfg = node_config(self.dir.path(), i, node_addr, &self.extra);
         let config_path = self.dir.path().join(format!("node-{i}.toml"));
         std::fs::write(&config_path, toml::to_string(&cfg)?)?;
         let log_path = self.dir.path().join(format!("node-{i}.log"));

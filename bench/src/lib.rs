@@ -15,6 +15,9 @@
 //! cargo run --release -p ca-bench --bin issuance-load -- --json  # JSON
 //! ```
 //!
+//! `agent-fleet` ([`fleet`]) runs thousands of simulated agents against a three-node
+//! cluster, with entries pushed and with entries polled, and reports what each costs.
+//!
 //! Other key managers plug in through `--node-config FILE` (its top-level keys, e.g. a
 //! `[key_manager]` table, replace the generated configuration's). Figures and method:
 //! `docs/BENCHMARKS.md`.
@@ -24,6 +27,7 @@ pub mod baseline;
 pub mod ca_cluster;
 pub mod cli;
 pub mod etcd;
+pub mod fleet;
 pub mod load;
 pub mod metrics;
 pub mod node;
