@@ -917,11 +917,31 @@ impl Ca {
                 .collect(),
             jwt_key_ids: revoked(AuthorityKind::Jwt).map(|a| a.id.clone()).collect(),
         };
-        let mut cur = self.current.write().expect("ca lock");
+        let revoked_ids: std::collections::HashSet<&str> = auths
+            .iter()
+            .filter(|a| a.state == AuthorityState::Revoked)
+            .map(|a| a.id.as_str())
+            .collect();
+        let mut guard = self.current.write().expect("ca lock");
+        let cur = &mut *guard;
+        // A revoked authority signs nothing more from the moment its revocation is seen,
+        // not from the upkeep round that replaces it.
+        for signer in [
+            &mut cur.intermediate,
+            &mut cur.prepared_intermediate,
+            &mut cur.jwt,
+        ] {
+            if signer
+                .as_ref()
+                .is_some_and(|s| revoked_ids.contains(s.record.id.as_str()))
+            {
+                *signer = None;
+            }
+        }
         let changed = cur.bundle.as_deref() != Some(bundle.as_ref()) || cur.tainted != tainted;
         cur.bundle = Some(bundle.clone());
         cur.tainted = tainted;
-        drop(cur);
+        drop(guard);
         if changed {
             self.trust_changes.send_modify(|n| *n += 1);
         }
@@ -1167,7 +1187,10 @@ impl Ca {
     ) -> Result<Vec<Vec<u8>>, Error> {
         self.check_clock()?;
         let int = self.intermediate().ok_or_else(|| {
-            Error::Unavailable("no active intermediate CA on this node yet".into())
+            Error::Unavailable(
+                "no active intermediate CA on this node (it is starting, or replacing a revoked one)"
+                    .into(),
+            )
         })?;
         let t = now();
         let not_after = (t + ttl).min(int.record.not_after);

@@ -124,37 +124,82 @@ impl CaCluster {
         let bundle_path = cluster.dir.path().join("bundle.pem");
         std::fs::write(&bundle_path, bundle)?;
         for i in 2..=n as u64 {
-            let token = {
-                let mut a = cluster.nodes[0].admin().await?;
-                a.create_join_token(CreateJoinTokenRequest {
-                    spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ca-node/bench-{i}"),
-                    ttl_seconds: 600,
-                })
-                .await?
-                .into_inner()
-                .token
-            };
-            let token_path = cluster.dir.path().join(format!("token-{i}"));
-            std::fs::write(&token_path, token)?;
-            std::fs::set_permissions(
-                &token_path,
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )?;
-            let peer = cluster.nodes[0].node_addr.to_string();
-            let args = [
-                "--peer".to_string(),
-                peer,
-                "--token-file".into(),
-                token_path.to_string_lossy().into_owned(),
-                "--bundle".into(),
-                bundle_path.to_string_lossy().into_owned(),
-            ];
-            let node = cluster.spawn(exe, i, &args).await?;
-            cluster.nodes.push(node);
-            cluster.wait_ready(i as usize - 1, deadline).await?;
+            cluster.join(exe, i, &bundle_path, deadline).await?;
         }
         cluster.wait_formed(deadline).await?;
         Ok(cluster)
+    }
+
+    /// Adds node `i` as an operator does: a ca-node join token made on node 1, then
+    /// `ca-node join` through node 1 with the bundle at `bundle_path`; returns once it is
+    /// ready.
+    async fn join(
+        &mut self,
+        exe: &ResolvedExe,
+        i: u64,
+        bundle_path: &Path,
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
+        let token = {
+            let mut a = self.nodes[0].admin().await?;
+            a.create_join_token(CreateJoinTokenRequest {
+                spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ca-node/bench-{i}"),
+                ttl_seconds: 600,
+            })
+            .await?
+            .into_inner()
+            .token
+        };
+        let token_path = self.dir.path().join(format!("token-{i}"));
+        std::fs::write(&token_path, token)?;
+        std::fs::set_permissions(
+            &token_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        let peer = self.nodes[0].node_addr.to_string();
+        let args = [
+            "--peer".to_string(),
+            peer,
+            "--token-file".into(),
+            token_path.to_string_lossy().into_owned(),
+            "--bundle".into(),
+            bundle_path.to_string_lossy().into_owned(),
+        ];
+        let node = self.spawn(exe, i, &args).await?;
+        self.nodes.push(node);
+        self.wait_ready(self.nodes.len() - 1, deadline).await
+    }
+
+    /// Joins one more node with an empty data dir (as a wiped node joins again) and waits
+    /// until it is a voter and has applied everything the leader had applied when it
+    /// started; returns how long that took, and its status then.
+    pub async fn add_empty_node(
+        &mut self,
+        exe: &ResolvedExe,
+    ) -> anyhow::Result<(Duration, ClusterStatusResponse)> {
+        let i = self.nodes.len() as u64 + 1;
+        let pem = {
+            let mut a = self.nodes[0].admin().await?;
+            a.get_bundle(GetBundleRequest {}).await?.into_inner().pem
+        };
+        let bundle_path = self.dir.path().join(format!("bundle-{i}.pem"));
+        std::fs::write(&bundle_path, pem)?;
+        let target = self.status(0).await?.last_applied_index;
+        let t = Instant::now();
+        let deadline = t + FORM_TIMEOUT;
+        self.join(exe, i, &bundle_path, deadline).await?;
+        let idx = self.nodes.len() - 1;
+        loop {
+            let st = self.status(idx).await?;
+            let voter = st.members.iter().any(|m| m.raft_id == i && m.voter);
+            if voter && st.last_applied_index >= target {
+                return Ok((t.elapsed(), st));
+            }
+            if Instant::now() > deadline {
+                bail!("node {i} did not catch up in time: {st:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn spawn(

@@ -20,7 +20,10 @@
 //! - `RevokeAuthority` of node 1's intermediate: the time until every agent has been told
 //!   (a message listing a tainted authority) and until every affected agent has
 //!   re-minted its SVIDs, p50/p99/max;
-//! - the size of a snapshot of the state (`SaveSnapshot`).
+//! - the size of a snapshot of the state (`SaveSnapshot`), and (watch mode) how long an
+//!   empty node joining afterwards takes to catch up, as a wiped node that joins again;
+//! - (watch mode) the RSS of one real `agent` process holding `--real-agent-entries`
+//!   entries and their SVIDs.
 //!
 //! ```text
 //! cargo build --release -p ca-bench -p ca-node-cli
@@ -86,6 +89,11 @@ pub struct Args {
     /// X.509-SVID and agent SVID lifetime, seconds (renewed at half-life).
     #[arg(long, default_value_t = 3600)]
     pub svid_ttl: u64,
+    /// Entries for one real agent process (the `agent` binary beside this one, else this
+    /// one re-run as the agent) started in watch mode after the steady-state window: its
+    /// RSS once it holds them and their SVIDs. 0: none.
+    #[arg(long, default_value_t = 1000)]
+    pub real_agent_entries: usize,
     /// The ca-node executable: `auto` (beside this one, else this one re-run as ca-node),
     /// `self`, or a path.
     #[arg(long, default_value = "auto")]
@@ -167,7 +175,18 @@ pub struct ModeReport {
     pub revoke_missing: (usize, usize),
     /// Bytes of a snapshot of the state.
     pub snapshot_bytes: u64,
+    /// The real agent: entries it held and its RSS then, MiB (watch mode only).
+    pub real_agent: Option<(usize, f64)>,
+    /// Node RSS after the entries were registered, before any agent, MiB.
+    pub rss_entries_mib: Vec<f64>,
+    /// An empty node joining the cluster afterwards (as a wiped node joins again): seconds
+    /// until it is a voter and has applied everything, and its snapshot index then (0: it
+    /// replayed the log, no snapshot).
+    pub catch_up: Option<(f64, u64)>,
 }
+
+/// Set to run this executable as the `agent` (see [`main`]).
+pub const AGENT_EXEC_ENV: &str = "CA_BENCH_EXEC_AGENT";
 
 /// The whole run.
 #[derive(Debug, Serialize)]
@@ -272,7 +291,7 @@ async fn run_mode(
     let n = args.agents;
     let per = args.entries_per_agent;
     eprintln!("[{mode}] starting 3 ca-nodes ({})", exe.describe());
-    let cluster = CaCluster::start_with(exe, 3, cluster_settings(args)).await?;
+    let mut cluster = CaCluster::start_with(exe, 3, cluster_settings(args)).await?;
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid()).collect();
     let rss_empty: Vec<f64> = pids.iter().map(|p| rss_mib(*p)).collect();
     let mut admin = cluster.nodes[0].admin().await?;
@@ -327,6 +346,7 @@ async fn run_mode(
         }
     }
     let register_secs = t.elapsed().as_secs_f64();
+    let rss_entries_mib: Vec<f64> = pids.iter().map(|p| rss_mib(*p)).collect();
 
     // Join tokens for the agents' IDs.
     let mut tokens = Vec::with_capacity(n);
@@ -363,7 +383,10 @@ async fn run_mode(
     let tokens = Arc::new(tokens);
     let ids_by_agent = Arc::new(ids_by_agent);
     let mut starters = Vec::new();
+    // The agents' sync tasks, stopped when this mode ends.
+    let syncing: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     for _ in 0..args.concurrency.max(1) {
+        let syncing = syncing.clone();
         let (next, agents, tokens, ids, seen, csrs, live, td, addrs) = (
             next.clone(),
             agents.clone(),
@@ -409,7 +432,7 @@ async fn run_mode(
                     aki: Mutex::default(),
                 });
                 let (got, first) = tokio::sync::oneshot::channel();
-                tokio::spawn(sync_loop(
+                let task = tokio::spawn(sync_loop(
                     agent.clone(),
                     seen.clone(),
                     csrs.clone(),
@@ -417,6 +440,7 @@ async fn run_mode(
                     attested_at,
                     got,
                 ));
+                syncing.lock().expect("tasks").push(task);
                 let _ = first.await;
                 mint(&agent, &csrs, &seen).await?;
                 agents.lock().expect("agents")[i] = Some(agent);
@@ -497,6 +521,16 @@ async fn run_mode(
         (seen.minted.load(Ordering::Relaxed) - minted0) as f64 / wall.as_secs_f64();
     renewing.store(false, Ordering::Relaxed);
     let _ = renewer.await;
+
+    let real_agent = if watch && args.real_agent_entries > 0 {
+        eprintln!(
+            "[{mode}] a real agent with {} entries",
+            args.real_agent_entries
+        );
+        Some(real_agent(&cluster, args.real_agent_entries).await?)
+    } else {
+        None
+    };
 
     // Probes: entries created one at a time under agents spread over the fleet.
     eprintln!("[{mode}] {} probe entries", args.probes);
@@ -601,7 +635,7 @@ async fn run_mode(
 
     // Snapshot size.
     let mut snap = admin
-        .save_snapshot(SaveSnapshotRequest::default())
+        .save_snapshot(SaveSnapshotRequest { allow_stale: true })
         .await?
         .into_inner();
     let mut snapshot_bytes = 0u64;
@@ -609,6 +643,16 @@ async fn run_mode(
         snapshot_bytes += c.data.len() as u64;
     }
 
+    for t in syncing.lock().expect("tasks").drain(..) {
+        t.abort();
+    }
+    let catch_up = if watch {
+        eprintln!("[{mode}] an empty node joins");
+        let (took, st) = cluster.add_empty_node(exe).await?;
+        Some((took.as_secs_f64(), st.snapshot_index))
+    } else {
+        None
+    };
     cluster.stop().await;
     Ok(ModeReport {
         mode: mode.into(),
@@ -625,7 +669,106 @@ async fn run_mode(
         revoke_reminted: spread(reminted),
         revoke_missing: (told_missing, reminted_missing),
         snapshot_bytes,
+        real_agent,
+        rss_entries_mib,
+        catch_up,
     })
+}
+
+/// Starts the `agent` program in watch mode on the cluster with `entries` entries, waits
+/// until it holds them all and their SVIDs (its `/readyz`), and reads its RSS.
+async fn real_agent(cluster: &CaCluster, entries: usize) -> anyhow::Result<(usize, f64)> {
+    let dir = tempfile::Builder::new()
+        .prefix("ca-bench-agent-")
+        .tempdir()?;
+    let id = format!("spiffe://{TRUST_DOMAIN}/agent/real");
+    let mut admin = cluster.nodes[0].admin().await?;
+    let token = admin
+        .create_join_token(CreateJoinTokenRequest {
+            spiffe_id: id.clone(),
+            ttl_seconds: 600,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let all: Vec<Entry> = (0..entries)
+        .map(|k| {
+            entry(
+                format!("spiffe://{TRUST_DOMAIN}/real/w{k}"),
+                &id,
+                20_000 + k,
+            )
+        })
+        .collect();
+    for chunk in all.chunks(1000) {
+        admin
+            .batch_create_entries(BatchCreateEntriesRequest {
+                entries: chunk.to_vec(),
+            })
+            .await?;
+    }
+    let pem = admin
+        .get_bundle(GetBundleRequest {})
+        .await?
+        .into_inner()
+        .pem;
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, pem)?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token)?;
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let health = ca_test_support::free_port();
+    let health: std::net::SocketAddr = format!("127.0.0.1:{health}").parse()?;
+    let servers: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.node_addr))
+        .collect();
+    let config = format!(
+        "trust_domain = \"{TRUST_DOMAIN}\"\nserver_addresses = [{}]\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token_file = \"{}\"\nhealth_addr = \"{health}\"\nlog_level = \"warn\"\n",
+        servers.join(", "),
+        dir.path().join("data").display(),
+        dir.path().join("agent.sock").display(),
+        bundle.display(),
+        token_file.display(),
+    );
+    let config_path = dir.path().join("agent.toml");
+    std::fs::write(&config_path, config)?;
+    let me = std::env::current_exe()?;
+    let sibling = me.with_file_name("agent");
+    let mut cmd = if sibling.is_file() {
+        std::process::Command::new(sibling)
+    } else {
+        let mut c = std::process::Command::new(&me);
+        c.env(AGENT_EXEC_ENV, "1");
+        c
+    };
+    cmd.arg("run").arg("--config").arg(&config_path);
+    let proc = ca_test_support::process::Proc::spawn("agent", cmd, &dir.path().join("agent.log"))?;
+    let want = format!("({entries} entries, {entries} SVIDs)");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok((200, body)) = ca_test_support::http::get(health, "/readyz").await {
+            if body.contains(&want) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the real agent did not hold {entries} entries and SVIDs in 120 s; its log:\n{}",
+                proc.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Settled: a few seconds of watching and renewal checks.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rss = rss_mib(proc.pid());
+    drop(proc);
+    Ok((entries, rss))
 }
 
 /// Keeps one agent's entries and bundle current (watch or poll) and records what the
@@ -714,16 +857,16 @@ async fn sync_loop(
         }
         .await;
         if let Err(e) = r {
-            tracing_free_log(&agent, &e);
+            log_once(&agent, &e);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
 
-fn tracing_free_log(agent: &SimAgent, e: &anyhow::Error) {
+fn log_once(agent: &SimAgent, e: &anyhow::Error) {
     static LOGGED: AtomicUsize = AtomicUsize::new(0);
     if LOGGED.fetch_add(1, Ordering::Relaxed) < 10 {
-        eprintln!("agent {}: sync failed: {e:#}", agent.id);
+        eprintln!("agent {}: {e:#}", agent.id);
     }
 }
 
@@ -756,11 +899,13 @@ fn note(
             tokio::spawn(async move {
                 for _ in 0..300 {
                     let before = agent.aki.lock().expect("aki").clone();
-                    if mint(&agent, &csrs, &seen).await.is_ok()
-                        && *agent.aki.lock().expect("aki") != before
-                    {
-                        seen.reminted[agent.idx].store(seen.ms(), Ordering::Relaxed);
-                        return;
+                    match mint(&agent, &csrs, &seen).await {
+                        Ok(()) if *agent.aki.lock().expect("aki") != before => {
+                            seen.reminted[agent.idx].store(seen.ms(), Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(()) => log_once(&agent, &anyhow!("re-minted by the revoked authority")),
+                        Err(e) => log_once(&agent, &e),
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -869,6 +1014,28 @@ fn print(r: &Report) {
             "snapshot: {:.1} MiB",
             m.snapshot_bytes as f64 / (1 << 20) as f64
         );
+        println!(
+            "node RSS with the entries, before agents: {:?} MiB",
+            m.rss_entries_mib
+                .iter()
+                .map(|r| r.round())
+                .collect::<Vec<_>>()
+        );
+        if let Some((secs, snap)) = m.catch_up {
+            println!(
+                "an empty node joined and caught up in {secs:.1} s ({})",
+                if snap > 0 {
+                    format!("snapshot at index {snap} installed")
+                } else {
+                    "log replayed".into()
+                }
+            );
+        }
+        if let Some((n, rss)) = m.real_agent {
+            println!(
+                "a real agent (sync = watch) holding {n} entries and their SVIDs: RSS {rss:.1} MiB"
+            );
+        }
     }
     if let (Some(w), Some(p)) = (
         r.modes.iter().find(|m| m.mode == "watch"),

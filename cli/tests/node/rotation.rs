@@ -386,6 +386,53 @@ async fn workloads_keep_talking_through_every_rotation() {
 // ---------------------------------------------------------------------------------------
 // Revocation
 
+/// A node stops signing with its intermediate as soon as it sees the revocation, not at
+/// the upkeep round that replaces it (which first makes a new intermediate): from 100 ms
+/// after the revoke call, every mint on it is refused or signed by another intermediate,
+/// and a new one takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_intermediate_signs_nothing_once_the_revocation_is_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = ca_node::start(ca_dev::node_config(tmp.path()))
+        .await
+        .unwrap();
+    let revoked = node.core.ca().intermediate().unwrap().record;
+    let mint = || async {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = ca_identity::SpiffeId::parse(ALICE).unwrap();
+        node.core.ca().mint_x509_svid(&id, &key, 60, &[]).await
+    };
+    let mut a = admin(&node.admin_socket).await;
+    a.revoke_authority(RevokeAuthorityRequest {
+        id: revoked.id.clone(),
+        kind: "intermediate".into(),
+    })
+    .await
+    .expect("revoke");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut refused, mut by_new) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while by_new < 3 {
+        match mint().await {
+            Ok(chain) => {
+                assert_ne!(
+                    chain[1], revoked.cert_der,
+                    "signed by the revoked intermediate"
+                );
+                by_new += 1;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("replacing a revoked one"), "{e}");
+                refused += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new intermediate within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("after the revocation: {refused} mints refused, then a new intermediate");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoked_intermediate_is_replaced_everywhere_and_never_used_again() {
     const ENTRIES: usize = 5;
