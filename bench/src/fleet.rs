@@ -13,7 +13,8 @@
 //!   agents, and the time from an agent's attestation to its full set;
 //! - steady state over `--window` seconds: each node's CPU (cores busy) and RSS, and the
 //!   payload bytes per second the agents receive (protobuf messages, before HTTP/2 and
-//!   TLS framing); the renewal load of SVIDs with a 1 h TTL renewed at half-life runs
+//!   TLS framing) and the bytes per second through the loopback interface (every node
+//!   port, framing included, the members' Raft traffic too); the renewal load of SVIDs with a 1 h TTL renewed at half-life runs
 //!   meanwhile (each agent's SVIDs together, spread evenly);
 //! - `--probes` entries created one at a time (50 ms apart) under agents spread over the
 //!   fleet: the time from the `CreateEntry` call until the agent has it, p50/p99/max;
@@ -163,6 +164,9 @@ pub struct ModeReport {
     pub nodes: Vec<NodeLoad>,
     /// Payload bytes per second received by all agents in steady state.
     pub agent_bytes_per_sec: f64,
+    /// Bytes per second through the loopback interface in steady state (every node port:
+    /// agents' TLS connections and the members' Raft traffic, framing included).
+    pub loopback_bytes_per_sec: f64,
     /// SVIDs renewed per second in steady state (the simulated half-life renewals).
     pub renewals_per_sec: f64,
     /// From `CreateEntry` to the agent having the entry.
@@ -243,6 +247,21 @@ fn entry(spiffe_id: String, parent_id: &str, uid: usize) -> Entry {
         }],
         ..Default::default()
     }
+}
+
+/// Bytes received on the loopback interface so far (`/proc/net/dev`; every byte sent on
+/// loopback is received there once).
+fn loopback_bytes() -> u64 {
+    std::fs::read_to_string("/proc/net/dev")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.trim_start().starts_with("lo:"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|b| b.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -497,6 +516,7 @@ async fn run_mode(
         .map(|p| crate::procstat::process_cpu(*p).unwrap_or_default())
         .collect();
     let bytes0 = seen.bytes.load(Ordering::Relaxed);
+    let lo0 = loopback_bytes();
     let minted0 = seen.minted.load(Ordering::Relaxed);
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window)).await;
@@ -517,6 +537,7 @@ async fn run_mode(
         .collect();
     let agent_bytes_per_sec =
         (seen.bytes.load(Ordering::Relaxed) - bytes0) as f64 / wall.as_secs_f64();
+    let loopback_bytes_per_sec = (loopback_bytes() - lo0) as f64 / wall.as_secs_f64();
     let renewals_per_sec =
         (seen.minted.load(Ordering::Relaxed) - minted0) as f64 / wall.as_secs_f64();
     renewing.store(false, Ordering::Relaxed);
@@ -663,6 +684,7 @@ async fn run_mode(
         full_set: spread(full_set),
         nodes,
         agent_bytes_per_sec,
+        loopback_bytes_per_sec,
         renewals_per_sec,
         entry_to_agent,
         revoke_told: spread(told),
@@ -988,8 +1010,8 @@ fn print(r: &Report) {
             );
         }
         println!(
-            "agents receive {:.0} payload bytes/s; {:.1} SVIDs/s renewed meanwhile",
-            m.agent_bytes_per_sec, m.renewals_per_sec
+            "agents receive {:.0} payload bytes/s ({:.0} bytes/s through loopback, all node ports); {:.1} SVIDs/s renewed meanwhile",
+            m.agent_bytes_per_sec, m.loopback_bytes_per_sec, m.renewals_per_sec
         );
         println!(
             "entry create -> agent ({}): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",

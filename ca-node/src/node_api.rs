@@ -592,6 +592,14 @@ impl Node for NodeApi {
                 )));
             }
             let agent = self.caller(&req).await?.agent;
+            // Refused as a whole (UNAVAILABLE: the agent asks another node) rather than CSR
+            // by CSR, while this node has no intermediate to sign with: after its own was
+            // revoked, until its replacement is active.
+            if self.core.ca.intermediate().is_none() {
+                return Err(Error::Unavailable(
+                    "this node has no active intermediate CA right now (it is starting, or replacing a revoked one); ask another node".into(),
+                ));
+            }
             self.spend_signing(&agent.spiffe_id, n)?;
             Ok(agent)
         }
