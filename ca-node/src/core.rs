@@ -42,7 +42,7 @@ pub struct NodeCore {
     /// Who may use the Raft transport and cluster service, and what may be proposed.
     pub(crate) gate: crate::peer_gate::PeerGate,
     /// The open `WatchEntries` streams, woken by what changes for their agent.
-    pub(crate) watch_hub: Arc<crate::entry_watch::WatchHub>,
+    pub(crate) watch_hub: Arc<crate::watch_hub::WatchHub>,
 }
 
 /// Proposes a command, turning a refusal into an error.

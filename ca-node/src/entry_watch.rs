@@ -1,10 +1,8 @@
 //! `WatchEntries`: each agent's authorized entries and the trust bundle, pushed as they
 //! change, served by any node from its own applied state (no Raft round trip).
 //!
-//! The [`WatchHub`] follows the state machine: after each applied entry change it asks the
-//! entry index which IDs' authorized sets may have changed and wakes only the streams of
-//! those agents; after an eviction, a ban or a new attestation it wakes that agent's
-//! streams to check the caller again. Each stream ([`serve`]) keeps the entries it has
+//! [`crate::watch_hub`] wakes a stream when something may have changed for its agent. Each
+//! stream ([`serve`]) keeps the entries it has
 //! sent (shared `Arc`s of the index's, so memory per stream is a map of its own entries)
 //! and sends what differs: a full set first, in chunks of at most [`CHUNK_BYTES`], then
 //! deltas. The cost of a change is proportional to the agents it affects, not to all
@@ -12,19 +10,18 @@
 //! stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ca_proto::node::WatchEntriesResponse;
 use ca_state::EntryRecord;
 use prost::Message;
-use tokio::sync::{broadcast, mpsc, watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::convert::{bundle_to_proto, entry_to_proto};
 use crate::core::NodeCore;
+use crate::watch_hub::{Registration, Signals};
 use crate::Error;
 
 /// Largest encoded size of the entries in one message (gRPC's default limit is 4 MiB).
@@ -33,137 +30,6 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// How long a stream that resumes from a revision this node has not applied yet waits for
 /// it before it sends a full set instead.
 const CATCH_UP: Duration = Duration::from_secs(5);
-
-/// What wakes one stream.
-#[derive(Debug, Default)]
-struct Signals {
-    /// Its agent's authorized set may have changed.
-    entries: Notify,
-    /// Its agent was evicted, banned or attested again: check the caller.
-    agent: Notify,
-}
-
-type Registered = HashMap<String, Vec<(u64, Arc<Signals>)>>;
-
-/// The open streams by agent, and the task that wakes them.
-#[derive(Debug)]
-pub struct WatchHub {
-    streams: Mutex<Registered>,
-    next_id: AtomicU64,
-    /// True once the node stops: every stream ends (its agent moves to another node).
-    stopping: watch::Sender<bool>,
-}
-
-impl Default for WatchHub {
-    fn default() -> Self {
-        Self {
-            streams: Mutex::default(),
-            next_id: AtomicU64::default(),
-            stopping: watch::channel(false).0,
-        }
-    }
-}
-
-/// A stream's registration; unregisters when dropped.
-struct Registration {
-    hub: Arc<WatchHub>,
-    agent: String,
-    id: u64,
-    signals: Arc<Signals>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut streams = self.hub.lock();
-        if let Some(v) = streams.get_mut(&self.agent) {
-            v.retain(|(id, _)| *id != self.id);
-            if v.is_empty() {
-                streams.remove(&self.agent);
-            }
-        }
-    }
-}
-
-impl WatchHub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registered> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn register(self: &Arc<Self>, agent: &str) -> Registration {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let signals = Arc::new(Signals::default());
-        self.lock()
-            .entry(agent.to_owned())
-            .or_default()
-            .push((id, signals.clone()));
-        Registration {
-            hub: self.clone(),
-            agent: agent.to_owned(),
-            id,
-            signals,
-        }
-    }
-
-    fn wake(&self, agents: Option<&[&str]>, which: fn(&Signals) -> &Notify) {
-        let streams = self.lock();
-        let wake = |v: &Vec<(u64, Arc<Signals>)>| {
-            for (_, s) in v {
-                which(s).notify_one();
-            }
-        };
-        match agents {
-            Some(ids) => ids.iter().filter_map(|id| streams.get(*id)).for_each(wake),
-            None => streams.values().for_each(wake),
-        }
-    }
-
-    /// Wakes the streams of the agents each applied change affects, until `stop` changes.
-    pub fn spawn(
-        self: &Arc<Self>,
-        core: &Arc<NodeCore>,
-        mut stop: watch::Receiver<bool>,
-    ) -> JoinHandle<()> {
-        let hub = self.clone();
-        let sm = core.sm.clone();
-        tokio::spawn(async move {
-            let mut entries = sm.subscribe_entries();
-            let mut agents = sm.subscribe_agents_withdrawn();
-            let mut seen = sm.entries_index(|i| i.revision());
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => {
-                        hub.stopping.send_replace(true);
-                        return;
-                    }
-                    r = entries.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
-                        let (now, affected) = sm.entries_index(|i| {
-                            let affected = i.affected_since(seen).map(|ids| {
-                                ids.into_iter().map(str::to_owned).collect::<Vec<_>>()
-                            });
-                            (i.revision(), affected)
-                        });
-                        seen = now;
-                        match affected {
-                            Some(ids) => {
-                                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                                hub.wake(Some(&ids), |s| &s.entries);
-                            }
-                            None => hub.wake(None, |s| &s.entries),
-                        }
-                    }
-                    r = agents.recv() => match r {
-                        Ok(id) => hub.wake(Some(&[id.as_str()]), |s| &s.agent),
-                        Err(broadcast::error::RecvError::Lagged(_)) => hub.wake(None, |s| &s.agent),
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                }
-            }
-        })
-    }
-}
 
 /// What a stream needs to know of its caller.
 pub(crate) struct Watcher {
@@ -179,10 +45,20 @@ pub(crate) struct Watcher {
 
 type Sender = mpsc::Sender<Result<WatchEntriesResponse, Status>>;
 
+/// Registers a stream of `agent` with the hub: refused with `RESOURCE_EXHAUSTED` when the
+/// agent holds [`crate::watch_hub::MAX_STREAMS_PER_AGENT`] streams on this node already.
+pub(crate) fn register(core: &NodeCore, agent: &str) -> Result<Registration, Error> {
+    core.watch_hub.register(agent).ok_or_else(|| {
+        Error::ResourceExhausted(format!(
+            "agent {agent} holds {} WatchEntries streams on this node already; close one first",
+            crate::watch_hub::MAX_STREAMS_PER_AGENT
+        ))
+    })
+}
+
 /// Serves one stream into `tx` until the agent goes away, its SVID expires or its
 /// credentials are withdrawn.
-pub(crate) async fn serve(core: Arc<NodeCore>, w: Watcher, tx: Sender) {
-    let registration = core.watch_hub.register(&w.agent);
+pub(crate) async fn serve(core: Arc<NodeCore>, w: Watcher, registration: Registration, tx: Sender) {
     core.metrics.entry_watchers.inc();
     let r = run(&core, &w, &registration.signals, &tx).await;
     core.metrics.entry_watchers.dec();
@@ -193,7 +69,7 @@ pub(crate) async fn serve(core: Arc<NodeCore>, w: Watcher, tx: Sender) {
 
 async fn run(core: &NodeCore, w: &Watcher, signals: &Signals, tx: &Sender) -> Result<(), Error> {
     let sm = &core.sm;
-    let mut stopping = core.watch_hub.stopping.subscribe();
+    let mut stopping = core.watch_hub.stopping();
     let mut trust = core.ca.subscribe_trust();
     trust.borrow_and_update();
     // A revision from a node ahead of this one: wait for it to be applied here.

@@ -8,7 +8,8 @@
 //! - [`ca`]: root, intermediate and JWT key lifecycle through the CA journal; minting.
 //! - [`core`]: what the APIs share; rules for entries and join tokens.
 //! - [`node_api`]: the API agents call, over TLS authenticated by SPIFFE ID;
-//!   [`entry_watch`]: its `WatchEntries` stream, pushing each agent's entries as they change.
+//!   [`entry_watch`]: its `WatchEntries` stream, pushing each agent's entries as they change,
+//!   woken by [`watch_hub`].
 //! - [`admin_api`]: the API the CLI calls, over an owner-only Unix socket.
 //! - [`server`]: starting and stopping all of it. The one-command local setup is the
 //!   `ca-dev` crate's, the `ca-node` command line the `ca-node-cli` crate's.
@@ -39,6 +40,7 @@ pub mod raft_tls;
 pub mod registry;
 pub mod validate;
 pub mod wallclock;
+pub mod watch_hub;
 
 pub use config::NodeConfig;
 pub use error::Error;

@@ -562,9 +562,14 @@ impl Node for NodeApi {
         &self,
         req: Request<WatchEntriesRequest>,
     ) -> Result<Response<Self::WatchEntriesStream>, Status> {
-        let r = self.caller(&req).await;
+        let r = async {
+            let caller = self.caller(&req).await?;
+            let registration = crate::entry_watch::register(&self.core, &caller.agent.spiffe_id)?;
+            Ok((caller, registration))
+        }
+        .await;
         count(&self.core, "WatchEntries", &r);
-        let caller = r?;
+        let (caller, registration) = r?;
         let watcher = crate::entry_watch::Watcher {
             agent: caller.agent.spiffe_id,
             serial: caller.serial,
@@ -574,7 +579,12 @@ impl Node for NodeApi {
         // A few messages of slack: a stream whose agent does not read holds one chunk, not
         // the whole set.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(crate::entry_watch::serve(self.core.clone(), watcher, tx));
+        tokio::spawn(crate::entry_watch::serve(
+            self.core.clone(),
+            watcher,
+            registration,
+            tx,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

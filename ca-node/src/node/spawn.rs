@@ -48,7 +48,7 @@ impl Built {
         // stops minting.
         spawned.push(crate::clock::spawn(core.clone(), shutdown.subscribe()));
         spawned.push(tasks::spawn_raft_metrics(&core, shutdown.subscribe()));
-        spawned.push(core.watch_hub.spawn(&core, shutdown.subscribe()));
+        spawned.push(core.watch_hub.spawn(&core.sm, shutdown.subscribe()));
         let (svid_validity, svid_issuer) = svid_validity;
         spawned.push(tasks::spawn_svid_renewal(
             core.clone(),

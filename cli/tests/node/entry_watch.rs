@@ -174,3 +174,54 @@ async fn fifty_thousand_entries_are_pushed_in_chunks_and_resumed() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     node.shutdown().await;
 }
+
+/// One agent holds at most `MAX_STREAMS_PER_AGENT` streams on a node: the next is refused
+/// with RESOURCE_EXHAUSTED saying so, and closing one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holds_a_bounded_number_of_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = ca_node::start(ca_dev::node_config(tmp.path()))
+        .await
+        .unwrap();
+    let svid = new_agent(&node, &format!("spiffe://{TD}/agent/greedy")).await;
+    let mut client = agent_client(&node, &svid);
+    let mut open = Vec::new();
+    for _ in 0..ca_node::watch_hub::MAX_STREAMS_PER_AGENT {
+        let mut s = client
+            .watch_entries(WatchEntriesRequest { revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.message().await.unwrap().unwrap().full);
+        open.push(s);
+    }
+    let e = client
+        .watch_entries(WatchEntriesRequest { revision: 0 })
+        .await
+        .expect_err("one stream too many");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("WatchEntries streams"),
+        "{}",
+        e.message()
+    );
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .watch_entries(WatchEntriesRequest { revision: 0 })
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed stream never made room"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    node.shutdown().await;
+}
