@@ -103,13 +103,14 @@ pub fn clear_replication_values(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Runs `sql` with `params` and decodes every row with `decode`.
-pub(crate) fn query_all<T>(
+/// Runs `sql` with `params` and decodes every row with `decode` (any error type SQLite errors
+/// convert into: `ca-raft`'s log and snapshot code use it too).
+pub fn query_all<T, E: From<rusqlite::Error>>(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-    decode: impl Fn(&Row<'_>) -> Result<T>,
-) -> Result<Vec<T>> {
+    decode: impl Fn(&Row<'_>) -> Result<T, E>,
+) -> Result<Vec<T>, E> {
     let mut q = conn.prepare_cached(sql)?;
     let mut rows = q.query(params)?;
     let mut out = Vec::new();

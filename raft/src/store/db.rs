@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
-use rusqlite::{Connection, Row};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::{Error, Result};
@@ -241,22 +241,6 @@ fn run_jobs(rx: &Mutex<mpsc::Receiver<Job>>, conn: &Mutex<Connection>) {
 /// store's pending appends are changed only in single steps).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `sql` with `params` and decodes every row with `decode`.
-pub(crate) fn query_all<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    decode: impl Fn(&Row<'_>) -> Result<T>,
-) -> Result<Vec<T>> {
-    let mut q = conn.prepare_cached(sql)?;
-    let mut rows = q.query(params)?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        out.push(decode(r)?);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

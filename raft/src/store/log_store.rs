@@ -28,9 +28,10 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::store::db::{lock, query_all, Db, DbOptions};
+use crate::store::db::{lock, Db, DbOptions};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::Result;
+use ca_state::schema::query_all;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry TEXT NOT NULL);

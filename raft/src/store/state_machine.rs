@@ -32,10 +32,11 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{broadcast, watch};
 
 use crate::snapshot::SnapshotFile;
-use crate::store::db::{lock, query_all, Db, DbOptions, Running};
+use crate::store::db::{lock, Db, DbOptions, Running};
 use crate::store::snapshot_dir::SnapshotDir;
 use crate::types::{Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use crate::{Error, Result};
+use ca_state::schema::query_all;
 
 /// The most commands an apply runs on the caller's thread ([`Db::call_here`]) rather than on
 /// the writer's. One command takes about 85 µs of the writer's time there, and the two
