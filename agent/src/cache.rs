@@ -831,16 +831,22 @@ impl CacheManager {
                 p.extend(entries);
             } else {
                 let upserts: Vec<WorkloadEntry> = entries.collect();
-                let removed: HashSet<&str> =
+                // Every entry the message names goes, then those it can serve come back: an
+                // entry changed into one this agent cannot serve is not kept in its old form.
+                let mut gone: HashSet<&str> =
                     m.removed_entry_ids.iter().map(String::as_str).collect();
-                if !upserts.is_empty() || !removed.is_empty() {
+                let served: HashSet<String> = upserts.iter().map(|e| e.id.clone()).collect();
+                gone.extend(
+                    m.entries
+                        .iter()
+                        .map(|e| e.id.as_str())
+                        .filter(|id| !served.contains(*id)),
+                );
+                if !upserts.is_empty() || !gone.is_empty() {
                     self.cache.update(|s| {
-                        let changed: HashSet<&str> =
-                            upserts.iter().map(|e| e.id.as_str()).collect();
-                        s.entries.retain(|e| {
-                            !removed.contains(e.id.as_str()) && !changed.contains(e.id.as_str())
-                        });
-                        s.svids.retain(|id, _| !removed.contains(id.as_str()));
+                        s.entries
+                            .retain(|e| !gone.contains(e.id.as_str()) && !served.contains(&e.id));
+                        s.svids.retain(|id, _| !gone.contains(id.as_str()));
                         s.entries.extend(upserts);
                         s.entries.sort_by(|a, b| a.id.cmp(&b.id));
                     });

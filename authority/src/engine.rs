@@ -86,6 +86,8 @@ struct Current {
     prepared_intermediate: Option<Signer>,
     bundle: Option<Arc<TrustBundle>>,
     tainted: Tainted,
+    /// IDs of every authority seen revoked: whatever installs a signer, none of these signs.
+    revoked: std::collections::HashSet<String>,
 }
 
 /// Authorities revoked while what they signed may still be valid: agents replace every
@@ -876,6 +878,8 @@ impl Ca {
         let live_intermediate_akis: Vec<Vec<u8>> = auths
             .iter()
             .filter(|a| a.kind == AuthorityKind::Intermediate && a.not_after > t)
+            // A revoked intermediate keeps no retired root in the bundle.
+            .filter(|a| a.state != AuthorityState::Revoked)
             .filter_map(|a| ca_identity::x509::cert_info(&a.cert_der).ok())
             .filter_map(|i| i.authority_key_id)
             .collect();
@@ -917,15 +921,18 @@ impl Ca {
                 .collect(),
             jwt_key_ids: revoked(AuthorityKind::Jwt).map(|a| a.id.clone()).collect(),
         };
-        let revoked_ids: std::collections::HashSet<&str> = auths
-            .iter()
-            .filter(|a| a.state == AuthorityState::Revoked)
-            .map(|a| a.id.as_str())
-            .collect();
         let mut guard = self.current.write().expect("ca lock");
         let cur = &mut *guard;
+        // Revocation is final: the set only grows, whatever order refreshes finish in.
+        cur.revoked.extend(
+            auths
+                .iter()
+                .filter(|a| a.state == AuthorityState::Revoked)
+                .map(|a| a.id.clone()),
+        );
         // A revoked authority signs nothing more from the moment its revocation is seen,
         // not from the upkeep round that replaces it.
+        let revoked = &cur.revoked;
         for signer in [
             &mut cur.intermediate,
             &mut cur.prepared_intermediate,
@@ -933,10 +940,19 @@ impl Ca {
         ] {
             if signer
                 .as_ref()
-                .is_some_and(|s| revoked_ids.contains(s.record.id.as_str()))
+                .is_some_and(|s| revoked.contains(&s.record.id))
             {
                 *signer = None;
             }
+        }
+        // Two refreshes may finish out of order (the maintenance loop's and an upkeep
+        // round's): an older journal never replaces a newer bundle.
+        if cur
+            .bundle
+            .as_ref()
+            .is_some_and(|b| b.sequence_number > bundle.sequence_number)
+        {
+            return Ok(cur.bundle.clone().expect("checked"));
         }
         let changed = cur.bundle.as_deref() != Some(bundle.as_ref()) || cur.tainted != tainted;
         cur.bundle = Some(bundle.clone());
@@ -958,9 +974,23 @@ impl Ca {
             .ok_or_else(|| Error::Unavailable("the CA is not initialized yet".into()))
     }
 
-    /// The signing intermediate, if ready.
+    /// Refuses to sign with authority `id` once its revocation was seen (an upkeep round
+    /// working from a journal read before it may have installed it again).
+    fn refuse_revoked(&self, id: &str) -> Result<(), Error> {
+        if self.current.read().expect("ca lock").revoked.contains(id) {
+            return Err(Error::Unavailable(format!(
+                "{id} is revoked; this node is replacing a revoked one"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The signing intermediate, if ready (never a revoked one).
     pub fn intermediate(&self) -> Option<Signer> {
-        self.current.read().expect("ca lock").intermediate.clone()
+        let cur = self.current.read().expect("ca lock");
+        cur.intermediate
+            .clone()
+            .filter(|i| !cur.revoked.contains(&i.record.id))
     }
 
     /// The signing JWT key, if ready.
@@ -1192,6 +1222,7 @@ impl Ca {
                     .into(),
             )
         })?;
+        self.refuse_revoked(&int.record.id)?;
         let t = now();
         let not_after = (t + ttl).min(int.record.not_after);
         if not_after <= t {
@@ -1224,7 +1255,13 @@ impl Ca {
             .expect("ca lock")
             .jwt
             .clone()
-            .ok_or_else(|| Error::Unavailable("no active JWT key on this node yet".into()))?;
+            .ok_or_else(|| {
+                Error::Unavailable(
+                    "no active JWT key on this node (it is starting, or replacing a revoked one)"
+                        .into(),
+                )
+            })?;
+        self.refuse_revoked(&jwt.record.id)?;
         let t = now();
         let exp = (t + ttl).min(jwt.record.not_after);
         let info = ca_identity::pubkey::parse_spki(jwt.key.public_key_spki())?;

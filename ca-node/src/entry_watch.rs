@@ -69,17 +69,26 @@ pub(crate) async fn serve(core: Arc<NodeCore>, w: Watcher, registration: Registr
 
 async fn run(core: &NodeCore, w: &Watcher, signals: &Signals, tx: &Sender) -> Result<(), Error> {
     let sm = &core.sm;
+    // Checked again now that the stream is registered: a withdrawal applied between the
+    // caller check and the registration signalled nobody.
+    check_caller(core, w).await?;
     let mut stopping = core.watch_hub.stopping();
     let mut trust = core.ca.subscribe_trust();
     trust.borrow_and_update();
     // A revision from a node ahead of this one: wait for it to be applied here.
-    if w.revision > sm.entries_index(|i| i.revision()) {
-        let mut applied = sm.subscribe_entries();
+    // Revisions are log indexes: a revision this node has not applied yet comes from a
+    // node ahead of it; wait for it, briefly.
+    if w.revision > sm.last_applied() {
+        let mut applied = sm.subscribe();
         let _ = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= w.revision)).await;
     }
+    let applied = sm.last_applied();
     let (mut seen, resumed, set) = sm.entries_index(|i| {
+        // The index holds every change up to `applied` (it is changed before the applied
+        // index moves), so "nothing changed for the agent after its revision" is decided
+        // here for any revision up to `applied`.
         let resumed = w.revision > 0
-            && w.revision <= i.revision()
+            && w.revision <= applied
             && i.changed_for(&w.agent, w.revision) == Some(false);
         (i.revision(), resumed, i.authorized(&w.agent))
     });
@@ -182,45 +191,67 @@ fn bundle_message(core: &NodeCore, revision: u64) -> Result<WatchEntriesResponse
 }
 
 /// `head` carrying `entries` and `removed`, split into messages of at most [`CHUNK_BYTES`]
-/// of entries each; `full` marks the first as the start of a full set. Every message but
-/// the last has `more` set; the IDs removed ride in the last.
+/// of entries each, made one at a time as they are sent; `full` marks the first as the
+/// start of a full set. Every message but the last has `more` set; the IDs removed ride in
+/// the last.
+struct Chunks<'a> {
+    head: Option<WatchEntriesResponse>,
+    revision: u64,
+    entries: std::iter::Peekable<std::slice::Iter<'a, Arc<EntryRecord>>>,
+    removed: Option<Vec<String>>,
+}
+
 fn chunks(
     head: WatchEntriesResponse,
     full: bool,
     entries: &[Arc<EntryRecord>],
     removed: Vec<String>,
-) -> Vec<WatchEntriesResponse> {
-    let revision = head.revision;
-    let mut out = vec![WatchEntriesResponse { full, ..head }];
-    let mut bytes = 0;
-    for e in entries {
-        let p = entry_to_proto(e);
-        let len = p.encoded_len();
-        let last = out.last_mut().expect("one message at least");
-        if bytes > 0 && bytes + len > CHUNK_BYTES {
-            last.more = true;
-            out.push(WatchEntriesResponse {
-                revision,
-                ..Default::default()
-            });
-            bytes = 0;
-        }
-        bytes += len;
-        out.last_mut()
-            .expect("one message at least")
-            .entries
-            .push(p);
+) -> Chunks<'_> {
+    Chunks {
+        revision: head.revision,
+        head: Some(WatchEntriesResponse { full, ..head }),
+        entries: entries.iter().peekable(),
+        removed: Some(removed),
     }
-    out.last_mut()
-        .expect("one message at least")
-        .removed_entry_ids = removed;
-    out
 }
+
+impl Iterator for Chunks<'_> {
+    type Item = WatchEntriesResponse;
+
+    fn next(&mut self) -> Option<WatchEntriesResponse> {
+        let mut m = match self.head.take() {
+            Some(head) => head,
+            None if self.entries.peek().is_some() => WatchEntriesResponse {
+                revision: self.revision,
+                ..Default::default()
+            },
+            None => return None,
+        };
+        let mut bytes = 0;
+        while let Some(e) = self.entries.peek() {
+            let p = entry_to_proto(e);
+            let len = p.encoded_len();
+            if bytes > 0 && bytes + len > CHUNK_BYTES {
+                m.more = true;
+                return Some(m);
+            }
+            self.entries.next();
+            bytes += len;
+            m.entries.push(p);
+        }
+        m.removed_entry_ids = self.removed.take().unwrap_or_default();
+        Some(m)
+    }
+}
+
+/// How long one message may wait for the agent to read (its stream's buffer full): an agent
+/// that stops reading has its stream ended rather than held open.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn send(
     core: &NodeCore,
     tx: &Sender,
-    messages: Vec<WatchEntriesResponse>,
+    messages: impl IntoIterator<Item = WatchEntriesResponse>,
     kind: &str,
 ) -> Result<(), Error> {
     for m in messages {
@@ -231,9 +262,16 @@ async fn send(
         core.metrics
             .entry_watch_entries
             .inc_by(m.entries.len() as u64);
-        if tx.send(Ok(m)).await.is_err() {
+        match tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(m))).await {
+            Ok(Ok(())) => {}
             // The agent went away; the stream ends quietly.
-            return Ok(());
+            Ok(Err(_)) => return Ok(()),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "the agent read nothing for {} s; reconnect",
+                    SEND_TIMEOUT.as_secs()
+                )))
+            }
         }
     }
     Ok(())
@@ -285,7 +323,7 @@ mod tests {
             revision: 9,
             ..Default::default()
         };
-        let msgs = chunks(head, true, &entries, vec!["gone".into()]);
+        let msgs: Vec<_> = chunks(head, true, &entries, vec!["gone".into()]).collect();
         assert!(msgs.len() >= 3, "{}", msgs.len());
         assert!(msgs[0].full && msgs[1..].iter().all(|m| !m.full));
         assert!(msgs[..msgs.len() - 1].iter().all(|m| m.more));
@@ -304,7 +342,7 @@ mod tests {
         }
         assert_eq!(msgs.last().unwrap().removed_entry_ids, ["gone"]);
         // Nothing to send still makes one message (a full set of nothing).
-        let one = chunks(WatchEntriesResponse::default(), true, &[], Vec::new());
+        let one: Vec<_> = chunks(WatchEntriesResponse::default(), true, &[], Vec::new()).collect();
         assert_eq!(one.len(), 1);
         assert!(one[0].full && !one[0].more);
     }

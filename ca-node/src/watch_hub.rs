@@ -146,6 +146,7 @@ impl WatchHub {
                         }
                     }
                     r = agents.recv() => match r {
+                        Ok(id) if id.is_empty() => hub.wake(None, |s| &s.agent),
                         Ok(id) => hub.wake(Some(&[id.as_str()]), |s| &s.agent),
                         Err(broadcast::error::RecvError::Lagged(_)) => hub.wake(None, |s| &s.agent),
                         Err(broadcast::error::RecvError::Closed) => return,

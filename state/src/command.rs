@@ -112,16 +112,22 @@ pub enum Command {
 }
 
 impl Command {
-    /// The agent whose credentials a command replaces or withdraws (eviction, ban, a new
-    /// attestation under its ID): its open streams must check it again. Renewals are not
-    /// among them (the SVID renewed from stays valid until it expires).
-    pub fn agent_withdrawn(&self) -> Option<&str> {
+    /// The agents whose credentials a command replaces or withdraws (eviction, ban, a new
+    /// attestation under the ID), inside a batch too: their open streams must check them
+    /// again. Renewals are not among them (the SVID renewed from stays valid until it
+    /// expires). Whether a command was refused does not matter: a check too many is
+    /// harmless.
+    pub fn agents_withdrawn(&self) -> Vec<&str> {
         match self {
-            Command::EvictAgent { spiffe_id } | Command::BanAgent { spiffe_id } => Some(spiffe_id),
+            Command::Batch { commands } => commands
+                .iter()
+                .flat_map(Command::agents_withdrawn)
+                .collect(),
+            Command::EvictAgent { spiffe_id } | Command::BanAgent { spiffe_id } => vec![spiffe_id],
             Command::AttestWithJoinToken { agent, .. } | Command::RegisterAgent { agent } => {
-                Some(&agent.spiffe_id)
+                vec![&agent.spiffe_id]
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 
@@ -202,4 +208,38 @@ pub enum Response {
     },
     /// The answers to a [`Command::Batch`], one per command, in order.
     Batch(Vec<Response>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Agents withdrawn inside a batch count (the batcher groups whatever arrives together).
+    #[test]
+    fn agents_withdrawn_are_found_inside_batches() {
+        let batch = Command::Batch {
+            commands: vec![
+                Command::DeleteEntry { id: "e".into() },
+                Command::BanAgent {
+                    spiffe_id: "spiffe://td/agent/a".into(),
+                },
+                Command::RenewAgent {
+                    spiffe_id: "spiffe://td/agent/b".into(),
+                    serial: "01".into(),
+                    expires_at: 1,
+                    caller_serial: "00".into(),
+                },
+                Command::EvictAgent {
+                    spiffe_id: "spiffe://td/agent/c".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            batch.agents_withdrawn(),
+            ["spiffe://td/agent/a", "spiffe://td/agent/c"]
+        );
+        assert!(Command::DeleteEntry { id: "e".into() }
+            .agents_withdrawn()
+            .is_empty());
+    }
 }

@@ -66,6 +66,9 @@ pub struct EntryIndex {
     history: VecDeque<(u64, BTreeSet<String>)>,
     history_ids: usize,
     history_limit: usize,
+    /// For each ID in the history, the last revision that affected it (so that
+    /// [`EntryIndex::changed_for`] is one lookup, not a scan of the history).
+    last_affected: HashMap<String, u64>,
     /// Revisions after this one are all in `history`.
     history_from: u64,
 }
@@ -128,6 +131,9 @@ impl EntryIndex {
         }
         self.revision = revision;
         self.history_ids += affected.len();
+        for id in &affected {
+            self.last_affected.insert(id.clone(), revision);
+        }
         self.history.push_back((revision, affected));
         while self.history_ids > self.history_limit {
             let Some((rev, ids)) = self.history.pop_front() else {
@@ -135,6 +141,11 @@ impl EntryIndex {
             };
             self.history_ids -= ids.len();
             self.history_from = rev;
+            for id in ids {
+                if self.last_affected.get(&id) == Some(&rev) {
+                    self.last_affected.remove(&id);
+                }
+            }
         }
     }
 
@@ -144,13 +155,7 @@ impl EntryIndex {
         if since < self.history_from {
             return None;
         }
-        Some(
-            self.history
-                .iter()
-                .rev()
-                .take_while(|(rev, _)| *rev > since)
-                .any(|(_, ids)| ids.contains(id)),
-        )
+        Some(self.last_affected.get(id).is_some_and(|rev| *rev > since))
     }
 
     /// The IDs whose authorized sets may have changed after revision `since`, or `None` when
@@ -352,6 +357,10 @@ mod tests {
             );
         }
         assert!(index.history_ids <= 100);
+        assert!(
+            index.last_affected.len() <= 100,
+            "the lookup map is pruned with it"
+        );
         assert_eq!(index.changed_for(A, 1), None, "too far back");
         assert_eq!(index.changed_for(A, n as u64 - 1), Some(false));
     }

@@ -160,7 +160,7 @@ pub struct StateMachine {
     entries: Arc<RwLock<EntryIndex>>,
     /// Index of the last applied change to the entries.
     entries_changed: watch::Sender<u64>,
-    /// Agents whose credentials were withdrawn or replaced ([`Command::agent_withdrawn`]).
+    /// Agents whose credentials were withdrawn or replaced ([`Command::agents_withdrawn`]).
     agents_withdrawn: broadcast::Sender<String>,
     snapshots: Arc<SnapshotDir>,
     snapshot_activity: watch::Sender<SnapshotActivity>,
@@ -548,6 +548,8 @@ impl StateMachine {
         let entries = self.read(query::entries).await?;
         *self.entries.write().unwrap_or_else(|e| e.into_inner()) = EntryIndex::new(entries, at);
         self.entries_changed.send_replace(at);
+        // The whole state changed: every agent's credentials are to be checked again.
+        let _ = self.agents_withdrawn.send(String::new());
         if let Some(l) = &meta.last_log_id {
             self.applied.send_replace(l.index);
             self.ca_changed.send_replace(l.index);
@@ -654,8 +656,9 @@ impl StateMachine {
     }
 
     /// Agents whose credentials were withdrawn or replaced as they are applied (eviction,
-    /// ban, a new attestation under the ID). A receiver that lags must check every agent it
-    /// cares about again.
+    /// ban, a new attestation under the ID); an empty ID after a snapshot replaced the whole
+    /// state. A receiver that lags, or gets the empty ID, must check every agent it cares
+    /// about again.
     pub fn subscribe_agents_withdrawn(&self) -> broadcast::Receiver<String> {
         self.agents_withdrawn.subscribe()
     }
@@ -786,9 +789,7 @@ fn apply_in_savepoint(tx: &Connection, entries: Vec<Entry>) -> Result<AppliedBat
                 if !changed.is_empty() {
                     changes.push((index, changed));
                 }
-                if let Some(id) = cmd.agent_withdrawn() {
-                    agents_withdrawn.push(id.to_owned());
-                }
+                agents_withdrawn.extend(cmd.agents_withdrawn().into_iter().map(str::to_owned));
                 resp
             }
             EntryPayload::Membership(m) => {
