@@ -32,7 +32,6 @@
 //! target/release/agent-fleet --agents 1000 --modes watch --json
 //! ```
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -805,7 +804,6 @@ async fn sync_loop(
 ) {
     let mut first = Some(first);
     let mut revision = 0u64;
-    let mut entries: HashSet<String> = HashSet::new();
     loop {
         let r: anyhow::Result<()> = async {
             if watch {
@@ -819,31 +817,17 @@ async fn sync_loop(
                     .await?
                     .into_inner();
                 while let Some(m) = stream.message().await? {
-                    seen.bytes
-                        .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-                    if m.full {
-                        entries.clear();
-                    }
-                    for id in &m.removed_entry_ids {
-                        entries.remove(id);
-                    }
                     note(
                         &agent,
                         &seen,
                         &csrs,
+                        m.encoded_len(),
                         &m.entries,
                         &m.tainted_x509_authority_key_ids,
-                        &mut entries,
                     );
                     if !m.more {
                         revision = m.revision;
-                        if let Some(f) = first.take() {
-                            seen.full_set[agent.idx].store(
-                                attested_at.elapsed().as_millis() as u64 + 1,
-                                Ordering::Relaxed,
-                            );
-                            let _ = f.send(());
-                        }
+                        first_update_done(&mut first, &seen, agent.idx, attested_at);
                     }
                 }
                 Ok(())
@@ -855,24 +839,15 @@ async fn sync_loop(
                     })
                     .await?
                     .into_inner();
-                seen.bytes
-                    .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-                entries.clear();
                 note(
                     &agent,
                     &seen,
                     &csrs,
+                    m.encoded_len(),
                     &m.entries,
                     &m.tainted_x509_authority_key_ids,
-                    &mut entries,
                 );
-                if let Some(f) = first.take() {
-                    seen.full_set[agent.idx].store(
-                        attested_at.elapsed().as_millis() as u64 + 1,
-                        Ordering::Relaxed,
-                    );
-                    let _ = f.send(());
-                }
+                first_update_done(&mut first, &seen, agent.idx, attested_at);
                 tokio::time::sleep(POLL_EVERY).await;
                 Ok(())
             }
@@ -885,6 +860,22 @@ async fn sync_loop(
     }
 }
 
+/// Records the time from attestation to the agent's first complete update, once.
+fn first_update_done(
+    first: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    seen: &Seen,
+    idx: usize,
+    attested_at: Instant,
+) {
+    if let Some(f) = first.take() {
+        seen.full_set[idx].store(
+            attested_at.elapsed().as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
+        let _ = f.send(());
+    }
+}
+
 fn log_once(agent: &SimAgent, e: &anyhow::Error) {
     static LOGGED: AtomicUsize = AtomicUsize::new(0);
     if LOGGED.fetch_add(1, Ordering::Relaxed) < 10 {
@@ -892,18 +883,18 @@ fn log_once(agent: &SimAgent, e: &anyhow::Error) {
     }
 }
 
-/// Records probe arrivals and a taint notice (re-minting if this agent's SVIDs are
-/// affected).
+/// Records a message of `bytes`: probe arrivals and a taint notice (re-minting if this
+/// agent's SVIDs are affected).
 fn note(
     agent: &Arc<SimAgent>,
     seen: &Arc<Seen>,
     csrs: &Arc<CsrPool>,
+    bytes: usize,
     got: &[Entry],
     tainted: &[Vec<u8>],
-    entries: &mut HashSet<String>,
 ) {
+    seen.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     for e in got {
-        entries.insert(e.id.clone());
         if e.spiffe_id.contains("/probe/") {
             let mut p = seen.probes.lock().expect("probes");
             if let Some(t) = p.get_mut(&e.spiffe_id) {
@@ -1089,17 +1080,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
 /// Runs `agent-fleet`.
 pub fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(&args)) {
+    match crate::block_on(run(&args)) {
         Ok(r) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r).expect("json"));

@@ -34,3 +34,13 @@ pub mod node;
 pub mod procstat;
 pub mod report;
 pub mod write_load;
+
+/// Runs `fut` to completion on a new multi-threaded runtime (what the load binaries' `main`s
+/// do with their whole run).
+pub fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start a runtime: {e}"))?;
+    rt.block_on(fut)
+}

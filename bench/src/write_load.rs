@@ -522,17 +522,7 @@ pub fn print_table(r: &Report) {
 /// The binary's main.
 pub fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(&args)) {
+    match crate::block_on(run(&args)) {
         Ok(r) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r).expect("json"));

@@ -7,7 +7,7 @@ use ca_identity::SpiffeId;
 use ca_kms::KeyManager;
 use ca_proto::types;
 use ca_raft::{Proposer, RaftNode, StateMachine};
-use ca_state::{Command, EntryRecord, JoinTokenRecord, Response};
+use ca_state::{AgentRecord, Command, EntryRecord, JoinTokenRecord, Response};
 
 use crate::ca::Ca;
 use crate::config::NodeConfig;
@@ -100,6 +100,41 @@ impl NodeCore {
     pub async fn read_barrier(&self) -> Result<(), Error> {
         self.raft.ensure_linearizable().await?;
         Ok(())
+    }
+
+    /// The record of agent `id` if it is in good standing for a caller presenting the SVID
+    /// with `serial`: attested, not banned, and the SVID its current one (or the one it just
+    /// renewed). After an eviction and a new attestation under the same ID, the old host's
+    /// certificate is refused even though it is otherwise valid. Checked by every node API
+    /// call and again by open `WatchEntries` streams when the agent's credentials change.
+    pub(crate) async fn agent_in_standing(
+        &self,
+        id: &str,
+        serial: &str,
+    ) -> Result<AgentRecord, Error> {
+        let current =
+            |a: &AgentRecord| serial == a.x509_svid_serial || serial == a.previous_x509_svid_serial;
+        let mut agent = self.sm.agent(id).await?;
+        if !agent.as_ref().is_some_and(current) {
+            // Attested or renewed through another node a moment ago, perhaps: this replica
+            // may not have applied it yet. Decide on current state.
+            self.read_barrier().await?;
+            agent = self.sm.agent(id).await?;
+        }
+        let agent = agent.ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "agent {id} is not attested (it was evicted or never attested); attest again"
+            ))
+        })?;
+        if agent.banned {
+            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+        }
+        if !current(&agent) {
+            return Err(Error::PermissionDenied(format!(
+                "agent {id}: this SVID (serial {serial}) is no longer the agent's own; the agent was evicted and attested again elsewhere. Attest this host again with a new join token"
+            )));
+        }
+        Ok(agent)
     }
 
     /// Parses a SPIFFE ID that must be in this trust domain; `what` names the field.

@@ -160,22 +160,7 @@ fn diff(
 /// The caller is still the agent it was when the stream opened: attested, not banned, and
 /// calling with its current (or just renewed) SVID.
 async fn check_caller(core: &NodeCore, w: &Watcher) -> Result<(), Error> {
-    let agent = core.sm.agent(&w.agent).await?.ok_or_else(|| {
-        Error::PermissionDenied(format!("agent {} was evicted; attest again", w.agent))
-    })?;
-    if agent.banned {
-        return Err(Error::PermissionDenied(format!(
-            "agent {} is banned",
-            w.agent
-        )));
-    }
-    if w.serial != agent.x509_svid_serial && w.serial != agent.previous_x509_svid_serial {
-        return Err(Error::PermissionDenied(format!(
-            "agent {}: this SVID (serial {}) is no longer the agent's own; it was attested again elsewhere",
-            w.agent, w.serial
-        )));
-    }
-    Ok(())
+    core.agent_in_standing(&w.agent, &w.serial).await.map(drop)
 }
 
 /// A message with the current bundle and tainted authorities, at `revision`.

@@ -133,31 +133,7 @@ impl NodeApi {
             .and_then(|c| ca_identity::x509::cert_info(c.as_ref()).ok());
         let not_after = info.as_ref().map(|i| i.not_after).unwrap_or_default();
         let serial = info.map(|i| i.serial_hex).unwrap_or_default();
-        // The certificate must be the agent's current SVID (or the one it just renewed):
-        // after an eviction and a new attestation under the same ID, the old host's
-        // certificate is refused even though it is otherwise valid.
-        let current =
-            |a: &AgentRecord| serial == a.x509_svid_serial || serial == a.previous_x509_svid_serial;
-        let mut agent = self.core.sm.agent(id.as_str()).await?;
-        if !agent.as_ref().is_some_and(current) {
-            // Attested or renewed through another node a moment ago, perhaps: this replica
-            // may not have applied it yet. Decide on current state.
-            self.core.read_barrier().await?;
-            agent = self.core.sm.agent(id.as_str()).await?;
-        }
-        let agent = agent.ok_or_else(|| {
-            Error::PermissionDenied(format!(
-                "agent {id} is not attested (it was evicted or never attested); attest again"
-            ))
-        })?;
-        if agent.banned {
-            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
-        }
-        if !current(&agent) {
-            return Err(Error::PermissionDenied(format!(
-                "agent {id}: this SVID (serial {serial}) is no longer the agent's own; the agent was evicted and attested again elsewhere. Attest this host again with a new join token"
-            )));
-        }
+        let agent = self.core.agent_in_standing(id.as_str(), &serial).await?;
         Ok(Caller {
             agent,
             serial,

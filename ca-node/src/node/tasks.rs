@@ -137,15 +137,11 @@ pub(crate) fn spawn_maintenance(
                         continue;
                     }
                     // Revocations reach agents now (pushed with the bundle), not after the
-                    // round below, which may first make a new intermediate.
+                    // round below, which may first make a new intermediate. The round sets
+                    // the TLS roots from the bundle afterwards (roots are never revoked).
                     if core.ca.bundle().is_ok() {
                         if let Err(e) = core.ca.refresh_bundle().await {
                             tracing::warn!(error = %e, "refreshing the bundle failed; the maintenance round retries");
-                        }
-                        if let Ok(b) = core.ca.bundle() {
-                            if !b.x509_authorities.is_empty() {
-                                roots.set(b.x509_authorities.clone());
-                            }
                         }
                     }
                     // Let a burst of entries (a rotation is several) land first.
