@@ -993,9 +993,10 @@ impl Ca {
             .filter(|i| !cur.revoked.contains(&i.record.id))
     }
 
-    /// The signing JWT key, if ready.
+    /// The signing JWT key, if ready (never a revoked one).
     pub fn jwt_key(&self) -> Option<Signer> {
-        self.current.read().expect("ca lock").jwt.clone()
+        let cur = self.current.read().expect("ca lock");
+        cur.jwt.clone().filter(|j| !cur.revoked.contains(&j.record.id))
     }
 
     async fn create_root(&self, state: AuthorityState) -> Result<Signer, Error> {
