@@ -996,7 +996,9 @@ impl Ca {
     /// The signing JWT key, if ready (never a revoked one).
     pub fn jwt_key(&self) -> Option<Signer> {
         let cur = self.current.read().expect("ca lock");
-        cur.jwt.clone().filter(|j| !cur.revoked.contains(&j.record.id))
+        cur.jwt
+            .clone()
+            .filter(|j| !cur.revoked.contains(&j.record.id))
     }
 
     async fn create_root(&self, state: AuthorityState) -> Result<Signer, Error> {
